@@ -269,6 +269,9 @@ class TrainingConfig(_Config):
                f"an integer in [0, num_epochs={self.num_epochs})", self.warmup_epochs)
         _check(f"{s}.min_lr_factor", 0 <= self.min_lr_factor <= 1, "a fraction in [0, 1]",
                self.min_lr_factor)
+        _check(f"{s}.min_lr_factor",
+               self.lr_schedule_type != "exponential" or self.min_lr_factor > 0,
+               "a factor > 0 for the exponential schedule", self.min_lr_factor)
         _check(f"{s}.step_every_epochs", self.step_every_epochs >= 1, "at least 1",
                self.step_every_epochs)
         _check(f"{s}.step_factor", 0 < self.step_factor <= 1, "a factor in (0, 1]",

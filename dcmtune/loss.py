@@ -18,7 +18,7 @@ import numpy as np
 
 from dcmtune.physics import HARTREE_TO_KCAL, dipole_from_charges, esp_from_charges
 
-__all__ = ["LossWeights", "predict_observables", "per_molecule_terms", "loss_and_sums",
+__all__ = ["LossWeights", "predict_observables", "per_molecule_terms", "term_counts", "loss_and_sums",
            "finalize_metrics", "METRIC_NAMES"]
 
 METRIC_NAMES = ("loss", "esp_rmse", "esp_mae", "mono_mae", "mono_rmse", "mono_mean", "mono_std",
@@ -81,8 +81,20 @@ def per_molecule_terms(esp, mono, dipole, batch):
     }
 
 
-def loss_and_sums(charges, positions, batch, weights: LossWeights):
+def term_counts(batch):
+    """Molecules counted by each loss term: (n_mol, n_mono, n_dip). Works on a batch or a
+    stack of micro-batches (all leading axes are summed)."""
+    mol = batch["mol_mask"]
+    return (jnp.sum(mol), jnp.sum(batch["has_mono"] & mol), jnp.sum(batch["has_dipole"] & mol))
+
+
+def loss_and_sums(charges, positions, batch, weights: LossWeights, counts=None):
     """The batch loss (mean over molecules of each term, weighted) and metric sums.
+
+    Args:
+      counts: Optional (n_mol, n_mono, n_dip) to divide the term sums by instead of this
+        batch's own counts. Gradient accumulation passes the counts of all its micro-batches,
+        so the summed micro-batch losses equal the loss of one batch holding them all.
 
     Returns:
       loss: scalar, esp_w * esp + chg_w * mono + dip_w * dipole, each the mean over the
@@ -98,22 +110,23 @@ def loss_and_sums(charges, positions, batch, weights: LossWeights):
     def total(x, m):
         return jnp.sum(jnp.where(m, x, 0.0))
 
-    n_mol, n_mono, n_dip = jnp.sum(mol), jnp.sum(has_mono), jnp.sum(has_dip)
-    loss = (weights.esp_w * total(t["esp_mse"], mol) / jnp.maximum(n_mol, 1)
-            + weights.chg_w * total(t["mono_mse"], has_mono) / jnp.maximum(n_mono, 1)
-            + weights.dip_w * total(t["dip_mse"], has_dip) / jnp.maximum(n_dip, 1))
+    n_mol, n_mono, n_dip = term_counts(batch)
+    c_mol, c_mono, c_dip = (n_mol, n_mono, n_dip) if counts is None else counts
+    loss = (weights.esp_w * total(t["esp_mse"], mol) / jnp.maximum(c_mol, 1)
+            + weights.chg_w * total(t["mono_mse"], has_mono) / jnp.maximum(c_mono, 1)
+            + weights.dip_w * total(t["dip_mse"], has_dip) / jnp.maximum(c_dip, 1))
     amask = batch["atom_mask"] & mol[:, None]
     sums = {
-        "n_mol": n_mol.astype(jnp.float32),
-        "n_mono": n_mono.astype(jnp.float32),
-        "n_dip": n_dip.astype(jnp.float32),
+        "n_mol": n_mol.astype(esp.dtype),
+        "n_mono": n_mono.astype(esp.dtype),
+        "n_dip": n_dip.astype(esp.dtype),
         "esp_mse": total(t["esp_mse"], mol),
         "esp_mae": total(t["esp_mae"], mol),
         "mono_mse": total(t["mono_mse"], has_mono),
         "mono_mae": total(t["mono_mae"], has_mono),
         "dip_mse": total(t["dip_mse"], has_dip),
         "dip_mae": total(t["dip_mae"], has_dip),
-        "n_atoms": jnp.sum(amask).astype(jnp.float32),
+        "n_atoms": jnp.sum(amask).astype(esp.dtype),
         "q_sum": jnp.sum(jnp.where(amask, mono, 0.0)),
         "q2_sum": jnp.sum(jnp.where(amask, mono * mono, 0.0)),
     }

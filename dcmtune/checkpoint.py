@@ -1,0 +1,190 @@
+"""Safe checkpoints: msgpack state + meta.json, atomic writes, best/latest/periodic, top-k.
+
+A checkpoint is a directory:
+  state.msgpack  the TrainState (step, params, opt_state, ema_params, rng) via flax.serialization
+  meta.json      epoch, step, metrics, history, best metric, resolved config, versions, and the
+                 SHA-256 of state.msgpack (a truncated or altered state file is refused)
+
+No pickle anywhere: loading a checkpoint never executes code. Directories are written under a
+temporary name and renamed into place, so a crash mid-write never leaves a half checkpoint
+under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from flax import serialization
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_meta",
+           "prune_periodic", "package_versions", "STATE_FILE", "META_FILE"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.msgpack"
+META_FILE = "meta.json"
+FORMAT = "dcmtune-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, altered, or does not fit the run."""
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("dcmtune", "jax", "jaxlib", "flax", "optax", "e3x", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    return x
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes JSON to `path` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: Path, state: Any, meta: dict) -> Path:
+    """Writes `state` (any flax-serializable pytree) and `meta` to `directory`, atomically.
+
+    An existing checkpoint at `directory` is replaced only once the new one is complete.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        blob = serialization.to_bytes(state)
+        (tmp / STATE_FILE).write_bytes(blob)
+        full_meta = dict(meta, format=FORMAT, state_sha256=hashlib.sha256(blob).hexdigest(),
+                         versions=package_versions())
+        (tmp / META_FILE).write_text(json.dumps(_jsonable(full_meta), indent=2, sort_keys=True))
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(directory: Path) -> dict:
+    """meta.json of a checkpoint (cheap: does not read the parameters)."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a dcmtune checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e.msg})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_checkpoint(directory: Path, template: Any = None) -> tuple[Any, dict]:
+    """Loads a checkpoint, verifying the state file's checksum.
+
+    Args:
+      directory: The checkpoint directory.
+      template: Optional pytree (e.g. a freshly initialised TrainState) to restore into; its
+        structure and shapes must match. Without it the state is a nested dict of numpy
+        arrays (enough to read `params` / `ema_params`).
+
+    Raises:
+      CheckpointError: missing files, checksum mismatch (truncated or altered state), or a
+        state that does not fit `template` (another architecture).
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{directory}: missing {STATE_FILE}")
+    blob = state_path.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != meta.get("state_sha256"):
+        raise CheckpointError(f"{state_path}: checksum mismatch (file truncated or altered; "
+                              f"{len(blob)} bytes)")
+    try:
+        raw = serialization.msgpack_restore(blob)
+    except Exception as e:  # msgpack raises several unrelated types for corrupt input
+        raise CheckpointError(f"{state_path}: unreadable msgpack ({type(e).__name__})") from None
+    if template is None:
+        return raw, meta
+    _check_fits(template, raw, state_path)
+    return serialization.from_state_dict(template, raw), meta
+
+
+def _check_fits(template: Any, raw: dict, where: Path) -> None:
+    """Refuses a state whose parameter tree or shapes differ from the template's."""
+    want = serialization.to_state_dict(template)
+
+    def shapes(tree, prefix=""):
+        if isinstance(tree, dict):
+            out = {}
+            for k, v in tree.items():
+                out.update(shapes(v, f"{prefix}/{k}"))
+            return out
+        return {prefix: tuple(np.shape(tree))}
+
+    a, b = shapes(want.get("params", want)), shapes(raw.get("params", raw))
+    if a != b:
+        missing = sorted(set(a) ^ set(b))
+        diff = missing[0] if missing else next(k for k in a if a[k] != b[k])
+        raise CheckpointError(f"{where}: parameters do not fit this model (first difference at "
+                              f"{diff}); was it saved with another architecture?")
+
+
+def prune_periodic(checkpoint_root: Path, keep: int, metric: str = "valid_loss") -> list[Path]:
+    """Keeps the `keep` best `epoch_N` checkpoints by `metric` (lower is better); `best` and
+    `latest` are never touched. Returns the removed directories."""
+    periodic = []
+    for d in Path(checkpoint_root).glob("epoch_*"):
+        try:
+            value = read_meta(d)["metrics"].get(metric)
+        except (CheckpointError, KeyError):
+            continue
+        value = float("inf") if value is None or not np.isfinite(value) else float(value)
+        periodic.append((value, int(d.name.split("_")[1]), d))
+    periodic.sort()
+    removed = [d for _, _, d in periodic[keep:]]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
+
+
+def find_checkpoint(path: Path) -> Optional[Path]:
+    """`path` if it is a checkpoint, else `path/checkpoints/latest` for a run directory."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    latest = path / "checkpoints" / "latest"
+    return latest if (latest / META_FILE).is_file() else None

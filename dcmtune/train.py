@@ -1,0 +1,438 @@
+"""The trainer: TrainState, pure jitted train/eval steps, and the fit loop.
+
+One optimizer update consumes k = gradient_accumulation_steps micro-batches inside one jit (a
+`lax.scan`), so it equals one update on a batch of batch_size * k molecules. An epoch is
+floor(n_train / (batch_size * k)) updates over a permutation drawn from fold_in(rng, epoch); the
+remainder is dropped. Learning rate, loss weights, EMA decay and clip norm are traced inputs:
+runs that differ only in them reuse one compiled program. Data stays on the device; the host
+reads metrics once per epoch.
+
+The trainer never knows who listens: a `Reporter` gets (epoch, metrics, checkpoint_dir) after
+every epoch (the CLI prints a table; the Tune trainable calls `tune.report`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import functools
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dcmtune import checkpoint as ckpt
+from dcmtune.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfig
+from dcmtune.data import ESPData, load_dataset, make_batch, split_indices, split_record
+from dcmtune.loss import LossWeights, finalize_metrics, loss_and_sums, term_counts
+from dcmtune.model import build_model, init_params
+from dcmtune.schedules import ScheduleSpec, learning_rate_at, make_optimizer, schedule_spec
+
+__all__ = ["TrainState", "StepConfig", "Reporter", "FitResult", "hparams_of", "train_step",
+           "eval_step", "accumulated_grads", "fit", "run_training", "evaluate_params",
+           "TIMING_KEYS"]
+
+log = logging.getLogger(__name__)
+
+TIMING_KEYS = ("epoch_time", "batch_time")
+_SUM_KEYS = ("n_mol", "n_mono", "n_dip", "esp_mse", "esp_mae", "mono_mse", "mono_mae",
+             "dip_mse", "dip_mae", "n_atoms", "q_sum", "q2_sum")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly.
+
+    Attributes:
+      step: Optimizer updates done.
+      params: Model parameters.
+      opt_state: optax state (Adam moments, schedule count).
+      ema_params: Exponential moving average of params (used for evaluation when use_ema).
+      rng: PRNG key for the per-epoch permutations (fold_in with the epoch).
+    """
+
+    step: jnp.ndarray
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static (compile-time) part of a training step; everything else is traced."""
+
+    model: ModelConfig
+    schedule: ScheduleSpec
+    use_grad_clip: bool = True
+    use_ema: bool = True
+
+
+class Reporter(Protocol):
+    def __call__(self, epoch: int, metrics: dict[str, float],
+                 checkpoint_dir: Optional[Path]) -> None: ...
+
+
+@dataclasses.dataclass
+class FitResult:
+    params: Any
+    ema_params: Any
+    best_valid_loss: float
+    best_epoch: int
+    run_dir: Path
+    history: list[dict]
+    status: str  # "completed" or "diverged"
+
+
+def hparams_of(cfg: TrainingConfig) -> dict[str, jnp.ndarray]:
+    """The traced hyper-parameters of a step, as float32 scalars."""
+    return {k: jnp.asarray(getattr(cfg, k), jnp.float32)
+            for k in ("learning_rate", "grad_clip_norm", "ema_decay", "esp_w", "chg_w", "dip_w")}
+
+
+def _weights(hparams) -> LossWeights:
+    return LossWeights(hparams["esp_w"], hparams["chg_w"], hparams["dip_w"])
+
+
+def _zero_sums(dtype=jnp.float32):
+    return {k: jnp.zeros((), dtype) for k in _SUM_KEYS}
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def accumulated_grads(params, batch, hparams, model_config: ModelConfig):
+    """Gradient of the loss of all micro-batches together, accumulated with a scan.
+
+    Args:
+      batch: Micro-batches stacked on a leading axis: R (k, b, A, 3), ... .
+
+    Returns:
+      (grads, sums): grads equal those of one batch holding all k*b molecules (each term is
+      normalised by the molecule counts of the whole stack); sums are the metric sums.
+    """
+    model = build_model(model_config)
+    weights = _weights(hparams)
+    counts = term_counts(batch)
+
+    def micro(carry, mb):
+        def loss_fn(p):
+            q, pos = model.apply({"params": p}, mb["Z"], mb["R"], mb["atom_mask"], mb["Q"])
+            return loss_and_sums(q, pos, mb, weights, counts)
+
+        (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads, acc = carry
+        return (_tree_add(grads, g), _tree_add(acc, sums)), None
+
+    init = (jax.tree.map(jnp.zeros_like, params), _zero_sums(batch["esp"].dtype))
+    (grads, sums), _ = jax.lax.scan(micro, init, batch)
+    return grads, sums
+
+
+def ema_decay_at(hparams, step):
+    """EMA decay of update `step` (0-based): min(ema_decay, (1 + step) / (10 + step)).
+
+    The warm-up term (as in tf.train.ExponentialMovingAverage with num_updates) keeps the
+    average from clinging to the random initial weights during short runs.
+    """
+    return jnp.minimum(hparams["ema_decay"], (1.0 + step) / (10.0 + step))
+
+
+def train_step(state: TrainState, batch, hparams, static: StepConfig):
+    """One optimizer update from k stacked micro-batches. Pure.
+
+    Returns:
+      (new state, metric sums of the batch evaluated with the pre-update params).
+    """
+    grads, sums = accumulated_grads(state.params, batch, hparams, static.model)
+    tx = make_optimizer(hparams, static.schedule, static.use_grad_clip)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if static.use_ema:
+        d = ema_decay_at(hparams, state.step.astype(jnp.float32))
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+    else:
+        ema = params
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new, sums
+
+
+def eval_step(params, batch, weights: LossWeights, model_config: ModelConfig):
+    """Metric sums of one batch. Pure."""
+    model = build_model(model_config)
+    q, pos = model.apply({"params": params}, batch["Z"], batch["R"], batch["atom_mask"],
+                         batch["Q"])
+    return loss_and_sums(q, pos, batch, weights)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _update(state, data, idx, hparams, static: StepConfig):
+    """Gathers micro-batches `idx` (k, b) from device-resident `data` and applies one update."""
+    batch = jax.tree.map(lambda x: x[idx], data)
+    return train_step(state, batch, hparams, static)
+
+
+_add_sums = jax.jit(_tree_add)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config",))
+def _evaluate(params, batches, weights, model_config: ModelConfig):
+    """Metric sums over stacked batches (nb, B, ...) in one dispatch."""
+    def body(acc, b):
+        return _tree_add(acc, eval_step(params, b, weights, model_config)), None
+
+    return jax.lax.scan(body, _zero_sums(batches["esp"].dtype), batches)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model_config",))
+def _init_params(key, model_config: ModelConfig):
+    return init_params(build_model(model_config), key)
+
+
+def stacked_batches(data: ESPData, batch_size: int) -> dict[str, np.ndarray]:
+    """All conformers of `data` as (nb, batch_size, ...) batches; the last one padded with
+    masked dummy molecules."""
+    n = data.num_conformers
+    chunks = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    batches = [make_batch(data, c, batch_size) for c in chunks]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def evaluate_params(params, data: ESPData, model_config: ModelConfig,
+                    weights: LossWeights = LossWeights(), batch_size: int = 16
+                    ) -> dict[str, float]:
+    """Metrics of `params` on all of `data` (loss, esp_rmse, ...)."""
+    batches = jax.device_put(stacked_batches(data, batch_size))
+    w = LossWeights(*(jnp.asarray(x, jnp.float32) for x in weights))
+    return finalize_metrics(jax.device_get(_evaluate(params, batches, w, model_config)), weights)
+
+
+def init_state(config: ExperimentConfig, spec: ScheduleSpec) -> TrainState:
+    """A fresh TrainState from the config's seed: one root key split per purpose."""
+    root = jax.random.PRNGKey(config.random_seed)
+    k_init, k_data = jax.random.split(root)
+    params = _init_params(k_init, config.model)
+    tx = make_optimizer(hparams_of(config.training), spec, config.training.use_grad_clip)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params, rng=k_data)
+
+
+def _updates_per_epoch(n_train: int, cfg: TrainingConfig) -> int:
+    per_update = cfg.batch_size * cfg.gradient_accumulation_steps
+    upe = n_train // per_update
+    if upe < 1:
+        raise ConfigError(f"training.batch_size: batch_size x gradient_accumulation_steps = "
+                          f"{per_update} exceeds the {n_train} training conformers")
+    return upe
+
+
+def _split(config: ExperimentConfig, data: ESPData) -> dict[str, np.ndarray]:
+    d = config.data
+    try:
+        return split_indices(data.mol_id, d.split_by, d.valid_fraction, d.test_fraction,
+                             d.num_train, d.num_valid, d.num_test, seed=d.split_seed)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+    tmp.replace(path)
+
+
+def _check_resume_config(meta: dict, config: ExperimentConfig, where: Path) -> None:
+    saved = meta.get("config", {}).get("model")
+    if saved != config.model.to_dict():
+        diff = sorted(k for k in config.model.to_dict()
+                      if (saved or {}).get(k) != getattr(config.model, k))
+        raise ckpt.CheckpointError(
+            f"{where}: checkpoint is of another architecture (model.{diff[0] if diff else '?'}"
+            f" = {(saved or {}).get(diff[0]) if diff else '?'}, this run has "
+            f"{getattr(config.model, diff[0]) if diff else '?'})")
+
+
+def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
+        reporter: Optional[Reporter] = None, run_dir: Optional[Path] = None,
+        resume_from: Optional[Path] = None) -> FitResult:
+    """Trains a DCMNet as `config` says and writes the run directory.
+
+    Args:
+      config: The experiment.
+      data: The full dataset (split here by config.data); loaded from config.data.data_files
+        (or the bundled demo set) when None.
+      reporter: Called after every epoch with (epoch, metrics, latest checkpoint dir).
+      run_dir: Output directory; defaults to config.run_dir.
+      resume_from: A checkpoint directory to continue from exactly (params, optimizer state,
+        EMA, step, RNG, best metric and history).
+
+    Returns:
+      A FitResult. status "diverged" when a loss became non-finite (the run stops there).
+
+    Raises:
+      ConfigError / DataError / CheckpointError before anything is written.
+    """
+    t_cfg = config.training
+    run_dir = Path(run_dir) if run_dir is not None else config.run_dir
+
+    # 1. Data and split (errors here leave no trace on disk).
+    if data is None:
+        data = load_dataset(config.data.data_files, config.model.max_atomic_number,
+                            config.data.dipole_units)
+    splits = _split(config, data)
+    train, valid = data.subset(splits["train"]), data.subset(splits["valid"])
+    upe = _updates_per_epoch(train.num_conformers, t_cfg)
+    spec = schedule_spec(t_cfg, upe)
+    static = StepConfig(config.model, spec, t_cfg.use_grad_clip, t_cfg.use_ema)
+    hp = hparams_of(t_cfg)
+    weights = _weights(hp)
+
+    # 2. State: fresh, or restored exactly.
+    state = init_state(config, spec)
+    history: list[dict] = []
+    best_loss, best_epoch, start = math.inf, 0, 1
+    if resume_from is not None:
+        state, meta = ckpt.load_checkpoint(Path(resume_from), template=state)
+        _check_resume_config(meta, config, Path(resume_from))
+        history = [dict(r) for r in meta.get("history", [])]
+        best_loss = meta.get("best_valid_loss", math.inf)
+        best_loss = math.inf if best_loss is None else float(best_loss)
+        best_epoch, start = int(meta.get("best_epoch", 0)), int(meta["epoch"]) + 1
+        log.info("resuming from %s at epoch %d", resume_from, start)
+    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise ckpt.CheckpointError(
+            f"{run_dir}: already holds checkpoints; resume from {run_dir}/checkpoints/latest "
+            "or choose another name/output_dir")
+
+    # 3. Run directory: resolved config and split, written once.
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    if not config.created_at:
+        config = config.replace(created_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    ckpt.write_json_atomic(run_dir / "config.json", config.to_dict())
+    record = split_record(
+        data, splits, split_by=config.data.split_by, split_seed=config.data.split_seed,
+        data_files=list(config.data.data_files))
+    data_checksum = record["checksum"]
+    ckpt.write_json_atomic(run_dir / "split.json", record)
+
+    # 4. Device-resident data.
+    train_dev = jax.device_put(make_batch(train, np.arange(train.num_conformers)))
+    eval_bs = t_cfg.batch_size * t_cfg.gradient_accumulation_steps
+    valid_dev = jax.device_put(stacked_batches(valid, eval_bs))
+    k, b = t_cfg.gradient_accumulation_steps, t_cfg.batch_size
+
+    status = "completed"
+    for epoch in range(start, t_cfg.num_epochs + 1):
+        # 5. One epoch of updates, dispatched asynchronously.
+        t0 = time.perf_counter()
+        perm = jax.random.permutation(jax.random.fold_in(state.rng, epoch), train.num_conformers)
+        idx = perm[: upe * k * b].reshape(upe, k, b)
+        sums = _zero_sums()
+        for u in range(upe):
+            state, s = _update(state, train_dev, idx[u], hp, static)
+            sums = _add_sums(sums, s)
+        train_metrics = finalize_metrics(jax.device_get(sums), weights)
+        t_train = time.perf_counter() - t0
+
+        # 6. Validation with the EMA weights.
+        eval_params = state.ema_params if t_cfg.use_ema else state.params
+        valid_metrics = finalize_metrics(
+            jax.device_get(_evaluate(eval_params, valid_dev, weights, config.model)), weights)
+        step = int(state.step)
+        metrics: dict[str, float] = {"epoch": epoch, "step": step,
+                                     "lr": float(learning_rate_at(hp, spec, step - 1))}
+        metrics.update({f"train_{k_}": v for k_, v in train_metrics.items()})
+        metrics.update({f"valid_{k_}": v for k_, v in valid_metrics.items()})
+        diverged = not (math.isfinite(metrics["train_loss"])
+                        and math.isfinite(metrics["valid_loss"]))
+        improved = not diverged and metrics["valid_loss"] < best_loss
+        if improved:
+            best_loss, best_epoch = metrics["valid_loss"], epoch
+        metrics.update(best_valid_loss=best_loss, best_epoch=best_epoch,
+                       diverged=int(diverged), epoch_time=time.perf_counter() - t0,
+                       batch_time=t_train / upe)
+        history.append(metrics)
+
+        # 7. Checkpoints (never of a diverged state), history, report.
+        latest = None
+        if diverged:
+            status = "diverged"
+            log.warning("epoch %d: non-finite loss (train %s, valid %s); stopping", epoch,
+                        metrics["train_loss"], metrics["valid_loss"])
+        else:
+            meta = {"epoch": epoch, "step": step, "metrics": metrics, "history": history,
+                    "best_valid_loss": best_loss, "best_epoch": best_epoch,
+                    "config": config.to_dict(), "data_checksum": data_checksum}
+            latest = ckpt.save_checkpoint(ckpt_root / "latest", state, meta)
+            if improved:
+                ckpt.save_checkpoint(ckpt_root / "best", state, meta)
+            if t_cfg.save_every_n_epochs and epoch % t_cfg.save_every_n_epochs == 0:
+                ckpt.save_checkpoint(ckpt_root / f"epoch_{epoch}", state, meta)
+                ckpt.prune_periodic(ckpt_root, t_cfg.keep_top_k_checkpoints)
+        _write_history(run_dir / "history.csv", history)
+        log.info("epoch %d/%d train_loss %.5g valid_loss %.5g valid_esp_rmse %.4g", epoch,
+                 t_cfg.num_epochs, metrics["train_loss"], metrics["valid_loss"],
+                 metrics["valid_esp_rmse"])
+        if reporter is not None:
+            reporter(epoch, metrics, latest)
+        if diverged:
+            break
+
+    return FitResult(params=state.params, ema_params=state.ema_params, best_valid_loss=best_loss,
+                     best_epoch=best_epoch, run_dir=run_dir, history=history, status=status)
+
+
+# Flat keyword names (as on the CLI) -> config section.
+def flat_fields() -> dict[str, str]:
+    """{field name: section} for every config field ("" for top-level ones)."""
+    from dcmtune.config import DataConfig
+    out = {f.name: "" for f in dataclasses.fields(ExperimentConfig)
+           if f.name not in ("model", "data", "training")}
+    for section, cls in (("model", ModelConfig), ("data", DataConfig),
+                         ("training", TrainingConfig)):
+        out.update({f.name: section for f in dataclasses.fields(cls)})
+    return out
+
+
+def config_from_flat(base: Optional[ExperimentConfig] = None, **kwargs) -> ExperimentConfig:
+    """`base` (default: the defaults) with flat keyword overrides, e.g. n_dcm=3, esp_w=1e3."""
+    sections = flat_fields()
+    dotted = {}
+    for key, value in kwargs.items():
+        if key not in sections:
+            raise ConfigError(f"{key}: unknown config field")
+        dotted[f"{sections[key]}.{key}" if sections[key] else key] = value
+    return (base or ExperimentConfig()).replace(**dotted)
+
+
+def run_training(data: Optional[ESPData] = None, reporter: Optional[Reporter] = None,
+                 restart_checkpoint: Optional[str] = None, **kwargs):
+    """Trains from flat keyword arguments (any config field name).
+
+    Returns:
+      (params used for evaluation (EMA when use_ema), best valid loss, run directory).
+    """
+    config = config_from_flat(**kwargs)
+    res = fit(config, data, reporter=reporter, resume_from=restart_checkpoint)
+    params = res.ema_params if config.training.use_ema else res.params
+    return params, res.best_valid_loss, res.run_dir
+
+
+if __name__ == "__main__":  # `python -m dcmtune.train`: the CLI lives in dcmtune.cli.
+    from dcmtune.cli import train_main
+
+    raise SystemExit(train_main())
