@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dcmtune.data import ESPData
-from dcmtune.physics import BOHR, HARTREE_TO_KCAL
+from dcmtune.units import BOHR, HARTREE_TO_KCAL
 
 __all__ = ["element_charges", "element_charge_array", "esp_rmse_of_atom_charges",
            "per_molecule_esp_mse"]

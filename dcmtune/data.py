@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dcmtune.physics import BOHR, EANG_TO_DEBYE, EBOHR_TO_DEBYE
+from dcmtune.units import BOHR, EANG_TO_DEBYE, EBOHR_TO_DEBYE
 
 __all__ = [
     "DataError",

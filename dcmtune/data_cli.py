@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dcmtune.data import DataError, bundled_dataset_path, load_npz
-from dcmtune.physics import BOHR, HARTREE_TO_KCAL
+from dcmtune.units import BOHR, HARTREE_TO_KCAL
 from dcmtune import qm  # PySCF and ASE load lazily inside its functions.
 
 __all__ = ["main"]

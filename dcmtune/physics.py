@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from dcmtune.units import BOHR, EANG_TO_DEBYE, EBOHR_TO_DEBYE, HARTREE_TO_KCAL
+
 __all__ = [
     "BOHR",
     "HARTREE_TO_KCAL",
@@ -18,10 +20,6 @@ __all__ = [
     "dipole_from_charges",
 ]
 
-BOHR = 0.529177210903  # Angstrom per Bohr (a0), CODATA 2018.
-HARTREE_TO_KCAL = 627.509474  # kcal/mol per Hartree.
-EANG_TO_DEBYE = 4.80320471  # Debye per e*Angstrom.
-EBOHR_TO_DEBYE = EANG_TO_DEBYE * BOHR  # 2.541746 Debye per e*Bohr.
 
 
 def esp_from_charges(charges, positions, charge_mask, grid, grid_mask):

@@ -7,14 +7,24 @@ import sys
 import numpy as np
 import pytest
 from ase.build import molecule
+from pyscf import lib
 from pyscf.data import nist
 
 from dcmtune import qm
 from dcmtune.data import VDW_RADII, bundled_dataset_path, load_npz
 from dcmtune.data_cli import main
-from dcmtune.physics import BOHR
+from dcmtune.units import BOHR
 
 SMALL = dict(conformers=2, basis="sto-3g", max_grid=60, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_pyscf_thread():
+    """Tiny SCFs here run several times faster on one OpenMP thread (no spin-waiting)."""
+    before = lib.num_threads()
+    lib.num_threads(1)
+    yield
+    lib.num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +159,35 @@ def test_in_process_run_reproduces_the_worker_run(generated, tmp_path):
         assert np.array_equal(a["R"], b["R"]) and np.array_equal(a["vdw_surface"],
                                                                  b["vdw_surface"])
         np.testing.assert_allclose(a["esp"], b["esp"], atol=1e-7)
+
+
+def test_open_shell_with_spin(tmp_path):
+    """OH radical: odd electron count, UHF; the total density gives the dipole PySCF gives."""
+    specs = qm.load_molecules(["OH"])
+    settings = qm.GenerationSettings(conformers=1, basis="sto-3g", max_grid=30, spin=1)
+    qm.generate_dataset(tmp_path / "oh.npz", specs, settings, workers=0)
+    with np.load(tmp_path / "oh.npz") as a:
+        mol = qm.build_mol(a["Z"][0], a["R"][0].astype(np.float64), "sto-3g", spin=1)
+        mf, _ = qm.run_scf(mol)
+        assert mf.__class__.__name__.startswith("UHF")
+        ref = mf.dip_moment(origin=a["com"][0].astype(np.float64) / BOHR, verbose=0)
+        np.testing.assert_allclose(a["Dxyz"][0], ref, atol=1e-3)
+        assert abs(a["mono"][0].sum()) < 1e-5
+
+
+def test_missing_pyscf_is_a_clear_error_only_when_generating(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyscf", None)  # `import pyscf` now raises ImportError
+    spec = qm.load_molecules(["H2O"])[0]
+    with pytest.raises(qm.QMError, match=r"pip install 'dcmtune\[qm\]'"):
+        qm.build_mol(spec.numbers, spec.positions, "sto-3g")
+
+
+def test_xyz_input(tmp_path):
+    xyz = tmp_path / "water.xyz"
+    xyz.write_text("3\nwater\nO 0 0 0.119\nH 0 0.763 -0.477\nH 0 -0.763 -0.477\n")
+    (spec,) = qm.load_molecules([], [xyz])
+    assert spec.name == "water" and spec.numbers.tolist() == [8, 1, 1]
+    assert spec.source == str(xyz)
 
 
 @pytest.mark.parametrize("args, match", [
