@@ -490,7 +490,7 @@ _SYN_PROBS = np.array([0.45, 0.35, 0.1, 0.1])
 
 
 def synthetic_charges(R: np.ndarray, Z: np.ndarray, scale: float = 0.25,
-                      width: float = 2.5) -> np.ndarray:
+                      width: float = 3.0) -> np.ndarray:
     """Reference charges of the synthetic set: a deterministic function of each atom's local
     environment, q_a = scale * sum_b s(r_ab) (chi_b - chi_a), with s a smooth cutoff of
     `width` Angstrom. Antisymmetric in (a, b), so every molecule is exactly neutral.

@@ -376,7 +376,8 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
         else:
             meta = {"epoch": epoch, "step": step, "metrics": metrics, "history": history,
                     "best_valid_loss": best_loss, "best_epoch": best_epoch,
-                    "config": config.to_dict(), "data_checksum": data_checksum}
+                    "config": config.to_dict(), "data_checksum": data_checksum,
+                    "split": record}
             latest = ckpt.save_checkpoint(ckpt_root / "latest", state, meta)
             if improved:
                 ckpt.save_checkpoint(ckpt_root / "best", state, meta)

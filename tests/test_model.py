@@ -127,7 +127,7 @@ def test_displacements_not_trivial_at_init(synthetic, small_model, apply_fn):
     assert d[np.asarray(b["atom_mask"])].mean() > 1e-3
 
 
-def test_cutoff_locality_on_uncorrected_charges(small_model):
+def test_cutoff_locality_on_uncorrected_charges(small_model, apply_fn):
     # Two far-apart fragments in one molecule: moving fragment B (beyond the cutoff of atom 0)
     # leaves atom 0's charges (up to the shared neutrality shift) unchanged, while moving an
     # atom within the cutoff changes them.
@@ -135,7 +135,8 @@ def test_cutoff_locality_on_uncorrected_charges(small_model):
 
     def charges(R):
         Z = jnp.asarray([[6, 8, 1, 1]])
-        q, _ = model.apply({"params": params}, Z, jnp.asarray([R]), Z > 0, jnp.zeros(1))
+        q, _ = apply_fn(params, {"Z": Z, "R": jnp.asarray([R]), "atom_mask": Z > 0,
+                                 "Q": jnp.zeros(1)})
         return q[0, 0] - q[0, 0].mean()  # atom 0's charges minus their mean: shift-free
 
     base = [[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [20.0, 0.0, 0.0], [20.0, 1.0, 0.0]]

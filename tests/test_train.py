@@ -244,9 +244,9 @@ def test_learning_is_real_on_unseen_molecules(tmp_path):
     syn = make_synthetic(num_molecules=40, conformers=4, max_atoms=8, num_grid=64, seed=0)
     cfg = ExperimentConfig(
         name="learn", output_dir=str(tmp_path), random_seed=0,
-        model=ModelConfig(n_dcm=1, features=16, max_degree=1, num_iterations=2,
+        model=ModelConfig(n_dcm=1, features=32, max_degree=1, num_iterations=2,
                           num_basis_functions=8),
-        training=TrainingConfig(num_epochs=50, batch_size=8, learning_rate=1e-2, warmup_epochs=0,
+        training=TrainingConfig(num_epochs=40, batch_size=8, learning_rate=5e-3, warmup_epochs=0,
                                 ema_decay=0.99, save_every_n_epochs=0),
     ).replace(**{"data.valid_fraction": 0.2, "data.test_fraction": 0.0})
     res = fit(cfg, syn)
