@@ -34,6 +34,7 @@ __all__ = [
     "concatenate",
     "pad_to",
     "split_indices",
+    "split_dataset",
     "split_record",
     "make_batch",
     "make_synthetic",
@@ -381,13 +382,17 @@ def pad_to(data: ESPData, num_atoms: int, num_grid: int) -> ESPData:
 def split_indices(mol_id: np.ndarray, split_by: str = "molecule", valid_fraction: float = 0.1,
                   test_fraction: float = 0.1, num_train: Optional[int] = None,
                   num_valid: Optional[int] = None, num_test: Optional[int] = None,
-                  seed: int = 0) -> dict[str, np.ndarray]:
+                  seed: int = 0, Z: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """Assigns conformers to train/valid/test.
 
     Groups (a mol_id's conformers, or single conformers with `split_by="conformer"`) are
     shuffled with `seed` and dealt to test, then valid, until each holds at least its target
     number of conformers; train takes the rest (or `num_train` of them). Targets are counts
     when any of num_train/num_valid/num_test is given, else fractions of all conformers.
+
+    With `Z` (M, A), a group is never dealt to test or valid if it holds the last remaining
+    examples of an element: every element of the data is seen in training (a model cannot be
+    judged on an element it never met). Such groups stay in train.
 
     Returns:
       {"train", "valid", "test"}: sorted conformer indices.
@@ -409,14 +414,26 @@ def split_indices(mol_id: np.ndarray, split_by: str = "molecule", valid_fraction
         t_test, t_valid = math.ceil(test_fraction * M), math.ceil(valid_fraction * M)
     order = np.random.default_rng(seed).permutation(group.max() + 1)
     members = [np.flatnonzero(group == g) for g in order]
+    elements = [set(np.unique(Z[idx])) - {0} if Z is not None else set() for idx in members]
+    pool: dict[int, int] = {}  # element -> groups holding it that are not in test/valid
+    for els in elements:
+        for e in els:
+            pool[e] = pool.get(e, 0) + 1
     out: dict[str, list[int]] = {"test": [], "valid": [], "train": []}
-    for idx in members:
-        if len(out["test"]) < t_test:
-            out["test"].extend(idx)
-        elif len(out["valid"]) < t_valid:
-            out["valid"].extend(idx)
+    for idx, els in zip(members, elements):
+        holdable = all(pool[e] > 1 for e in els)
+        if holdable and len(out["test"]) < t_test:
+            dest = "test"
+        elif holdable and len(out["valid"]) < t_valid:
+            dest = "valid"
         elif num_train is None or len(out["train"]) < num_train:
-            out["train"].extend(idx)
+            dest = "train"
+        else:
+            continue
+        if dest != "train":
+            for e in els:
+                pool[e] -= 1
+        out[dest].extend(idx)
     groups = "molecules" if split_by == "molecule" else "conformers"
     if not out["train"]:
         raise ValueError(f"split: no conformers left for training ({M} conformers in "
@@ -426,6 +443,13 @@ def split_indices(mol_id: np.ndarray, split_by: str = "molecule", valid_fraction
         raise ValueError(f"split: the validation split is empty ({M} conformers in "
                          f"{len(members)} {groups}); give num_valid or valid_fraction > 0")
     return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def split_dataset(data: ESPData, cfg) -> dict[str, np.ndarray]:
+    """`split_indices` with the settings of a `DataConfig` (every element kept in train)."""
+    return split_indices(data.mol_id, cfg.split_by, cfg.valid_fraction, cfg.test_fraction,
+                         cfg.num_train, cfg.num_valid, cfg.num_test, seed=cfg.split_seed,
+                         Z=data.Z)
 
 
 def split_record(data: ESPData, splits: Mapping[str, np.ndarray], **settings) -> dict:

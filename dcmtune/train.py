@@ -31,7 +31,7 @@ import optax
 
 from dcmtune import checkpoint as ckpt
 from dcmtune.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfig
-from dcmtune.data import ESPData, load_dataset, make_batch, split_indices, split_record
+from dcmtune.data import ESPData, load_dataset, make_batch, split_dataset, split_record
 from dcmtune.loss import LossWeights, finalize_metrics, loss_and_sums, term_counts
 from dcmtune.model import build_model, init_params
 from dcmtune.schedules import ScheduleSpec, learning_rate_at, make_optimizer, schedule_spec
@@ -238,8 +238,7 @@ def _updates_per_epoch(n_train: int, cfg: TrainingConfig) -> int:
 def _split(config: ExperimentConfig, data: ESPData) -> dict[str, np.ndarray]:
     d = config.data
     try:
-        return split_indices(data.mol_id, d.split_by, d.valid_fraction, d.test_fraction,
-                             d.num_train, d.num_valid, d.num_test, seed=d.split_seed)
+        return split_dataset(data, d)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
 

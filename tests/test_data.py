@@ -184,3 +184,16 @@ def test_synthetic_charges_are_neutral_and_esp_exact(synthetic):
     r = np.linalg.norm(synthetic.grid[i, :g, None] - synthetic.R[i, None, :n], axis=-1)
     esp = (synthetic.mono[i, :n] / (r / 0.529177210903)).sum(axis=1)
     np.testing.assert_allclose(synthetic.esp[i, :g], esp, rtol=1e-5, atol=1e-7)
+
+
+def test_every_element_stays_in_training():
+    # Ten molecules; only m3 and m7 contain fluorine (Z = 9). Whatever the seed, at least one of
+    # them stays in train, and every element of the data appears in the training split.
+    mol_id = np.repeat([f"m{i}" for i in range(10)], 2)
+    Z = np.tile(np.array([[6, 1, 1, 0]]), (20, 1))
+    Z[6:8, 3] = 9
+    Z[14:16, 3] = 9
+    for seed in range(20):
+        s = split_indices(mol_id, "molecule", 0.2, 0.2, seed=seed, Z=Z)
+        assert 9 in Z[s["train"]]
+        assert len(s["test"]) >= 4 and len(s["valid"]) >= 4
