@@ -22,8 +22,16 @@ _API = {
     "fit": "dcmtune.train",
     "run_training": "dcmtune.train",
     "FitResult": "dcmtune.train",
-    "load_checkpoint": "dcmtune.checkpoint",
     "CheckpointError": "dcmtune.checkpoint",
+    "load_checkpoint": "dcmtune.analysis",
+    "analyze_checkpoint": "dcmtune.analysis",
+    "compare_checkpoints": "dcmtune.analysis",
+    "analyze_training_history": "dcmtune.analysis",
+    "load_spec": "dcmtune.search_space",
+    "SweepSpec": "dcmtune.search_space",
+    "SpecError": "dcmtune.search_space",
+    "run_sweep": "dcmtune.sweep",
+    "rank_experiment": "dcmtune.rank",
 }
 
 __all__ = sorted(_API)

@@ -40,3 +40,118 @@ def to_device(batch):
 def batch_of(data, idx=None, batch_size=None):
     idx = np.arange(data.num_conformers) if idx is None else np.asarray(idx)
     return to_device(make_batch(data, idx, batch_size))
+
+
+# --------------------------------------------------------------------------- Ray and sweeps
+# One local Ray for every test that needs it (2 CPUs, no dashboard, a short RAY_TMPDIR: Ray's
+# AF_UNIX socket paths must stay under 107 bytes), one JAX compilation cache shared by all
+# trials, and one tiny sweep that several test modules inspect.
+
+import typing  # noqa: E402  (this section was appended to the file)
+
+TINY_MODEL = dict(features=4, max_degree=1, num_iterations=1, n_dcm=1, num_basis_functions=4)
+# The deliberately bad point of the tiny sweep: a learning rate so small that the model has
+# hardly moved after one epoch, so ASHA's first rung stops it.
+TINY_GOOD_LR, TINY_BAD_LR = 1e-2, 1e-5
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The shared local Ray session."""
+    import logging
+    import os
+    import shutil
+    import tempfile
+
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; users keep Ray's token auth
+    tmp = tempfile.mkdtemp(prefix="r")
+    os.environ["RAY_TMPDIR"] = tmp
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def jax_cache_dir(tmp_path_factory):
+    """The persistent compilation cache shared by all trials of all test sweeps."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory):
+    """A small synthetic ESP file (12 molecules x 3 conformers) in its own directory."""
+    d = make_synthetic(num_molecules=12, conformers=3, max_atoms=6, num_grid=48, seed=0)
+    path = tmp_path_factory.mktemp("tiny_data") / "tiny.npz"
+    np.savez(path, R=d.R, Z=d.Z, N=d.N, esp=d.esp, vdw_surface=d.grid, n_grid=d.n_grid,
+             mono=d.mono, Dxyz=d.dipole, com=d.com, Q=d.Q, mol_id=d.mol_id)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_data_file, jax_cache_dir):
+    """tiny_spec(name, directory, **run) writes directory/spec.yaml for the tiny model on the
+    tiny data (4 epochs, learning rate and chg_w searched, ASHA) and returns its path.
+    `run` overrides run:; other sections can be changed with `edit=lambda raw: ...`."""
+    import yaml
+
+    def make(name, directory, edit=None, **run):
+        raw = {
+            "name": name,
+            "description": "tiny test sweep",
+            "data": {"data_files": [str(tiny_data_file)], "num_valid": 6, "num_test": 6},
+            "model": dict(TINY_MODEL),
+            "training": {"num_epochs": 4, "batch_size": 4, "warmup_epochs": 0},
+            "search": {"training.learning_rate": {"loguniform": [TINY_BAD_LR, 3e-2]},
+                       "training.chg_w": {"uniform": [0.5, 2.0]}},
+            "searcher": {"seed": 0, "n_startup_trials": 3},
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+            "run": {"num_samples": 5, "max_concurrent_trials": 1, "checkpoint_every": 2,
+                    "num_to_keep": 2, "resources": {"cpu": 1, "gpu": "auto"},
+                    "storage_path": "results", "jax_cache_dir": str(jax_cache_dir), **run},
+        }
+        if edit is not None:
+            edit(raw)
+        path = directory / "spec.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return make
+
+
+class TinySweep(typing.NamedTuple):
+    """The shared tiny sweep; unpacks as (spec, outcome, seconds)."""
+
+    spec: typing.Any  # SweepSpec
+    outcome: typing.Any  # SweepOutcome
+    seconds: float  # wall time of run_sweep
+    good_lr = TINY_GOOD_LR  # the two points_to_evaluate, in this order
+    bad_lr = TINY_BAD_LR
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(ray_session, tiny_spec, tmp_path_factory):
+    """One tiny sweep for the whole session: 5 trials of 4 epochs, one at a time (reused
+    actor), the first two from points_to_evaluate (a good one, then a bad one), the Optuna study
+    in sqlite next to the spec.
+
+    Returns:
+      A TinySweep: spec, outcome (SweepOutcome), seconds; also good_lr, bad_lr.
+    """
+    import time
+
+    from dcmtune.search_space import load_spec
+    from dcmtune.sweep import run_sweep
+
+    def edit(raw):
+        raw["searcher"]["storage"] = "sqlite:///study.db"  # relative to the spec file
+        raw["searcher"]["points_to_evaluate"] = [
+            {"training.learning_rate": TINY_GOOD_LR, "training.chg_w": 1.0},
+            {"training.learning_rate": TINY_BAD_LR, "training.chg_w": 1.0}]
+
+    spec = load_spec(tiny_spec("tiny", tmp_path_factory.mktemp("tiny_sweep"), edit=edit))
+    t0 = time.perf_counter()
+    outcome = run_sweep(spec, verbose=0)
+    return TinySweep(spec, outcome, time.perf_counter() - t0)

@@ -1,0 +1,134 @@
+"""Two small extensions of Ray Tune: truthful early stopping for Optuna, resumable ASHA.
+
+1. `PruningAwareOptunaSearch`. Ray's `OptunaSearch` tells every finished trial to Optuna as
+COMPLETE with its last value, so a trial that ASHA stopped after 2 of 100 epochs looks like a
+finished trial with a poor value, and TPE models the truncated value as if it were final. Here:
+
+- every epoch's metric is reported to the Optuna trial as an intermediate value, at step =
+  the `epoch` the trial reported (not Ray's training_iteration, which restarts differently
+  after a resume);
+- a trial that ends before `max_t` epochs (stopped by the scheduler, or diverged) is told as
+  PRUNED; Optuna then takes its last intermediate value as its value, and TPE ranks pruned
+  trials behind complete ones by how far they got;
+- a trial that ran all `max_t` epochs is COMPLETE with its *best* epoch's metric (the epoch
+  whose checkpoint is kept and ranked), not the last one;
+- a trial that crashed is FAIL.
+
+2. `AshaStateCallback`. Ray saves the searcher with the experiment but not the scheduler: after
+`Tuner.restore` ASHA would start with empty rungs and let every resumed trial through its next
+rung. This callback stores the rungs with the experiment state (Tune checkpoints callback
+state) and puts them back into the scheduler on restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import optuna
+from ray.tune import Callback
+from ray.tune.schedulers import AsyncHyperBandScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+__all__ = ["PruningAwareOptunaSearch", "AshaStateCallback"]
+
+log = logging.getLogger(__name__)
+
+
+class PruningAwareOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that records scheduler-stopped trials as PRUNED.
+
+    Args:
+      time_attr: The result key counting epochs (ASHA's time attribute).
+      max_t: Epochs of a complete trial (training.num_epochs).
+      **kwargs: As for `ray.tune.search.optuna.OptunaSearch` (single objective only).
+    """
+
+    def __init__(self, *args: Any, time_attr: str = "epoch", max_t: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if isinstance(self._metric, list):
+            raise ValueError("PruningAwareOptunaSearch supports a single metric, got "
+                             f"{self._metric}")
+        self._time_attr = time_attr
+        self._max_t = int(max_t)
+        self._best: dict[str, float] = {}
+        self._steps: dict[str, set[int]] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:
+            return
+        self._record(trial_id, result)
+
+    def _record(self, trial_id: str, result: Optional[dict]) -> None:
+        """Reports the result's metric as an intermediate value at its epoch."""
+        if not result or self.metric not in result or self._time_attr not in result:
+            return
+        value, step = result[self.metric], int(result[self._time_attr])
+        if value is None or not math.isfinite(float(value)):
+            return
+        steps = self._steps.setdefault(trial_id, set())
+        if step in steps:
+            return  # an epoch already reported (e.g. replayed after a resume)
+        self._ot_trials[trial_id].report(float(value), step)
+        steps.add(step)
+        best = self._best.get(trial_id)
+        better = (min if self.mode == "min" else max)
+        self._best[trial_id] = float(value) if best is None else better(best, float(value))
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:  # never suggested by this searcher
+            return
+        self._record(trial_id, result)  # a STOP decision skips on_trial_result for the last one
+        epochs = int(result.get(self._time_attr, 0)) if result else 0
+        diverged = bool(result.get("diverged")) if result else False
+        if error:
+            state, value = optuna.trial.TrialState.FAIL, None
+        elif diverged or epochs < self._max_t or trial_id not in self._best:
+            state, value = optuna.trial.TrialState.PRUNED, None
+        else:
+            state, value = optuna.trial.TrialState.COMPLETE, self._best[trial_id]
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except (ValueError, RuntimeError) as e:  # e.g. the trial was already told
+            log.warning("could not tell Optuna trial %s as %s: %s", trial_id, state.name, e)
+        log.debug("optuna trial %s -> %s (%s epochs, value %s)", trial_id, state.name, epochs,
+                  value)
+        self._completed_trials.add(trial_id)
+        self._best.pop(trial_id, None)
+        self._steps.pop(trial_id, None)
+
+
+class AshaStateCallback(Callback):
+    """Saves and restores the rungs of an ASHA scheduler with the experiment state.
+
+    Pass the same scheduler object that goes into `TuneConfig(scheduler=...)`: both are
+    pickled together into the experiment, so after `Tuner.restore` this callback still points at
+    the restored scheduler.
+    """
+
+    def __init__(self, scheduler: AsyncHyperBandScheduler):
+        self._scheduler = scheduler
+
+    def get_state(self) -> Optional[dict]:
+        # ASHA keeps, per bracket, rungs of (milestone, {trial_id: signed metric}).
+        brackets = [[(float(m), dict(rec)) for m, rec in b._rungs]
+                    for b in self._scheduler._brackets]
+        return {"brackets": brackets, "num_stopped": self._scheduler._num_stopped}
+
+    def set_state(self, state: dict) -> None:
+        saved = state.get("brackets", [])
+        if len(saved) != len(self._scheduler._brackets):
+            log.warning("ASHA state has %d brackets, the scheduler %d; not restored",
+                        len(saved), len(self._scheduler._brackets))
+            return
+        for bracket, rungs in zip(self._scheduler._brackets, saved):
+            by_milestone = {m: rec for m, rec in rungs}
+            for milestone, recorded in bracket._rungs:
+                recorded.update(by_milestone.get(float(milestone), {}))
+        self._scheduler._num_stopped = state.get("num_stopped", 0)
+        log.info("restored ASHA rungs: %s", [[len(r) for _, r in b] for b in saved])

@@ -1,0 +1,289 @@
+"""The Ray Tune trainable around `dcmtune.train.fit`, and the resource logic of GPU trials.
+
+A trial maps its sampled point to an `ExperimentConfig` (the spec's fixed values plus the point),
+runs the trainer with the trial's directory in the experiment (<storage>/<name>/trial_<id>) as
+its output directory, and reports every epoch to Tune. A Tune checkpoint is attached whenever
+the sweep metric improves, every `checkpoint_every` epochs and at the last epoch, so every
+trial's best epoch has one. A trial resumes from `tune.get_checkpoint()`. A non-finite loss ends
+the trial cleanly with `fit_status = "diverged"`.
+
+JAX/XLA settings for trial processes are computed here once (`trial_env_vars`) and applied in
+one place: through Ray's runtime environment when dcmtune starts or connects to Ray, and again
+by the trial itself before it imports JAX (so a Ray session started by someone else, e.g. a
+notebook or the tests, gets them too). The driver never imports the trainer: data reaches trials
+as plain numpy arrays through the object store (`tune.with_parameters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from ray import tune
+
+from dcmtune.config import ExperimentConfig
+from dcmtune.search_space import ResourceSpec, SpecError
+
+__all__ = [
+    "TrialResources",
+    "TrialSettings",
+    "detect_local_gpus",
+    "resolve_resources",
+    "trial_env_vars",
+    "make_trainable",
+    "train_trial",
+    "trial_dirname",
+    "MEMORY_FRACTION",
+]
+
+log = logging.getLogger(__name__)
+
+# Of a trial's GPU share, the fraction XLA may use: the rest is headroom for the CUDA context,
+# cuDNN/cuBLAS workspaces and fragmentation, so packed trials do not run each other out of memory.
+MEMORY_FRACTION = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResources:
+    """What one trial asks Ray for: CPUs and a GPU share (0 = a CPU trial)."""
+
+    cpu: float
+    gpu: float
+
+    def as_tune(self) -> dict[str, float]:
+        return {"cpu": self.cpu, "gpu": self.gpu}
+
+
+def detect_local_gpus(environ: Mapping[str, str] = os.environ,
+                      which: Callable[[str], Optional[str]] = shutil.which,
+                      run: Callable[..., Any] = subprocess.run) -> int:
+    """GPUs a local Ray would see, without starting Ray or JAX.
+
+    Follows Ray's rule: CUDA_VISIBLE_DEVICES, when set, is the list of usable GPUs (empty = none);
+    otherwise `nvidia-smi -L` counts them. No nvidia-smi means no GPUs.
+    """
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        items = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        return len(items)
+    exe = which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = run([exe, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    if out.returncode != 0:
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def resolve_resources(requested: ResourceSpec, cluster: Mapping[str, float]) -> TrialResources:
+    """The resources of one trial on a cluster with `cluster` resources (ray.cluster_resources()).
+
+    `gpu: auto` takes `gpu_share` of a GPU where the cluster has GPUs and makes CPU trials where it
+    has none. An explicit GPU request on a cluster without (enough) GPUs is refused.
+
+    Raises:
+      SpecError: naming run.resources.gpu or run.resources.cpu.
+    """
+    n_gpu = float(cluster.get("GPU", 0.0))
+    n_cpu = float(cluster.get("CPU", 0.0))
+    if requested.gpu == "auto":
+        gpu = requested.gpu_share if n_gpu > 0 else 0.0
+        key = "run.resources.gpu_share"
+    else:
+        gpu = float(requested.gpu)
+        key = "run.resources.gpu"
+        if gpu > 0 and n_gpu == 0:
+            raise SpecError(f"run.resources.gpu: {gpu:g} GPU per trial requested, but the cluster "
+                            "has no GPUs; use gpu: auto or gpu: 0")
+    if gpu > n_gpu and gpu > 0:
+        raise SpecError(f"{key}: {gpu:g} GPUs per trial requested, but the cluster has "
+                        f"{n_gpu:g}")
+    if n_cpu and requested.cpu > n_cpu:
+        raise SpecError(f"run.resources.cpu: {requested.cpu:g} CPUs per trial requested, but the "
+                        f"cluster has {n_cpu:g}")
+    return TrialResources(cpu=float(requested.cpu), gpu=float(gpu))
+
+
+def trial_env_vars(resources: TrialResources, jax_cache_dir: str | Path) -> dict[str, str]:
+    """Environment variables of a trial process (Ray's runtime_env "env_vars").
+
+    - XLA_PYTHON_CLIENT_PREALLOCATE=false: XLA grows its pool on demand instead of grabbing 75%
+      of the device at start, so trials sharing a GPU can start at all.
+    - XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 x the trial's share of one GPU: the cap of that pool.
+    - JAX_PLATFORMS=cpu for CPU trials (no CUDA probing); unset for GPU trials, so JAX uses the
+      GPU(s) Ray assigned. CUDA_VISIBLE_DEVICES is never set here: Ray sets it per trial.
+    - A persistent compilation cache shared by all trials (every compile is cached: trials
+      differing only in traced hyper-parameters then skip the 10-20 s e3x compile).
+    """
+    env = {
+        "JAX_COMPILATION_CACHE_DIR": str(jax_cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    if resources.gpu > 0:
+        share = min(resources.gpu, 1.0)
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{MEMORY_FRACTION * share:.3f}"
+    else:
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a sweep shares (passed through the object store).
+
+    Attributes:
+      base: ExperimentConfig.to_dict() of the spec's fixed values.
+      metric, mode: The sweep metric.
+      checkpoint_every: Periodic Tune checkpoints (0 = only at improvements and at the end).
+      env: Environment of trial processes (`trial_env_vars`).
+      experiment_dir: <storage_path>/<name>; trials write to experiment_dir/trial_<id>.
+        Empty: Tune's node-local trial directory, synced to storage by Tune.
+    """
+
+    base: dict
+    metric: str = "valid_esp_rmse"
+    mode: str = "min"
+    checkpoint_every: int = 0
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    experiment_dir: str = ""
+
+
+def trial_dirname(trial_id: str) -> str:
+    """The directory name of a trial in its experiment (Tune's trial_dirname_creator)."""
+    return f"trial_{trial_id}"
+
+
+def _trial_dir(settings: TrialSettings) -> Path:
+    """Where this trial's trainer writes.
+
+    The trial's directory in the experiment when it is reachable from here (local or shared
+    storage, which multi-node Tune needs anyway). `tune.get_context().get_trial_dir()` is not
+    that directory: it is a node-local staging directory (in Ray 2.60 a different one for the
+    first trial of an actor and for reused actors), synced to storage by Tune.
+    """
+    if settings.experiment_dir:
+        experiment = Path(settings.experiment_dir)
+        if experiment.is_dir():  # Tune creates the trial's own directory lazily
+            path = experiment / trial_dirname(tune.get_context().get_trial_id())
+            path.mkdir(exist_ok=True)
+            return path
+        log.warning("%s is not reachable from this node; writing to Tune's trial directory "
+                    "(synced to storage)", experiment)
+    return Path(tune.get_context().get_trial_dir())
+
+
+class _TuneReporter:
+    """The trainer's Reporter inside a trial: `tune.report` every epoch, with a checkpoint when
+    the metric improves, every `checkpoint_every` epochs and at the last epoch."""
+
+    def __init__(self, settings: TrialSettings, num_epochs: int, best: Optional[float] = None):
+        self.metric, self.sign = settings.metric, (1.0 if settings.mode == "min" else -1.0)
+        self.every, self.num_epochs = settings.checkpoint_every, num_epochs
+        self.best = best
+
+    def wants_checkpoint(self, epoch: int, value: Optional[float]) -> bool:
+        improved = value is not None and math.isfinite(value) and (
+            self.best is None or self.sign * value < self.sign * self.best)
+        if improved:
+            self.best = value
+        periodic = self.every > 0 and epoch % self.every == 0
+        return improved or periodic or epoch == self.num_epochs
+
+    def __call__(self, epoch: int, metrics: dict, checkpoint_dir: Optional[Path]) -> None:
+        out = {k: _scalar(v) for k, v in metrics.items()}
+        diverged = bool(out.get("diverged"))
+        out["fit_status"] = ("diverged" if diverged else
+                             "completed" if epoch == self.num_epochs else "running")
+        value = out.get(self.metric)
+        checkpoint = None
+        if checkpoint_dir is not None and not diverged and self.wants_checkpoint(epoch, value):
+            checkpoint = tune.Checkpoint.from_directory(checkpoint_dir)
+        tune.report(out, checkpoint=checkpoint)
+
+
+def _scalar(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    return v
+
+
+def _apply_env(env: Mapping[str, str]) -> None:
+    """Sets the trial environment in this process (before JAX is imported here)."""
+    os.environ.update(env)
+    if "JAX_PLATFORMS" not in env and os.environ.get("JAX_PLATFORMS") == "cpu":
+        log.warning("JAX_PLATFORMS=cpu is set for a GPU trial; the trial will run on the CPU")
+
+
+def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSettings) -> None:
+    """The function trainable: one trial = one `train.fit`.
+
+    Args:
+      config: The sampled point (dotted config keys, as in the spec's `search:`).
+      data: ESPData fields as numpy arrays (the driver's dataset).
+      settings: Shared settings of the sweep.
+    """
+    _apply_env(settings.env)
+    from dcmtune import checkpoint as ckpt  # JAX loads here, after the environment is set.
+    from dcmtune.data import ESPData
+    from dcmtune.train import fit
+
+    trial_dir = _trial_dir(settings)
+    experiment = ExperimentConfig.from_dict(settings.base)
+    point = {k: _scalar(v) for k, v in config.items()}
+    cfg = experiment.replace(**point, name=trial_dir.name, output_dir=str(trial_dir.parent))
+    dataset = ESPData(**data)
+
+    resume_ckpt = tune.get_checkpoint()
+    if resume_ckpt is None:
+        _set_aside_stale_checkpoints(trial_dir)
+        reporter = _TuneReporter(settings, cfg.training.num_epochs)
+        result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir)
+    else:
+        with resume_ckpt.as_directory() as d:
+            meta = ckpt.read_meta(Path(d))
+            reporter = _TuneReporter(settings, cfg.training.num_epochs,
+                                     best=_best_so_far(meta.get("history", []), settings))
+            log.info("trial %s resumes from epoch %s", trial_dir.name, meta.get("epoch"))
+            result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir,
+                         resume_from=Path(d))
+    if result.status != "completed":
+        log.warning("trial %s ended: %s (best %s %.6g at epoch %d)", trial_dir.name,
+                    result.status, "valid_loss", result.best_valid_loss, result.best_epoch)
+
+
+def _best_so_far(history: list, settings: TrialSettings) -> Optional[float]:
+    values = [r.get(settings.metric) for r in history]
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not values:
+        return None
+    return min(values) if settings.mode == "min" else max(values)
+
+
+def _set_aside_stale_checkpoints(trial_dir: Path) -> None:
+    """A retried trial without a Tune checkpoint starts over: its earlier attempt's trainer
+    checkpoints are kept, renamed, instead of blocking the new run."""
+    stale = trial_dir / "checkpoints"
+    if stale.is_dir() and any(stale.iterdir()):
+        target = trial_dir / f"checkpoints.attempt-{time.strftime('%Y%m%d-%H%M%S')}"
+        stale.rename(target)
+        log.warning("%s: earlier attempt's checkpoints moved to %s", trial_dir, target.name)
+
+
+def make_trainable(data, settings: TrialSettings, resources: TrialResources):
+    """The trainable for a Tuner: `train_trial` with the data in the object store and the
+    trial's resources attached."""
+    arrays = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+    with_data = tune.with_parameters(train_trial, data=arrays, settings=settings)
+    return tune.with_resources(with_data, resources.as_tune())
