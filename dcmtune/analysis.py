@@ -703,14 +703,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Exit 0 on success, 2 on bad input (one line on stderr).
     """
-    import argparse
     import sys
 
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message):
-            self.exit(2, f"{self.prog}: error: {message}\n")
+    from dcmtune.cli import OneLineParser
 
-    p = _Parser(prog="python -m dcmtune.analysis",
+    p = OneLineParser(prog="python -m dcmtune.analysis",
                 description="Evaluate a DCMNet checkpoint (ESP, monopole and dipole errors).")
     p.add_argument("path", help="checkpoint directory, run directory, or a ranking's best_model/")
     p.add_argument("--split", choices=SPLITS, default="test",

@@ -12,6 +12,7 @@ under a real name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,12 +21,12 @@ import shutil
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from flax import serialization
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_meta",
+__all__ = ["CheckpointError", "atomic_directory", "save_checkpoint", "load_checkpoint", "read_meta",
            "prune_periodic", "package_versions", "STATE_FILE", "META_FILE"]
 
 log = logging.getLogger(__name__)
@@ -68,32 +69,41 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: Path, state: Any, meta: dict) -> Path:
-    """Writes `state` (any flax-serializable pytree) and `meta` to `directory`, atomically.
-
-    An existing checkpoint at `directory` is replaced only once the new one is complete.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yields a temporary sibling directory to fill; on success it replaces `target` (an
+    existing one is moved aside first and deleted only after the swap); on error it is removed
+    and `target` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
-        blob = serialization.to_bytes(state)
-        (tmp / STATE_FILE).write_bytes(blob)
-        full_meta = dict(meta, format=FORMAT, state_sha256=hashlib.sha256(blob).hexdigest(),
-                         versions=package_versions())
-        (tmp / META_FILE).write_text(json.dumps(_jsonable(full_meta), indent=2, sort_keys=True))
+        yield tmp
         old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
+        if target.exists():
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(target, old)
+        os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
+
+
+def save_checkpoint(directory: Path, state: Any, meta: dict) -> Path:
+    """Writes `state` (any flax-serializable pytree) and `meta` to `directory`, atomically.
+
+    An existing checkpoint at `directory` is replaced only once the new one is complete.
+    """
+    with atomic_directory(directory) as tmp:
+        blob = serialization.to_bytes(state)
+        (tmp / STATE_FILE).write_bytes(blob)
+        full_meta = dict(meta, format=FORMAT, state_sha256=hashlib.sha256(blob).hexdigest(),
+                         versions=package_versions())
+        (tmp / META_FILE).write_text(json.dumps(_jsonable(full_meta), indent=2, sort_keys=True))
+    return Path(directory)
 
 
 def read_meta(directory: Path) -> dict:

@@ -19,12 +19,20 @@ from typing import Optional, Sequence
 from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
                             TrainingConfig)
 
-__all__ = ["train_main", "format_epoch_table", "TableReporter", "build_train_parser"]
+__all__ = ["train_main", "format_epoch_table", "TableReporter", "build_train_parser",
+           "OneLineParser"]
 
 TABLE_ROWS = ("loss", "mono_mae", "mono_rmse", "mono_mean", "mono_std", "esp_rmse", "esp_mae",
               "dipole_mae")
 UNITS = {"esp_rmse": "kcal/mol/e", "esp_mae": "kcal/mol/e", "mono_mae": "e", "mono_rmse": "e",
          "mono_mean": "e", "mono_std": "e", "dipole_mae": "D"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def format_epoch_table(epoch: int, num_epochs: int, metrics: dict) -> str:
@@ -69,7 +77,7 @@ def _flag_type(annotation):
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m dcmtune.train",
         description="Train a DCMNet on ESP data (the bundled demo set when no data is given).")
     p.add_argument("--config", type=Path, help="experiment config JSON; flags override it")

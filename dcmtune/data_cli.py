@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from dcmtune.cli import OneLineParser
 from dcmtune.data import DataError, bundled_dataset_path, load_npz
 from dcmtune.units import BOHR, HARTREE_TO_KCAL
 from dcmtune import qm  # PySCF and ASE load lazily inside its functions.
@@ -29,17 +30,10 @@ _SYMBOLS = ("X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn 
             "Zn Ga Ge As Se Br Kr").split()
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dcmtune.data", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m dcmtune.data", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     g = sub.add_parser("generate", help="PySCF ESP data (needs the qm extra)")
     g.add_argument("--molecules", nargs="+", default=[], metavar="NAME",

@@ -345,7 +345,7 @@ def _baselines(full: ESPData, record: dict, split: str, files: Optional[list[str
             element_charge_array(target, table))
     if target.mono is not None:
         add("per-conformer charges (`mono`)", f"each {split} conformer (data file)",
-            f"reference charges", "the data file's reference atomic charges; in data made by "
+            "reference charges", "the data file's reference atomic charges; in data made by "
             "`python -m dcmtune.data generate` they are ESP-fitted to each conformer's own "
             "ESP, so not a prediction", target.mono)
     shared = np.zeros(target.Z.shape)
@@ -607,9 +607,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 def _write_best_model(exp: Path, t: TrialRecord, c, a: CheckpointAnalysis, info: dict) -> Path:
     """<exp>/best_model/: the winner's checkpoint files, config, split, history, evaluation."""
     target = exp / BEST_MODEL
-    tmp = exp / f".{BEST_MODEL}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
+    with ckpt.atomic_directory(target) as tmp:
         for name in (ckpt.STATE_FILE, ckpt.META_FILE):
             shutil.copy2(c.path / name, tmp / name)
         ckpt.write_json_atomic(tmp / "config.json", c.config.to_dict())
@@ -624,16 +622,6 @@ def _write_best_model(exp: Path, t: TrialRecord, c, a: CheckpointAnalysis, info:
                                                 for k, v in a.metrics.items()},
             "data_checksum": info["data"]["checksum"],
             "reproduce": f"python -m dcmtune.analysis {target} --split {info['split']}"})
-        old = None
-        if target.exists():
-            old = exp / f".{BEST_MODEL}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -739,8 +727,8 @@ def _report(info: dict, df: pd.DataFrame, keys: list[str], plots: list[str],
             + [c for c in (f"{split}_esp_rmse", f"{split}_esp_mae", f"{split}_mono_mae",
                            f"{split}_dipole_mae") if c != metric and c in df])
     lines.append(_md_table([_label(c) for c in cols], df[cols].values.tolist()))
-    lines += ["", f"ESP in kcal/mol/e, charges in e, dipoles in Debye. "
-              f"Full table: `ranking.csv`; everything: `ranking.json`.", ""]
+    lines += ["", "ESP in kcal/mol/e, charges in e, dipoles in Debye. "
+              "Full table: `ranking.csv`; everything: `ranking.json`.", ""]
     if info["baselines"]:
         lines += [f"## Classical baselines on the same {split} conformers", ""]
         brows = [["DCMNet (winner)", "train split (selected on valid)", "prediction",
@@ -1014,13 +1002,9 @@ def format_ranking(df: pd.DataFrame) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m dcmtune.rank EXPERIMENT_DIR`: exit 0 done, 2 bad input (one line)."""
-    import argparse
+    from dcmtune.cli import OneLineParser
 
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message):
-            self.exit(2, f"{self.prog}: error: {message}\n")
-
-    p = _Parser(prog="python -m dcmtune.rank",
+    p = OneLineParser(prog="python -m dcmtune.rank",
                 description="Rank the best checkpoints of a dcmtune sweep on its held-out "
                             "test split and write ranking.csv/json, report.md, plots and "
                             "best_model/ into the experiment directory.")

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from dcmtune.cli import OneLineParser
 from dcmtune.config import ConfigError
 from dcmtune.data import DataError, ESPData, load_dataset, split_indices
 from dcmtune.search_space import SpecError, SweepSpec, load_spec
@@ -477,15 +478,8 @@ def _fmt_point(point: dict) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dcmtune.sweep",
+    p = OneLineParser(prog="python -m dcmtune.sweep",
                 description="Hyper-parameter sweep of DCMNet with Ray Tune (Optuna TPE + ASHA).")
     p.add_argument("spec", help="sweep spec YAML (or the name of a shipped one, e.g. quick)")
     p.add_argument("--debug", action="store_true",
