@@ -47,7 +47,7 @@ def best(run_dir):
 
 
 @pytest.fixture(scope="module")
-def test_analysis(best):
+def analysis_on_test(best):
     return analyze_checkpoint(best, "test", batch_size=4)
 
 
@@ -63,8 +63,8 @@ def _numpy_esp(charges, positions, R, N, grid, n_grid):
     return out
 
 
-def test_esp_rmse_matches_an_independent_float64_evaluation(test_analysis):
-    a = test_analysis
+def test_esp_rmse_matches_an_independent_float64_evaluation(analysis_on_test):
+    a = analysis_on_test
     d = a.data
     assert a.charges.shape == (d.num_conformers, d.num_atoms, TINY["n_dcm"])
     esp = _numpy_esp(a.charges, a.positions, d.R, d.N, d.grid, d.n_grid)
@@ -88,8 +88,8 @@ def test_esp_rmse_matches_an_independent_float64_evaluation(test_analysis):
                                rtol=1e-5)
 
 
-def test_monopole_and_dipole_metrics_count_real_atoms_only(test_analysis):
-    a = test_analysis
+def test_monopole_and_dipole_metrics_count_real_atoms_only(analysis_on_test):
+    a = analysis_on_test
     d = a.data
     real = d.Z > 0
     assert np.all(a.charges[~real] == 0) and np.all(a.mono_pred[~real] == 0)
@@ -176,35 +176,35 @@ def test_history_is_numeric_and_reads_no_parameters(run_dir, tmp_path, monkeypat
     assert h2.best_epoch == h.best_epoch
 
 
-def test_compare_checkpoints(run_dir, test_analysis):
+def test_compare_checkpoints(run_dir, analysis_on_test):
     paths = [run_dir / "checkpoints" / n for n in ("best", "latest", "epoch_1")]
     df = compare_checkpoints(paths, "test", labels=["best", "last", "first"])
     assert df["label"].tolist() == ["best", "last", "first"]
     assert df["epoch"].tolist()[2] == 1
-    np.testing.assert_allclose(df.loc[0, "esp_rmse"], test_analysis.metrics["esp_rmse"],
+    np.testing.assert_allclose(df.loc[0, "esp_rmse"], analysis_on_test.metrics["esp_rmse"],
                                rtol=1e-5)
     with pytest.raises(ValueError, match="labels"):
         compare_checkpoints(paths, "test", labels=["a"])
 
 
-def test_batch_analysis_summary_writes_its_files(run_dir, tmp_path, test_analysis):
+def test_batch_analysis_summary_writes_its_files(run_dir, tmp_path, analysis_on_test):
     res = batch_analysis_summary(run_dir, "test", tmp_path / "out")
     report = json.loads((tmp_path / "out" / "best_analysis.json").read_text())
-    assert report["metrics"]["esp_rmse"] == pytest.approx(test_analysis.metrics["esp_rmse"],
+    assert report["metrics"]["esp_rmse"] == pytest.approx(analysis_on_test.metrics["esp_rmse"],
                                                           rel=1e-5)
     assert report["units"]["esp_rmse"] == "kcal/mol/e"
     pred = pd.read_csv(tmp_path / "out" / "predictions.csv")
-    assert len(pred) == test_analysis.data.num_conformers
+    assert len(pred) == analysis_on_test.data.num_conformers
     hist = pd.read_csv(tmp_path / "out" / "training_history.csv")
     assert hist["epoch"].tolist() == list(range(1, EPOCHS + 1))
     assert set(res["files"]) == {"best_analysis.json", "predictions.csv",
                                  "training_history.csv"}
 
 
-def test_summary_text(test_analysis):
-    text = print_analysis_summary(test_analysis)
+def test_summary_text(analysis_on_test):
+    text = print_analysis_summary(analysis_on_test)
     assert "esp_rmse" in text and "kcal/mol/e" in text and "Worst molecules" in text
-    assert f"{test_analysis.metrics['esp_rmse']:.5g}" in text
+    assert f"{analysis_on_test.metrics['esp_rmse']:.5g}" in text
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "foreign"])
