@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dcmtune.xla_env import use_compilation_cache
 from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
                             TrainingConfig)
 
@@ -124,21 +125,25 @@ def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m dcmtune.train`: exit 0 on success, 2 on bad input, 3 if training diverged."""
-    from dcmtune.checkpoint import CheckpointError, find_checkpoint
-    from dcmtune.data import DataError
-
     args = build_train_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = _config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    use_compilation_cache(Path(config.output_dir).resolve() / ".jax_cache")
+    from dcmtune.checkpoint import CheckpointError, find_checkpoint
+    from dcmtune.data import DataError
+    from dcmtune.train import fit
+
+    try:
         resume = None
         if args.restart_checkpoint is not None:
             resume = find_checkpoint(args.restart_checkpoint)
             if resume is None:
                 raise CheckpointError(f"{args.restart_checkpoint}: no checkpoint there (expected "
                                       "a checkpoint dir with meta.json or a run dir)")
-        from dcmtune.train import fit  # imports JAX: after argument checks
-
         reporter = None if args.quiet else TableReporter(config.training.num_epochs)
         print(f"run directory: {config.run_dir}", flush=True)
         result = fit(config, reporter=reporter, resume_from=resume)

@@ -32,6 +32,7 @@ from dcmtune.cli import OneLineParser
 from dcmtune.config import ConfigError
 from dcmtune.data import DataError, ESPData, load_dataset, split_indices
 from dcmtune.search_space import SpecError, SweepSpec, load_spec
+from dcmtune.xla_env import apply_defaults, compilation_cache_env
 
 __all__ = ["main", "prepare", "run_sweep", "run_debug", "debug_run_dir", "SweepOutcome",
            "BestTrial", "find_spec"]
@@ -255,9 +256,7 @@ def _rank(experiment_dir: Path, spec: SweepSpec, results, data: ESPData) -> Any:
       The ranking DataFrame, or None when ranking was not possible (logged, one line).
     """
     if "jax" not in sys.modules:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        if spec.run.jax_cache_dir:
-            os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(spec.run.jax_cache_dir))
+        apply_defaults({"JAX_PLATFORMS": "cpu", **compilation_cache_env(spec.run.jax_cache_dir)})
     from dcmtune.rank import RankError, rank_experiment
 
     try:

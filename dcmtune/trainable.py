@@ -30,6 +30,7 @@ from ray import tune
 
 from dcmtune.config import ExperimentConfig
 from dcmtune.search_space import ResourceSpec, SpecError
+from dcmtune.xla_env import MEMORY_FRACTION, compilation_cache_env, gpu_memory_env
 
 __all__ = [
     "TrialResources",
@@ -45,9 +46,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Of a trial's GPU share, the fraction XLA may use: the rest is headroom for the CUDA context,
-# cuDNN/cuBLAS workspaces and fragmentation, so packed trials do not run each other out of memory.
-MEMORY_FRACTION = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +123,9 @@ def trial_env_vars(resources: TrialResources, jax_cache_dir: str | Path) -> dict
     - A persistent compilation cache shared by all trials (every compile is cached: trials
       differing only in traced hyper-parameters then skip the 10-20 s e3x compile).
     """
-    env = {
-        "JAX_COMPILATION_CACHE_DIR": str(jax_cache_dir),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    env = compilation_cache_env(jax_cache_dir)
     if resources.gpu > 0:
-        share = min(resources.gpu, 1.0)
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{MEMORY_FRACTION * share:.3f}"
+        env.update(gpu_memory_env(resources.gpu))
     else:
         env["JAX_PLATFORMS"] = "cpu"
     return env
