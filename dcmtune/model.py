@@ -106,13 +106,13 @@ class DCMNet(nn.Module):
             y = e3x.nn.Dense(self.features)(y)
             x = e3x.nn.add(x, y)
 
-        # 4. Per atom: n_dcm scalars (charges) and n_dcm vectors (displacements), read from
-        #    RMS-normalised features (an invariant scale, so equivariance is kept; it keeps the
-        #    head's tensor product finite however large the features grow).
-        x = _rms_normalize(x)
-        x = e3x.nn.TensorDense(features=self.n_dcm, max_degree=1,
-                               include_pseudotensors=self.include_pseudotensors)(x)
+        # 4. Per atom: n_dcm scalars (charges) and n_dcm vectors (displacements), a linear
+        #    (equivariant) read-out of RMS-normalised features. The invariant normalisation keeps
+        #    the outputs finite however large the features grow; the linear head starts with
+        #    O(1) outputs (a TensorDense head, quadratic in the features, started with charges
+        #    of 5-20 e and trained 3x worse on the demo set in 10 epochs: 11.8 vs 3.5 kcal/mol/e).
         x = e3x.nn.change_max_degree_or_type(x, max_degree=1, include_pseudotensors=False)
+        x = e3x.nn.Dense(self.n_dcm)(_rms_normalize(x))
         # Shape (B*A, 1, 4, n_dcm): index 0 the scalar, 1:4 the (x, y, z) vector.
         q = x[:, 0, 0, :].reshape(B, A, self.n_dcm)  # Shape (B, A, n_dcm).
         v = jnp.swapaxes(x[:, 0, 1:4, :], -1, -2).reshape(B, A, self.n_dcm, 3)

@@ -104,15 +104,15 @@ def test_translation_only(synthetic, small_model):
     np.testing.assert_allclose(loss2, loss, rtol=1e-5)
 
 
-def test_permuting_atoms_permutes_outputs(synthetic, small_model, apply_fn):
-    _, params = small_model
+def test_permuting_atoms_permutes_outputs(synthetic, small_model):
+    model, params = small_model
     b = batch_of(synthetic, [0])
     n = int(b["atom_mask"].sum())
     perm = np.concatenate([np.random.default_rng(0).permutation(n), np.arange(n, b["Z"].shape[1])])
     b2 = dict(b, R=b["R"][:, perm], Z=b["Z"][:, perm], atom_mask=b["atom_mask"][:, perm],
               mono=b["mono"][:, perm])
-    q, pos, esp, loss = _outputs(apply_fn, params, b)
-    q2, pos2, esp2, loss2 = _outputs(apply_fn, params, b2)
+    q, pos, esp, loss = _outputs64(model, params, b)
+    q2, pos2, esp2, loss2 = _outputs64(model, params, b2)
     np.testing.assert_allclose(q2, q[:, perm], **CHG)
     np.testing.assert_allclose(pos2, pos[:, perm], **CHG)
     np.testing.assert_allclose(esp2, esp, **ESP)
