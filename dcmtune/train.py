@@ -30,7 +30,8 @@ import numpy as np
 import optax
 
 from dcmtune import checkpoint as ckpt
-from dcmtune.config import ConfigError, ExperimentConfig, ModelConfig, TrainingConfig
+from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
+                            TrainingConfig)
 from dcmtune.data import ESPData, load_dataset, make_batch, split_dataset, split_record
 from dcmtune.loss import LossWeights, finalize_metrics, loss_and_sums, term_counts
 from dcmtune.model import build_model, init_params
@@ -399,7 +400,6 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
 # Flat keyword names (as on the CLI) -> config section.
 def flat_fields() -> dict[str, str]:
     """{field name: section} for every config field ("" for top-level ones)."""
-    from dcmtune.config import DataConfig
     out = {f.name: "" for f in dataclasses.fields(ExperimentConfig)
            if f.name not in ("model", "data", "training")}
     for section, cls in (("model", ModelConfig), ("data", DataConfig),
