@@ -1,0 +1,166 @@
+"""The one crash-safe writer: every file or directory dcmtune writes goes through here.
+
+A write goes to a temporary sibling with a unique name (so two writers never share one), is
+flushed and fsynced, then renamed over the target, and the directory is fsynced so the rename
+itself survives a power cut. A failure at any point leaves the previous file untouched and no
+temporary behind. This module holds the only renames in the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, IO
+
+import numpy as np
+
+__all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_csv",
+           "atomic_directory", "jsonable", "move_aside", "copy_tree"]
+
+
+def _tmp_name(target: Path, suffix: str) -> Path:
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.{suffix}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persists a rename: fsync of the directory entry (a no-op where the OS refuses it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Calls `write(f)` on a binary temp file next to `path`, then renames it over `path`.
+
+    Raises whatever `write` raises; `path` then keeps its old content and no temp is left.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path, "tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def jsonable(x: Any) -> Any:
+    """A JSON-safe copy: numpy scalars/arrays to Python, NaN to null, +-inf to +-1e308."""
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        x = x.item()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    return x
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Pretty, key-sorted JSON (NaN as null), written atomically."""
+    return write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | Path, rows: Any, columns: Optional[Sequence[str]] = None) -> Path:
+    """A CSV from a pandas DataFrame (index dropped) or from an iterable of dict rows (columns:
+    the union of their keys in first-seen order, unless given)."""
+    path = Path(path)
+    if hasattr(rows, "to_csv"):
+        return write_text(path, rows.to_csv(index=False))
+    rows = list(rows)
+    keys = list(columns) if columns is not None else list(
+        dict.fromkeys(k for row in rows for k in row))
+
+    def write(f):
+        import io
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        f.write(text.getvalue().encode("utf-8"))
+
+    return atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yields a temporary sibling directory to fill; on success it replaces `target`.
+
+    The files written inside are fsynced before the swap. An existing `target` is moved aside
+    first and deleted only after the new one is in place. On error the temporary directory is
+    removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(target, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = _tmp_name(target, "old")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def move_aside(path: str | Path, new_name: str) -> Path:
+    """Renames `path` to `new_name` in the same directory (never overwriting); returns it."""
+    path = Path(path)
+    target = path.with_name(new_name)
+    if target.exists():
+        target = _tmp_name(target, "aside")
+    os.replace(path, target)
+    _fsync_dir(path.parent)
+    return target
+
+
+def copy_tree(src: str | Path, target: str | Path,
+              ignore: Optional[Iterable[str]] = None) -> Path:
+    """Copies directory `src` to `target` atomically (replacing an old `target`)."""
+    with atomic_directory(target) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(*ignore) if ignore else None)
+    return Path(target)
