@@ -17,7 +17,7 @@ _API = {
     "ESPData": "dcmtune.data",
     "DataError": "dcmtune.data",
     "load_dataset": "dcmtune.data",
-    "make_synthetic": "dcmtune.data",
+    "make_synthetic": "dcmtune.synthetic",
     "DCMNet": "dcmtune.model",
     "fit": "dcmtune.train",
     "run_training": "dcmtune.train",

@@ -24,7 +24,6 @@ files, and orders epochs numerically.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from pathlib import Path
@@ -242,30 +241,6 @@ def checkpoint_data(checkpoint, split: str = "test", data: Optional[ESPData] = N
 # --------------------------------------------------------------------------- evaluation
 
 
-@functools.lru_cache(maxsize=None)
-def _predict_fn():
-    """The jitted forward pass + observables + metric sums (built on first use, so importing
-    this module does not import JAX)."""
-    import jax
-
-    from dcmtune.loss import loss_and_sums, per_molecule_terms, predict_observables
-    from dcmtune.model import build_model
-
-    @functools.partial(jax.jit, static_argnames=("model_config",))
-    def predict(params, batch, weights, model_config):
-        model = build_model(model_config)
-        charges, positions = model.apply({"params": params}, batch["Z"], batch["R"],
-                                         batch["atom_mask"], batch["Q"])
-        esp, mono, dipole = predict_observables(charges, positions, batch)
-        terms = per_molecule_terms(esp, mono, dipole, batch)
-        _, sums = loss_and_sums(charges, positions, batch, weights)
-        return {"charges": charges, "positions": positions, "esp": esp, "mono": mono,
-                "dipole": dipole, "esp_mse": terms["esp_mse"], "esp_mae": terms["esp_mae"],
-                "mono_mae": terms["mono_mae"], "dip_mae": terms["dip_mae"], "sums": sums}
-
-    return predict
-
-
 def _predict(c: LoadedCheckpoint, data: ESPData, batch_size: int) -> dict[str, np.ndarray]:
     """Per-conformer model outputs over all of `data` (host numpy) and the summed metric sums
     (float64)."""
@@ -274,9 +249,10 @@ def _predict(c: LoadedCheckpoint, data: ESPData, batch_size: int) -> dict[str, n
 
     from dcmtune.loss import LossWeights
 
+    from dcmtune.train import predict_batch as predict
+
     t = c.config.training
     weights = LossWeights(*(jnp.asarray(x, jnp.float32) for x in (t.esp_w, t.chg_w, t.dip_w)))
-    predict = _predict_fn()
     params = jax.device_put(c.params)  # once, not per batch
     n = data.num_conformers
     parts: list[dict] = []

@@ -12,21 +12,20 @@ under a real name.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 from flax import serialization
 
-__all__ = ["CheckpointError", "atomic_directory", "save_checkpoint", "load_checkpoint", "read_meta",
+from dcmtune import _io
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_meta",
            "prune_periodic", "package_versions", "STATE_FILE", "META_FILE"]
 
 log = logging.getLogger(__name__)
@@ -50,46 +49,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
-    return x
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes JSON to `path` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yields a temporary sibling directory to fill; on success it replaces `target` (an
-    existing one is moved aside first and deleted only after the swap); on error it is removed
-    and `target` is untouched."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# Until rank.py moves to dcmtune._io (re-cut in progress).
+write_json_atomic = _io.write_json
+atomic_directory = _io.atomic_directory
 
 
 def save_checkpoint(directory: Path, state: Any, meta: dict) -> Path:
@@ -102,7 +64,7 @@ def save_checkpoint(directory: Path, state: Any, meta: dict) -> Path:
         (tmp / STATE_FILE).write_bytes(blob)
         full_meta = dict(meta, format=FORMAT, state_sha256=hashlib.sha256(blob).hexdigest(),
                          versions=package_versions())
-        (tmp / META_FILE).write_text(json.dumps(_jsonable(full_meta), indent=2, sort_keys=True))
+        (tmp / META_FILE).write_text(json.dumps(_io.jsonable(full_meta), indent=2, sort_keys=True))
     return Path(directory)
 
 

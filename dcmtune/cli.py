@@ -1,32 +1,25 @@
-"""Command-line front ends: parse, validate, call the library, print tables.
+"""The kit every `python -m dcmtune.*` command is built from. Imports no other dcmtune module.
 
-`python -m dcmtune.train` has one flag per config field (generated from the dataclasses, so the
-two cannot drift apart), plus `--config FILE.json` and `--restart-checkpoint DIR`.
+* `OneLineParser`: argparse whose usage errors are one line and exit code 2.
+* `run_cli(main, parser, argv, bad_input=...)`: parse, set up logging, call `main(args)`; a bad
+  input error becomes one line on stderr and exit 2, a failed computation or disk exit 1, an
+  interrupt exit 130.
+* `format_epoch_table` / `TableReporter`: the per-epoch Train/Valid table (rows are passed in;
+  the commands take them from `dcmtune.metrics`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
-import subprocess
 import sys
-import typing
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from dcmtune.xla_env import use_compilation_cache
-from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
-                            TrainingConfig)
+__all__ = ["OneLineParser", "run_cli", "one_line", "format_epoch_table", "TableReporter",
+           "LOG_FORMAT"]
 
-__all__ = ["train_main", "format_epoch_table", "TableReporter", "build_train_parser",
-           "OneLineParser"]
-
-TABLE_ROWS = ("loss", "mono_mae", "mono_rmse", "mono_mean", "mono_std", "esp_rmse", "esp_mae",
-              "dipole_mae")
-UNITS = {"esp_rmse": "kcal/mol/e", "esp_mae": "kcal/mol/e", "mono_mae": "e", "mono_rmse": "e",
-         "mono_mean": "e", "mono_std": "e", "dipole_mae": "D"}
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,19 +29,69 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def format_epoch_table(epoch: int, num_epochs: int, metrics: dict) -> str:
-    """The per-epoch summary: Metric | Train | Valid | Diff | % Diff, and timings."""
+def one_line(e: BaseException) -> str:
+    """An exception's message folded onto one line (its type name if it has none)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+            argv: Optional[Sequence[str]] = None, *,
+            bad_input: tuple[type[BaseException], ...] = (ValueError,),
+            failures: tuple[type[BaseException], ...] = (),
+            verbose: Callable[[argparse.Namespace], bool] = lambda args: False) -> int:
+    """Runs one command: the one place that maps errors to exit codes.
+
+    Args:
+      main: Does the work with the parsed arguments; returns the exit code.
+      parser: The command's parser (usage errors exit 2 with one line).
+      argv: Arguments (default sys.argv[1:]).
+      bad_input: Exceptions that mean the user's input is wrong: one line, exit 2.
+      failures: Exceptions that mean the computation or the disk failed: one line, exit 1.
+      verbose: Whether the parsed arguments ask for INFO logging.
+
+    Returns:
+      The exit code.
+    """
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if verbose(args) else logging.WARNING,
+                        format=LOG_FORMAT)
+    try:
+        return main(args)
+    except bad_input as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except failures as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _default_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(name, label) of every metric reported for both train and valid, in report order."""
+    return [(k[6:], k[6:]) for k in metrics
+            if k.startswith("train_") and f"valid_{k[6:]}" in metrics]
+
+
+def format_epoch_table(epoch: int, num_epochs: int, metrics: dict,
+                       rows: Optional[Sequence[tuple[str, str]]] = None) -> str:
+    """The per-epoch summary: Metric | Train | Valid | Diff | % Diff, and timings.
+
+    Args:
+      metrics: One epoch's flat metrics (`train_<name>`, `valid_<name>`, lr, step, timings).
+      rows: (name, label) per row; default every name with a train and a valid value.
+    """
     best = " *best*" if metrics.get("best_epoch") == epoch else ""
     lines = [f"Epoch {epoch}/{num_epochs}  step {metrics.get('step', '?')}  "
              f"lr {metrics.get('lr', float('nan')):.3e}{best}",
              f"{'Metric':<22}{'Train':>12}{'Valid':>12}{'Diff':>12}{'% Diff':>9}"]
-    for name in TABLE_ROWS:
+    for name, label in (rows if rows is not None else _default_rows(metrics)):
         tr, va = metrics.get(f"train_{name}"), metrics.get(f"valid_{name}")
         if tr is None or va is None or (math.isnan(tr) and math.isnan(va)):
             continue
         diff = va - tr
-        pct = 100.0 * diff / abs(tr) if tr not in (0.0,) and math.isfinite(tr) else float("nan")
-        label = f"{name} [{UNITS[name]}]" if name in UNITS else name
+        pct = 100.0 * diff / abs(tr) if tr != 0.0 and math.isfinite(tr) else float("nan")
         lines.append(f"{label:<22}{tr:>12.5g}{va:>12.5g}{diff:>12.4g}{pct:>8.1f}%")
     lines.append(f"avg batch time {metrics.get('batch_time', float('nan')) * 1e3:.1f} ms, "
                  f"epoch {metrics.get('epoch_time', float('nan')):.2f} s")
@@ -56,100 +99,14 @@ def format_epoch_table(epoch: int, num_epochs: int, metrics: dict) -> str:
 
 
 class TableReporter:
-    """A trainer Reporter that prints the epoch table to a stream."""
+    """A trainer Reporter that prints the epoch table to a stream (stdout by default)."""
 
-    def __init__(self, num_epochs: int, stream=None):
+    def __init__(self, num_epochs: int, rows: Optional[Sequence[tuple[str, str]]] = None,
+                 stream=None):
         self.num_epochs = num_epochs
+        self.rows = rows
         self.stream = stream
 
     def __call__(self, epoch, metrics, checkpoint_dir) -> None:
-        print(format_epoch_table(epoch, self.num_epochs, metrics) + "\n",
+        print(format_epoch_table(epoch, self.num_epochs, metrics, self.rows) + "\n",
               file=self.stream or sys.stdout, flush=True)
-
-
-def _flag_type(annotation):
-    origin = typing.get_origin(annotation)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if origin is list:
-        return typing.get_args(annotation)[0], "+"
-    if origin is typing.Union or (origin is not None and args):
-        return args[0], None
-    return annotation, None
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="python -m dcmtune.train",
-        description="Train a DCMNet on ESP data (the bundled demo set when no data is given).")
-    p.add_argument("--config", type=Path, help="experiment config JSON; flags override it")
-    p.add_argument("--restart-checkpoint", type=Path,
-                   help="checkpoint dir (or run dir) to resume exactly from")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch table")
-    for section, cls in (("", ExperimentConfig), ("model", ModelConfig), ("data", DataConfig),
-                         ("training", TrainingConfig)):
-        group = p.add_argument_group(section or "experiment")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in ("model", "data", "training"):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kind, nargs = _flag_type(hints[f.name])
-            dest = f"{section}.{f.name}" if section else f.name
-            if kind is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                                   default=None)
-            else:
-                group.add_argument(flag, dest=dest, type=kind, nargs=nargs, default=None,
-                                   metavar=f.name.upper())
-    return p
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    base = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
-    overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("config", "restart_checkpoint", "quiet")}
-    config = base.replace(**overrides)
-    if not config.git_commit:
-        config = config.replace(git_commit=_git_commit())
-    return config
-
-
-def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m dcmtune.train`: exit 0 on success, 2 on bad input, 3 if training diverged."""
-    args = build_train_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = _config_from_args(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    use_compilation_cache(Path(config.output_dir).resolve() / ".jax_cache")
-    from dcmtune.checkpoint import CheckpointError, find_checkpoint
-    from dcmtune.data import DataError
-    from dcmtune.train import fit
-
-    try:
-        resume = None
-        if args.restart_checkpoint is not None:
-            resume = find_checkpoint(args.restart_checkpoint)
-            if resume is None:
-                raise CheckpointError(f"{args.restart_checkpoint}: no checkpoint there (expected "
-                                      "a checkpoint dir with meta.json or a run dir)")
-        reporter = None if args.quiet else TableReporter(config.training.num_epochs)
-        print(f"run directory: {config.run_dir}", flush=True)
-        result = fit(config, reporter=reporter, resume_from=resume)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{result.status}: best valid_loss {result.best_valid_loss:.6g} at epoch "
-          f"{result.best_epoch}; checkpoints in {result.run_dir / 'checkpoints'}")
-    return 0 if result.status == "completed" else 3

@@ -15,6 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from dcmtune import _io
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -22,6 +24,9 @@ __all__ = [
     "TrainingConfig",
     "ExperimentConfig",
     "SCHEDULE_TYPES",
+    "flat_fields",
+    "config_from_flat",
+    "flat_dict",
 ]
 
 SCHEDULE_TYPES = ("cosine", "exponential", "step")
@@ -344,7 +349,7 @@ class ExperimentConfig(_Config):
         return self.from_dict(d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        _io.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ExperimentConfig":
@@ -356,3 +361,38 @@ class ExperimentConfig(_Config):
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
         return cls.from_dict(d)
+
+
+# --------------------------------------------------------------------------- flat keys
+
+def flat_fields() -> dict[str, str]:
+    """{field name: section} for every config field ("" for top-level ones)."""
+    out = {f.name: "" for f in dataclasses.fields(ExperimentConfig)
+           if f.name not in ("model", "data", "training")}
+    for section, cls in (("model", ModelConfig), ("data", DataConfig),
+                         ("training", TrainingConfig)):
+        out.update({f.name: section for f in dataclasses.fields(cls)})
+    return out
+
+
+def config_from_flat(base: Optional[ExperimentConfig] = None, **kwargs) -> ExperimentConfig:
+    """`base` (default: the defaults) with flat keyword overrides, e.g. n_dcm=3, esp_w=1e3."""
+    sections = flat_fields()
+    dotted = {}
+    for key, value in kwargs.items():
+        if key not in sections:
+            raise ConfigError(f"{key}: unknown config field")
+        dotted[f"{sections[key]}.{key}" if sections[key] else key] = value
+    return (base or ExperimentConfig()).replace(**dotted)
+
+
+def flat_dict(d: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; empty mappings stay as values. Plain Python (the sweep
+    driver uses it without flax)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update({f"{k}{sep}{kk}": vv for kk, vv in flat_dict(v, sep).items()})
+        else:
+            out[str(k)] = v
+    return out

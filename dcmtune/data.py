@@ -19,7 +19,7 @@ import importlib.resources
 import logging
 import math
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -37,8 +37,7 @@ __all__ = [
     "split_dataset",
     "split_record",
     "make_batch",
-    "make_synthetic",
-    "VDW_RADII",
+    "stacked_batches",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,9 +46,6 @@ KNOWN_KEYS = {"R", "Z", "N", "esp", "vdw_surface", "esp_grid", "n_grid", "mono",
               "Q", "mol_id"}
 DEMO_FILE = "demo_esp.npz"
 
-# Bondi van der Waals radii (Angstrom) with the usual H = 1.2; used for grids and unit checks.
-VDW_RADII = {1: 1.2, 5: 1.92, 6: 1.7, 7: 1.55, 8: 1.52, 9: 1.47, 14: 2.1, 15: 1.8, 16: 1.8,
-             17: 1.75, 35: 1.85, 53: 1.98}
 
 
 class DataError(ValueError):
@@ -114,10 +110,6 @@ class ESPData:
                 h.update(np.ascontiguousarray(a).tobytes() if a.dtype.kind != "U"
                          else "\0".join(a.tolist()).encode())
         return h.hexdigest()
-
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """All conformers as one unmasked batch dict (see `make_batch`)."""
-        return make_batch(self, np.arange(self.num_conformers))
 
 
 # --------------------------------------------------------------------------- loading
@@ -505,108 +497,13 @@ def make_batch(data: ESPData, idx: np.ndarray, batch_size: Optional[int] = None
     }
 
 
-# --------------------------------------------------------------------------- synthetic data
-
-# Electronegativity-like numbers for the synthetic charge model (not physical constants).
-_SYN_CHI = {1: 2.2, 6: 2.55, 7: 3.04, 8: 3.44}
-_SYN_ELEMENTS = np.array([1, 6, 7, 8])
-_SYN_PROBS = np.array([0.45, 0.35, 0.1, 0.1])
-
-
-def synthetic_charges(R: np.ndarray, Z: np.ndarray, scale: float = 0.25,
-                      width: float = 3.0) -> np.ndarray:
-    """Reference charges of the synthetic set: a deterministic function of each atom's local
-    environment, q_a = scale * sum_b s(r_ab) (chi_b - chi_a), with s a smooth cutoff of
-    `width` Angstrom. Antisymmetric in (a, b), so every molecule is exactly neutral.
-
-    Args:
-      R: (A, 3) real atoms only. Z: (A,).
-    """
-    chi = np.array([_SYN_CHI[int(z)] for z in Z])
-    r = np.linalg.norm(R[:, None] - R[None, :], axis=-1)
-    s = np.where(r < width, np.cos(0.5 * np.pi * np.minimum(r / width, 1.0)) ** 2, 0.0)
-    np.fill_diagonal(s, 0.0)
-    return scale * (s * (chi[None, :] - chi[:, None])).sum(axis=1)
-
-
-def _fibonacci_sphere(n: int) -> np.ndarray:
-    k = np.arange(n) + 0.5
-    phi = np.arccos(1 - 2 * k / n)
-    theta = np.pi * (1 + 5 ** 0.5) * k
-    return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], -1)
-
-
-def shell_grid(R: np.ndarray, Z: np.ndarray, num_grid: int, rng: np.random.Generator,
-               factors: Iterable[float] = (1.4, 1.6, 1.8, 2.0), per_atom: int = 40) -> np.ndarray:
-    """Grid points on vdW shells around the atoms (points inside any atom's innermost shell
-    dropped), subsampled to at most `num_grid`. Returns (g, 3), g <= num_grid."""
-    radii = np.array([VDW_RADII[int(z)] for z in Z])
-    unit = _fibonacci_sphere(per_atom)
-    pts = np.concatenate([R[a] + f * radii[a] * unit for f in factors for a in range(len(Z))])
-    d = np.linalg.norm(pts[:, None] - R[None], axis=-1)
-    keep = np.all(d >= min(factors) * radii[None] - 1e-6, axis=1)
-    pts = pts[keep]
-    if len(pts) > num_grid:
-        pts = pts[rng.choice(len(pts), num_grid, replace=False)]
-    return pts
-
-
-def _random_molecule(num_atoms: int, rng: np.random.Generator):
-    """A random tree-shaped molecule: each atom bonded to an earlier one at 1.0-1.5 A."""
-    while True:
-        Z = rng.choice(_SYN_ELEMENTS, size=num_atoms, p=_SYN_PROBS)
-        Z[0] = rng.choice([6, 7, 8])
-        R = np.zeros((num_atoms, 3))
-        ok = True
-        for a in range(1, num_atoms):
-            for _ in range(50):
-                parent = rng.integers(0, a)
-                v = rng.normal(size=3)
-                cand = R[parent] + rng.uniform(1.0, 1.5) * v / np.linalg.norm(v)
-                if np.min(np.linalg.norm(R[:a] - cand, axis=1)) > 0.95:
-                    R[a] = cand
-                    break
-            else:
-                ok = False
-                break
-        if ok:
-            return R - R.mean(axis=0), Z
-
-
-def make_synthetic(num_molecules: int = 8, conformers: int = 4, min_atoms: int = 3,
-                   max_atoms: int = 8, num_grid: int = 96, grid_per_atom: int = 10,
-                   noise: float = 0.05, seed: int = 0) -> ESPData:
-    """A synthetic ESP dataset with exact ESP of environment-dependent atom-centred charges.
-
-    Molecules are random trees of H, C, N, O; conformers are Gaussian displacements (`noise`
-    Angstrom) of each; charges follow `synthetic_charges`, so a model can learn them and
-    generalise to unseen synthetic molecules. Each conformer has min(num_grid,
-    grid_per_atom * atoms) grid points. Also sets `mono` and `Dxyz` (about the centroid).
-    """
-    rng = np.random.default_rng(seed)
-    rows = []
-    for m in range(num_molecules):
-        R0, Z0 = _random_molecule(int(rng.integers(min_atoms, max_atoms + 1)), rng)
-        for c in range(conformers):
-            R = R0 + (rng.normal(scale=noise, size=R0.shape) if c else 0.0)
-            q = synthetic_charges(R, Z0)
-            g = shell_grid(R, Z0, min(num_grid, grid_per_atom * len(Z0)), rng)
-            r = np.linalg.norm(g[:, None] - R[None], axis=-1) / BOHR
-            esp = (q[None, :] / r).sum(axis=1)
-            com = R.mean(axis=0)
-            dip = (q[:, None] * (R - com)).sum(axis=0) * EANG_TO_DEBYE
-            rows.append((R, Z0, q, g, esp, com, dip, f"syn{m:03d}"))
-    A, G, M = max_atoms, num_grid, len(rows)
-    out = {"R": np.zeros((M, A, 3)), "Z": np.zeros((M, A), np.int32), "N": np.zeros(M, np.int32),
-           "mono": np.zeros((M, A)), "vdw_surface": np.zeros((M, G, 3)), "esp": np.zeros((M, G)),
-           "n_grid": np.zeros(M, np.int32), "com": np.zeros((M, 3)), "Dxyz": np.zeros((M, 3)),
-           "Q": np.zeros(M), "mol_id": np.array([r[-1] for r in rows])}
-    for i, (R, Z, q, g, esp, com, dip, _) in enumerate(rows):
-        n, k = len(Z), len(g)
-        out["R"][i, :n], out["Z"][i, :n], out["N"][i], out["mono"][i, :n] = R, Z, n, q
-        out["vdw_surface"][i, :k], out["esp"][i, :k], out["n_grid"][i] = g, esp, k
-        out["com"][i], out["Dxyz"][i] = com, dip
-    return validate_arrays(out, source="<synthetic>")
+def stacked_batches(data: ESPData, batch_size: int) -> dict[str, np.ndarray]:
+    """All conformers of `data` as (nb, batch_size, ...) batches, in order; the last one padded
+    with masked dummy molecules."""
+    n = data.num_conformers
+    batches = [make_batch(data, np.arange(i, min(i + batch_size, n)), batch_size)
+               for i in range(0, n, batch_size)]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 if __name__ == "__main__":  # `python -m dcmtune.data ...`: the CLI lives in data_cli.

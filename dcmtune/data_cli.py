@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from dcmtune.cli import OneLineParser
+from dcmtune.cli import OneLineParser, run_cli
 from dcmtune.data import DataError, bundled_dataset_path, load_npz
 from dcmtune.units import BOHR, HARTREE_TO_KCAL
 from dcmtune import qm  # PySCF and ASE load lazily inside its functions.
@@ -67,23 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args: argparse.Namespace) -> int:
+    return {"generate": _generate, "inspect": _inspect, "validate": _validate}[args.command](args)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return {"generate": _generate, "inspect": _inspect, "validate": _validate}[
-            args.command](args)
-    except (DataError, qm.QMError) as e:  # bad input: nothing was written.
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except (qm.SCFError, OSError) as e:  # the computation or the disk failed, not the input.
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """Exit 0 done, 2 bad input (nothing written), 1 the computation or the disk failed."""
+    return run_cli(_run, _parser(), argv, bad_input=(DataError, qm.QMError),
+                   failures=(qm.SCFError, OSError), verbose=lambda args: args.verbose)
 
 
 def _symbol(z: int) -> str:

@@ -16,13 +16,17 @@ from typing import Mapping, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from dcmtune.metrics import TRAINED
 from dcmtune.physics import HARTREE_TO_KCAL, dipole_from_charges, esp_from_charges
 
 __all__ = ["LossWeights", "predict_observables", "per_molecule_terms", "term_counts", "loss_and_sums",
-           "finalize_metrics", "METRIC_NAMES"]
+           "terms_loss_and_sums", "finalize_metrics", "zero_sums", "SUM_KEYS", "METRIC_NAMES"]
 
-METRIC_NAMES = ("loss", "esp_rmse", "esp_mae", "mono_mae", "mono_rmse", "mono_mean", "mono_std",
-                "dipole_mae")
+# The metrics `finalize_metrics` returns: the registry's trained metrics (dcmtune.metrics).
+METRIC_NAMES = TRAINED
+# The sums one batch contributes; `finalize_metrics` turns their totals into METRIC_NAMES.
+SUM_KEYS = ("n_mol", "n_mono", "n_dip", "esp_mse", "esp_mae", "mono_mse", "mono_mae", "dip_mse",
+            "dip_mae", "n_atoms", "q_sum", "q2_sum")
 
 
 class LossWeights(NamedTuple):
@@ -88,10 +92,16 @@ def term_counts(batch):
     return (jnp.sum(mol), jnp.sum(batch["has_mono"] & mol), jnp.sum(batch["has_dipole"] & mol))
 
 
+def zero_sums(dtype=jnp.float32) -> dict:
+    """Sums of no molecule: the start of an accumulation."""
+    return {k: jnp.zeros((), dtype) for k in SUM_KEYS}
+
+
 def loss_and_sums(charges, positions, batch, weights: LossWeights, counts=None):
     """The batch loss (mean over molecules of each term, weighted) and metric sums.
 
     Args:
+      charges: Shape (B, A, n_dcm), e. positions: Shape (B, A, n_dcm, 3), Angstrom.
       counts: Optional (n_mol, n_mono, n_dip) to divide the term sums by instead of this
         batch's own counts. Gradient accumulation passes the counts of all its micro-batches,
         so the summed micro-batch losses equal the loss of one batch holding them all.
@@ -99,10 +109,17 @@ def loss_and_sums(charges, positions, batch, weights: LossWeights, counts=None):
     Returns:
       loss: scalar, esp_w * esp + chg_w * mono + dip_w * dipole, each the mean over the
         molecules that have that reference (padding molecules excluded).
-      sums: dict of scalars to add over batches and pass to `finalize_metrics`.
+      sums: dict of scalars (SUM_KEYS) to add over batches and pass to `finalize_metrics`.
     """
     esp, mono, dipole = predict_observables(charges, positions, batch)
-    t = per_molecule_terms(esp, mono, dipole, batch)
+    terms = per_molecule_terms(esp, mono, dipole, batch)
+    return terms_loss_and_sums(terms, mono, batch, weights, counts)
+
+
+def terms_loss_and_sums(terms, mono, batch, weights: LossWeights, counts=None):
+    """`loss_and_sums` from per-molecule `terms` (see `per_molecule_terms`) and the predicted
+    monopoles `mono` (B, A)."""
+    t = terms
     mol = batch["mol_mask"]
     has_mono = batch["has_mono"] & mol
     has_dip = batch["has_dipole"] & mol
@@ -116,17 +133,18 @@ def loss_and_sums(charges, positions, batch, weights: LossWeights, counts=None):
             + weights.chg_w * total(t["mono_mse"], has_mono) / jnp.maximum(c_mono, 1)
             + weights.dip_w * total(t["dip_mse"], has_dip) / jnp.maximum(c_dip, 1))
     amask = batch["atom_mask"] & mol[:, None]
+    dtype = t["esp_mse"].dtype
     sums = {
-        "n_mol": n_mol.astype(esp.dtype),
-        "n_mono": n_mono.astype(esp.dtype),
-        "n_dip": n_dip.astype(esp.dtype),
+        "n_mol": n_mol.astype(dtype),
+        "n_mono": n_mono.astype(dtype),
+        "n_dip": n_dip.astype(dtype),
         "esp_mse": total(t["esp_mse"], mol),
         "esp_mae": total(t["esp_mae"], mol),
         "mono_mse": total(t["mono_mse"], has_mono),
         "mono_mae": total(t["mono_mae"], has_mono),
         "dip_mse": total(t["dip_mse"], has_dip),
         "dip_mae": total(t["dip_mae"], has_dip),
-        "n_atoms": jnp.sum(amask).astype(esp.dtype),
+        "n_atoms": jnp.sum(amask).astype(dtype),
         "q_sum": jnp.sum(jnp.where(amask, mono, 0.0)),
         "q2_sum": jnp.sum(jnp.where(amask, mono * mono, 0.0)),
     }

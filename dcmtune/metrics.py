@@ -11,7 +11,7 @@ import dataclasses
 from typing import Optional
 
 __all__ = ["Metric", "METRICS", "TRAINED", "TABLE_ROWS", "SWEEP_METRICS", "EVAL_METRICS",
-           "SPLITS", "unit", "label", "axis_label", "split_of", "base_name"]
+           "SPLITS", "unit", "label", "axis_label", "table_rows", "split_of", "base_name"]
 
 SPLITS = ("train", "valid", "test")
 
@@ -44,16 +44,16 @@ _PERCENTILES = (50, 90, 95, 99)
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("loss", "", "loss", trained=True, in_table=True, sweepable=True),
+    Metric("esp_rmse", _KCAL, "ESP RMSE", trained=True, in_table=True, sweepable=True,
+           ranked=True),
+    Metric("esp_mae", _KCAL, "ESP MAE", trained=True, in_table=True, sweepable=True,
+           ranked=True),
     Metric("mono_mae", "e", "monopole MAE", trained=True, in_table=True, sweepable=True,
            ranked=True),
     Metric("mono_rmse", "e", "monopole RMSE", trained=True, in_table=True, sweepable=True,
            ranked=True),
     Metric("mono_mean", "e", "mean monopole", trained=True, in_table=True),
     Metric("mono_std", "e", "monopole std", trained=True, in_table=True),
-    Metric("esp_rmse", _KCAL, "ESP RMSE", trained=True, in_table=True, sweepable=True,
-           ranked=True),
-    Metric("esp_mae", _KCAL, "ESP MAE", trained=True, in_table=True, sweepable=True,
-           ranked=True),
     Metric("dipole_mae", "D", "dipole MAE", trained=True, in_table=True, sweepable=True,
            ranked=True),
     # Analysis-only (re-evaluation of a checkpoint on a split).
@@ -99,6 +99,11 @@ def label(name: str) -> str:
     """`esp_rmse [kcal/mol/e]`: the name with its unit, for tables."""
     u = unit(name)
     return f"{name} [{u}]" if u else name
+
+
+def table_rows() -> tuple[tuple[str, str], ...]:
+    """(name, label) of the per-epoch table's rows, in order."""
+    return tuple((n, label(n)) for n in TABLE_ROWS)
 
 
 def axis_label(name: str) -> str:

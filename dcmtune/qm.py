@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from dcmtune.data import VDW_RADII
+from dcmtune.grids import VDW_RADII, shell_grid
 from dcmtune.units import BOHR, EANG_TO_DEBYE, HARTREE_TO_KCAL
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "load_molecules",
     "check_electrons",
     "make_conformers",
-    "mk_grid",
     "center_of_mass",
     "build_mol",
     "run_scf",
@@ -289,46 +288,6 @@ def _min_pair_distance(R: np.ndarray) -> float:
     return float(d[np.triu_indices(len(R), 1)].min())
 
 
-def _fibonacci_sphere(n: int) -> np.ndarray:
-    """(n, 3) nearly uniform unit vectors (golden-spiral lattice)."""
-    k = np.arange(n) + 0.5
-    polar = np.arccos(1.0 - 2.0 * k / n)
-    azimuth = np.pi * (1.0 + 5.0 ** 0.5) * k
-    return np.stack([np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar),
-                     np.cos(polar)], axis=-1)
-
-
-def mk_grid(positions: np.ndarray, numbers: np.ndarray, rng: np.random.Generator,
-            shells: Sequence[float] = (1.4, 1.6, 1.8, 2.0), density: float = 1.0,
-            max_grid: int = 1200) -> np.ndarray:
-    """Merz-Kollman-style grid points around one geometry.
-
-    Args:
-      positions: (A, 3) Angstrom.
-      numbers: (A,) atomic numbers (for the van der Waals radii, `dcmtune.data.VDW_RADII`).
-      rng: draws the subsample when more than `max_grid` points survive.
-      shells: sphere radii as multiples of each atom's vdW radius.
-      density: points per Angstrom^2 on each sphere.
-
-    Returns:
-      (g, 3) Angstrom, g <= max_grid; no point lies inside any atom's min(shells) x vdW sphere.
-    """
-    radii = np.array([VDW_RADII[int(z)] for z in numbers])
-    pts = []
-    for f in shells:
-        for a in range(len(numbers)):
-            r = f * radii[a]
-            n = max(1, int(round(density * 4.0 * np.pi * r * r)))
-            pts.append(positions[a] + r * _fibonacci_sphere(n))
-    pts = np.concatenate(pts)  # Shape (P, 3).
-    d = np.linalg.norm(pts[:, None, :] - positions[None, :, :], axis=-1)  # Shape (P, A).
-    inner = min(shells) * radii[None, :]
-    pts = pts[np.all(d >= inner * (1.0 - 1e-9), axis=1)]  # each atom's own shell point stays.
-    if len(pts) > max_grid:
-        pts = pts[np.sort(rng.choice(len(pts), max_grid, replace=False))]
-    return pts
-
-
 def center_of_mass(positions: np.ndarray, masses: np.ndarray) -> np.ndarray:
     """(3,) mass-weighted centre of `positions` (A, 3)."""
     return (masses[:, None] * positions).sum(axis=0) / masses.sum()
@@ -549,7 +508,7 @@ def compute_molecule(spec: MoleculeSpec, settings: GenerationSettings) -> dict:
             mf, dm = run_scf(mol, settings.method, settings.conv_tol)
         except SCFError as e:
             raise SCFError(f"{spec.name} conformer {i}: {e}") from None
-        grid = mk_grid(R, spec.numbers, rng, settings.shells, settings.density,
+        grid = shell_grid(R, spec.numbers, rng, settings.shells, settings.density,
                        settings.max_grid)
         esp = esp_on_grid(mol, dm, grid)
         com = center_of_mass(R, spec.masses)

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from dcmtune import metrics
 from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
                             TrainingConfig)
 
@@ -60,8 +61,7 @@ LOSS_WEIGHTS = ("training.esp_w", "training.chg_w", "training.dip_w")
 # The per-split metrics the trainer reports every epoch (dcmtune.loss.finalize_metrics); the
 # same strings appear in the epoch table, in tune.report and in the ranking. test_* metrics
 # exist only in the ranking: the test split never chooses anything.
-_METRIC_NAMES = ("loss", "esp_rmse", "esp_mae", "mono_mae", "mono_rmse", "dipole_mae")
-SWEEP_METRICS = tuple(f"{split}_{m}" for split in ("valid", "train") for m in _METRIC_NAMES)
+SWEEP_METRICS = metrics.SWEEP_METRICS
 
 _SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig}
 _TOP_LEVEL = ("name", "description", "notes", "random_seed", "data", "model", "training",

@@ -28,9 +28,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from dcmtune.cli import OneLineParser
-from dcmtune.config import ConfigError
-from dcmtune.data import DataError, ESPData, load_dataset, split_indices
+from dcmtune import metrics
+from dcmtune.cli import OneLineParser, TableReporter, run_cli
+from dcmtune.config import ConfigError, flat_dict
+from dcmtune.data import DataError, ESPData, load_dataset, split_dataset
 from dcmtune.search_space import SpecError, SweepSpec, load_spec
 from dcmtune.xla_env import apply_defaults, compilation_cache_env
 
@@ -83,8 +84,7 @@ def prepare(spec: SweepSpec, data: Optional[ESPData] = None) -> _Prepared:
                             base.data.dipole_units)
     d = base.data
     try:
-        splits = split_indices(data.mol_id, d.split_by, d.valid_fraction, d.test_fraction,
-                               d.num_train, d.num_valid, d.num_test, seed=d.split_seed)
+        splits = split_dataset(data, d)
     except ValueError as e:
         raise SpecError(f"data: {e}") from None
     n_train = len(splits["train"])
@@ -147,18 +147,9 @@ def _check_fresh_study(spec: SweepSpec) -> None:
 
 def _check_same_spec(saved: dict, now: dict) -> None:
     """Resuming with a changed spec would mix two experiments: refuse."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
     keep = ("base", "search", "searcher", "scheduler")
-    a = flat({k: saved.get(k) for k in keep})
-    b = flat({k: json.loads(json.dumps(now.get(k))) for k in keep})
+    a = flat_dict({k: saved.get(k) for k in keep})
+    b = flat_dict({k: json.loads(json.dumps(now.get(k))) for k in keep})
     a.pop("base.created_at", None), b.pop("base.created_at", None)
     for key in ("num_samples", "metric", "mode"):
         a[f"run.{key}"], b[f"run.{key}"] = saved["run"][key], now["run"][key]
@@ -170,14 +161,14 @@ def _check_same_spec(saved: dict, now: dict) -> None:
 
 def _local_resources() -> dict[str, float]:
     """What a local Ray started here would have (Ray's own rule for CPUs and GPUs)."""
-    from dcmtune.trainable import detect_local_gpus
+    from dcmtune.xla_env import detect_local_gpus
 
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(detect_local_gpus())}
 
 
 def _check_local_resources(spec: SweepSpec) -> None:
     """Refuses resources a local Ray could not give, before starting it."""
-    from dcmtune.trainable import resolve_resources
+    from dcmtune.xla_env import resolve_resources
 
     resolve_resources(spec.run.resources, _local_resources())
 
@@ -326,8 +317,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] =
     import ray
     from ray import tune
 
-    from dcmtune.trainable import (TrialSettings, make_trainable, resolve_resources,
-                                   trial_env_vars)
+    from dcmtune.trainable import TrialSettings, make_trainable
+    from dcmtune.xla_env import resolve_resources, trial_env_vars
 
     prep = prepare(spec, data)
     _check_experiment_dir(spec, resume)
@@ -510,43 +501,34 @@ def _load(args) -> SweepSpec:
     return spec
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The CLI: 0 done, 2 bad input, 3 the debug trial diverged, 130 interrupted."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        spec = _load(args)
-        if args.debug and (args.resume or args.address):
-            raise SpecError("--debug: runs one trial in this process; drop --resume/--address")
-        prep = prepare(spec)  # bad input -> exit 2 before any training
-        if not args.debug:
-            _check_experiment_dir(spec, args.resume)
-            if args.address is None:
-                _check_local_resources(spec)
-    except (SpecError, DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _main(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    if args.debug and (args.resume or args.address):
+        raise SpecError("--debug: runs one trial in this process; drop --resume/--address")
+    prep = prepare(spec)  # bad input -> exit 2 before any training
     if args.debug:
-        from dcmtune.cli import TableReporter
-
         run_dir = debug_run_dir(spec)
         print(f"debug trial of {spec.name}: {_fmt_point(spec.debug_point()) or '(no search)'}")
         print(f"run directory: {run_dir}", flush=True)
-        result = run_debug(spec, TableReporter(spec.config_for(spec.debug_point())
-                                               .training.num_epochs), data=prep.data,
-                           run_dir=run_dir)
+        num_epochs = spec.config_for(spec.debug_point()).training.num_epochs
+        result = run_debug(spec, TableReporter(num_epochs, metrics.table_rows()),
+                           data=prep.data, run_dir=run_dir)
         print(f"{result.status}: best valid_loss {result.best_valid_loss:.6g} at epoch "
               f"{result.best_epoch}; run directory {result.run_dir}")
         return 0 if result.status == "completed" else 3
-    try:
-        outcome = run_sweep(spec, resume=args.resume, address=args.address,
-                            dashboard=args.dashboard, dashboard_host=args.dashboard_host,
-                            data=prep.data, verbose=0 if args.quiet else 1, echo=print)
-    except (SpecError, DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _check_experiment_dir(spec, args.resume)
+    if args.address is None:
+        _check_local_resources(spec)
+    outcome = run_sweep(spec, resume=args.resume, address=args.address,
+                        dashboard=args.dashboard, dashboard_host=args.dashboard_host,
+                        data=prep.data, verbose=0 if args.quiet else 1, echo=print)
     _print_outcome(spec, outcome, args)
     return 0 if outcome.status == "completed" else 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI: 0 done, 2 bad input, 3 the debug trial diverged, 130 interrupted."""
+    return run_cli(_main, build_parser(), argv, bad_input=(SpecError, DataError, ConfigError))
 
 
 def _print_outcome(spec: SweepSpec, outcome: SweepOutcome, args) -> None:
@@ -564,8 +546,8 @@ def _print_outcome(spec: SweepSpec, outcome: SweepOutcome, args) -> None:
     print(f"best trial: {best.trial_id} at epoch {best.epoch} "
           f"({spec.run.metric} = {best.metrics.get(spec.run.metric):.5g})")
     print(f"  searched: {_fmt_point(best.config) or '(nothing)'}")
-    for name in ("valid_esp_rmse", "valid_esp_mae", "valid_loss", "valid_mono_mae",
-                 "valid_dipole_mae", "train_esp_rmse"):
+    for name in (spec.run.metric,) + tuple(f"valid_{n}" for n in metrics.TABLE_ROWS) + (
+            "train_esp_rmse",):
         v = best.metrics.get(name)
         if v is not None and math.isfinite(v):
             print(f"  {name:<18} {v:.5g}")

@@ -13,7 +13,6 @@ every epoch (the CLI prints a table; the Tune trainable calls `tune.report`).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import functools
@@ -29,23 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dcmtune import _io
 from dcmtune import checkpoint as ckpt
-from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
-                            TrainingConfig)
-from dcmtune.data import ESPData, load_dataset, make_batch, split_dataset, split_record
-from dcmtune.loss import LossWeights, finalize_metrics, loss_and_sums, term_counts
+from dcmtune.config import (ConfigError, ExperimentConfig, ModelConfig, TrainingConfig,
+                            config_from_flat)
+from dcmtune.data import (ESPData, load_dataset, make_batch, split_dataset, split_record,
+                          stacked_batches)
+from dcmtune.loss import (LossWeights, finalize_metrics, loss_and_sums, per_molecule_terms,
+                          predict_observables, term_counts, terms_loss_and_sums, zero_sums)
 from dcmtune.model import build_model, init_params
 from dcmtune.schedules import ScheduleSpec, learning_rate_at, make_optimizer, schedule_spec
 
 __all__ = ["TrainState", "StepConfig", "Reporter", "FitResult", "hparams_of", "train_step",
-           "eval_step", "accumulated_grads", "fit", "run_training", "evaluate_params",
-           "TIMING_KEYS"]
+           "eval_step", "predict_step", "predict_batch", "accumulated_grads", "fit",
+           "run_training", "evaluate_params", "evaluate_sums", "TIMING_KEYS"]
 
 log = logging.getLogger(__name__)
 
 TIMING_KEYS = ("epoch_time", "batch_time")
-_SUM_KEYS = ("n_mol", "n_mono", "n_dip", "esp_mse", "esp_mae", "mono_mse", "mono_mae",
-             "dip_mse", "dip_mae", "n_atoms", "q_sum", "q2_sum")
 
 
 @flax.struct.dataclass
@@ -103,10 +103,6 @@ def _weights(hparams) -> LossWeights:
     return LossWeights(hparams["esp_w"], hparams["chg_w"], hparams["dip_w"])
 
 
-def _zero_sums(dtype=jnp.float32):
-    return {k: jnp.zeros((), dtype) for k in _SUM_KEYS}
-
-
 def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
@@ -134,7 +130,7 @@ def accumulated_grads(params, batch, hparams, model_config: ModelConfig):
         grads, acc = carry
         return (_tree_add(grads, g), _tree_add(acc, sums)), None
 
-    init = (jax.tree.map(jnp.zeros_like, params), _zero_sums(batch["esp"].dtype))
+    init = (jax.tree.map(jnp.zeros_like, params), zero_sums(batch["esp"].dtype))
     (grads, sums), _ = jax.lax.scan(micro, init, batch)
     return grads, sums
 
@@ -160,19 +156,41 @@ def train_step(state: TrainState, batch, hparams, static: StepConfig):
     params = optax.apply_updates(state.params, updates)
     if static.use_ema:
         d = ema_decay_at(hparams, state.step.astype(jnp.float32))
-        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - d)
     else:
         ema = params
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new, sums
 
 
+def predict_step(params, batch, weights: LossWeights, model_config: ModelConfig) -> dict:
+    """The model on one batch: outputs, observables, per-molecule errors and metric sums. Pure.
+
+    The one evaluation path: validation during training, analysis and prediction all use it
+    (jitted once as `predict_batch`).
+
+    Returns:
+      charges (B, A, n_dcm) e, positions (B, A, n_dcm, 3) A, esp (B, G) Hartree/e, mono (B, A)
+      e, dipole (B, 3) D, per-molecule esp_mse/esp_mae/mono_mae/dip_mae (B,), and `sums` (the
+      batch's metric sums, see `dcmtune.loss.SUM_KEYS`).
+    """
+    model = build_model(model_config)
+    charges, positions = model.apply({"params": params}, batch["Z"], batch["R"],
+                                     batch["atom_mask"], batch["Q"])
+    esp, mono, dipole = predict_observables(charges, positions, batch)
+    terms = per_molecule_terms(esp, mono, dipole, batch)
+    _, sums = terms_loss_and_sums(terms, mono, batch, weights)
+    return {"charges": charges, "positions": positions, "esp": esp, "mono": mono,
+            "dipole": dipole, "esp_mse": terms["esp_mse"], "esp_mae": terms["esp_mae"],
+            "mono_mae": terms["mono_mae"], "dip_mae": terms["dip_mae"], "sums": sums}
+
+
 def eval_step(params, batch, weights: LossWeights, model_config: ModelConfig):
     """Metric sums of one batch. Pure."""
-    model = build_model(model_config)
-    q, pos = model.apply({"params": params}, batch["Z"], batch["R"], batch["atom_mask"],
-                         batch["Q"])
-    return loss_and_sums(q, pos, batch, weights)[1]
+    return predict_step(params, batch, weights, model_config)["sums"]
+
+
+predict_batch = jax.jit(predict_step, static_argnames=("model_config",))
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
@@ -185,27 +203,19 @@ def _update(state, data, idx, hparams, static: StepConfig):
 _add_sums = jax.jit(_tree_add)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config",))
-def _evaluate(params, batches, weights, model_config: ModelConfig):
-    """Metric sums over stacked batches (nb, B, ...) in one dispatch."""
-    def body(acc, b):
-        return _tree_add(acc, eval_step(params, b, weights, model_config)), None
-
-    return jax.lax.scan(body, _zero_sums(batches["esp"].dtype), batches)[0]
+def evaluate_sums(params, batches, weights: LossWeights, model_config: ModelConfig):
+    """Metric sums of `params` over stacked device batches (nb, B, ...): one `predict_batch`
+    dispatch per batch, summed on the device (no host sync)."""
+    sums = zero_sums(batches["esp"].dtype)
+    for i in range(batches["esp"].shape[0]):
+        batch = jax.tree.map(lambda x: x[i], batches)
+        sums = _add_sums(sums, predict_batch(params, batch, weights, model_config)["sums"])
+    return sums
 
 
 @functools.partial(jax.jit, static_argnames=("model_config",))
 def _init_params(key, model_config: ModelConfig):
     return init_params(build_model(model_config), key)
-
-
-def stacked_batches(data: ESPData, batch_size: int) -> dict[str, np.ndarray]:
-    """All conformers of `data` as (nb, batch_size, ...) batches; the last one padded with
-    masked dummy molecules."""
-    n = data.num_conformers
-    chunks = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    batches = [make_batch(data, c, batch_size) for c in chunks]
-    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 def evaluate_params(params, data: ESPData, model_config: ModelConfig,
@@ -214,7 +224,8 @@ def evaluate_params(params, data: ESPData, model_config: ModelConfig,
     """Metrics of `params` on all of `data` (loss, esp_rmse, ...)."""
     batches = jax.device_put(stacked_batches(data, batch_size))
     w = LossWeights(*(jnp.asarray(x, jnp.float32) for x in weights))
-    return finalize_metrics(jax.device_get(_evaluate(params, batches, w, model_config)), weights)
+    return finalize_metrics(jax.device_get(evaluate_sums(params, batches, w, model_config)),
+                            weights)
 
 
 def init_state(config: ExperimentConfig, spec: ScheduleSpec) -> TrainState:
@@ -242,16 +253,6 @@ def _split(config: ExperimentConfig, data: ESPData) -> dict[str, np.ndarray]:
         return split_dataset(data, d)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
-
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    tmp.replace(path)
 
 
 def _check_resume_config(meta: dict, config: ExperimentConfig, where: Path) -> None:
@@ -322,12 +323,12 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
     ckpt_root.mkdir(parents=True, exist_ok=True)
     if not config.created_at:
         config = config.replace(created_at=datetime.datetime.now().isoformat(timespec="seconds"))
-    ckpt.write_json_atomic(run_dir / "config.json", config.to_dict())
+    _io.write_json(run_dir / "config.json", config.to_dict())
     record = split_record(
         data, splits, split_by=config.data.split_by, split_seed=config.data.split_seed,
         data_files=list(config.data.data_files))
     data_checksum = record["checksum"]
-    ckpt.write_json_atomic(run_dir / "split.json", record)
+    _io.write_json(run_dir / "split.json", record)
 
     # 4. Device-resident data.
     train_dev = jax.device_put(make_batch(train, np.arange(train.num_conformers)))
@@ -341,7 +342,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
         t0 = time.perf_counter()
         perm = jax.random.permutation(jax.random.fold_in(state.rng, epoch), train.num_conformers)
         idx = perm[: upe * k * b].reshape(upe, k, b)
-        sums = _zero_sums()
+        sums = zero_sums()
         for u in range(upe):
             state, s = _update(state, train_dev, idx[u], hp, static)
             sums = _add_sums(sums, s)
@@ -351,7 +352,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
         # 6. Validation with the EMA weights.
         eval_params = state.ema_params if t_cfg.use_ema else state.params
         valid_metrics = finalize_metrics(
-            jax.device_get(_evaluate(eval_params, valid_dev, weights, config.model)), weights)
+            jax.device_get(evaluate_sums(eval_params, valid_dev, weights, config.model)), weights)
         step = int(state.step)
         metrics: dict[str, float] = {"epoch": epoch, "step": step,
                                      "lr": float(learning_rate_at(hp, spec, step - 1))}
@@ -384,7 +385,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
             if t_cfg.save_every_n_epochs and epoch % t_cfg.save_every_n_epochs == 0:
                 ckpt.save_checkpoint(ckpt_root / f"epoch_{epoch}", state, meta)
                 ckpt.prune_periodic(ckpt_root, t_cfg.keep_top_k_checkpoints)
-        _write_history(run_dir / "history.csv", history)
+        _io.write_csv(run_dir / "history.csv", history)
         log.info("epoch %d/%d train_loss %.5g valid_loss %.5g valid_esp_rmse %.4g", epoch,
                  t_cfg.num_epochs, metrics["train_loss"], metrics["valid_loss"],
                  metrics["valid_esp_rmse"])
@@ -395,28 +396,6 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
 
     return FitResult(params=state.params, ema_params=state.ema_params, best_valid_loss=best_loss,
                      best_epoch=best_epoch, run_dir=run_dir, history=history, status=status)
-
-
-# Flat keyword names (as on the CLI) -> config section.
-def flat_fields() -> dict[str, str]:
-    """{field name: section} for every config field ("" for top-level ones)."""
-    out = {f.name: "" for f in dataclasses.fields(ExperimentConfig)
-           if f.name not in ("model", "data", "training")}
-    for section, cls in (("model", ModelConfig), ("data", DataConfig),
-                         ("training", TrainingConfig)):
-        out.update({f.name: section for f in dataclasses.fields(cls)})
-    return out
-
-
-def config_from_flat(base: Optional[ExperimentConfig] = None, **kwargs) -> ExperimentConfig:
-    """`base` (default: the defaults) with flat keyword overrides, e.g. n_dcm=3, esp_w=1e3."""
-    sections = flat_fields()
-    dotted = {}
-    for key, value in kwargs.items():
-        if key not in sections:
-            raise ConfigError(f"{key}: unknown config field")
-        dotted[f"{sections[key]}.{key}" if sections[key] else key] = value
-    return (base or ExperimentConfig()).replace(**dotted)
 
 
 def run_training(data: Optional[ESPData] = None, reporter: Optional[Reporter] = None,
@@ -432,7 +411,7 @@ def run_training(data: Optional[ESPData] = None, reporter: Optional[Reporter] = 
     return params, res.best_valid_loss, res.run_dir
 
 
-if __name__ == "__main__":  # `python -m dcmtune.train`: the CLI lives in dcmtune.cli.
-    from dcmtune.cli import train_main
+if __name__ == "__main__":  # `python -m dcmtune.train`: the CLI lives in dcmtune.train_cli.
+    from dcmtune.train_cli import main
 
-    raise SystemExit(train_main())
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable around `dcmtune.train.fit`, and the resource logic of GPU trials.
+"""The Ray Tune trainable around `dcmtune.train.fit`.
 
 A trial maps its sampled point to an `ExperimentConfig` (the spec's fixed values plus the point),
 runs the trainer with the trial's directory in the experiment (<storage>/<name>/trial_<id>) as
@@ -7,8 +7,8 @@ the sweep metric improves, every `checkpoint_every` epochs and at the last epoch
 trial's best epoch has one. A trial resumes from `tune.get_checkpoint()`. A non-finite loss ends
 the trial cleanly with `fit_status = "diverged"`.
 
-JAX/XLA settings for trial processes are computed here once (`trial_env_vars`) and applied in
-one place: through Ray's runtime environment when dcmtune starts or connects to Ray, and again
+JAX/XLA settings for trial processes are computed once (`dcmtune.xla_env.trial_env_vars`) and
+applied in one place: through Ray's runtime environment when dcmtune starts or connects to Ray, and again
 by the trial itself before it imports JAX (so a Ray session started by someone else, e.g. a
 notebook or the tests, gets them too). The driver never imports the trainer: data reaches trials
 as plain numpy arrays through the object store (`tune.with_parameters`).
@@ -20,115 +20,25 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from ray import tune
 
+from dcmtune import _io
 from dcmtune.config import ExperimentConfig
-from dcmtune.search_space import ResourceSpec, SpecError
-from dcmtune.xla_env import MEMORY_FRACTION, compilation_cache_env, gpu_memory_env
+from dcmtune.xla_env import TrialResources
 
 __all__ = [
-    "TrialResources",
     "TrialSettings",
-    "detect_local_gpus",
-    "resolve_resources",
-    "trial_env_vars",
     "make_trainable",
     "train_trial",
     "trial_dirname",
-    "MEMORY_FRACTION",
 ]
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialResources:
-    """What one trial asks Ray for: CPUs and a GPU share (0 = a CPU trial)."""
-
-    cpu: float
-    gpu: float
-
-    def as_tune(self) -> dict[str, float]:
-        return {"cpu": self.cpu, "gpu": self.gpu}
-
-
-def detect_local_gpus(environ: Mapping[str, str] = os.environ,
-                      which: Callable[[str], Optional[str]] = shutil.which,
-                      run: Callable[..., Any] = subprocess.run) -> int:
-    """GPUs a local Ray would see, without starting Ray or JAX.
-
-    Follows Ray's rule: CUDA_VISIBLE_DEVICES, when set, is the list of usable GPUs (empty = none);
-    otherwise `nvidia-smi -L` counts them. No nvidia-smi means no GPUs.
-    """
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        items = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
-        return len(items)
-    exe = which("nvidia-smi")
-    if exe is None:
-        return 0
-    try:
-        out = run([exe, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    if out.returncode != 0:
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-
-
-def resolve_resources(requested: ResourceSpec, cluster: Mapping[str, float]) -> TrialResources:
-    """The resources of one trial on a cluster with `cluster` resources (ray.cluster_resources()).
-
-    `gpu: auto` takes `gpu_share` of a GPU where the cluster has GPUs and makes CPU trials where it
-    has none. An explicit GPU request on a cluster without (enough) GPUs is refused.
-
-    Raises:
-      SpecError: naming run.resources.gpu or run.resources.cpu.
-    """
-    n_gpu = float(cluster.get("GPU", 0.0))
-    n_cpu = float(cluster.get("CPU", 0.0))
-    if requested.gpu == "auto":
-        gpu = requested.gpu_share if n_gpu > 0 else 0.0
-        key = "run.resources.gpu_share"
-    else:
-        gpu = float(requested.gpu)
-        key = "run.resources.gpu"
-        if gpu > 0 and n_gpu == 0:
-            raise SpecError(f"run.resources.gpu: {gpu:g} GPU per trial requested, but the cluster "
-                            "has no GPUs; use gpu: auto or gpu: 0")
-    if gpu > n_gpu and gpu > 0:
-        raise SpecError(f"{key}: {gpu:g} GPUs per trial requested, but the cluster has "
-                        f"{n_gpu:g}")
-    if n_cpu and requested.cpu > n_cpu:
-        raise SpecError(f"run.resources.cpu: {requested.cpu:g} CPUs per trial requested, but the "
-                        f"cluster has {n_cpu:g}")
-    return TrialResources(cpu=float(requested.cpu), gpu=float(gpu))
-
-
-def trial_env_vars(resources: TrialResources, jax_cache_dir: str | Path) -> dict[str, str]:
-    """Environment variables of a trial process (Ray's runtime_env "env_vars").
-
-    - XLA_PYTHON_CLIENT_PREALLOCATE=false: XLA grows its pool on demand instead of grabbing 75%
-      of the device at start, so trials sharing a GPU can start at all.
-    - XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 x the trial's share of one GPU: the cap of that pool.
-    - JAX_PLATFORMS=cpu for CPU trials (no CUDA probing); unset for GPU trials, so JAX uses the
-      GPU(s) Ray assigned. CUDA_VISIBLE_DEVICES is never set here: Ray sets it per trial.
-    - A persistent compilation cache shared by all trials (every compile is cached: trials
-      differing only in traced hyper-parameters then skip the 10-20 s e3x compile).
-    """
-    env = compilation_cache_env(jax_cache_dir)
-    if resources.gpu > 0:
-        env.update(gpu_memory_env(resources.gpu))
-    else:
-        env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +178,7 @@ def _set_aside_stale_checkpoints(trial_dir: Path) -> None:
     checkpoints are kept, renamed, instead of blocking the new run."""
     stale = trial_dir / "checkpoints"
     if stale.is_dir() and any(stale.iterdir()):
-        target = trial_dir / f"checkpoints.attempt-{time.strftime('%Y%m%d-%H%M%S')}"
-        stale.rename(target)
+        target = _io.move_aside(stale, f"checkpoints.attempt-{time.strftime('%Y%m%d-%H%M%S')}")
         log.warning("%s: earlier attempt's checkpoints moved to %s", trial_dir, target.name)
 
 

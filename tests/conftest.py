@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcmtune.data import make_batch, make_synthetic
+from dcmtune.data import make_batch
+from dcmtune.synthetic import make_synthetic
 from dcmtune.model import DCMNet, init_params
 
 SMALL = dict(n_dcm=2, features=8, max_degree=2, num_iterations=2, num_basis_functions=8,

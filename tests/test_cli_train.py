@@ -5,8 +5,10 @@ import optax
 import pytest
 
 from dcmtune import checkpoint as ckpt
-from dcmtune.cli import build_train_parser, format_epoch_table, train_main
-from dcmtune.data import make_synthetic
+from dcmtune.cli import format_epoch_table
+from dcmtune.train_cli import build_train_parser
+from dcmtune.train_cli import main as train_main
+from dcmtune.synthetic import make_synthetic
 
 TINY = ["--n-dcm", "2", "--features", "8", "--max-degree", "1", "--num-iterations", "1",
         "--num-basis-functions", "8", "--batch-size", "4", "--warmup-epochs", "0",

@@ -5,8 +5,8 @@ import logging
 import numpy as np
 import pytest
 
-from dcmtune.data import (DataError, load_npz, make_batch, make_synthetic, split_indices,
-                          split_record)
+from dcmtune.data import DataError, load_npz, make_batch, split_indices, split_record
+from dcmtune.synthetic import make_synthetic
 
 
 def _arrays(M=3, A=5, G=20, seed=0):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import batch_of
-from dcmtune.data import make_synthetic
+from dcmtune.synthetic import make_synthetic
 from dcmtune.loss import LossWeights, finalize_metrics, loss_and_sums
 from dcmtune.physics import HARTREE_TO_KCAL
 

@@ -7,7 +7,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from conftest import SMALL, batch_of
-from dcmtune.data import make_synthetic, pad_to
+from dcmtune.data import pad_to
+from dcmtune.synthetic import make_synthetic
 from dcmtune.loss import LossWeights, loss_and_sums, predict_observables
 from dcmtune.model import DCMNet, init_params
 

@@ -11,7 +11,8 @@ from pyscf import lib
 from pyscf.data import nist
 
 from dcmtune import qm
-from dcmtune.data import VDW_RADII, bundled_dataset_path, load_npz
+from dcmtune.data import bundled_dataset_path, load_npz
+from dcmtune.grids import VDW_RADII, shell_grid
 from dcmtune.data_cli import main
 from dcmtune.units import BOHR
 
@@ -127,7 +128,7 @@ def test_fits_recover_known_charges_with_total_constraint():
     q_true = rng.normal(scale=0.4, size=len(spec.numbers))
     q_true += (1.0 - q_true.sum()) / len(q_true)  # total charge +1
     Rs = qm.make_conformers(spec.positions, 3, 0.05, rng)
-    grids = [qm.mk_grid(R, spec.numbers, rng, max_grid=200) for R in Rs]
+    grids = [shell_grid(R, spec.numbers, rng, max_grid=200) for R in Rs]
     esps = [qm.esp_design_matrix(R, g) @ q_true for R, g in zip(Rs, grids)]
     q = qm.fit_esp_charges(Rs[1], grids[1], esps[1], Q=1.0)
     np.testing.assert_allclose(q, q_true, atol=1e-8)
@@ -140,8 +141,8 @@ def test_fits_recover_known_charges_with_total_constraint():
 
 def test_grid_and_conformers_are_seeded_and_valid():
     spec = qm.load_molecules(["C6H6"])[0]
-    g1 = qm.mk_grid(spec.positions, spec.numbers, np.random.default_rng(3), max_grid=300)
-    g2 = qm.mk_grid(spec.positions, spec.numbers, np.random.default_rng(3), max_grid=300)
+    g1 = shell_grid(spec.positions, spec.numbers, np.random.default_rng(3), max_grid=300)
+    g2 = shell_grid(spec.positions, spec.numbers, np.random.default_rng(3), max_grid=300)
     assert g1.shape == (300, 3) and np.array_equal(g1, g2)
     R = qm.make_conformers(spec.positions, 20, 0.3, np.random.default_rng(0))
     d = np.linalg.norm(R[:, :, None] - R[:, None], axis=-1)

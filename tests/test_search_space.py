@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dcmtune import sweep
-from dcmtune.data import make_synthetic
+from dcmtune.synthetic import make_synthetic
 from dcmtune.search_space import (SWEEP_METRICS, Distribution, SpecError, load_spec,
                                   spec_from_dict)
 
@@ -270,7 +270,7 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(sweep, "run_sweep", refuse)
     monkeypatch.setattr(sweep, "_connect", refuse)
     # The machine running the tests may have GPUs; the spec check must see none here.
-    monkeypatch.setattr("dcmtune.trainable.detect_local_gpus", lambda *a, **k: 0)
+    monkeypatch.setattr("dcmtune.xla_env.detect_local_gpus", lambda *a, **k: 0)
 
 
 @pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])

@@ -12,7 +12,8 @@ import pytest
 from dcmtune import checkpoint as ckpt
 from dcmtune.baselines import element_charge_array, element_charges, esp_rmse_of_atom_charges
 from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
-from dcmtune.data import make_batch, make_synthetic
+from dcmtune.data import make_batch
+from dcmtune.synthetic import make_synthetic
 from dcmtune.schedules import ScheduleSpec, learning_rate_at, lr_factor_schedule, schedule_spec
 from dcmtune.train import (TIMING_KEYS, StepConfig, _evaluate, _update, accumulated_grads,
                            ema_decay_at, evaluate_params, fit, hparams_of, init_state,

@@ -10,8 +10,9 @@ import pytest
 
 from dcmtune import trainable
 from dcmtune.search_space import ResourceSpec, SpecError
-from dcmtune.trainable import (TrialResources, TrialSettings, detect_local_gpus,
-                               resolve_resources, trial_env_vars)
+from dcmtune.trainable import TrialSettings
+from dcmtune.xla_env import (TrialResources, detect_local_gpus, resolve_resources,
+                             trial_env_vars)
 
 GPU_NODE = {"CPU": 16.0, "GPU": 2.0, "memory": 6.4e10}
 CPU_NODE = {"CPU": 2.0, "memory": 8e9}
@@ -178,7 +179,7 @@ def test_driver_prep_starts_no_jax_backend(tmp_path):
     import numpy as np
     import yaml
 
-    from dcmtune.data import make_synthetic
+    from dcmtune.synthetic import make_synthetic
 
     d = make_synthetic(num_molecules=6, conformers=2, max_atoms=5, num_grid=24, seed=1)
     np.savez(tmp_path / "syn.npz", R=d.R, Z=d.Z, N=d.N, esp=d.esp, vdw_surface=d.grid,
@@ -194,7 +195,8 @@ def test_driver_prep_starts_no_jax_backend(tmp_path):
 import json, sys
 from dcmtune.search_space import load_spec
 from dcmtune.sweep import prepare
-from dcmtune.trainable import TrialResources, TrialSettings, make_trainable, trial_env_vars
+from dcmtune.trainable import TrialSettings, make_trainable
+from dcmtune.xla_env import TrialResources, trial_env_vars
 from dcmtune._tune_ext import PruningAwareOptunaSearch
 spec = load_spec({str(path)!r})
 prep = prepare(spec)

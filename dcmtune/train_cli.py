@@ -1,0 +1,109 @@
+"""`python -m dcmtune.train`: one flag per config field, the per-epoch table, exact restarts.
+
+The flags are generated from the config dataclasses, so the two cannot drift apart; plus
+`--config FILE.json` (flags override it), `--restart-checkpoint DIR` and `--quiet`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import typing
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dcmtune import metrics
+from dcmtune.checkpoint import CheckpointError
+from dcmtune.cli import OneLineParser, TableReporter, run_cli
+from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
+                            TrainingConfig)
+from dcmtune.data import DataError
+from dcmtune.xla_env import use_compilation_cache
+
+__all__ = ["main", "build_train_parser"]
+
+_SECTIONS = (("", ExperimentConfig), ("model", ModelConfig), ("data", DataConfig),
+             ("training", TrainingConfig))
+
+
+def _flag_type(annotation):
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is list:
+        return typing.get_args(annotation)[0], "+"
+    if origin is typing.Union or (origin is not None and args):
+        return args[0], None
+    return annotation, None
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="python -m dcmtune.train",
+        description="Train a DCMNet on ESP data (the bundled demo set when no data is given).")
+    p.add_argument("--config", type=Path, help="experiment config JSON; flags override it")
+    p.add_argument("--restart-checkpoint", type=Path,
+                   help="checkpoint dir (or run dir) to resume exactly from")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch table")
+    for section, cls in _SECTIONS:
+        group = p.add_argument_group(section or "experiment")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("model", "data", "training"):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind, nargs = _flag_type(hints[f.name])
+            dest = f"{section}.{f.name}" if section else f.name
+            if kind is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=None)
+            else:
+                group.add_argument(flag, dest=dest, type=kind, nargs=nargs, default=None,
+                                   metavar=f.name.upper())
+    return p
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    base = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k not in ("config", "restart_checkpoint", "quiet")}
+    config = base.replace(**overrides)
+    if not config.git_commit:
+        config = config.replace(git_commit=_git_commit())
+    return config
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    use_compilation_cache(Path(config.output_dir).resolve() / ".jax_cache")
+    from dcmtune.checkpoint import find_checkpoint
+    from dcmtune.train import fit
+
+    resume = None
+    if args.restart_checkpoint is not None:
+        resume = find_checkpoint(args.restart_checkpoint)
+        if resume is None:
+            raise CheckpointError(f"{args.restart_checkpoint}: no checkpoint there (expected "
+                                  "a checkpoint dir with meta.json or a run dir)")
+    reporter = None if args.quiet else TableReporter(config.training.num_epochs,
+                                                     metrics.table_rows())
+    print(f"run directory: {config.run_dir}", flush=True)
+    result = fit(config, reporter=reporter, resume_from=resume)
+    print(f"{result.status}: best valid_loss {result.best_valid_loss:.6g} at epoch "
+          f"{result.best_epoch}; checkpoints in {result.run_dir / 'checkpoints'}")
+    return 0 if result.status == "completed" else 3
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m dcmtune.train`: exit 0 on success, 2 on bad input, 3 if training diverged."""
+    return run_cli(_train, build_train_parser(), argv,
+                   bad_input=(ConfigError, DataError, CheckpointError))
