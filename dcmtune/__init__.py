@@ -1,7 +1,24 @@
 """dcmtune: train and hyper-parameter-sweep DCMNet models (JAX/e3x, Ray Tune + Optuna).
 
-The public API is small; names load lazily, so `import dcmtune` is cheap and the sweep driver
-can use the numpy-only parts (configs, data) without importing JAX.
+The path of the data, with the module of each stage:
+
+  data      .npz files -> validated `ESPData`, grouped splits           data.py (grids.py,
+                                                                         synthetic.py, qm.py)
+  batch     fixed-shape masked batches, device-resident                 data.py (make_batch)
+  model     DCMNet: n_dcm charges and their positions per atom          model.py
+  loss      ESP/dipole of the charges, per-molecule terms, metric sums  physics.py, loss.py,
+                                                                         metrics.py (the registry)
+  step      pure jitted train_step / predict_step on one TrainState     train.py, schedules.py
+  epoch     fit(): epochs, EMA evaluation, checkpoints, a Reporter      train.py, checkpoint.py,
+                                                                         _io.py, train_cli.py
+  trial     one Ray Tune trial around fit()                              trainable.py, xla_env.py
+  sweep     Tuner: Optuna TPE + ASHA over a YAML search space           search_space.py, sweep.py
+  rank      re-evaluate the best checkpoints on held-out molecules     rank.py, analysis.py,
+                                                                         baselines.py, report.py
+
+Commands: `python -m dcmtune.{train,data,sweep,rank,analysis}`; each is a thin front end on the
+kit in cli.py. The public API is small; names load lazily, so `import dcmtune` is cheap and the
+sweep driver can use the numpy-only parts (configs, data) without importing JAX.
 """
 
 import importlib

@@ -15,9 +15,10 @@ from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
 from dcmtune.data import make_batch
 from dcmtune.synthetic import make_synthetic
 from dcmtune.schedules import ScheduleSpec, learning_rate_at, lr_factor_schedule, schedule_spec
-from dcmtune.train import (TIMING_KEYS, StepConfig, _evaluate, _update, accumulated_grads,
+from dcmtune.train import (TIMING_KEYS, StepConfig, _update, accumulated_grads,
                            ema_decay_at, evaluate_params, fit, hparams_of, init_state,
                            train_step)
+from dcmtune.train import predict_batch as _evaluate
 
 TINY = dict(n_dcm=2, features=8, max_degree=1, num_iterations=1, num_basis_functions=8)
 
