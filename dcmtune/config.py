@@ -356,3 +356,26 @@ class ExperimentConfig(_Config):
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
         return cls.from_dict(d)
+
+
+def flat_dict(d: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
+    """Nested mappings flattened to one level with joined keys (pure Python).
+
+    `{"model": {"n_dcm": 2}, "seed": 0}` -> `{"model.n_dcm": 2, "seed": 0}`: the dotted keys of
+    sweep specs, Tune params and ranking columns. Non-mapping values (lists included) are kept
+    as they are; an empty nested mapping contributes no key.
+
+    Args:
+      d: A mapping, possibly holding mappings.
+      sep: Joins the keys of the levels.
+
+    Returns:
+      A new flat dict, keys in depth-first insertion order.
+    """
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            out.update({f"{key}{sep}{k}": v for k, v in flat_dict(value, sep).items()})
+        else:
+            out[str(key)] = value
+    return out
