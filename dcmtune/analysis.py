@@ -32,7 +32,10 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from dcmtune import _io
 from dcmtune import checkpoint as ckpt
+from dcmtune import metrics as registry
+from dcmtune.cli import OneLineParser, run_cli
 from dcmtune.config import ConfigError, ExperimentConfig
 from dcmtune.data import DataError, ESPData, load_dataset, make_batch, split_dataset
 from dcmtune.units import HARTREE_TO_KCAL
@@ -47,6 +50,8 @@ __all__ = [
     "resolve_checkpoint",
     "load_checkpoint",
     "checkpoint_data",
+    "DataCache",
+    "split_summary",
     "analyze_checkpoint",
     "print_analysis_summary",
     "compare_checkpoints",
@@ -59,18 +64,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "valid", "train", "all")
-PERCENTILES = (50, 90, 95, 99)
+_PERCENTILE_PREFIX = "esp_abs_error_p"
+# The |ESP error| percentiles computed are the ones the metric registry names.
+PERCENTILES = tuple(int(name[len(_PERCENTILE_PREFIX):]) for name in registry.METRICS
+                    if name.startswith(_PERCENTILE_PREFIX))
 
-# Units of the metrics reported here (ESP in kcal/mol/e, charges in e, dipoles in Debye).
-METRIC_UNITS = {
-    "esp_rmse": "kcal/mol/e", "esp_mae": "kcal/mol/e", "esp_max_abs_error": "kcal/mol/e",
-    **{f"esp_abs_error_p{p}": "kcal/mol/e" for p in PERCENTILES},
-    "esp_r2": "", "esp_pearson_r": "",
-    "mono_mae": "e", "mono_rmse": "e", "mono_mean": "e", "mono_std": "e",
-    "total_charge_max_error": "e",
-    "dipole_mae": "D", "dipole_magnitude_mae": "D", "dipole_error_norm_mean": "D",
-    "loss": "", "n_conformers": "", "n_molecules": "", "n_grid_points": "", "n_params": "",
-}
+# Units of the metrics reported here, from the registry (ESP in kcal/mol/e, charges in e,
+# dipoles in Debye).
+METRIC_UNITS = {name: m.unit for name, m in registry.METRICS.items()}
 
 
 class AnalysisError(ValueError):
@@ -79,12 +80,9 @@ class AnalysisError(ValueError):
 
 def metric_unit(name: str) -> str:
     """The unit of a metric name, with or without a split prefix (`test_esp_rmse` ->
-    `kcal/mol/e`); "" when dimensionless or unknown."""
-    for prefix in ("train_", "valid_", "test_", "all_"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
-    return METRIC_UNITS.get(name, "")
+    `kcal/mol/e`); "" when dimensionless or unknown. `dcmtune.metrics.unit`, which also
+    knows this module's split "all"."""
+    return registry.unit(name[len("all_"):] if name.startswith("all_") else name)
 
 
 # --------------------------------------------------------------------------- loading
@@ -236,6 +234,65 @@ def checkpoint_data(checkpoint, split: str = "test", data: Optional[ESPData] = N
         raise AnalysisError(f"{c.path}: split indices reach {idx.max()}, but the data has "
                             f"{data.num_conformers} conformers")
     return data.subset(idx)
+
+
+class DataCache:
+    """The data of several runs, each distinct set of files loaded once.
+
+    Args:
+      data: The full dataset of every run, if already in memory (then nothing is loaded).
+      data_files: Files to load instead of each run's own `data.data_files` (they moved).
+    """
+
+    def __init__(self, data: Optional[ESPData] = None,
+                 data_files: Optional[Sequence[Union[str, Path]]] = None):
+        self._given = data
+        self._files = [str(f) for f in data_files] if data_files else None
+        self._loaded: dict[tuple, ESPData] = {}
+
+    def _files_of(self, config: ExperimentConfig) -> list[str]:
+        return self._files if self._files is not None else list(config.data.data_files)
+
+    def _load(self, config: ExperimentConfig) -> ESPData:
+        key = (tuple(self._files_of(config)), config.model.max_atomic_number,
+               config.data.dipole_units)
+        if key not in self._loaded:
+            self._loaded[key] = load_dataset(*key)
+        return self._loaded[key]
+
+    def full(self, config: ExperimentConfig) -> ESPData:
+        """The full dataset of a run (pass it to `checkpoint_data`, which checks its checksum)."""
+        return self._given if self._given is not None else self._load(config)
+
+    def files(self, config: ExperimentConfig) -> Optional[list[str]]:
+        """The files `full(config)` holds (empty list: the bundled demo set); None when the
+        data was passed in memory and is not the run's files."""
+        if self._given is None or self._files is not None:
+            return self._files_of(config)
+        try:
+            same = self._load(config).checksum() == self._given.checksum()
+        except DataError:
+            same = False
+        return self._files_of(config) if same else None
+
+
+def split_summary(checkpoint, data: ESPData) -> dict:
+    """The run's split of `data` (its full dataset), JSON-able: the data checksum, split_by,
+    split_seed, per split the conformer count and sorted mol_ids, and per held-out split the
+    atomic numbers the training split never shows (no splits without a split record)."""
+    c = _as_loaded(checkpoint)
+    record = c.split_record or {}
+    indices = {s: np.asarray(i, np.int64) for s, i in record.get("indices", {}).items()}
+    elements = {s: {int(z) for z in np.unique(data.Z[i]) if z > 0}
+                for s, i in indices.items() if len(i)}
+    train = elements.get("train", set())
+    return {"checksum": record.get("checksum") or c.meta.get("data_checksum"),
+            "split_by": c.config.data.split_by, "split_seed": c.config.data.split_seed,
+            "splits": {s: {"conformers": int(len(i)),
+                           "molecules": sorted(set(data.mol_id[i].tolist()))}
+                       for s, i in indices.items()},
+            "elements_not_in_train": {s: sorted(e - train) for s, e in elements.items()
+                                      if s != "train" and e - train}}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -435,14 +492,12 @@ def analyze_checkpoint(checkpoint, data: Union[ESPData, str] = "test", *,
         dipole_pred=out["dipole"])
 
 
-_SUMMARY_ROWS = (
-    ("ESP", ("esp_rmse", "esp_mae", "esp_max_abs_error", "esp_abs_error_p50",
-             "esp_abs_error_p90", "esp_abs_error_p95", "esp_abs_error_p99", "esp_r2",
-             "esp_pearson_r")),
-    ("Monopoles (real atoms)", ("mono_mae", "mono_rmse", "mono_mean", "mono_std",
-                                "total_charge_max_error")),
-    ("Dipole", ("dipole_mae", "dipole_magnitude_mae", "dipole_error_norm_mean")),
-)
+# Sections of the summary: the registry's metrics whose names start with these prefixes.
+_SUMMARY_SECTIONS = (("ESP", ("esp_",)),
+                     ("Monopoles (real atoms)", ("mono_", "total_charge_")),
+                     ("Dipole", ("dipole_",)))
+_SUMMARY_ROWS = tuple((title, tuple(n for n in registry.METRICS if n.startswith(prefixes)))
+                      for title, prefixes in _SUMMARY_SECTIONS)
 
 
 def print_analysis_summary(analysis: CheckpointAnalysis, worst: int = 5) -> str:
@@ -467,7 +522,7 @@ def print_analysis_summary(analysis: CheckpointAnalysis, worst: int = 5) -> str:
             lines.append(f"  {name:<24}{v:>12.5g} {unit}".rstrip())
     pm = analysis.per_molecule.sort_values("esp_rmse", ascending=False).head(worst)
     if len(pm):
-        lines.append("Worst molecules by ESP RMSE (kcal/mol/e):")
+        lines.append(f"Worst molecules by {registry.axis_label('esp_rmse')}:")
         for _, r in pm.iterrows():
             lines.append(f"  {str(r['mol_id']):<16}{r['esp_rmse']:>10.4f}  "
                          f"({int(r['n_conformers'])} conformers)")
@@ -625,12 +680,6 @@ def analyze_training_history(exp_dir: Union[str, Path]) -> TrainingHistory:
 # --------------------------------------------------------------------------- summaries
 
 
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-
-
 def batch_analysis_summary(exp_dir: Union[str, Path], data: Union[ESPData, str, None] = None,
                            output_dir: Union[str, Path, None] = None, *,
                            batch_size: int = 16, data_files=None) -> dict:
@@ -660,31 +709,23 @@ def batch_analysis_summary(exp_dir: Union[str, Path], data: Union[ESPData, str, 
         data = "test" if has_test or c.split_record is None else "valid"
     analysis = analyze_checkpoint(c, data, batch_size=batch_size, data_files=data_files)
     out = Path(output_dir) if output_dir is not None else exp / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
     files = {"best_analysis.json": out / "best_analysis.json",
              "predictions.csv": out / "predictions.csv",
              "training_history.csv": out / "training_history.csv"}
-    ckpt.write_json_atomic(files["best_analysis.json"],
-                           {**analysis.to_dict(), "history": history.to_dict()})
-    _write_csv(analysis.per_conformer, files["predictions.csv"])
-    _write_csv(history.history_df, files["training_history.csv"])
+    _io.write_json(files["best_analysis.json"],
+                   {**analysis.to_dict(), "history": history.to_dict()})
+    _io.write_csv(files["predictions.csv"], analysis.per_conformer)
+    _io.write_csv(files["training_history.csv"], history.history_df)
     return {"analysis": analysis, "history": history, "files": files}
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m dcmtune.analysis PATH`: evaluate a checkpoint and print the summary.
-
-    Exit 0 on success, 2 on bad input (one line on stderr).
-    """
-    import sys
-
-    from dcmtune.cli import OneLineParser
-
+def _parser() -> OneLineParser:
     p = OneLineParser(prog="python -m dcmtune.analysis",
-                description="Evaluate a DCMNet checkpoint (ESP, monopole and dipole errors).")
+                      description="Evaluate a DCMNet checkpoint (ESP, monopole and dipole "
+                                  "errors).")
     p.add_argument("path", help="checkpoint directory, run directory, or a ranking's best_model/")
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="split of the run to evaluate on (default test)")
@@ -693,23 +734,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output-dir", type=Path,
                    help="also write best_analysis.json, predictions.csv, training_history.csv")
     p.add_argument("--batch-size", type=int, default=16)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.output_dir is not None:
-            res = batch_analysis_summary(args.path, args.split, args.output_dir,
-                                         batch_size=args.batch_size, data_files=args.data)
-            analysis = res["analysis"]
-        else:
-            analysis = analyze_checkpoint(args.path, args.split, batch_size=args.batch_size,
-                                          data_files=args.data)
-    except (AnalysisError, ckpt.CheckpointError, DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return p
+
+
+def _main(args) -> int:
+    if args.output_dir is not None:
+        res = batch_analysis_summary(args.path, args.split, args.output_dir,
+                                     batch_size=args.batch_size, data_files=args.data)
+        analysis = res["analysis"]
+    else:
+        analysis = analyze_checkpoint(args.path, args.split, batch_size=args.batch_size,
+                                      data_files=args.data)
     print(print_analysis_summary(analysis))
     if args.output_dir is not None:
         print(f"wrote {', '.join(str(f) for f in res['files'].values())}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m dcmtune.analysis PATH`: evaluate a checkpoint and print the summary.
+
+    Exit 0 on success, 2 on bad input (one line on stderr).
+    """
+    return run_cli(_main, _parser(), argv,
+                   bad_input=(AnalysisError, ckpt.CheckpointError, DataError, ConfigError))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from flax import serialization
 
 from dcmtune import _io
 
@@ -49,17 +48,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-# Until rank.py moves to dcmtune._io (re-cut in progress).
-write_json_atomic = _io.write_json
-atomic_directory = _io.atomic_directory
-
-
 def save_checkpoint(directory: Path, state: Any, meta: dict) -> Path:
     """Writes `state` (any flax-serializable pytree) and `meta` to `directory`, atomically.
 
     An existing checkpoint at `directory` is replaced only once the new one is complete.
     """
-    with atomic_directory(directory) as tmp:
+    with _io.atomic_directory(directory) as tmp:
+        from flax import serialization  # here, so reading meta.json needs no JAX
+
         blob = serialization.to_bytes(state)
         (tmp / STATE_FILE).write_bytes(blob)
         full_meta = dict(meta, format=FORMAT, state_sha256=hashlib.sha256(blob).hexdigest(),
@@ -105,6 +101,8 @@ def load_checkpoint(directory: Path, template: Any = None) -> tuple[Any, dict]:
     if digest != meta.get("state_sha256"):
         raise CheckpointError(f"{state_path}: checksum mismatch (file truncated or altered; "
                               f"{len(blob)} bytes)")
+    from flax import serialization
+
     try:
         raw = serialization.msgpack_restore(blob)
     except Exception as e:  # msgpack raises several unrelated types for corrupt input
@@ -117,6 +115,8 @@ def load_checkpoint(directory: Path, template: Any = None) -> tuple[Any, dict]:
 
 def _check_fits(template: Any, raw: dict, where: Path) -> None:
     """Refuses a state whose parameter tree or shapes differ from the template's."""
+    from flax import serialization
+
     want = serialization.to_state_dict(template)
 
     def shapes(tree, prefix=""):

@@ -387,8 +387,13 @@ def config_from_flat(base: Optional[ExperimentConfig] = None, **kwargs) -> Exper
 
 
 def flat_dict(d: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; empty mappings stay as values. Plain Python (the sweep
-    driver uses it without flax)."""
+    """Nested mappings flattened to one level with joined keys (pure Python: the sweep driver
+    uses it without flax).
+
+    `{"model": {"n_dcm": 2}, "seed": 0}` -> `{"model.n_dcm": 2, "seed": 0}`: the dotted keys of
+    sweep specs, Tune params and ranking columns. Non-mapping values (lists included) and empty
+    mappings are kept as values.
+    """
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping) and v:

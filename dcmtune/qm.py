@@ -38,6 +38,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from dcmtune import _io
+# The least-squares charge fits live with the other classical charge models (re-exported).
+from dcmtune.baselines import esp_design_matrix, fit_esp_charges, fit_esp_charges_shared
 from dcmtune.grids import VDW_RADII, shell_grid
 from dcmtune.units import BOHR, EANG_TO_DEBYE, HARTREE_TO_KCAL
 
@@ -417,68 +420,6 @@ def scf_dipole(mol, dm: np.ndarray, origin: np.ndarray) -> np.ndarray:
     return (nuclei - electrons) * EBOHR_TO_DEBYE
 
 
-# --------------------------------------------------------------------------- charge fits
-
-
-def esp_design_matrix(positions: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """(G, A) matrix T with T @ q the ESP (Hartree/e) of charges q (e) at `positions`.
-
-    Args:
-      positions: (A, 3) Angstrom. grid: (G, 3) Angstrom.
-    """
-    r = np.linalg.norm(grid[:, None, :] - positions[None, :, :], axis=-1)  # Shape (G, A).
-    return BOHR / r
-
-
-def _constrained_lstsq(T: np.ndarray, v: np.ndarray, total: float) -> np.ndarray:
-    """argmin_q |T q - v|^2 subject to sum(q) = total.
-
-    The constraint is solved exactly by eliminating the last charge, q_A = total - sum(q_<A),
-    which is the Lagrange-multiplier solution without squaring the condition number.
-    """
-    A = T.shape[1]
-    if A == 1:
-        return np.array([float(total)])
-    rhs = v - total * T[:, -1]
-    q, *_ = np.linalg.lstsq(T[:, :-1] - T[:, -1:], rhs, rcond=None)
-    return np.append(q, total - q.sum())
-
-
-def fit_esp_charges(positions: np.ndarray, grid: np.ndarray, esp: np.ndarray,
-                    Q: float = 0.0) -> np.ndarray:
-    """Least-squares atom-centred charges reproducing `esp`, with sum(q) = Q exactly.
-
-    Args:
-      positions: (A, 3) real atoms, Angstrom.
-      grid: (G, 3) valid grid points, Angstrom.
-      esp: (G,) Hartree/e.
-      Q: total charge, e.
-
-    Returns:
-      (A,) charges, e.
-    """
-    return _constrained_lstsq(esp_design_matrix(positions, grid), np.asarray(esp, np.float64),
-                              Q)
-
-
-def fit_esp_charges_shared(positions: Sequence[np.ndarray], grids: Sequence[np.ndarray],
-                           esps: Sequence[np.ndarray], Q: float = 0.0) -> np.ndarray:
-    """ONE charge set for all conformers of a molecule (same atoms in the same order).
-
-    Args:
-      positions: per conformer (A, 3), Angstrom.
-      grids: per conformer (G_c, 3), Angstrom (sizes may differ).
-      esps: per conformer (G_c,), Hartree/e.
-      Q: total charge, e.
-
-    Returns:
-      (A,) charges minimising the squared ESP error pooled over all conformers' grid points.
-    """
-    T = np.concatenate([esp_design_matrix(R, g) for R, g in zip(positions, grids)])
-    v = np.concatenate([np.asarray(e, np.float64) for e in esps])
-    return _constrained_lstsq(T, v, Q)
-
-
 # --------------------------------------------------------------------------- one molecule
 
 
@@ -703,16 +644,6 @@ def rebuild_command(names: Sequence[str], xyz_files: Sequence[str | Path],
     return shlex.join(args)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def check_output(out: str | Path) -> Path:
     """Raises QMError unless `out` is a writable-looking .npz path."""
     out = Path(out)
@@ -766,11 +697,10 @@ def generate_dataset(out: str | Path, specs: Sequence[MoleculeSpec],
     results = generate(specs, settings, workers=workers, progress=progress)
     wall = time.perf_counter() - t0
     arrays = to_arrays(specs, results, settings)
-    _atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
+    _io.atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
     checksum = load_npz([out]).checksum()  # also proves the file loads.
     provenance = _provenance(out, specs, results, settings, workers, wall, checksum)
-    text = json.dumps(provenance, indent=1) + "\n"
-    _atomic_write(provenance_path(out), lambda f: f.write(text.encode()))
+    _io.write_text(provenance_path(out), json.dumps(provenance, indent=1) + "\n")
     return provenance
 
 

@@ -21,10 +21,11 @@ The rules, so that the number a user publishes was measured on data that chose n
    and Mulliken charges. The two fits to the test ESP itself are not predictions: they bound
    what fixed atom-centred charges can do on these molecules.
 
-Written into the experiment directory: ranking.csv, ranking.json, report.md, four PNG plots
-(learning_curves.png, esp_parity.png, per_molecule_rmse.png, hyperparameters.png) and
-best_model/ (the winner's checkpoint, config.json, split.json, history.csv, evaluation.json;
-`python -m dcmtune.analysis <experiment>/best_model` re-evaluates it).
+Written into the experiment directory: ranking.csv, ranking.json, best_model/ (the winner's
+checkpoint, config.json, split.json, history.csv, evaluation.json; `python -m dcmtune.analysis
+<experiment>/best_model` re-evaluates it), and, drawn by `dcmtune.report`, report.md and four
+PNG plots (learning_curves.png, esp_parity.png, per_molecule_rmse.png, hyperparameters.png).
+Metric names and units are those of `dcmtune.metrics`; the baselines are `dcmtune.baselines`.
 """
 
 from __future__ import annotations
@@ -34,40 +35,38 @@ import datetime
 import json
 import logging
 import math
-import os
 import shutil
-import sys
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
+from dcmtune import _io
 from dcmtune import checkpoint as ckpt
-from dcmtune.analysis import (AnalysisError, CheckpointAnalysis, TrainingHistory,
-                              analyze_checkpoint, analyze_training_history, checkpoint_data,
-                              load_checkpoint, metric_unit)
-from dcmtune.config import ConfigError, ExperimentConfig
-from dcmtune.data import DataError, ESPData, bundled_dataset_path, load_dataset
-from dcmtune.units import HARTREE_TO_KCAL
+from dcmtune import metrics, report
+from dcmtune.analysis import (AnalysisError, CheckpointAnalysis, DataCache, LoadedCheckpoint,
+                              TrainingHistory, analyze_checkpoint, analyze_training_history,
+                              checkpoint_data, load_checkpoint, split_summary)
+from dcmtune.baselines import split_baselines
+from dcmtune.config import ConfigError, ExperimentConfig, flat_dict
+from dcmtune.data import DataError, ESPData
+from dcmtune.cli import OneLineParser, run_cli
+from dcmtune.report import PLOT_FILES, format_ranking
 
-__all__ = ["RankError", "rank_experiment", "discover_trials", "TrialRecord", "main",
-           "OUTPUT_FILES", "PLOT_FILES"]
+__all__ = ["RankError", "RankSettings", "rank_experiment", "discover_trials", "TrialRecord",
+           "main", "OUTPUT_FILES", "PLOT_FILES"]
 
 log = logging.getLogger(__name__)
 
-PLOT_FILES = ("learning_curves.png", "esp_parity.png", "per_molecule_rmse.png",
-              "hyperparameters.png")
 OUTPUT_FILES = ("ranking.csv", "ranking.json", "report.md") + PLOT_FILES
 BEST_MODEL = "best_model"
 SPEC_RECORD = "sweep_spec.json"
-# Validation metrics copied from the selected epoch into the ranking, beside the sweep metric.
-VALID_COLUMNS = ("valid_esp_rmse", "valid_esp_mae", "valid_loss", "valid_mono_mae",
-                 "valid_dipole_mae")
-# Re-evaluated metrics reported for the ranking split.
-EVAL_COLUMNS = ("esp_rmse", "esp_mae", "esp_max_abs_error", "esp_abs_error_p95", "esp_r2",
-                "mono_mae", "mono_rmse", "dipole_mae", "n_conformers", "n_molecules")
+# Validation metrics copied from the selected epoch into the ranking, beside the sweep metric:
+# every validation metric a sweep may select on.
+VALID_COLUMNS = tuple(m for m in metrics.SWEEP_METRICS if metrics.split_of(m) == "valid")
+# Re-evaluated metrics reported for the ranking split (`{split}_` + name).
+EVAL_COLUMNS = metrics.EVAL_METRICS
 _NOT_TRIALS = {BEST_MODEL, "checkpoints"}
 
 
@@ -158,16 +157,6 @@ def _error_line(trial_dir: Path) -> str:
         return ""
     lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
     return lines[-1][:200] if lines else "error.txt present"
-
-
-def _flat_config(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _read_trial(d: Path, metric: str, mode: str) -> TrialRecord:
@@ -266,136 +255,232 @@ def discover_trials(experiment_dir: Union[str, Path], metric: str = "valid_esp_r
     return [_read_trial(d, metric, mode) for d in trial_dirs]
 
 
-# --------------------------------------------------------------------------- data and baselines
+# --------------------------------------------------------------------------- settings
 
 
-class _DataCache:
-    """Loads each distinct set of data files once, checking it against the trial's split."""
+@dataclasses.dataclass(frozen=True)
+class RankSettings:
+    """How one experiment is ranked, resolved once from the arguments and the sweep spec.
 
-    def __init__(self, data: Optional[ESPData], data_files: Optional[Sequence[str]]):
-        self._given = data
-        self._files = list(data_files) if data_files else None
-        self._loaded: dict[tuple, ESPData] = {}
-
-    def files_of(self, config: ExperimentConfig) -> list[str]:
-        return self._files if self._files is not None else list(config.data.data_files)
-
-    def full(self, config: ExperimentConfig) -> ESPData:
-        if self._given is not None:
-            return self._given
-        key = (tuple(self.files_of(config)), config.model.max_atomic_number,
-               config.data.dipole_units)
-        if key not in self._loaded:
-            self._loaded[key] = load_dataset(*key)
-        return self._loaded[key]
-
-
-def _mulliken(files: list[str], data: ESPData) -> Optional[np.ndarray]:
-    """(M, A) Mulliken charges from the files' extra `mulliken` key, padded like `data`; None
-    if any file lacks it."""
-    paths = [Path(f) for f in files] or [bundled_dataset_path()]
-    parts = []
-    for p in paths:
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                if "mulliken" not in z.files:
-                    return None
-                q = np.asarray(z["mulliken"], np.float64)
-        except (OSError, ValueError):
-            return None
-        if q.ndim != 2 or q.shape[1] > data.num_atoms:
-            return None
-        parts.append(np.pad(q, [(0, 0), (0, data.num_atoms - q.shape[1])]))
-    q = np.concatenate(parts)
-    if q.shape[0] != data.num_conformers:
-        return None
-    return np.where(data.Z > 0, q, 0.0)
-
-
-def _baselines(full: ESPData, record: dict, split: str, files: Optional[list[str]]
-               ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Classical charge models on the conformers of `split`.
-
-    Returns:
-      (rows {method, fitted_on, esp_rmse, kind, note}, {method: per-conformer ESP MSE
-      (Hartree/e)^2}) with esp_rmse defined as the model's (sqrt of the mean over conformers).
+    Attributes:
+      experiment: The experiment directory.
+      name: The sweep's name (the directory's name without a spec).
+      search: The spec's search space (dotted key -> {kind: arguments}); {} without a spec.
+      metric, mode: Selection metric on the validation split (`valid_*`) and "min"/"max".
+      top_k: Trials re-evaluated and listed (>= 1).
+      split: The held-out split re-evaluated, "test" or "valid".
+      batch_size: Conformers per forward pass.
+      data_files: The sweep's data files if they moved (None: each run's own).
     """
-    from dcmtune.baselines import (element_charge_array, element_charges,
-                                   per_molecule_esp_mse)
-    from dcmtune.qm import fit_esp_charges_shared
 
-    idx = np.asarray(record["indices"][split], np.int64)
-    target = full.subset(idx)
-    rows, per_conf = [], {}
+    experiment: Path
+    name: str
+    search: dict
+    metric: str = "valid_esp_rmse"
+    mode: str = "min"
+    top_k: int = 5
+    split: str = "test"
+    batch_size: int = 16
+    data_files: Optional[tuple[str, ...]] = None
 
-    def add(method, fitted_on, kind, note, charges):
-        mse = per_molecule_esp_mse(target, charges)
-        per_conf[method] = mse
-        rows.append({"method": method, "fitted_on": fitted_on, "kind": kind,
-                     f"{split}_esp_rmse": float(np.sqrt(mse.mean()) * HARTREE_TO_KCAL),
-                     "note": note})
+    def __post_init__(self):
+        if not self.metric.startswith("valid_"):
+            raise RankError(f"metric: the winner is chosen on the validation split, so expected "
+                            f"a valid_* metric, got {self.metric!r}")
+        if self.mode not in ("min", "max"):
+            raise RankError(f"mode: expected min or max, got {self.mode!r}")
+        if self.top_k < 1:
+            raise RankError(f"top_k: expected at least 1, got {self.top_k}")
+        if self.split not in ("test", "valid"):
+            raise RankError(f"split: expected test or valid, got {self.split!r}")
 
-    train_idx = np.asarray(record["indices"].get("train", []), np.int64)
-    if len(train_idx):
-        table = element_charges(full.subset(train_idx))
-        missing = sorted(set(int(z) for z in np.unique(target.Z) if z > 0) - set(table))
-        note = ("one charge per element, least squares on the training split's ESP"
-                + (f"; elements {missing} absent from training get 0" if missing else ""))
-        add("element charges (LSQ)", "train split", "prediction", note,
-            element_charge_array(target, table))
-    if target.mono is not None:
-        add("per-conformer charges (`mono`)", f"each {split} conformer (data file)",
-            "reference charges", "the data file's reference atomic charges; in data made by "
-            "`python -m dcmtune.data generate` they are ESP-fitted to each conformer's own "
-            "ESP, so not a prediction", target.mono)
-    shared = np.zeros(target.Z.shape)
-    for mid in np.unique(target.mol_id):
-        members = np.flatnonzero(target.mol_id == mid)
-        n = int(target.N[members[0]])
-        if any(int(target.N[i]) != n or not np.array_equal(target.Z[i], target.Z[members[0]])
-               for i in members):
-            continue
-        q = fit_esp_charges_shared(
-            [target.R[i, :n].astype(np.float64) for i in members],
-            [target.grid[i, : target.n_grid[i]].astype(np.float64) for i in members],
-            [target.esp[i, : target.n_grid[i]].astype(np.float64) for i in members],
-            float(target.Q[members[0]]))
-        shared[members, :n] = q
-    add("one charge set per molecule (LSQ)", f"all {split} conformers of the molecule",
-        f"fit to the {split} ESP", "atom-centred charges shared by a molecule's conformers",
-        shared)
-    if files is not None:
-        mull = _mulliken(files, full)
-        if mull is not None:
-            add("Mulliken charges", "QM wavefunction", "prediction (QM)",
-                "from the data file's `mulliken` key", mull[idx])
-    return rows, per_conf
+
+def _settings(exp: Path, top_k: Optional[int], split: Optional[str],
+              data_files: Optional[Sequence[Union[str, Path]]], metric: Optional[str],
+              mode: Optional[str], batch_size: int) -> RankSettings:
+    """Arguments first, then the spec's run/rank sections, then the defaults."""
+    spec = _read_json(exp / SPEC_RECORD) if exp.is_dir() else None
+    spec = spec if isinstance(spec, dict) else {}
+    run, rank_spec = spec.get("run", {}), spec.get("rank", {})
+    search = spec.get("search")
+    return RankSettings(
+        experiment=exp, name=spec.get("name", exp.resolve().name),
+        search=search if isinstance(search, dict) else {},
+        metric=metric or run.get("metric") or "valid_esp_rmse",
+        mode=mode or run.get("mode") or "min",
+        top_k=int(top_k if top_k is not None else rank_spec.get("top_k", 5)),
+        split=split or rank_spec.get("split") or "test", batch_size=batch_size,
+        data_files=tuple(str(f) for f in data_files) if data_files else None)
 
 
 # --------------------------------------------------------------------------- ranking
 
 
-def _spec_settings(exp: Path) -> dict:
-    spec = _read_json(exp / SPEC_RECORD)
-    return spec if isinstance(spec, dict) else {}
+@dataclasses.dataclass(frozen=True)
+class Evaluated:
+    """One of the top trials with its checkpoint re-evaluated on the ranking split."""
+
+    trial: TrialRecord
+    checkpoint: LoadedCheckpoint
+    analysis: CheckpointAnalysis
 
 
-def _searched_keys(spec: dict, trials: list[TrialRecord]) -> list[str]:
-    if isinstance(spec.get("search"), dict) and spec["search"]:
-        return sorted(spec["search"])
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """Everything a ranking decided and measured (what `dcmtune.report` presents).
+
+    Attributes:
+      settings: How it was ranked.
+      top: The top_k eligible trials, re-evaluated, in rank order (top[0] is the winner).
+      keys: The searched hyper-parameters (dotted keys).
+      rows: One ranking row per top trial (the columns of ranking.csv).
+      baseline_mse: {baseline method: per-conformer ESP MSE on the split, (Hartree/e)^2}.
+      info: The body of ranking.json (winner, excluded, baselines, data, checks, ...).
+      df: The ranking as a DataFrame; its attrs hold the winner, excluded trials, baselines.
+      best_model: Where the winner is copied (<experiment>/best_model, absolute).
+    """
+
+    settings: RankSettings
+    top: list[Evaluated]
+    keys: list[str]
+    rows: list[dict]
+    baseline_mse: dict[str, np.ndarray]
+    info: dict
+    df: pd.DataFrame
+    best_model: Path
+
+
+def _searched_keys(search: dict, trials: list[TrialRecord]) -> list[str]:
+    if search:
+        return sorted(search)
     keys = sorted({k for t in trials for k in t.point})
     if keys:
         return keys
     # Plain runs: the config fields that differ between them.
-    flats = [_flat_config(t.config.to_dict()) for t in trials if t.config is not None]
+    flats = [flat_dict(t.config.to_dict()) for t in trials if t.config is not None]
     skip = {"name", "output_dir", "created_at", "git_commit", "notes", "description"}
     return sorted(k for k in (flats[0] if flats else {})
                   if k not in skip and len({json.dumps(f.get(k)) for f in flats}) > 1)
 
 
 def _point_of(t: TrialRecord, keys: list[str]) -> dict:
-    flat = _flat_config(t.config.to_dict()) if t.config is not None else {}
+    flat = flat_dict(t.config.to_dict()) if t.config is not None else {}
     return {k: t.point.get(k, flat.get(k)) for k in keys}
+
+
+def _competitors(s: RankSettings) -> tuple[list[TrialRecord], list[TrialRecord]]:
+    """(all trials, the top_k eligible ones by the validation metric, ties by id); RankError
+    without an eligible trial or for a top trial whose ranking split is empty."""
+    trials = discover_trials(s.experiment, s.metric, s.mode)
+    eligible = [t for t in trials if t.eligible]
+    if not eligible:
+        listing = "; ".join(f"{t.trial_id}: {t.reason}" for t in trials[:3])
+        raise RankError(f"{s.experiment}: no trial can be ranked ({len(trials)} trials; "
+                        f"{listing})")
+    sign = 1.0 if s.mode == "min" else -1.0
+    top = sorted(eligible, key=lambda t: (sign * t.value, t.trial_id))[: s.top_k]
+    if len(top) < s.top_k:
+        log.warning("%s: only %d rankable trials for top_k = %d", s.experiment, len(top),
+                    s.top_k)
+    other = "valid" if s.split == "test" else "test"
+    for t in top:
+        rec = _read_json(t.path / "split.json") or {}
+        if s.split in rec.get("indices", {}) and not rec["indices"][s.split]:
+            raise RankError(f"{t.path}: the {s.split} split is empty (data.{s.split}_fraction "
+                            f"= 0 in the sweep); rank with --split {other}")
+    return trials, top
+
+
+def _evaluate(s: RankSettings, t: TrialRecord, cache: DataCache
+              ) -> tuple[Evaluated, Optional[dict]]:
+    """Re-evaluates a trial's checkpoint on the ranking split of its saved split record
+    (checksum-checked); with split "test", also re-checks the recorded validation value
+    (returned as a check row, None otherwise)."""
+    c = load_checkpoint(t.checkpoint)
+    full = cache.full(c.config)
+    idx = np.asarray(c.split_record["indices"][s.split]) if c.split_record else None
+    a = analyze_checkpoint(c, checkpoint_data(c, s.split, data=full), batch_size=s.batch_size,
+                           indices=idx)
+    a.split = s.split
+    check = _recheck_valid(s, t, c, full) if s.split == "test" else None
+    return Evaluated(t, c, a), check
+
+
+def _recheck_valid(s: RankSettings, t: TrialRecord, c: LoadedCheckpoint,
+                   full: ESPData) -> Optional[dict]:
+    """Whether the checkpoint ranked is the one that scored the recorded validation value."""
+    short = metrics.base_name(s.metric)
+    v = analyze_checkpoint(c, checkpoint_data(c, "valid", data=full), batch_size=s.batch_size)
+    if short not in v.metrics:
+        return None
+    if not math.isclose(v.metrics[short], t.value, rel_tol=1e-4, abs_tol=1e-9):
+        log.warning("trial %s: %s re-evaluated as %.6g, recorded %.6g", t.trial_id, s.metric,
+                    v.metrics[short], t.value)
+    return {"trial_id": t.trial_id, "metric": s.metric, "recorded": t.value,
+            "re_evaluated": v.metrics[short]}
+
+
+def _row(s: RankSettings, rank: int, e: Evaluated, keys: list[str]) -> dict:
+    """One ranking row: the trial, its searched point, its validation metrics at the chosen
+    epoch and the `{split}_*` metrics re-evaluated (names of `metrics.EVAL_METRICS`)."""
+    t = e.trial
+    row = {"rank": rank, "trial_id": t.trial_id, "status": t.status, "epochs": t.epochs,
+           "max_epochs": t.max_epochs, "checkpoint_epoch": t.checkpoint_epoch,
+           **_point_of(t, keys), s.metric: t.value}
+    row.update({k: v for k, v in t.valid.items() if k not in row})
+    for name in metrics.EVAL_METRICS:
+        row.setdefault(f"{s.split}_{name}", e.analysis.metrics.get(name, float("nan")))
+    row["n_params"] = e.analysis.metrics["n_params"]
+    row["checkpoint"] = str(t.checkpoint)
+    return row
+
+
+def _trial_summary(t: TrialRecord, keys: list[str]) -> dict:
+    return {"trial_id": t.trial_id, "status": t.status, "epochs": t.epochs,
+            "checkpoint_epoch": t.checkpoint_epoch, "value": t.value,
+            "eligible": t.eligible, "reason": t.reason, "point": _point_of(t, keys),
+            "path": str(t.path)}
+
+
+def _rank(s: RankSettings, data: Optional[ESPData]) -> Ranking:
+    """Rules 1-3 of the module docstring: competitors, re-evaluation, baselines."""
+    trials, top = _competitors(s)
+    keys = _searched_keys(s.search, trials)
+    cache = DataCache(data, s.data_files)
+    evaluated, checks = [], []
+    for t in top:
+        e, check = _evaluate(s, t, cache)
+        evaluated.append(e)
+        checks += [check] if check else []
+    rows = [_row(s, rank, e, keys) for rank, e in enumerate(evaluated, start=1)]
+    winner = evaluated[0].checkpoint
+    full, files = cache.full(winner.config), cache.files(winner.config)
+    baselines, baseline_mse = ([], {}) if winner.split_record is None else split_baselines(
+        full, winner.split_record["indices"], s.split, files)
+    splits_differ = len({json.dumps(e.checkpoint.split_record.get("indices")
+                                    if e.checkpoint.split_record else None)
+                         for e in evaluated}) > 1
+    if splits_differ:
+        log.warning("%s: the ranked trials were evaluated on different %s splits; their %s "
+                    "metrics are not directly comparable", s.experiment, s.split, s.split)
+    info = {
+        "experiment": str(s.experiment.resolve()), "name": s.name,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "metric": s.metric, "mode": s.mode, "split": s.split, "top_k": s.top_k,
+        "data": {"files": files if files is not None else "(passed in memory)",
+                 **split_summary(winner, full)},
+        "winner": {**rows[0], "best_model": str(s.experiment / BEST_MODEL)},
+        "trials": [_trial_summary(t, keys) for t in trials],
+        "excluded": [{"trial_id": t.trial_id, "status": t.status, "reason": t.reason}
+                     for t in trials if not t.eligible],
+        "baselines": baselines, "checks": checks, "searched": keys,
+        "splits_differ": splits_differ,
+    }
+    df = pd.DataFrame(rows)
+    df.attrs.update({k: info[k] for k in ("winner", "excluded", "baselines", "metric", "split")})
+    return Ranking(settings=s, top=evaluated, keys=keys, rows=rows,
+                   baseline_mse=baseline_mse, info=info, df=df,
+                   best_model=s.experiment.resolve() / BEST_MODEL)
 
 
 def rank_experiment(experiment_dir: Union[str, Path], top_k: Optional[int] = None,
@@ -416,598 +501,78 @@ def rank_experiment(experiment_dir: Union[str, Path], top_k: Optional[int] = Non
       data: The sweep's full dataset, if already in memory (the sweep passes it).
       metric, mode: Selection metric (default: the spec's run.metric/run.mode, else
         valid_esp_rmse/min). Must be a validation metric.
+      batch_size: Conformers per forward pass.
       write: Write ranking.csv, ranking.json, report.md, plots and best_model/.
 
     Returns:
       The ranking: top_k rows ordered by the validation metric (rank 1 = winner), with the
       searched hyper-parameters, validation metrics at the chosen epoch and `{split}_*`
-      metrics re-evaluated from the checkpoint. `df.attrs` holds the winner, the excluded
-      trials, the baselines and the written files.
+      metrics re-evaluated from the checkpoint (ESP in kcal/mol/e, charges in e, dipoles in
+      Debye; see `dcmtune.metrics`). `df.attrs` holds the winner, the excluded trials, the
+      baselines and the written files.
 
     Raises:
       RankError: one line naming the path, for every problem with the input (directory,
         trials, checkpoints, data).
     """
     try:
-        return _rank_experiment(Path(experiment_dir), top_k, split, data_files, data, metric,
-                                mode, batch_size, write)
+        s = _settings(Path(experiment_dir), top_k, split, data_files, metric, mode, batch_size)
+        ranking = _rank(s, data)
+        if write:
+            ranking.df.attrs["files"] = _write(ranking)
+        return ranking.df
     except RankError:
         raise
     except (AnalysisError, ckpt.CheckpointError, DataError, ConfigError) as e:
         raise RankError(str(e)) from None
 
 
-def _rank_experiment(exp: Path, top_k, split, data_files, data, metric, mode, batch_size,
-                     write) -> pd.DataFrame:
-    spec = _spec_settings(exp) if exp.is_dir() else {}
-    run, rank_spec = spec.get("run", {}), spec.get("rank", {})
-    metric = metric or run.get("metric") or "valid_esp_rmse"
-    mode = mode or run.get("mode") or "min"
-    top_k = int(top_k if top_k is not None else rank_spec.get("top_k", 5))
-    split = split or rank_spec.get("split") or "test"
-    if not metric.startswith("valid_"):
-        raise RankError(f"metric: the winner is chosen on the validation split, so expected a "
-                        f"valid_* metric, got {metric!r}")
-    if mode not in ("min", "max"):
-        raise RankError(f"mode: expected min or max, got {mode!r}")
-    if top_k < 1:
-        raise RankError(f"top_k: expected at least 1, got {top_k}")
-    if split not in ("test", "valid"):
-        raise RankError(f"split: expected test or valid, got {split!r}")
-
-    # 1. Trials at their best checkpoints; the eligible ones ordered by the validation metric.
-    trials = discover_trials(exp, metric, mode)
-    eligible = [t for t in trials if t.eligible]
-    excluded = [t for t in trials if not t.eligible]
-    if not eligible:
-        listing = "; ".join(f"{t.trial_id}: {t.reason}" for t in excluded[:3])
-        raise RankError(f"{exp}: no trial can be ranked ({len(trials)} trials; {listing})")
-    sign = 1.0 if mode == "min" else -1.0
-    eligible.sort(key=lambda t: (sign * t.value, t.trial_id))
-    top = eligible[:top_k]
-    if len(top) < top_k:
-        log.warning("%s: only %d rankable trials for top_k = %d", exp, len(top), top_k)
-    keys = _searched_keys(spec, trials)
-
-    for t in top:
-        rec = _read_json(t.path / "split.json") or {}
-        if split in rec.get("indices", {}) and not rec["indices"][split]:
-            raise RankError(f"{t.path}: the {split} split is empty (data.{split}_fraction = 0 "
-                            f"in the sweep); rank with --split "
-                            f"{'valid' if split == 'test' else 'test'}")
-
-    # 2. Re-evaluate the top trials on their saved split (checksum-checked).
-    cache = _DataCache(data, [str(f) for f in data_files] if data_files else None)
-    rows, analyses, checks = [], [], []
-    for rank, t in enumerate(top, start=1):
-        c = load_checkpoint(t.checkpoint)
-        full = cache.full(c.config)
-        sub = checkpoint_data(c, split, data=full)
-        idx = np.asarray(c.split_record["indices"][split]) if c.split_record else None
-        a = analyze_checkpoint(c, sub, batch_size=batch_size, indices=idx)
-        a.split = split
-        analyses.append((t, c, a))
-        if split == "test":  # the checkpoint is the one that scored the recorded value
-            short = metric[len("valid_"):]
-            v = analyze_checkpoint(c, checkpoint_data(c, "valid", data=full),
-                                   batch_size=batch_size)
-            if short in v.metrics:
-                checks.append({"trial_id": t.trial_id, "metric": metric, "recorded": t.value,
-                               "re_evaluated": v.metrics[short]})
-                if not math.isclose(v.metrics[short], t.value, rel_tol=1e-4, abs_tol=1e-9):
-                    log.warning("trial %s: %s re-evaluated as %.6g, recorded %.6g", t.trial_id,
-                                metric, v.metrics[short], t.value)
-        row = {"rank": rank, "trial_id": t.trial_id, "status": t.status, "epochs": t.epochs,
-               "max_epochs": t.max_epochs, "checkpoint_epoch": t.checkpoint_epoch,
-               **_point_of(t, keys), metric: t.value}
-        row.update({k: v for k, v in t.valid.items() if k not in row})
-        for name in EVAL_COLUMNS:
-            col = f"{split}_{name}"
-            if col not in row:
-                row[col] = a.metrics.get(name, float("nan"))
-        row["n_params"] = a.metrics["n_params"]
-        row["checkpoint"] = str(t.checkpoint)
-        rows.append(row)
-    df = pd.DataFrame(rows)
-
-    # 3. Baselines on the winner's split.
-    winner_t, winner_c, winner_a = analyses[0]
-    full = cache.full(winner_c.config)
-    files = cache.files_of(winner_c.config)
-    if data is not None and not data_files and not _files_hold(files, winner_c, data):
-        files = None  # the in-memory data is not these files: no Mulliken charges from them
-    baselines, baseline_mse = ([], {})
-    if winner_c.split_record is not None:
-        baselines, baseline_mse = _baselines(full, winner_c.split_record, split, files)
-    splits_differ = len({json.dumps(c.split_record.get("indices") if c.split_record else None)
-                         for _, c, _ in analyses}) > 1
-    if splits_differ:
-        log.warning("%s: the ranked trials were evaluated on different %s splits; their %s "
-                    "metrics are not directly comparable", exp, split, split)
-
-    info = {
-        "experiment": str(exp.resolve()), "name": spec.get("name", exp.name),
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "metric": metric, "mode": mode, "split": split, "top_k": top_k,
-        "data": _data_info(winner_c, full, files),
-        "winner": {**rows[0], "best_model": str(exp / BEST_MODEL)},
-        "trials": [_trial_summary(t, keys) for t in trials],
-        "excluded": [{"trial_id": t.trial_id, "status": t.status, "reason": t.reason}
-                     for t in excluded],
-        "baselines": baselines, "checks": checks, "searched": keys,
-        "splits_differ": splits_differ,
-    }
-    df.attrs.update({k: info[k] for k in ("winner", "excluded", "baselines", "metric", "split")})
-    if not write:
-        return df
-
-    # 4. Files.
-    exp_res = exp.resolve()
-    _write_best_model(exp_res, winner_t, winner_c, winner_a, info)
-    plots = _plots(exp_res, spec, trials, top, analyses, keys, metric, mode, split,
-                   baseline_mse)
-    info["plots"] = plots
-    info["versions"] = ckpt.package_versions()
-    _write_csv(df, exp_res / "ranking.csv")
-    ckpt.write_json_atomic(exp_res / "ranking.json", {**info, "ranking": rows})
-    _atomic_text(exp_res / "report.md", _report(info, df, keys, plots, winner_a))
-    df.attrs["files"] = [str(exp_res / f) for f in ("ranking.csv", "ranking.json",
-                                                    "report.md", *plots, BEST_MODEL)]
-    return df
-
-
-def _files_hold(files: list[str], c, data: ESPData) -> bool:
-    """Whether `files` (a run's data_files) load to exactly `data`."""
-    try:
-        return load_dataset(files, c.config.model.max_atomic_number,
-                            c.config.data.dipole_units).checksum() == data.checksum()
-    except DataError:
-        return False
-
-
-def _trial_summary(t: TrialRecord, keys: list[str]) -> dict:
-    return {"trial_id": t.trial_id, "status": t.status, "epochs": t.epochs,
-            "checkpoint_epoch": t.checkpoint_epoch, "value": t.value,
-            "eligible": t.eligible, "reason": t.reason, "point": _point_of(t, keys),
-            "path": str(t.path)}
-
-
-def _data_info(c, full: ESPData, files: Optional[list[str]]) -> dict:
-    rec = c.split_record or {}
-    sizes = {}
-    for s, idx in rec.get("indices", {}).items():
-        idx = np.asarray(idx, np.int64)
-        sizes[s] = {"conformers": int(len(idx)),
-                    "molecules": sorted(set(full.mol_id[idx].tolist())) if len(idx) else []}
-    elements = {s: set(int(z) for z in np.unique(full.Z[np.asarray(idx, np.int64)]) if z > 0)
-                for s, idx in rec.get("indices", {}).items() if len(idx)}
-    unseen = {s: sorted(e - elements.get("train", set())) for s, e in elements.items()
-              if s != "train" and e - elements.get("train", set())}
-    return {"files": files if files is not None else "(passed in memory)",
-            "checksum": rec.get("checksum") or c.meta.get("data_checksum"),
-            "split_by": c.config.data.split_by, "split_seed": c.config.data.split_seed,
-            "splits": sizes, "elements_not_in_train": unseen}
-
-
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write(r: Ranking) -> list[str]:
+    """Writes best_model/, the plots, ranking.csv, ranking.json and report.md into the
+    experiment directory; returns their paths."""
+    exp = r.settings.experiment.resolve()
+    _write_best_model(r.best_model, r.top[0], r.info)
+    plots = report.write_plots(exp, r)
+    _io.write_csv(exp / "ranking.csv", r.df)
+    _io.write_json(exp / "ranking.json", {**r.info, "plots": plots, "ranking": r.rows,
+                                          "versions": ckpt.package_versions()})
+    _io.write_text(exp / "report.md", report.markdown(r, plots))
+    return [str(exp / f) for f in ("ranking.csv", "ranking.json", "report.md", *plots,
+                                   BEST_MODEL)]
 
 
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_best_model(exp: Path, t: TrialRecord, c, a: CheckpointAnalysis, info: dict) -> Path:
-    """<exp>/best_model/: the winner's checkpoint files, config, split, history, evaluation."""
-    target = exp / BEST_MODEL
-    with ckpt.atomic_directory(target) as tmp:
+def _write_best_model(target: Path, e: Evaluated, info: dict) -> Path:
+    """`target` (best_model/): the winner's checkpoint files, config, split, history and
+    evaluation, swapped in as a whole."""
+    t, c, split = e.trial, e.checkpoint, info["split"]
+    with _io.atomic_directory(target) as tmp:
         for name in (ckpt.STATE_FILE, ckpt.META_FILE):
             shutil.copy2(c.path / name, tmp / name)
-        ckpt.write_json_atomic(tmp / "config.json", c.config.to_dict())
-        if c.split_record is not None:
-            ckpt.write_json_atomic(tmp / "split.json", c.split_record)
         if (t.path / "history.csv").is_file():
             shutil.copy2(t.path / "history.csv", tmp / "history.csv")
-        ckpt.write_json_atomic(tmp / "evaluation.json", {
+        _io.write_json(tmp / "config.json", c.config.to_dict())
+        if c.split_record is not None:
+            _io.write_json(tmp / "split.json", c.split_record)
+        _io.write_json(tmp / "evaluation.json", {
             "trial_id": t.trial_id, "source_checkpoint": str(c.path), "epoch": c.epoch,
             "selected_by": {"metric": info["metric"], "mode": info["mode"], "value": t.value},
-            "split": info["split"], "metrics": {f"{info['split']}_{k}": v
-                                                for k, v in a.metrics.items()},
+            "split": split, "metrics": {f"{split}_{k}": v for k, v in e.analysis.metrics.items()},
             "data_checksum": info["data"]["checksum"],
-            "reproduce": f"python -m dcmtune.analysis {target} --split {info['split']}"})
+            "reproduce": f"python -m dcmtune.analysis {target} --split {split}"})
     return target
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        if not math.isfinite(v):
-            return "–"
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _label(name: str) -> str:
-    unit = metric_unit(name)
-    return f"{name} [{unit}]" if unit else name
-
-
-_PRETTY = {"esp_rmse": "ESP RMSE", "esp_mae": "ESP MAE", "loss": "loss",
-           "mono_mae": "monopole MAE", "mono_rmse": "monopole RMSE",
-           "dipole_mae": "dipole MAE"}
-
-
-def _axis_label(metric: str) -> str:
-    """`valid_esp_rmse` -> `ESP RMSE (kcal/mol/e)` for plot axes."""
-    short = metric.split("_", 1)[1] if metric.startswith(("valid_", "train_", "test_")) \
-        else metric
-    unit = metric_unit(metric)
-    name = _PRETTY.get(short, short)
-    return f"{name} ({unit})" if unit else name
-
-
-def _files_text(files) -> str:
-    if not isinstance(files, list):
-        return str(files)
-    return ", ".join(f"`{f}`" for f in files) if files else "the bundled demo set"
-
-
-def _report(info: dict, df: pd.DataFrame, keys: list[str], plots: list[str],
-            winner: CheckpointAnalysis) -> str:
-    metric, split = info["metric"], info["split"]
-    w = info["winner"]
-    d = info["data"]
-    trials = info["trials"]
-    n_stopped = sum(t["status"] == "stopped early" for t in trials)
-    n_rankable = sum(t["eligible"] for t in trials)
-    lines = [
-        f"# Ranking of sweep `{info['name']}`", "",
-        f"Experiment: `{info['experiment']}`  ",
-        f"Ranked: {info['created']}", "",
-        "## How the winner was chosen", "",
-        f"Trials are ranked by their best **{metric}** ({info['mode']}) on the validation split, "
-        "each at the epoch whose checkpoint was saved (trials stopped early by ASHA compete at "
-        "their best epoch). The winner is rank 1. The top trials' checkpoints were then "
-        f"re-evaluated on the **{split}** split saved with each trial"
-        + (": those molecules played no part in training or in choosing the model."
-           if split == "test" else " (the validation split also chose the model: these "
-           "numbers are not an unbiased estimate).")
-        + " Diverged and failed trials are excluded.", "",
-        f"{len(trials)} trials: {n_rankable} rankable ({n_stopped} stopped early by the "
-        f"scheduler), {len(info['excluded'])} excluded.", "",
-        "## Data", "",
-        f"Files: {_files_text(d['files'])}  ",
-        f"Checksum: `{(d['checksum'] or '')[:16]}`; split by {d['split_by']} "
-        f"(split_seed {d['split_seed']})", "",
-    ]
-    lines.append(_md_table(
-        ["split", "conformers", "molecules"],
-        [[s, v["conformers"], f"{len(v['molecules'])}: " + ", ".join(v["molecules"][:12])
-          + (" …" if len(v["molecules"]) > 12 else "")] for s, v in d["splits"].items()]))
-    for s_, z in d.get("elements_not_in_train", {}).items():
-        lines += ["", f"**Note:** the {s_} split holds elements the training split never shows "
-                  f"(atomic numbers {', '.join(map(str, z))}); the model has to guess their "
-                  "charges, so expect large errors on those molecules."]
-    lines += ["", "## Winner", "",
-              f"Trial **{w['trial_id']}** ({w['status']}, {w['epochs']} of {w['max_epochs']} "
-              f"epochs trained), checkpoint of epoch {w['checkpoint_epoch']}, "
-              f"{w['n_params']} parameters, copied to `{BEST_MODEL}/`.", ""]
-    if keys:
-        lines.append(_md_table(["hyper-parameter", "value"], [[k, w.get(k)] for k in keys]))
-        lines.append("")
-    m = winner.metrics
-    metric_rows = []
-    for name in ("esp_rmse", "esp_mae", "esp_max_abs_error", "esp_abs_error_p95", "esp_r2",
-                 "esp_pearson_r", "mono_mae", "mono_rmse", "dipole_mae",
-                 "dipole_magnitude_mae"):
-        unit = metric_unit(name)
-        metric_rows.append([name, unit or "–", w.get(f"valid_{name}"), m.get(name)])
-    lines.append(_md_table(["metric", "unit", "valid (recorded at that epoch)",
-                            f"{split} (re-evaluated)"], metric_rows))
-    lines += ["", f"## Top {len(df)} trials", ""]
-    cols = (["rank", "trial_id", "status", "epochs", "checkpoint_epoch"] + keys + [metric]
-            + [c for c in (f"{split}_esp_rmse", f"{split}_esp_mae", f"{split}_mono_mae",
-                           f"{split}_dipole_mae") if c != metric and c in df])
-    lines.append(_md_table([_label(c) for c in cols], df[cols].values.tolist()))
-    lines += ["", "ESP in kcal/mol/e, charges in e, dipoles in Debye. "
-              "Full table: `ranking.csv`; everything: `ranking.json`.", ""]
-    if info["baselines"]:
-        lines += [f"## Classical baselines on the same {split} conformers", ""]
-        brows = [["DCMNet (winner)", "train split (selected on valid)", "prediction",
-                  m["esp_rmse"]]]
-        brows += [[b["method"], b["fitted_on"], b["kind"], b[f"{split}_esp_rmse"]]
-                  for b in info["baselines"]]
-        lines.append(_md_table(["method", "fitted on", "kind", f"{split} ESP RMSE [kcal/mol/e]"],
-                               brows))
-        lines += ["", "Fits to the evaluated ESP itself are not predictions: they show what "
-                  "fixed atom-centred charges can reach on these molecules at best. ESP RMSE "
-                  "is defined as for the model (root of the mean over conformers of each "
-                  "conformer's mean squared error).", ""]
-        notes = [f"- {b['method']}: {b['note']}" for b in info["baselines"] if b.get("note")]
-        lines += notes + [""]
-    if info["excluded"]:
-        lines += ["## Excluded trials", ""]
-        lines.append(_md_table(["trial", "status", "reason"],
-                               [[e["trial_id"], e["status"], e["reason"]]
-                                for e in info["excluded"]]))
-        lines.append("")
-    if info.get("splits_differ"):
-        lines += [f"**Warning:** the ranked trials used different {split} splits; their "
-                  f"{split} metrics are not directly comparable.", ""]
-    lines += ["## Plots", ""]
-    captions = {
-        "learning_curves.png": "Learning curves of the top trials",
-        "esp_parity.png": f"Winner: predicted vs reference ESP on the {split} split",
-        "per_molecule_rmse.png": f"ESP RMSE per {split} molecule, winner and baselines",
-        "hyperparameters.png": f"Searched hyper-parameters vs {metric}",
-    }
-    for p in plots:
-        lines += [f"![{captions.get(p, p)}]({p})", ""]
-    lines += ["## Reproduce", "", "```",
-              f"python -m dcmtune.analysis {Path(info['experiment']) / BEST_MODEL} --split {split}",
-              "```", ""]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-
-
-def _plots(exp: Path, spec: dict, trials, top, analyses, keys, metric, mode, split,
-           baseline_mse) -> list[str]:
-    out = []
-    _plot_learning_curves(exp / PLOT_FILES[0], top, metric, spec.get("name", exp.name))
-    out.append(PLOT_FILES[0])
-    t, _, a = analyses[0]
-    _plot_parity(exp / PLOT_FILES[1], a, t, split)
-    out.append(PLOT_FILES[1])
-    _plot_per_molecule(exp / PLOT_FILES[2], a, t, split, baseline_mse)
-    out.append(PLOT_FILES[2])
-    if keys:
-        _plot_hparams(exp / PLOT_FILES[3], spec, trials, top, keys, metric, mode)
-        out.append(PLOT_FILES[3])
-    return out
-
-
-def _plot_learning_curves(path: Path, top, metric: str, name: str) -> None:
-    fig = _figure(10, 5)
-    ax = fig.add_subplot()
-    train_metric = "train_" + metric[len("valid_"):]
-    colors = [f"C{i % 10}" for i in range(len(top))]
-    positive = True
-    for i, (t, color) in enumerate(zip(top, colors), start=1):
-        df = t.history.history_df
-        ep = df["epoch"].to_numpy()
-        v = pd.to_numeric(df[metric], errors="coerce").to_numpy(np.float64)
-        positive &= bool(np.all(v[np.isfinite(v)] > 0))
-        ax.plot(ep, v, "-o", ms=3, color=color, label=f"#{i} {t.trial_id} (valid)")
-        if train_metric in df:
-            tr = pd.to_numeric(df[train_metric], errors="coerce").to_numpy(np.float64)
-            positive &= bool(np.all(tr[np.isfinite(tr)] > 0))
-            ax.plot(ep, tr, "--", color=color, alpha=0.6, label=f"#{i} {t.trial_id} (train)")
-        ax.plot([t.checkpoint_epoch], [t.value], marker="*", ms=14, color=color, mec="k",
-                ls="none", label="selected checkpoint" if i == 1 else None)
-    if positive:
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(_axis_label(metric))
-    ax.set_title(f"Learning curves of the top {len(top)} trials of {name}\n"
-                 f"solid: validation, dashed: training; star: checkpoint ranked")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _plot_parity(path: Path, a: CheckpointAnalysis, t: TrialRecord, split: str) -> None:
-    ref, pred = a.esp_points()
-    fig = _figure(6.5, 6)
-    ax = fig.add_subplot()
-    lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
-    pad = 0.03 * (hi - lo or 1.0)
-    lo, hi = lo - pad, hi + pad
-    if len(ref) > 3000:
-        hb = ax.hexbin(ref, pred, gridsize=70, bins="log", mincnt=1, cmap="viridis",
-                       extent=(lo, hi, lo, hi))
-        fig.colorbar(hb, ax=ax, label="grid points per bin")
-    else:
-        ax.scatter(ref, pred, s=6, alpha=0.5, label="grid points")
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
-    ax.set_aspect("equal")
-    ax.set_xlabel("reference ESP (kcal/mol/e)")
-    ax.set_ylabel("predicted ESP (kcal/mol/e)")
-    m = a.metrics
-    ax.set_title(f"Winner {t.trial_id} (epoch {a.epoch}): ESP on the {split} split\n"
-                 f"{m['n_conformers']} conformers of {m['n_molecules']} molecules, "
-                 f"{m['n_grid_points']} grid points")
-    ax.text(0.03, 0.97, f"RMSE {m['esp_rmse']:.3f} kcal/mol/e\nMAE {m['esp_mae']:.3f} "
-            f"kcal/mol/e\nR² {m['esp_r2']:.4f}", transform=ax.transAxes, va="top",
-            bbox=dict(boxstyle="round", fc="white", alpha=0.8))
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _per_molecule_rmse(mol_id: np.ndarray, mse: np.ndarray) -> pd.Series:
-    s = pd.Series(mse).groupby(pd.Series(mol_id)).mean()
-    return np.sqrt(s) * HARTREE_TO_KCAL
-
-
-def _plot_per_molecule(path: Path, a: CheckpointAnalysis, t: TrialRecord, split: str,
-                       baseline_mse: dict) -> None:
-    model = a.per_molecule.set_index("mol_id")["esp_rmse"].sort_values()
-    mols = list(model.index)
-    fig = _figure(10.5, max(3.0, 0.45 * len(mols) + 1.8))
-    ax = fig.add_subplot()
-    y = np.arange(len(mols))
-    ax.barh(y, model.to_numpy(), color="C0", alpha=0.8, label=f"DCMNet winner {t.trial_id}")
-    markers = ["o", "s", "D", "^", "v"]
-    for i, (method, mse) in enumerate(baseline_mse.items()):
-        per = _per_molecule_rmse(a.data.mol_id, mse).reindex(mols)
-        ax.plot(per.to_numpy(), y, ls="none", marker=markers[i % len(markers)],
-                color=f"C{i + 1}", mec="k", label=method.replace("`", ""))
-    ax.set_yticks(y)
-    ax.set_yticklabels(mols)
-    ax.set_xlabel("ESP RMSE over the molecule's conformers (kcal/mol/e)")
-    ax.set_title(f"ESP RMSE per {split} molecule ({a.metrics['n_conformers']} conformers of "
-                 f"{len(mols)} molecules)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _plot_hparams(path: Path, spec: dict, trials, top, keys: list[str], metric: str,
-                  mode: str) -> None:
-    search = spec.get("search") or {}
-    n = len(keys)
-    ncol = min(n, 3)
-    nrow = math.ceil(n / ncol)
-    fig = _figure(4.3 * ncol, 3.6 * nrow + 0.9)
-    top_ids = {t.trial_id for t in top}
-    winner = top[0].trial_id
-    finite = [t for t in trials if math.isfinite(t.value)]
-    for j, key in enumerate(keys):
-        ax = fig.add_subplot(nrow, ncol, j + 1)
-        kind = next(iter(search.get(key, {})), None)
-        vals = [t.point.get(key, _point_of(t, [key])[key]) for t in finite]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
-        if kind == "choice" or not numeric:
-            cats = list(search[key]["choice"]) if kind == "choice" else sorted(
-                {json.dumps(v) for v in vals})
-            cats = [c if kind == "choice" else json.loads(c) for c in cats]
-            pos = {json.dumps(c): i for i, c in enumerate(cats)}
-            rng = np.random.default_rng(0)
-            xs = [pos.get(json.dumps(v), np.nan) + rng.uniform(-0.12, 0.12) for v in vals]
-            ax.set_xticks(range(len(cats)))
-            ax.set_xticklabels([str(c) for c in cats])
-        else:
-            xs = [float(v) for v in vals]
-            positive = all(x > 0 for x in xs)
-            bounds = search.get(key, {}).get(kind) if kind else None
-            log_x = kind == "loguniform" or (kind is None and positive and xs
-                                             and max(xs) / min(xs) > 20)
-            if log_x:
-                from matplotlib.ticker import NullFormatter
-
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
-            if bounds and len(bounds) >= 2:  # the searched range, a little margin
-                lo, hi = float(bounds[0]), float(bounds[1])
-                if log_x:
-                    ax.set_xlim(lo / 1.2, hi * 1.2)
-                else:
-                    ax.set_xlim(lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo))
-        groups = {
-            "other trials": [i for i, t in enumerate(finite) if t.eligible
-                             and t.trial_id not in top_ids],
-            f"top {len(top)}": [i for i, t in enumerate(finite) if t.trial_id in top_ids
-                                and t.trial_id != winner],
-            "winner": [i for i, t in enumerate(finite) if t.trial_id == winner],
-            "excluded (diverged/failed)": [i for i, t in enumerate(finite) if not t.eligible],
-        }
-        style = {"other trials": dict(marker="o", color="0.6"),
-                 f"top {len(top)}": dict(marker="o", color="C0", mec="k"),
-                 "winner": dict(marker="*", color="C3", ms=14, mec="k"),
-                 "excluded (diverged/failed)": dict(marker="x", color="C1")}
-        for label, idx in groups.items():
-            if idx:
-                ax.plot([xs[i] for i in idx], [finite[i].value for i in idx], ls="none",
-                        label=label, **{"ms": 7, **style[label]})
-        ax.set_xlabel(key + (f" ({kind})" if kind else ""))
-        ax.set_ylabel(f"best validation {_axis_label(metric)}")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-    handles = {}
-    for ax in fig.axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.suptitle(f"Searched hyper-parameters vs best {metric} "
-                 f"({'lower' if mode == 'min' else 'higher'} is better); "
-                 f"{len(finite)} trials, each at its best epoch")
-    fig.legend(list(handles.values()), list(handles), loc="lower center",
-               ncol=len(handles), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def format_ranking(df: pd.DataFrame) -> str:
-    """The ranking as a console table, the winner, the baselines and the report path."""
-    metric, split = df.attrs["metric"], df.attrs["split"]
-    cols = [c for c in ("rank", "trial_id", "status", "checkpoint_epoch", metric,
-                        f"{split}_esp_rmse", f"{split}_esp_mae", f"{split}_mono_mae")
-            if c in df]
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        lines = [df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")]
-    w = df.attrs["winner"]
-    lines.append(f"\nwinner: trial {w['trial_id']} ({metric} {w[metric]:.4g}; {split}_esp_rmse "
-                 f"{w[f'{split}_esp_rmse']:.4g} kcal/mol/e) -> {w['best_model']}")
-    for b in df.attrs["baselines"]:
-        lines.append(f"  baseline {b['method']:<36} {split}_esp_rmse "
-                     f"{b[f'{split}_esp_rmse']:.4g}")
-    if df.attrs["excluded"]:
-        lines.append("excluded: " + ", ".join(f"{e['trial_id']} ({e['reason']})"
-                                              for e in df.attrs["excluded"]))
-    report = [f for f in df.attrs.get("files") or [] if f.endswith("report.md")]
-    if report:
-        lines.append(f"report: {report[0]}")
-    return "\n".join(lines)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m dcmtune.rank EXPERIMENT_DIR`: exit 0 done, 2 bad input (one line)."""
-    from dcmtune.cli import OneLineParser
-
+def _parser() -> OneLineParser:
     p = OneLineParser(prog="python -m dcmtune.rank",
-                description="Rank the best checkpoints of a dcmtune sweep on its held-out "
-                            "test split and write ranking.csv/json, report.md, plots and "
-                            "best_model/ into the experiment directory.")
+                      description="Rank the best checkpoints of a dcmtune sweep on its held-out "
+                                  "test split and write ranking.csv/json, report.md, plots and "
+                                  "best_model/ into the experiment directory.")
     p.add_argument("experiment_dir", type=Path, help="<storage_path>/<name> of a sweep")
     p.add_argument("--top-k", type=int, help="trials to re-evaluate (default: the spec's "
                                              "rank.top_k, else 5)")
@@ -1016,16 +581,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data", nargs="+", metavar="FILE",
                    help="the sweep's .npz files, if they moved (checked by checksum)")
     p.add_argument("--batch-size", type=int, default=16, help="conformers per forward pass")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        df = rank_experiment(args.experiment_dir, top_k=args.top_k, split=args.split,
-                             data_files=args.data, batch_size=args.batch_size)
-    except RankError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return p
+
+
+def _main(args) -> int:
+    df = rank_experiment(args.experiment_dir, top_k=args.top_k, split=args.split,
+                         data_files=args.data, batch_size=args.batch_size)
     print(format_ranking(df))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m dcmtune.rank EXPERIMENT_DIR`: exit 0 done, 2 bad input (one line)."""
+    return run_cli(_main, _parser(), argv, bad_input=(RankError,))
 
 
 if __name__ == "__main__":

@@ -555,7 +555,7 @@ def _print_outcome(spec: SweepSpec, outcome: SweepOutcome, args) -> None:
     print(f"  trial directory: {best.path}")
     ranking = outcome.ranking
     if ranking is not None and len(ranking):
-        from dcmtune.rank import format_ranking
+        from dcmtune.report import format_ranking
 
         print()
         print(format_ranking(ranking))

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dcmtune import rank
+from dcmtune import metrics, rank, report
+from dcmtune.config import flat_dict
 from dcmtune.rank import PLOT_FILES, RankError, rank_experiment
 
 ray = pytest.mark.ray  # tests on the shared tiny sweep (it needs the session's Ray)
@@ -95,6 +96,48 @@ def test_report_lists_winner_baselines_and_plots(ranked):
     # The synthetic file's `mono` are the exact charges that made its ESP.
     mono = next(b for b in df.attrs["baselines"] if b["method"].startswith("per-conformer"))
     assert mono["test_esp_rmse"] < 1e-3
+
+
+@ray
+def test_ranking_columns_and_report_units_come_from_the_metric_registry(ranked):
+    exp, df, _ = ranked
+    csv = pd.read_csv(exp / "ranking.csv", dtype={"trial_id": str})
+    metric_cols = [c for c in csv if metrics.split_of(c)]
+    assert metric_cols and all(metrics.base_name(c) in metrics.METRICS for c in metric_cols)
+    assert [c for c in metric_cols if metrics.split_of(c) == "test"] == [
+        f"test_{name}" for name in metrics.EVAL_METRICS]
+    valid = {c for c in metric_cols if metrics.split_of(c) == "valid"}
+    assert valid == {m for m in metrics.SWEEP_METRICS if m.startswith("valid_")}
+    lines = (exp / "report.md").read_text().splitlines()
+    # The top-trials table: every header is the registry's label (name [unit]).
+    header = next(ln for ln in lines if ln.startswith("| rank | trial_id"))
+    for cell in header.strip("| ").split(" | "):
+        assert cell == metrics.label(cell.split(" [")[0]), cell
+    assert f"test_esp_rmse [{metrics.unit('esp_rmse')}]" in header
+    # The winner's table: the unit column is the registry's unit.
+    start = lines.index(next(ln for ln in lines if ln.startswith("| metric | unit |")))
+    rows = [ln.strip("| ").split(" | ") for ln in lines[start + 2:] if ln.startswith("| ")]
+    rows = rows[: next((i for i, r in enumerate(rows) if r[0] == "rank"), len(rows))]
+    assert rows and all(unit == (metrics.unit(name) or "–") for name, unit, *_ in rows)
+
+
+@ray
+def test_plot_axes_are_labelled_from_the_metric_registry(ranked, tmp_path, monkeypatch):
+    exp, df, _ = ranked
+    copy = tmp_path / exp.name
+    shutil.copytree(exp, copy)
+    figures = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.setdefault(path.name, fig))
+    out = rank_experiment(copy, top_k=1, split="valid")
+    metric = out.attrs["metric"]
+    assert set(figures) == set(PLOT_FILES)
+    assert figures["learning_curves.png"].axes[0].get_ylabel() == metrics.axis_label(metric)
+    assert {ax.get_ylabel() for ax in figures["hyperparameters.png"].axes} == {
+        f"best validation {metrics.axis_label(metric)}"}
+    unit = f"({metrics.unit('esp_rmse')})"
+    parity = figures["esp_parity.png"].axes[0]
+    assert parity.get_xlabel().endswith(unit) and parity.get_ylabel().endswith(unit)
+    assert figures["per_molecule_rmse.png"].axes[0].get_xlabel().endswith(unit)
 
 
 @ray
@@ -185,3 +228,12 @@ def test_cli_module_exit_code_in_a_subprocess(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "not found" in out.stderr
+
+
+def test_flat_dict_joins_nested_keys_and_keeps_leaves():
+    nested = {"model": {"n_dcm": 2, "sizes": [8, 16]}, "training": {"opt": {"lr": 1e-3}},
+              "seed": 0, "empty": {}}
+    assert flat_dict(nested) == {"model.n_dcm": 2, "model.sizes": [8, 16],
+                                 "training.opt.lr": 1e-3, "seed": 0, "empty": {}}
+    assert flat_dict(nested, sep="/")["training/opt/lr"] == 1e-3
+    assert flat_dict({}) == {}
