@@ -4,8 +4,20 @@ File format (DESIGN.md section 2; compatible with the mmml DCMNet files), per fi
 padded to A atoms and G grid points, real atoms first:
 
   R (M, A, 3) Angstrom, Z (M, A) int (0 = padding), N (M,) or (M, 1), esp (M, G) Hartree/e,
-  vdw_surface or esp_grid (M, G, 3) Angstrom; optional n_grid (M,), mono (M, A) e,
-  Dxyz (M, 3) Debye, com (M, 3) Angstrom, Q (M,) e, mol_id (M,).
+  vdw_surface or esp_grid (M, G, 3) Angstrom; optional n_grid (M,), espMask (M, G) bool,
+  mono (M, A) e, Dxyz (M, 3) Debye (or e*Bohr, e*Angstrom with `dipole_units`),
+  com (M, 3) Angstrom, Q (M,) e, mol_id (M,).
+
+Loading makes real users' files (mmml layout: QM9 padded to 60 atoms and 3,200 grid points)
+compact and safe (docs/data.md, "Files from mmml"):
+
+* compact: atoms and grid points are trimmed to the data's real maxima; `espMask` (True = keep)
+  is honoured by moving each conformer's kept points first (n_grid = their count); a missing
+  n_grid is inferred from trailing all-zero grid rows (coordinates and esp 0), with a warning;
+* molecules: without `mol_id`, conformers are grouped by their bond graph (dcmtune.molgraph);
+  `ESPData.mol_id_source` says "file" or "graph";
+* dipole units: a stored `Dxyz` that matches the dipole of the stored `mono` charges in another
+  unit than the declared one is refused (`check_dipole_units`).
 
 Everything here is numpy: the sweep driver loads data without starting a JAX backend. Batches
 are dicts of arrays with fixed shapes (B, A, ...) and masks, so one compiled step serves a run.
@@ -18,11 +30,13 @@ import hashlib
 import importlib.resources
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from dcmtune.molgraph import graph_keys
 from dcmtune.units import BOHR, EANG_TO_DEBYE, EBOHR_TO_DEBYE
 
 __all__ = [
@@ -33,6 +47,13 @@ __all__ = [
     "bundled_dataset_path",
     "concatenate",
     "pad_to",
+    "compact",
+    "mol_id_source",
+    "dipole_ratio",
+    "check_dipole_units",
+    "stored_layout",
+    "infer_n_grid",
+    "to_arrays",
     "split_indices",
     "split_dataset",
     "split_record",
@@ -42,10 +63,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = {"R", "Z", "N", "esp", "vdw_surface", "esp_grid", "n_grid", "mono", "Dxyz", "com",
-              "Q", "mol_id"}
+KNOWN_KEYS = {"R", "Z", "N", "esp", "vdw_surface", "esp_grid", "n_grid", "espMask", "mono",
+              "Dxyz", "com", "Q", "mol_id"}
 DEMO_FILE = "demo_esp.npz"
 
+# Debye per stored unit of Dxyz (DataConfig.dipole_units).
+DIPOLE_SCALE = {"debye": 1.0, "e_bohr": EBOHR_TO_DEBYE, "e_angstrom": EANG_TO_DEBYE}
+# The dipole-units check (check_dipole_units; docs/data.md): conformers whose mono dipole is at
+# least this large (Debye) vote; at least this many are needed; a unit "matches" when the
+# median ratio is within this factor of the ratio that unit predicts.
+DIPOLE_CHECK_MIN_DEBYE = 0.5
+DIPOLE_CHECK_MIN_CONFORMERS = 3
+DIPOLE_CHECK_BAND = 1.3
 
 
 class DataError(ValueError):
@@ -68,6 +97,9 @@ class ESPData:
       com: (M, 3) float32 dipole origin, Angstrom.
       Q: (M,) float32 total charge, e.
       mol_id: (M,) str molecule ids; conformers of one id stay in one split.
+      mol_id_source: Where the ids come from: "file" (the files' mol_id), "graph" (grouped by
+        bond graph, dcmtune.molgraph) or "mixed" (several files, both kinds). Not an array:
+        not part of the checksum, kept by `subset`.
     """
 
     R: np.ndarray
@@ -81,6 +113,7 @@ class ESPData:
     com: np.ndarray
     Q: np.ndarray
     mol_id: np.ndarray
+    mol_id_source: str = "file"
 
     @property
     def num_conformers(self) -> int:
@@ -97,19 +130,28 @@ class ESPData:
     def subset(self, idx: np.ndarray) -> "ESPData":
         """The conformers `idx`, same padding."""
         return dataclasses.replace(self, **{
-            f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
-            for f in dataclasses.fields(self)})
+            name: (None if getattr(self, name) is None else getattr(self, name)[idx])
+            for name in _ARRAY_FIELDS})
 
     def checksum(self) -> str:
         """SHA-256 of the arrays, to recognise the same data later (e.g. when ranking)."""
         h = hashlib.sha256()
-        for f in dataclasses.fields(self):
-            a = getattr(self, f.name)
-            h.update(f.name.encode())
+        for name in _ARRAY_FIELDS:
+            a = getattr(self, name)
+            h.update(name.encode())
             if a is not None:
                 h.update(np.ascontiguousarray(a).tobytes() if a.dtype.kind != "U"
                          else "\0".join(a.tolist()).encode())
         return h.hexdigest()
+
+
+_ARRAY_FIELDS = tuple(f.name for f in dataclasses.fields(ESPData) if f.name != "mol_id_source")
+
+
+def mol_id_source(parts: Sequence[ESPData]) -> str:
+    """The grouping source of several datasets together: theirs if they agree, else "mixed"."""
+    sources = {p.mol_id_source for p in parts}
+    return sources.pop() if len(sources) == 1 else "mixed"
 
 
 # --------------------------------------------------------------------------- loading
@@ -168,12 +210,21 @@ def _load_one(path: Path, max_atomic_number: int, dipole_units: str) -> ESPData:
 
 def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
                     max_atomic_number: int = 36, dipole_units: str = "debye") -> ESPData:
-    """Checks the arrays of one file against the format and returns an `ESPData`."""
+    """Checks the arrays of one file against the format and returns a compact `ESPData`.
+
+    Steps: keys; shapes; atoms; grid points (n_grid, espMask or inferred from trailing zero
+    rows; kept points moved first); finite values; optional keys and the dipole-units check;
+    molecule ids (the file's, else grouped by bond graph); atoms and grid points trimmed to the
+    real maxima.
+
+    Raises:
+      DataError: one line naming `source`, the key and what was expected.
+    """
 
     def fail(key: str, msg: str) -> DataError:
         return DataError(f"{source}: {key}: {msg}")
 
-    # 1. Keys: aliases, required, ignored extras.
+    # 1. Keys: aliases, required, ignored extras (logged once the grid step knows about espMask).
     raw = dict(raw)
     if "vdw_surface" not in raw and "esp_grid" in raw:
         raw["vdw_surface"] = raw["esp_grid"]
@@ -181,9 +232,7 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
         if key not in raw:
             alias = " (or esp_grid)" if key == "vdw_surface" else ""
             raise fail(key, f"required key missing{alias}; file has {sorted(raw)}")
-    extra = sorted(set(raw) - KNOWN_KEYS)
-    if extra:
-        log.info("%s: ignoring keys %s", source, ", ".join(extra))
+    ignored = sorted(set(raw) - KNOWN_KEYS)
 
     # 2. Shapes.
     R = _as_float(raw["R"], "R", fail)
@@ -209,13 +258,13 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
     if N.shape != (M,):
         raise fail("N", f"expected shape (M,) or (M, 1) with M = {M}, got {N.shape}")
     N = N.astype(np.int32)
-    esp = _as_float(raw["esp"], "esp", fail)
+    esp = _as_float(raw["esp"], "esp", fail, keep_float32=True)
     if esp.ndim != 2 or esp.shape[0] != M:
         raise fail("esp", f"expected shape (M, G) with M = {M}, got {esp.shape}")
     G = esp.shape[1]
     if G == 0:
         raise fail("esp", "expected at least one grid point, got G = 0")
-    grid = _as_float(raw["vdw_surface"], "vdw_surface", fail)
+    grid = _as_float(raw["vdw_surface"], "vdw_surface", fail, keep_float32=True)
     if grid.shape != (M, G, 3):
         raise fail("vdw_surface", f"expected shape (M, G, 3) = {(M, G, 3)}, got {grid.shape}")
 
@@ -237,7 +286,102 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
     if np.any(real & first_pad):
         raise fail("Z", "real atoms must come first (Z > 0 after a padding entry)")
 
-    # 4. Grid counts.
+    # 4. Grid points: which are real, then those first (n_grid = their count).
+    keep, mask_redundant = _grid_keep(raw, esp, grid, fail, source)
+    if mask_redundant:
+        ignored = sorted(ignored + ["espMask"])
+    if ignored:
+        log.info("%s: ignoring keys %s", source, ", ".join(ignored))
+    esp, grid, n_grid = _kept_first(keep, esp, grid)  # now (M, g), g = max n_grid
+    grid_mask = np.arange(esp.shape[1])[None, :] < n_grid[:, None]
+
+    # 5. Finite values where they count (padding may hold anything; it is zeroed below).
+    _finite(R[real], "R", fail)
+    _finite(esp[grid_mask], "esp", fail)
+    _finite(grid[grid_mask], "vdw_surface", fail)
+
+    # 6. Optional keys (padding rows of R may hold anything: zero them before any sum).
+    R = np.where(real[..., None], R, 0.0)
+    mono = None
+    if "mono" in raw:
+        mono = _as_float(raw["mono"], "mono", fail)
+        if mono.shape != (M, A):
+            raise fail("mono", f"expected shape (M, A) = {(M, A)}, got {mono.shape}")
+        _finite(mono[real], "mono", fail)
+        mono = np.where(real, mono, 0.0)
+    com = np.zeros((M, 3))
+    if "com" in raw:
+        com = _as_float(raw["com"], "com", fail)
+        if com.shape != (M, 3):
+            raise fail("com", f"expected shape (M, 3) = {(M, 3)}, got {com.shape}")
+        _finite(com, "com", fail)
+    Q = np.zeros(M)
+    if "Q" in raw:
+        Q = _as_float(raw["Q"], "Q", fail).reshape(-1)
+        if Q.shape != (M,):
+            raise fail("Q", f"expected shape (M,) with M = {M}, got {raw['Q'].shape}")
+        _finite(Q, "Q", fail)
+    dipole = None
+    if "Dxyz" in raw:
+        dipole = _as_float(raw["Dxyz"], "Dxyz", fail)
+        if dipole.shape != (M, 3):
+            raise fail("Dxyz", f"expected shape (M, 3) = {(M, 3)}, got {dipole.shape}")
+        _finite(dipole, "Dxyz", fail)
+        if dipole_units not in DIPOLE_SCALE:
+            raise fail("Dxyz", f"dipole_units must be one of {sorted(DIPOLE_SCALE)}, got "
+                               f"{dipole_units}")
+        dipole = dipole * DIPOLE_SCALE[dipole_units]
+        if mono is not None:
+            # Without a stored com, Dxyz of an ion may be about another origin: neutral only.
+            votes = np.ones(M, bool) if "com" in raw else np.abs(Q) < 1e-3
+            ratio, n = _dipole_ratio(dipole[votes], mono[votes], R[votes], real[votes],
+                                     com[votes])
+            check_dipole_units(ratio, n, dipole_units, source)
+
+    # 7. Molecules: the file's ids win; else conformers sharing a bond graph are one molecule.
+    if "mol_id" in raw:
+        mol_id = np.asarray(raw["mol_id"]).reshape(-1)
+        if mol_id.shape != (M,):
+            raise fail("mol_id", f"expected shape (M,) with M = {M}, got {raw['mol_id'].shape}")
+        mol_id, source_of_ids = mol_id.astype(str), "file"
+    else:
+        mol_id, source_of_ids = graph_keys(R, Z), "graph"
+        log.info("%s: no mol_id; %d conformers grouped into %d molecules by bond graph", source,
+                 M, len(np.unique(mol_id)))
+
+    # 8. Units check: grid points should sit ~1.4-2.0 vdW radii (>= ~1.5 Angstrom) from atoms;
+    #    Bohr coordinates make every distance 1.89x too large.
+    _warn_if_bohr(R, Z, grid, n_grid, source)
+
+    # 9. Compact: trim atoms (grid points are trimmed already) to the real maxima; padding
+    #    costs compute in every step.
+    a, g = int(N.max()), esp.shape[1]
+    if (a, g) != (A, G):
+        log.info("%s: compact layout: atoms %d -> %d, grid points %d -> %d", source, A, a, G, g)
+    f32 = np.float32
+    return ESPData(
+        R=R[:, :a].astype(f32), Z=np.where(real, Z, 0)[:, :a].astype(np.int32), N=N,
+        esp=np.where(grid_mask, esp, 0.0).astype(f32),
+        grid=np.where(grid_mask[..., None], grid, 0.0).astype(f32), n_grid=n_grid,
+        mono=None if mono is None else mono[:, :a].astype(f32),
+        dipole=None if dipole is None else dipole.astype(f32), com=com.astype(f32),
+        Q=Q.astype(f32), mol_id=mol_id, mol_id_source=source_of_ids)
+
+
+def _grid_keep(raw: Mapping[str, np.ndarray], esp: np.ndarray, grid: np.ndarray, fail,
+               source: str) -> tuple[np.ndarray, bool]:
+    """Which grid points are real: the first n_grid (stored, else inferred from trailing
+    all-zero rows) and, where `espMask` exists, only those it keeps.
+
+    Args:
+      raw: The file's arrays. esp: (M, G). grid: (M, G, 3).
+
+    Returns:
+      keep: (M, G) bool, at least one point per conformer.
+      mask_redundant: True when espMask exists but keeps every point n_grid keeps.
+    """
+    M, G = esp.shape
+    idx = np.arange(G)[None, :]
     if "n_grid" in raw:
         n_grid = np.asarray(raw["n_grid"]).reshape(-1)
         if n_grid.shape != (M,):
@@ -245,70 +389,162 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
         if np.any(n_grid > G) or np.any(n_grid < 1):
             raise fail("n_grid", f"expected 1 <= n_grid <= G = {G}, got range "
                                  f"[{n_grid.min()}, {n_grid.max()}]")
-        n_grid = n_grid.astype(np.int32)
+        base = idx < n_grid[:, None]
     else:
-        n_grid = np.full(M, G, np.int32)
-    grid_mask = np.arange(G)[None, :] < n_grid[:, None]
-
-    # 5. Finite values where they count (padding may hold anything; it is zeroed below).
-    _finite(R[real], "R", fail)
-    _finite(esp[grid_mask], "esp", fail)
-    _finite(grid[grid_mask], "vdw_surface", fail)
-
-    # 6. Optional keys.
-    mono = None
-    if "mono" in raw:
-        mono = _as_float(raw["mono"], "mono", fail)
-        if mono.shape != (M, A):
-            raise fail("mono", f"expected shape (M, A) = {(M, A)}, got {mono.shape}")
-        _finite(mono[real], "mono", fail)
-        mono = np.where(real, mono, 0.0).astype(np.float32)
-    dipole = None
-    if "Dxyz" in raw:
-        dipole = _as_float(raw["Dxyz"], "Dxyz", fail)
-        if dipole.shape != (M, 3):
-            raise fail("Dxyz", f"expected shape (M, 3) = {(M, 3)}, got {dipole.shape}")
-        _finite(dipole, "Dxyz", fail)
-        scale = {"debye": 1.0, "e_bohr": EBOHR_TO_DEBYE, "e_angstrom": EANG_TO_DEBYE}
-        if dipole_units not in scale:
-            raise fail("Dxyz", f"dipole_units must be one of {sorted(scale)}, got {dipole_units}")
-        dipole = (dipole * scale[dipole_units]).astype(np.float32)
-    com = np.zeros((M, 3), np.float32)
-    if "com" in raw:
-        com = _as_float(raw["com"], "com", fail)
-        if com.shape != (M, 3):
-            raise fail("com", f"expected shape (M, 3) = {(M, 3)}, got {com.shape}")
-        _finite(com, "com", fail)
-    Q = np.zeros(M, np.float32)
-    if "Q" in raw:
-        Q = _as_float(raw["Q"], "Q", fail).reshape(-1)
-        if Q.shape != (M,):
-            raise fail("Q", f"expected shape (M,) with M = {M}, got {raw['Q'].shape}")
-        _finite(Q, "Q", fail)
-    if "mol_id" in raw:
-        mol_id = np.asarray(raw["mol_id"]).reshape(-1)
-        if mol_id.shape != (M,):
-            raise fail("mol_id", f"expected shape (M,) with M = {M}, got {raw['mol_id'].shape}")
-        mol_id = mol_id.astype(str)
-    else:
-        mol_id = np.array([f"{Path(source).stem}:{i}" for i in range(M)])
-
-    # 7. Units check: grid points should sit ~1.4-2.0 vdW radii (>= ~1.5 Angstrom) from atoms;
-    #    Bohr coordinates make every distance 1.89x too large.
-    _warn_if_bohr(R, Z, grid, n_grid, source)
-
-    R = np.where(real[..., None], R, 0.0).astype(np.float32)
-    esp = np.where(grid_mask, esp, 0.0).astype(np.float32)
-    grid = np.where(grid_mask[..., None], grid, 0.0).astype(np.float32)
-    return ESPData(R=R, Z=np.where(real, Z, 0).astype(np.int32), N=N, esp=esp, grid=grid,
-                   n_grid=n_grid, mono=mono, dipole=dipole, com=com.astype(np.float32),
-                   Q=Q.astype(np.float32), mol_id=mol_id)
+        inferred = infer_n_grid(esp, grid)
+        if np.any(inferred == 0):
+            raise fail("vdw_surface", f"conformer {int(np.argmin(inferred))}: every grid row is "
+                                      "zero (coordinates and esp); expected real grid points")
+        base = idx < inferred[:, None]
+    mask = None
+    if "espMask" in raw:
+        mask = np.asarray(raw["espMask"])
+        if mask.shape != (M, G):
+            raise fail("espMask", f"expected shape (M, G) = {(M, G)} like esp, got {mask.shape}")
+        if mask.dtype.kind not in "biuf" or not np.all((mask == 0) | (mask == 1)):
+            raise fail("espMask", f"expected booleans (True = keep the grid point), got dtype "
+                                  f"{mask.dtype}")
+        mask = mask.astype(bool)
+    keep = base if mask is None else base & mask
+    empty = ~keep.any(axis=1)
+    if np.any(empty):
+        raise fail("espMask", f"conformer {int(np.argmax(empty))} keeps no grid point")
+    if "n_grid" not in raw:
+        dropped = ~base & (True if mask is None else mask)
+        if dropped.any():
+            n = base.sum(axis=1)
+            log.warning("%s: n_grid missing: inferred from trailing all-zero grid rows "
+                        "(coordinates and esp 0) for %d of %d conformers (n_grid %d..%d of "
+                        "G = %d); store n_grid to make it explicit", source,
+                        int(dropped.any(axis=1).sum()), M, int(n.min()), int(n.max()), G)
+    return keep, mask is not None and np.array_equal(keep, base)
 
 
-def _as_float(a, key, fail) -> np.ndarray:
+def infer_n_grid(esp: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Real grid points per conformer when n_grid is missing: all rows up to the last one that
+    is not entirely zero (coordinates all 0 and esp 0 = padding).
+
+    Args:
+      esp: (M, G). grid: (M, G, 3).
+
+    Returns:
+      (M,) int32 in [0, G]; 0 for a conformer whose rows are all zero.
+    """
+    nonzero = (esp != 0) | np.any(grid != 0, axis=-1)
+    G = esp.shape[1]
+    last = G - np.argmax(nonzero[:, ::-1], axis=1)
+    return np.where(nonzero.any(axis=1), last, 0).astype(np.int32)
+
+
+def _kept_first(keep: np.ndarray, esp: np.ndarray, grid: np.ndarray):
+    """Moves each conformer's kept grid points first (stable order) and trims the grid axis to
+    the largest count (g = max n_grid), without copying the full padded arrays.
+
+    Args:
+      keep: (M, G) bool. esp: (M, G). grid: (M, G, 3).
+
+    Returns:
+      esp (M, g), grid (M, g, 3), and n_grid (M,) int32 = kept points.
+    """
+    n_grid = keep.sum(axis=1).astype(np.int32)
+    g = int(n_grid.max())
+    if np.array_equal(keep, np.arange(keep.shape[1])[None, :] < n_grid[:, None]):
+        return esp[:, :g], grid[:, :g], n_grid
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :g]
+    return (np.take_along_axis(esp, order, axis=1),
+            np.take_along_axis(grid, order[..., None], axis=1), n_grid)
+
+
+def _dipole_ratio(dipole: np.ndarray, mono: np.ndarray, R: np.ndarray, real: np.ndarray,
+                  com: np.ndarray) -> tuple[float, int]:
+    """Median over conformers of |Dxyz| / |dipole of the mono charges about com|.
+
+    Args:
+      dipole: (M, 3) Debye. mono: (M, A) e. R: (M, A, 3) Angstrom. real: (M, A) bool.
+      com: (M, 3) Angstrom.
+
+    Returns:
+      (median ratio, conformers that voted); only conformers whose mono dipole is at least
+      DIPOLE_CHECK_MIN_DEBYE vote (below that the ratio is noise); NaN when fewer than
+      DIPOLE_CHECK_MIN_CONFORMERS vote.
+    """
+    q = np.where(real, mono, 0.0)
+    mu = (q[..., None] * (R - com[:, None, :])).sum(axis=1) * EANG_TO_DEBYE  # (M, 3) Debye
+    size = np.linalg.norm(mu, axis=1)
+    votes = size >= DIPOLE_CHECK_MIN_DEBYE
+    n = int(votes.sum())
+    if n < DIPOLE_CHECK_MIN_CONFORMERS:
+        return float("nan"), n
+    return float(np.median(np.linalg.norm(dipole[votes], axis=1) / size[votes])), n
+
+
+def dipole_ratio(data: ESPData) -> tuple[float, int]:
+    """`check_dipole_units`' evidence for a loaded dataset (dipoles already in Debye): the
+    median |Dxyz| / |dipole of mono about com| and the number of conformers that voted."""
+    if data.dipole is None or data.mono is None:
+        return float("nan"), 0
+    return _dipole_ratio(data.dipole.astype(np.float64), data.mono.astype(np.float64),
+                         data.R.astype(np.float64), data.Z > 0, data.com.astype(np.float64))
+
+
+def check_dipole_units(ratio: float, voters: int, declared: str, source: str = "<arrays>",
+                       warn: bool = True) -> str:
+    """Decides whether stored dipoles are in the declared unit.
+
+    If the file were in unit u while `declared` was given, the median ratio |Dxyz read as
+    declared| / |mono dipole| would be about scale(declared) / scale(u): 0.393430 for e*Bohr
+    and 0.208194 for e*Angstrom read as Debye. The rule: the unit whose predicted ratio is
+    nearest in log scale wins; if that is not the declared unit and it matches within a factor
+    DIPOLE_CHECK_BAND (1.3), the file is refused. ESP-fitted charges reproduce the QM dipole to
+    a few per cent (demo set: median 0.995, all 181 voters within 0.96-1.16) and even Mulliken
+    charges to ~15% in the median (0.85), far inside the band; the nearest wrong unit is a
+    factor 1.89 away.
+
+    Args:
+      ratio: Median |Dxyz| (converted with `declared` to Debye) / |mono dipole| (Debye).
+      voters: Conformers behind the median (NaN ratio: too few, nothing is decided).
+      declared: "debye", "e_bohr" or "e_angstrom".
+      source: The file, for messages.
+      warn: Log "not confirmed" as a warning (the loader does; reports that repeat it don't).
+
+    Returns:
+      One line for humans: confirmed, not checked, or not confirmed (the mono charges disagree
+      with Dxyz in every unit).
+
+    Raises:
+      DataError: the dipoles match another unit; names it and the flag/key that sets it.
+    """
+    if not math.isfinite(ratio):
+        return (f"not checked ({voters} conformer(s) with a mono dipole >= "
+                f"{DIPOLE_CHECK_MIN_DEBYE} Debye; {DIPOLE_CHECK_MIN_CONFORMERS} needed)")
+    predicted = {u: DIPOLE_SCALE[declared] / DIPOLE_SCALE[u] for u in DIPOLE_SCALE}
+    error = {u: abs(math.log(max(ratio, 1e-12) / p)) for u, p in predicted.items()}
+    best = min(error, key=error.get)
+    band = math.log(DIPOLE_CHECK_BAND)
+    evidence = (f"median |Dxyz| / |dipole of mono about com| over {voters} conformers is "
+                f"{ratio:.3f} reading Dxyz as {declared}")
+    if best != declared and error[best] <= band:
+        raise DataError(
+            f"{source}: Dxyz: dipoles look like {best}, not {declared} ({evidence}; "
+            f"{ratio / predicted[best]:.3f} as {best}); set --dipole-units {best} "
+            f"(config key data.dipole_units)")
+    if error[declared] > band:
+        msg = (f"not confirmed: {evidence}, matching no unit within a factor "
+               f"{DIPOLE_CHECK_BAND} (are mono and Dxyz from the same calculation?)")
+        if warn:
+            log.warning("%s: Dxyz units %s", source, msg)
+        return msg
+    return f"{declared} confirmed ({evidence})"
+
+
+def _as_float(a, key, fail, keep_float32: bool = False) -> np.ndarray:
+    """A numeric array as float64 (float32 kept as is with `keep_float32`: the large esp and
+    grid arrays end as float32 anyway, so this only halves the peak memory)."""
     a = np.asarray(a)
     if a.dtype.kind not in "fiu":
         raise fail(key, f"expected a numeric array, got dtype {a.dtype}")
+    if keep_float32 and a.dtype == np.float32:
+        return a
     return a.astype(np.float64)
 
 
@@ -331,21 +567,77 @@ def _warn_if_bohr(R, Z, grid, n_grid, source: str) -> None:
 
 
 def concatenate(parts: Sequence[ESPData]) -> ESPData:
-    """Concatenates datasets, padding to the largest A and G. Optional keys present in only
-    some parts are dropped with a warning (a partial reference would bias the loss)."""
+    """Concatenates datasets, padding to the largest A and G (of compact parts: the largest
+    real ones). Optional keys present in only some parts are dropped with a warning (a partial
+    reference would bias the loss)."""
     A = max(p.num_atoms for p in parts)
     G = max(p.num_grid for p in parts)
     parts = [pad_to(p, A, G) for p in parts]
     out = {}
-    for f in dataclasses.fields(ESPData):
-        vals = [getattr(p, f.name) for p in parts]
+    for name in _ARRAY_FIELDS:
+        vals = [getattr(p, name) for p in parts]
         if any(v is None for v in vals):
             if any(v is not None for v in vals):
-                log.warning("key %s is missing in some files; not used", f.name)
-            out[f.name] = None
+                log.warning("key %s is missing in some files; not used", name)
+            out[name] = None
         else:
-            out[f.name] = np.concatenate(vals)
-    return ESPData(**out)
+            out[name] = np.concatenate(vals)
+    source = mol_id_source(parts)
+    if source == "mixed":
+        log.warning("some files have mol_id and some do not (grouped by bond graph): a molecule "
+                    "in both kinds of file forms two groups, which may land in different splits")
+    return ESPData(**out, mol_id_source=source)
+
+
+def compact(data: ESPData) -> ESPData:
+    """The same conformers with atoms and grid points trimmed to the real maxima (max N,
+    max n_grid); the inverse of `pad_to`. Loading already does this."""
+    a, g = int(data.N.max()), int(data.n_grid.max())
+    return dataclasses.replace(
+        data, R=data.R[:, :a], Z=data.Z[:, :a],
+        mono=None if data.mono is None else data.mono[:, :a], esp=data.esp[:, :g],
+        grid=data.grid[:, :g])
+
+
+def to_arrays(data: ESPData, dipole_units: str = "debye") -> dict[str, np.ndarray]:
+    """The arrays of a dcmtune file (DESIGN.md section 2) holding `data`: N as (M,), n_grid,
+    Dxyz in `dipole_units` (Debye by default), mol_id as str; mono and Dxyz only where
+    present. (`pad_to` first gives another padding, e.g. mmml's 60 atoms x 3,200 points.)"""
+    out = {"R": data.R, "Z": data.Z, "N": data.N, "esp": data.esp, "vdw_surface": data.grid,
+           "n_grid": data.n_grid, "com": data.com, "Q": data.Q, "mol_id": data.mol_id}
+    if data.mono is not None:
+        out["mono"] = data.mono
+    if data.dipole is not None:
+        out["Dxyz"] = (data.dipole / DIPOLE_SCALE[dipole_units]).astype(np.float32)
+    return out
+
+
+def stored_layout(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every array in a `.npz` file, read from the headers only (cheap on
+    large files; nothing is loaded or unpickled).
+
+    Returns:
+      {key: (shape, dtype string)}.
+
+    Raises:
+      DataError: the file is not a readable .npz.
+    """
+    path = Path(path)
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with z.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                out[name[:-4]] = (tuple(int(n) for n in shape), dtype.str)
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    return out
 
 
 def pad_to(data: ESPData, num_atoms: int, num_grid: int) -> ESPData:
@@ -445,11 +737,16 @@ def split_dataset(data: ESPData, cfg) -> dict[str, np.ndarray]:
 
 
 def split_record(data: ESPData, splits: Mapping[str, np.ndarray], **settings) -> dict:
-    """The JSON-able record of a split, written next to every run and reused by ranking."""
+    """The JSON-able record of a split, written next to every run and reused by ranking.
+
+    Besides the indices and mol_ids per split it names where the molecule ids come from
+    (`mol_id_source`: "file", "graph" = grouped by bond graph, or "mixed")."""
     return {
         "settings": settings,
         "checksum": data.checksum(),
         "num_conformers": data.num_conformers,
+        "num_molecules": int(len(np.unique(data.mol_id))),
+        "mol_id_source": data.mol_id_source,
         "indices": {k: [int(i) for i in v] for k, v in splits.items()},
         "mol_ids": {k: sorted(set(data.mol_id[v].tolist())) for k, v in splits.items()},
     }
