@@ -235,9 +235,9 @@ def _inspect(args) -> int:
     gd = np.concatenate(grid_dist)
     print()
     print(f"files: {', '.join(map(str, files))}")
-    print(f"{len(ids)} molecules ({_GROUPING[d.mol_id_source]}), {d.num_conformers} conformers, "
-          f"up to {d.num_atoms} atoms, up to {d.num_grid} grid points "
-          f"({int(d.n_grid.sum())} in all)")
+    print(f"{len(ids)} molecules, {d.num_conformers} conformers, up to {d.num_atoms} atoms, "
+          f"up to {d.num_grid} grid points ({int(d.n_grid.sum())} in all)")
+    print(f"molecules: {_GROUPING[d.mol_id_source]}")
     for s in summaries:
         print(f"stored {s['path']}: {s['conformers']} conformers x {s['stored_atoms']} atoms x "
               f"{s['stored_grid_points']} grid points; N {tuple(s['N_shape'])}; grid points: "

@@ -224,7 +224,7 @@ def test_mixed_layouts_concatenate_to_the_largest_real_shape(demo, tmp_path, cap
 def test_inspect_reports_padding_and_grouping(mmml_file, capsys):
     assert data_main(["inspect", str(mmml_file), "--dipole-units", "e_bohr"]) == 0
     out = capsys.readouterr().out
-    assert "24 molecules (grouped by bond graph" in out
+    assert "24 molecules, 240 conformers" in out and "molecules: grouped by bond graph" in out
     assert "atoms 1590 / 14400 = 11.0%" in out and "grid points 245123 / 768000 = 31.9%" in out
     assert "N (240, 1)" in out and "median |Dxyz| / |dipole of mono about com| = 0.99" in out
 
