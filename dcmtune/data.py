@@ -48,7 +48,6 @@ __all__ = [
     "bundled_dataset_path",
     "concatenate",
     "pad_to",
-    "compact",
     "mol_id_source",
     "dipole_ratio",
     "check_dipole_units",
@@ -323,7 +322,7 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
             # Without a stored com, Dxyz of an ion may be about another origin: neutral only.
             votes = np.ones(M, bool) if "com" in raw else np.abs(Q) < 1e-3
             ratio, n = mono_dipole_ratio(dipole[votes], mono[votes], R[votes], real[votes],
-                                     com[votes])
+                                         com[votes])
             check_dipole_units(ratio, n, dipole_units, source)
 
     # 7. Molecules: the file's ids win; else conformers sharing a bond graph are one molecule.
@@ -362,7 +361,8 @@ def dipole_ratio(data: ESPData) -> tuple[float, int]:
     if data.dipole is None or data.mono is None:
         return float("nan"), 0
     return mono_dipole_ratio(data.dipole.astype(np.float64), data.mono.astype(np.float64),
-                         data.R.astype(np.float64), data.Z > 0, data.com.astype(np.float64))
+                             data.R.astype(np.float64), data.Z > 0,
+                             data.com.astype(np.float64))
 
 
 def _as_float(a, key, fail, keep_float32: bool = False) -> np.ndarray:
@@ -415,16 +415,6 @@ def concatenate(parts: Sequence[ESPData]) -> ESPData:
         log.warning("some files have mol_id and some do not (grouped by bond graph): a molecule "
                     "in both kinds of file forms two groups, which may land in different splits")
     return ESPData(**out, mol_id_source=source)
-
-
-def compact(data: ESPData) -> ESPData:
-    """The same conformers with atoms and grid points trimmed to the real maxima (max N,
-    max n_grid); the inverse of `pad_to`. Loading already does this."""
-    a, g = int(data.N.max()), int(data.n_grid.max())
-    return dataclasses.replace(
-        data, R=data.R[:, :a], Z=data.Z[:, :a],
-        mono=None if data.mono is None else data.mono[:, :a], esp=data.esp[:, :g],
-        grid=data.grid[:, :g])
 
 
 def to_arrays(data: ESPData, dipole_units: str = "debye") -> dict[str, np.ndarray]:
