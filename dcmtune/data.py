@@ -4,8 +4,20 @@ File format (DESIGN.md section 2; compatible with the mmml DCMNet files), per fi
 padded to A atoms and G grid points, real atoms first:
 
   R (M, A, 3) Angstrom, Z (M, A) int (0 = padding), N (M,) or (M, 1), esp (M, G) Hartree/e,
-  vdw_surface or esp_grid (M, G, 3) Angstrom; optional n_grid (M,), mono (M, A) e,
-  Dxyz (M, 3) Debye, com (M, 3) Angstrom, Q (M,) e, mol_id (M,).
+  vdw_surface or esp_grid (M, G, 3) Angstrom; optional n_grid (M,), espMask (M, G) bool,
+  mono (M, A) e, Dxyz (M, 3) Debye (or e*Bohr, e*Angstrom with `dipole_units`),
+  com (M, 3) Angstrom, Q (M,) e, mol_id (M,).
+
+Loading makes real users' files (mmml layout: QM9 padded to 60 atoms and 3,200 grid points)
+compact and safe (docs/data.md, "Files from mmml"):
+
+* compact: atoms and grid points are trimmed to the data's real maxima; `espMask` (True = keep)
+  is honoured by moving each conformer's kept points first (n_grid = their count); a missing
+  n_grid is inferred from trailing all-zero grid rows (coordinates and esp 0), with a warning;
+* molecules: without `mol_id`, conformers are grouped by their bond graph (dcmtune.molgraph);
+  `ESPData.mol_id_source` says "file" or "graph";
+* dipole units: a stored `Dxyz` that matches the dipole of the stored `mono` charges in another
+  unit than the declared one is refused (`check_dipole_units`).
 
 Everything here is numpy: the sweep driver loads data without starting a JAX backend. Batches
 are dicts of arrays with fixed shapes (B, A, ...) and masks, so one compiled step serves a run.
@@ -23,7 +35,10 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from dcmtune.units import BOHR, EANG_TO_DEBYE, EBOHR_TO_DEBYE
+from dcmtune.layout import (DIPOLE_SCALE, DataError, check_dipole_units, infer_n_grid,
+                            kept_first, mono_dipole_ratio, real_grid_points, stored_layout)
+from dcmtune.molgraph import graph_keys
+from dcmtune.units import BOHR
 
 __all__ = [
     "DataError",
@@ -33,6 +48,12 @@ __all__ = [
     "bundled_dataset_path",
     "concatenate",
     "pad_to",
+    "mol_id_source",
+    "dipole_ratio",
+    "check_dipole_units",
+    "stored_layout",
+    "infer_n_grid",
+    "to_arrays",
     "split_indices",
     "split_dataset",
     "split_record",
@@ -42,14 +63,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = {"R", "Z", "N", "esp", "vdw_surface", "esp_grid", "n_grid", "mono", "Dxyz", "com",
-              "Q", "mol_id"}
+KNOWN_KEYS = {"R", "Z", "N", "esp", "vdw_surface", "esp_grid", "n_grid", "espMask", "mono",
+              "Dxyz", "com", "Q", "mol_id"}
 DEMO_FILE = "demo_esp.npz"
-
-
-
-class DataError(ValueError):
-    """A data file is unreadable or breaks the format; the message names file and key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +84,9 @@ class ESPData:
       com: (M, 3) float32 dipole origin, Angstrom.
       Q: (M,) float32 total charge, e.
       mol_id: (M,) str molecule ids; conformers of one id stay in one split.
+      mol_id_source: Where the ids come from: "file" (the files' mol_id), "graph" (grouped by
+        bond graph, dcmtune.molgraph) or "mixed" (several files, both kinds). Not an array:
+        not part of the checksum, kept by `subset`.
     """
 
     R: np.ndarray
@@ -81,6 +100,7 @@ class ESPData:
     com: np.ndarray
     Q: np.ndarray
     mol_id: np.ndarray
+    mol_id_source: str = "file"
 
     @property
     def num_conformers(self) -> int:
@@ -97,19 +117,28 @@ class ESPData:
     def subset(self, idx: np.ndarray) -> "ESPData":
         """The conformers `idx`, same padding."""
         return dataclasses.replace(self, **{
-            f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
-            for f in dataclasses.fields(self)})
+            name: (None if getattr(self, name) is None else getattr(self, name)[idx])
+            for name in _ARRAY_FIELDS})
 
     def checksum(self) -> str:
         """SHA-256 of the arrays, to recognise the same data later (e.g. when ranking)."""
         h = hashlib.sha256()
-        for f in dataclasses.fields(self):
-            a = getattr(self, f.name)
-            h.update(f.name.encode())
+        for name in _ARRAY_FIELDS:
+            a = getattr(self, name)
+            h.update(name.encode())
             if a is not None:
                 h.update(np.ascontiguousarray(a).tobytes() if a.dtype.kind != "U"
                          else "\0".join(a.tolist()).encode())
         return h.hexdigest()
+
+
+_ARRAY_FIELDS = tuple(f.name for f in dataclasses.fields(ESPData) if f.name != "mol_id_source")
+
+
+def mol_id_source(parts: Sequence[ESPData]) -> str:
+    """The grouping source of several datasets together: theirs if they agree, else "mixed"."""
+    sources = {p.mol_id_source for p in parts}
+    return sources.pop() if len(sources) == 1 else "mixed"
 
 
 # --------------------------------------------------------------------------- loading
@@ -168,12 +197,21 @@ def _load_one(path: Path, max_atomic_number: int, dipole_units: str) -> ESPData:
 
 def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
                     max_atomic_number: int = 36, dipole_units: str = "debye") -> ESPData:
-    """Checks the arrays of one file against the format and returns an `ESPData`."""
+    """Checks the arrays of one file against the format and returns a compact `ESPData`.
+
+    Steps: keys; shapes; atoms; grid points (n_grid, espMask or inferred from trailing zero
+    rows; kept points moved first); finite values; optional keys and the dipole-units check;
+    molecule ids (the file's, else grouped by bond graph); atoms and grid points trimmed to the
+    real maxima.
+
+    Raises:
+      DataError: one line naming `source`, the key and what was expected.
+    """
 
     def fail(key: str, msg: str) -> DataError:
         return DataError(f"{source}: {key}: {msg}")
 
-    # 1. Keys: aliases, required, ignored extras.
+    # 1. Keys: aliases, required, ignored extras (logged once the grid step knows about espMask).
     raw = dict(raw)
     if "vdw_surface" not in raw and "esp_grid" in raw:
         raw["vdw_surface"] = raw["esp_grid"]
@@ -181,9 +219,7 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
         if key not in raw:
             alias = " (or esp_grid)" if key == "vdw_surface" else ""
             raise fail(key, f"required key missing{alias}; file has {sorted(raw)}")
-    extra = sorted(set(raw) - KNOWN_KEYS)
-    if extra:
-        log.info("%s: ignoring keys %s", source, ", ".join(extra))
+    ignored = sorted(set(raw) - KNOWN_KEYS)
 
     # 2. Shapes.
     R = _as_float(raw["R"], "R", fail)
@@ -209,13 +245,13 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
     if N.shape != (M,):
         raise fail("N", f"expected shape (M,) or (M, 1) with M = {M}, got {N.shape}")
     N = N.astype(np.int32)
-    esp = _as_float(raw["esp"], "esp", fail)
+    esp = _as_float(raw["esp"], "esp", fail, keep_float32=True)
     if esp.ndim != 2 or esp.shape[0] != M:
         raise fail("esp", f"expected shape (M, G) with M = {M}, got {esp.shape}")
     G = esp.shape[1]
     if G == 0:
         raise fail("esp", "expected at least one grid point, got G = 0")
-    grid = _as_float(raw["vdw_surface"], "vdw_surface", fail)
+    grid = _as_float(raw["vdw_surface"], "vdw_surface", fail, keep_float32=True)
     if grid.shape != (M, G, 3):
         raise fail("vdw_surface", f"expected shape (M, G, 3) = {(M, G, 3)}, got {grid.shape}")
 
@@ -237,78 +273,106 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
     if np.any(real & first_pad):
         raise fail("Z", "real atoms must come first (Z > 0 after a padding entry)")
 
-    # 4. Grid counts.
-    if "n_grid" in raw:
-        n_grid = np.asarray(raw["n_grid"]).reshape(-1)
-        if n_grid.shape != (M,):
-            raise fail("n_grid", f"expected shape (M,) with M = {M}, got {raw['n_grid'].shape}")
-        if np.any(n_grid > G) or np.any(n_grid < 1):
-            raise fail("n_grid", f"expected 1 <= n_grid <= G = {G}, got range "
-                                 f"[{n_grid.min()}, {n_grid.max()}]")
-        n_grid = n_grid.astype(np.int32)
-    else:
-        n_grid = np.full(M, G, np.int32)
-    grid_mask = np.arange(G)[None, :] < n_grid[:, None]
+    # 4. Grid points: which are real, then those first (n_grid = their count).
+    keep, mask_redundant = real_grid_points(raw, esp, grid, fail, source)
+    if mask_redundant:
+        ignored = sorted(ignored + ["espMask"])
+    if ignored:
+        log.info("%s: ignoring keys %s", source, ", ".join(ignored))
+    esp, grid, n_grid = kept_first(keep, esp, grid)  # now (M, g), g = max n_grid
+    grid_mask = np.arange(esp.shape[1])[None, :] < n_grid[:, None]
 
     # 5. Finite values where they count (padding may hold anything; it is zeroed below).
     _finite(R[real], "R", fail)
     _finite(esp[grid_mask], "esp", fail)
     _finite(grid[grid_mask], "vdw_surface", fail)
 
-    # 6. Optional keys.
+    # 6. Optional keys (padding rows of R may hold anything: zero them before any sum).
+    R = np.where(real[..., None], R, 0.0)
     mono = None
     if "mono" in raw:
         mono = _as_float(raw["mono"], "mono", fail)
         if mono.shape != (M, A):
             raise fail("mono", f"expected shape (M, A) = {(M, A)}, got {mono.shape}")
         _finite(mono[real], "mono", fail)
-        mono = np.where(real, mono, 0.0).astype(np.float32)
+        mono = np.where(real, mono, 0.0)
+    com = np.zeros((M, 3))
+    if "com" in raw:
+        com = _as_float(raw["com"], "com", fail)
+        if com.shape != (M, 3):
+            raise fail("com", f"expected shape (M, 3) = {(M, 3)}, got {com.shape}")
+        _finite(com, "com", fail)
+    Q = np.zeros(M)
+    if "Q" in raw:
+        Q = _as_float(raw["Q"], "Q", fail).reshape(-1)
+        if Q.shape != (M,):
+            raise fail("Q", f"expected shape (M,) with M = {M}, got {raw['Q'].shape}")
+        _finite(Q, "Q", fail)
     dipole = None
     if "Dxyz" in raw:
         dipole = _as_float(raw["Dxyz"], "Dxyz", fail)
         if dipole.shape != (M, 3):
             raise fail("Dxyz", f"expected shape (M, 3) = {(M, 3)}, got {dipole.shape}")
         _finite(dipole, "Dxyz", fail)
-        scale = {"debye": 1.0, "e_bohr": EBOHR_TO_DEBYE, "e_angstrom": EANG_TO_DEBYE}
-        if dipole_units not in scale:
-            raise fail("Dxyz", f"dipole_units must be one of {sorted(scale)}, got {dipole_units}")
-        dipole = (dipole * scale[dipole_units]).astype(np.float32)
-    com = np.zeros((M, 3), np.float32)
-    if "com" in raw:
-        com = _as_float(raw["com"], "com", fail)
-        if com.shape != (M, 3):
-            raise fail("com", f"expected shape (M, 3) = {(M, 3)}, got {com.shape}")
-        _finite(com, "com", fail)
-    Q = np.zeros(M, np.float32)
-    if "Q" in raw:
-        Q = _as_float(raw["Q"], "Q", fail).reshape(-1)
-        if Q.shape != (M,):
-            raise fail("Q", f"expected shape (M,) with M = {M}, got {raw['Q'].shape}")
-        _finite(Q, "Q", fail)
+        if dipole_units not in DIPOLE_SCALE:
+            raise fail("Dxyz", f"dipole_units must be one of {sorted(DIPOLE_SCALE)}, got "
+                               f"{dipole_units}")
+        dipole = dipole * DIPOLE_SCALE[dipole_units]
+        if mono is not None:
+            # Without a stored com, Dxyz of an ion may be about another origin: neutral only.
+            votes = np.ones(M, bool) if "com" in raw else np.abs(Q) < 1e-3
+            ratio, n = mono_dipole_ratio(dipole[votes], mono[votes], R[votes], real[votes],
+                                         com[votes])
+            check_dipole_units(ratio, n, dipole_units, source)
+
+    # 7. Molecules: the file's ids win; else conformers sharing a bond graph are one molecule.
     if "mol_id" in raw:
         mol_id = np.asarray(raw["mol_id"]).reshape(-1)
         if mol_id.shape != (M,):
             raise fail("mol_id", f"expected shape (M,) with M = {M}, got {raw['mol_id'].shape}")
-        mol_id = mol_id.astype(str)
+        mol_id, source_of_ids = mol_id.astype(str), "file"
     else:
-        mol_id = np.array([f"{Path(source).stem}:{i}" for i in range(M)])
+        mol_id, source_of_ids = graph_keys(R, Z), "graph"
+        log.info("%s: no mol_id; %d conformers grouped into %d molecules by bond graph", source,
+                 M, len(np.unique(mol_id)))
 
-    # 7. Units check: grid points should sit ~1.4-2.0 vdW radii (>= ~1.5 Angstrom) from atoms;
+    # 8. Units check: grid points should sit ~1.4-2.0 vdW radii (>= ~1.5 Angstrom) from atoms;
     #    Bohr coordinates make every distance 1.89x too large.
     _warn_if_bohr(R, Z, grid, n_grid, source)
 
-    R = np.where(real[..., None], R, 0.0).astype(np.float32)
-    esp = np.where(grid_mask, esp, 0.0).astype(np.float32)
-    grid = np.where(grid_mask[..., None], grid, 0.0).astype(np.float32)
-    return ESPData(R=R, Z=np.where(real, Z, 0).astype(np.int32), N=N, esp=esp, grid=grid,
-                   n_grid=n_grid, mono=mono, dipole=dipole, com=com.astype(np.float32),
-                   Q=Q.astype(np.float32), mol_id=mol_id)
+    # 9. Compact: trim atoms (grid points are trimmed already) to the real maxima; padding
+    #    costs compute in every step.
+    a, g = int(N.max()), esp.shape[1]
+    if (a, g) != (A, G):
+        log.info("%s: compact layout: atoms %d -> %d, grid points %d -> %d", source, A, a, G, g)
+    f32 = np.float32
+    return ESPData(
+        R=R[:, :a].astype(f32), Z=np.where(real, Z, 0)[:, :a].astype(np.int32), N=N,
+        esp=np.where(grid_mask, esp, 0.0).astype(f32),
+        grid=np.where(grid_mask[..., None], grid, 0.0).astype(f32), n_grid=n_grid,
+        mono=None if mono is None else mono[:, :a].astype(f32),
+        dipole=None if dipole is None else dipole.astype(f32), com=com.astype(f32),
+        Q=Q.astype(f32), mol_id=mol_id, mol_id_source=source_of_ids)
 
 
-def _as_float(a, key, fail) -> np.ndarray:
+def dipole_ratio(data: ESPData) -> tuple[float, int]:
+    """`check_dipole_units`' evidence for a loaded dataset (dipoles already in Debye): the
+    median |Dxyz| / |dipole of mono about com| and the number of conformers that voted."""
+    if data.dipole is None or data.mono is None:
+        return float("nan"), 0
+    return mono_dipole_ratio(data.dipole.astype(np.float64), data.mono.astype(np.float64),
+                             data.R.astype(np.float64), data.Z > 0,
+                             data.com.astype(np.float64))
+
+
+def _as_float(a, key, fail, keep_float32: bool = False) -> np.ndarray:
+    """A numeric array as float64 (float32 kept as is with `keep_float32`: the large esp and
+    grid arrays end as float32 anyway, so this only halves the peak memory)."""
     a = np.asarray(a)
     if a.dtype.kind not in "fiu":
         raise fail(key, f"expected a numeric array, got dtype {a.dtype}")
+    if keep_float32 and a.dtype == np.float32:
+        return a
     return a.astype(np.float64)
 
 
@@ -331,21 +395,39 @@ def _warn_if_bohr(R, Z, grid, n_grid, source: str) -> None:
 
 
 def concatenate(parts: Sequence[ESPData]) -> ESPData:
-    """Concatenates datasets, padding to the largest A and G. Optional keys present in only
-    some parts are dropped with a warning (a partial reference would bias the loss)."""
+    """Concatenates datasets, padding to the largest A and G (of compact parts: the largest
+    real ones). Optional keys present in only some parts are dropped with a warning (a partial
+    reference would bias the loss)."""
     A = max(p.num_atoms for p in parts)
     G = max(p.num_grid for p in parts)
     parts = [pad_to(p, A, G) for p in parts]
     out = {}
-    for f in dataclasses.fields(ESPData):
-        vals = [getattr(p, f.name) for p in parts]
+    for name in _ARRAY_FIELDS:
+        vals = [getattr(p, name) for p in parts]
         if any(v is None for v in vals):
             if any(v is not None for v in vals):
-                log.warning("key %s is missing in some files; not used", f.name)
-            out[f.name] = None
+                log.warning("key %s is missing in some files; not used", name)
+            out[name] = None
         else:
-            out[f.name] = np.concatenate(vals)
-    return ESPData(**out)
+            out[name] = np.concatenate(vals)
+    source = mol_id_source(parts)
+    if source == "mixed":
+        log.warning("some files have mol_id and some do not (grouped by bond graph): a molecule "
+                    "in both kinds of file forms two groups, which may land in different splits")
+    return ESPData(**out, mol_id_source=source)
+
+
+def to_arrays(data: ESPData, dipole_units: str = "debye") -> dict[str, np.ndarray]:
+    """The arrays of a dcmtune file (DESIGN.md section 2) holding `data`: N as (M,), n_grid,
+    Dxyz in `dipole_units` (Debye by default), mol_id as str; mono and Dxyz only where
+    present. (`pad_to` first gives another padding, e.g. mmml's 60 atoms x 3,200 points.)"""
+    out = {"R": data.R, "Z": data.Z, "N": data.N, "esp": data.esp, "vdw_surface": data.grid,
+           "n_grid": data.n_grid, "com": data.com, "Q": data.Q, "mol_id": data.mol_id}
+    if data.mono is not None:
+        out["mono"] = data.mono
+    if data.dipole is not None:
+        out["Dxyz"] = (data.dipole / DIPOLE_SCALE[dipole_units]).astype(np.float32)
+    return out
 
 
 def pad_to(data: ESPData, num_atoms: int, num_grid: int) -> ESPData:
@@ -445,11 +527,16 @@ def split_dataset(data: ESPData, cfg) -> dict[str, np.ndarray]:
 
 
 def split_record(data: ESPData, splits: Mapping[str, np.ndarray], **settings) -> dict:
-    """The JSON-able record of a split, written next to every run and reused by ranking."""
+    """The JSON-able record of a split, written next to every run and reused by ranking.
+
+    Besides the indices and mol_ids per split it names where the molecule ids come from
+    (`mol_id_source`: "file", "graph" = grouped by bond graph, or "mixed")."""
     return {
         "settings": settings,
         "checksum": data.checksum(),
         "num_conformers": data.num_conformers,
+        "num_molecules": int(len(np.unique(data.mol_id))),
+        "mol_id_source": data.mol_id_source,
         "indices": {k: [int(i) for i in v] for k, v in splits.items()},
         "mol_ids": {k: sorted(set(data.mol_id[v].tolist())) for k, v in splits.items()},
     }

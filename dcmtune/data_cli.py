@@ -1,8 +1,10 @@
-"""`python -m dcmtune.data {generate,inspect,validate}`: make, summarise and check ESP files.
+"""`python -m dcmtune.data {generate,inspect,validate,convert}`: make, summarise, check and
+convert ESP files.
 
   generate  PySCF ESP data for ASE g2 molecules and/or .xyz files (needs the `qm` extra)
-  inspect   a per-molecule summary table of a dataset and a units check
+  inspect   a per-molecule summary table of a dataset, padding efficiency, grouping, units checks
   validate  the loader's checks; exit 2 on failure
+  convert   mmml-layout (or any loadable) files -> one compact dcmtune file + provenance JSON
 
 Bad inputs exit with status 2 and one line on stderr; nothing is written.
 """
@@ -10,15 +12,23 @@ Bad inputs exit with status 2 and one line on stderr; nothing is written.
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from dcmtune import _io
 from dcmtune.cli import OneLineParser, run_cli
-from dcmtune.data import DataError, bundled_dataset_path, load_npz
+from dcmtune.data import (DIPOLE_SCALE, DataError, ESPData, bundled_dataset_path,
+                          check_dipole_units, dipole_ratio, load_npz, stored_layout, to_arrays,
+                          validate_arrays)
+from dcmtune.molgraph import DEFAULT_BOND_TOLERANCE
 from dcmtune.units import BOHR, HARTREE_TO_KCAL
 from dcmtune import qm  # PySCF and ASE load lazily inside its functions.
 
@@ -63,11 +73,26 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("files", nargs="*", type=Path,
                        help="dataset .npz files (default: the bundled demo set)")
         s.add_argument("--max-atomic-number", type=int, default=36)
+        _dipole_units_option(s)
+
+    c = sub.add_parser("convert", help="write one compact dcmtune file (real maxima, mol_id, "
+                                       "Dxyz in Debye) and its provenance JSON")
+    c.add_argument("files", nargs="+", type=Path, help="input .npz files (mmml layout or ours)")
+    c.add_argument("--out", required=True, type=Path, help="output .npz file")
+    c.add_argument("--force", action="store_true", help="replace an existing output file")
+    c.add_argument("--max-atomic-number", type=int, default=36)
+    _dipole_units_option(c)
     return p
 
 
+def _dipole_units_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dipole-units", choices=sorted(DIPOLE_SCALE), default="debye",
+                   help="units of Dxyz in the files (debye); mmml-era files often hold e_bohr")
+
+
 def _run(args: argparse.Namespace) -> int:
-    return {"generate": _generate, "inspect": _inspect, "validate": _validate}[args.command](args)
+    return {"generate": _generate, "inspect": _inspect, "validate": _validate,
+            "convert": _convert}[args.command](args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -118,13 +143,71 @@ def _files(args) -> list[Path]:
     return list(args.files) or [bundled_dataset_path()]
 
 
+def _load(args, files: Sequence[Path]) -> ESPData:
+    return load_npz(files, max_atomic_number=args.max_atomic_number,
+                    dipole_units=args.dipole_units)
+
+
+_GROUPING = {"file": "mol_id from the file(s)",
+             "graph": "grouped by bond graph: no mol_id in the files",
+             "mixed": "mol_id from some files, bond graph for the others"}
+
+
+def _file_summaries(files: Sequence[Path], d: ESPData) -> list[dict]:
+    """Per input file: stored layout (from the .npy headers) and how much of it is real.
+
+    Files are concatenated in order, so file i holds rows [offset, offset + M_i) of `d`.
+    """
+    out, offset = [], 0
+    for f in files:
+        layout = stored_layout(f)
+        M, A = layout["R"][0][:2]
+        G = layout["esp"][0][1]
+        rows = slice(offset, offset + M)
+        offset += M
+        has = set(layout)
+        grid_from = ("n_grid" if "n_grid" in has else "inferred from trailing zero rows")
+        if "espMask" in has:
+            grid_from += " + espMask"
+        real_atoms, real_grid = int(d.N[rows].sum()), int(d.n_grid[rows].sum())
+        out.append({
+            "path": str(f), "conformers": int(M), "stored_atoms": int(A),
+            "stored_grid_points": int(G), "N_shape": list(layout["N"][0]),
+            "grid_points_from": grid_from,
+            "mol_id": "file" if "mol_id" in has else "graph",
+            "real_atoms": real_atoms, "real_grid_points": real_grid,
+            "atom_efficiency": real_atoms / (M * A), "grid_efficiency": real_grid / (M * G),
+            "real_max_atoms": int(d.N[rows].max()), "real_max_grid": int(d.n_grid[rows].max()),
+        })
+    return out
+
+
+def _efficiency(d: ESPData) -> tuple[float, float]:
+    """(atoms, grid points) real / held, as loaded (compact)."""
+    return (float(d.N.sum() / d.N.size / d.num_atoms),
+            float(d.n_grid.sum() / d.n_grid.size / d.num_grid))
+
+
+def _dipole_check_line(d: ESPData, declared: str) -> str:
+    ratio, n = dipole_ratio(d)  # the loaded dipoles are in Debye already
+    verdict = check_dipole_units(ratio, n, "debye", "inspect", warn=False)
+    if verdict.startswith("not checked"):
+        return f"Dxyz units: declared {declared}; {verdict}"
+    ok = "consistent" if verdict.startswith("debye confirmed") else "NOT confirmed"
+    return (f"Dxyz units: declared {declared}; median |Dxyz| / |dipole of mono about com| = "
+            f"{ratio:.3f} over {n} conformers ({ok}; 0.393 / 0.208 would mean e*Bohr / e*A "
+            f"read as Debye)")
+
+
 def _inspect(args) -> int:
     files = _files(args)
-    d = load_npz(files, max_atomic_number=args.max_atomic_number)
+    d = _load(args, files)
+    summaries = _file_summaries(files, d)
     kcal = HARTREE_TO_KCAL
     ids, first = np.unique(d.mol_id, return_index=True)
     ids = ids[np.argsort(first)]  # file order
-    print(f"{'mol_id':<12} {'formula':<10} {'conf':>4} {'atoms':>5} {'grid':>9} "
+    w = max(12, max(len(i) for i in ids))
+    print(f"{'mol_id':<{w}} {'formula':<10} {'conf':>4} {'atoms':>5} {'grid':>9} "
           f"{'ESP min..max (kcal/mol/e)':>26} {'|D| (Debye)':>11}")
     grid_dist = []
     for mid in ids:
@@ -141,7 +224,7 @@ def _inspect(args) -> int:
         dip = (f"{np.linalg.norm(d.dipole[idx], axis=1).mean():11.3f}"
                if d.dipole is not None else f"{'-':>11}")
         grid = f"{ng.min()}" if ng.min() == ng.max() else f"{ng.min()}-{ng.max()}"
-        print(f"{mid:<12} {formula:<10} {len(idx):>4} {n:>5} {grid:>9} "
+        print(f"{mid:<{w}} {formula:<10} {len(idx):>4} {n:>5} {grid:>9} "
               f"{lo:>12.1f} .. {hi:<10.1f} {dip}")
         for i in idx:
             g = d.grid[i, : d.n_grid[i]]
@@ -154,6 +237,19 @@ def _inspect(args) -> int:
     print(f"files: {', '.join(map(str, files))}")
     print(f"{len(ids)} molecules, {d.num_conformers} conformers, up to {d.num_atoms} atoms, "
           f"up to {d.num_grid} grid points ({int(d.n_grid.sum())} in all)")
+    print(f"molecules: {_GROUPING[d.mol_id_source]}")
+    for s in summaries:
+        print(f"stored {s['path']}: {s['conformers']} conformers x {s['stored_atoms']} atoms x "
+              f"{s['stored_grid_points']} grid points; N {tuple(s['N_shape'])}; grid points: "
+              f"{s['grid_points_from']}; molecules: "
+              f"{'mol_id' if s['mol_id'] == 'file' else 'bond graph'}")
+        print(f"  padding efficiency (real / stored): atoms {s['real_atoms']} / "
+              f"{s['conformers'] * s['stored_atoms']} = {100 * s['atom_efficiency']:.1f}%, "
+              f"grid points {s['real_grid_points']} / "
+              f"{s['conformers'] * s['stored_grid_points']} = {100 * s['grid_efficiency']:.1f}%")
+    ea, eg = _efficiency(d)
+    print(f"as loaded (compact, {d.num_atoms} atoms x {d.num_grid} grid points): atoms "
+          f"{100 * ea:.1f}%, grid points {100 * eg:.1f}% real")
     print(f"elements: {' '.join(_symbol(z) for z in elements)}")
     print(f"ESP: {valid_esp.min():.4f} .. {valid_esp.max():.4f} Hartree/e "
           f"({valid_esp.min() * kcal:.1f} .. {valid_esp.max() * kcal:.1f} kcal/mol/e)")
@@ -168,13 +264,18 @@ def _inspect(args) -> int:
     if d.dipole is not None:
         print(f"Dxyz: |D| {np.linalg.norm(d.dipole, axis=1).min():.3f} .. "
               f"{np.linalg.norm(d.dipole, axis=1).max():.3f} Debye about com")
+        if d.mono is not None:
+            print(_dipole_check_line(d, args.dipole_units))
     print(f"Q: {sorted(set(np.round(d.Q, 6).tolist()))} e")
     for f in files:
         prov = qm.provenance_path(f)
         if prov.is_file():
             p = json.loads(prov.read_text())
-            print(f"provenance ({prov.name}): {p.get('qm', {}).get('method')}/"
-                  f"{p.get('qm', {}).get('basis')}; rebuild: {p.get('command')}")
+            if "qm" in p:
+                print(f"provenance ({prov.name}): {p['qm'].get('method')}/"
+                      f"{p['qm'].get('basis')}; rebuild: {p.get('command')}")
+            else:
+                print(f"provenance ({prov.name}): {p.get('command')}")
     return 0
 
 
@@ -188,8 +289,97 @@ def _hill(z: int) -> tuple:
 
 def _validate(args) -> int:
     files = _files(args)
-    d = load_npz(files, max_atomic_number=args.max_atomic_number)
+    d = _load(args, files)
     print(f"ok: {', '.join(map(str, files))}: {d.num_conformers} conformers of "
-          f"{len(np.unique(d.mol_id))} molecules, up to {d.num_atoms} atoms and "
-          f"{d.num_grid} grid points")
+          f"{len(np.unique(d.mol_id))} molecules ({_GROUPING[d.mol_id_source]}), up to "
+          f"{d.num_atoms} atoms and {d.num_grid} grid points")
+    return 0
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _check_convert_paths(files: Sequence[Path], out: Path, force: bool) -> Path:
+    """Raises DataError unless `out` is a new (or --force) .npz that is none of the inputs.
+
+    Returns:
+      The provenance path beside `out`.
+    """
+    if out.suffix != ".npz":
+        raise DataError(f"{out}: --out: the output file name must end in .npz")
+    if not out.parent.is_dir():
+        raise DataError(f"{out}: --out: directory {out.parent} does not exist")
+    for f in files:
+        same = (out.exists() and f.exists() and os.path.samefile(f, out)) or \
+            f.resolve() == out.resolve()
+        if same:
+            raise DataError(f"{out}: --out is also an input file; an input is never "
+                            "overwritten (choose another --out)")
+    prov = qm.provenance_path(out)
+    if not force:
+        for p in (out, prov):
+            if p.exists():
+                raise DataError(f"{p}: already exists; pass --force to replace it")
+    return prov
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _convert_command(args) -> str:
+    cmd = ["python", "-m", "dcmtune.data", "convert", *map(str, args.files), "--out",
+           str(args.out), "--dipole-units", args.dipole_units]
+    if args.max_atomic_number != 36:
+        cmd += ["--max-atomic-number", str(args.max_atomic_number)]
+    return shlex.join(cmd)
+
+
+def _convert(args) -> int:
+    from dcmtune import __version__
+
+    files = list(args.files)
+    prov_path = _check_convert_paths(files, args.out, args.force)
+    d = _load(args, files)
+    summaries = _file_summaries(files, d)
+    arrays = to_arrays(d)
+    # Proves, before anything is written, that the output loads back to the same data.
+    back = validate_arrays(arrays, source=str(args.out),
+                           max_atomic_number=args.max_atomic_number)
+    assert back.checksum() == d.checksum(), "convert: output would not load back identically"
+    ratio, voters = dipole_ratio(d)
+    dipole_check = (check_dipole_units(ratio, voters, "debye", str(args.out), warn=False)
+                    if d.dipole is not None and d.mono is not None else "no Dxyz and mono")
+    ea, eg = _efficiency(d)
+    provenance = {
+        "kind": "dcmtune.data convert",
+        "command": _convert_command(args),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": {"dcmtune": __version__, "numpy": np.__version__},
+        "inputs": [dict(s, sha256=_sha256(Path(s["path"]))) for s in summaries],
+        "dipole_units": {"declared": args.dipole_units, "written": "debye",
+                         "check": dipole_check},
+        "grouping": {"mol_id_source": d.mol_id_source, "molecules": int(len(set(d.mol_id))),
+                     "bond_rule": f"d < {DEFAULT_BOND_TOLERANCE} * (r_cov(a) + r_cov(b)), "
+                                  "Cordero 2008 radii; key = Hill formula + Weisfeiler-Lehman "
+                                  "hash of the element-labelled bond graph"},
+        "output": {"path": str(args.out), "conformers": d.num_conformers,
+                   "atoms": d.num_atoms, "grid_points": d.num_grid, "atom_efficiency": ea,
+                   "grid_efficiency": eg, "keys": sorted(arrays),
+                   "data_checksum": d.checksum()},
+    }
+    _io.atomic_write(args.out, lambda f: np.savez_compressed(f, **arrays))
+    _io.write_json(prov_path, provenance)
+    before = sum(s["conformers"] * s["stored_atoms"] for s in summaries)
+    before_g = sum(s["conformers"] * s["stored_grid_points"] for s in summaries)
+    print(f"wrote {args.out} ({d.num_conformers} conformers of {len(set(d.mol_id))} molecules, "
+          f"{_GROUPING[d.mol_id_source]}; {d.num_atoms} atoms x {d.num_grid} grid points) and "
+          f"{prov_path}")
+    print(f"padding efficiency: atoms {100 * d.N.sum() / before:.1f}% -> {100 * ea:.1f}%, grid "
+          f"points {100 * d.n_grid.sum() / before_g:.1f}% -> {100 * eg:.1f}%; Dxyz: "
+          f"{dipole_check}")
     return 0
