@@ -2,7 +2,8 @@
 
 The path of the data, with the module of each stage:
 
-  data      .npz files -> validated `ESPData`, grouped splits           data.py (grids.py,
+  data      .npz files -> validated, compact `ESPData`, grouped splits  data.py (layout.py,
+                                                                         molgraph.py, grids.py,
                                                                          synthetic.py, qm.py)
   batch     fixed-shape masked batches, device-resident                 data.py (make_batch)
   model     DCMNet: n_dcm charges and their positions per atom          model.py
