@@ -50,6 +50,9 @@ _API = {
     "SpecError": "dcmtune.search_space",
     "run_sweep": "dcmtune.sweep",
     "rank_experiment": "dcmtune.rank",
+    "load_model": "dcmtune.predict",
+    "Predictor": "dcmtune.predict",
+    "PredictError": "dcmtune.predict",
 }
 
 __all__ = sorted(_API)

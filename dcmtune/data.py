@@ -20,7 +20,9 @@ compact and safe (docs/data.md, "Files from mmml"):
   unit than the declared one is refused (`check_dipole_units`).
 
 Everything here is numpy: the sweep driver loads data without starting a JAX backend. Batches
-are dicts of arrays with fixed shapes (B, A, ...) and masks, so one compiled step serves a run.
+are dicts of arrays with fixed shapes (B, A, ...) and masks, so one compiled step serves a run;
+molecules of mixed sizes are grouped into power-of-two size buckets (`group_by_bucket`), so a few
+compiled steps serve any mix.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ __all__ = [
     "split_record",
     "make_batch",
     "stacked_batches",
+    "size_bucket",
+    "group_by_bucket",
 ]
 
 log = logging.getLogger(__name__)
@@ -591,6 +595,30 @@ def stacked_batches(data: ESPData, batch_size: int) -> dict[str, np.ndarray]:
     batches = [make_batch(data, np.arange(i, min(i + batch_size, n)), batch_size)
                for i in range(0, n, batch_size)]
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+# --------------------------------------------------------------------------- size buckets
+
+
+def size_bucket(n, minimum: int = 8):
+    """The padded size for `n` atoms (or grid points, or molecules): the smallest power of two
+    >= max(n, minimum). Works on ints and on integer arrays (elementwise).
+
+    Shared by prediction and training: every shape a jitted step sees is a bucket, so a mix of
+    sizes costs one compiled program per bucket (log2 of the size range), not one per size,
+    and padding never more than doubles the work.
+    """
+    m = np.maximum(np.asarray(n, dtype=np.int64), max(int(minimum), 1))
+    out = np.left_shift(1, np.ceil(np.log2(m)).astype(np.int64))
+    out = np.where(out < m, out * 2, out)  # guard against log2 rounding at exact powers
+    return int(out) if out.ndim == 0 else out
+
+
+def group_by_bucket(sizes: Sequence[int], minimum: int = 8) -> dict[int, np.ndarray]:
+    """Indices of `sizes` grouped by `size_bucket`: {bucket: indices in input order}, buckets
+    ascending. Example: sizes (3, 12, 5, 20) -> {8: [0, 2], 16: [1], 32: [3]}."""
+    buckets = size_bucket(np.asarray(sizes, dtype=np.int64).reshape(-1), minimum)
+    return {int(b): np.flatnonzero(buckets == b) for b in np.unique(buckets)}
 
 
 if __name__ == "__main__":  # `python -m dcmtune.data ...`: the CLI lives in data_cli.

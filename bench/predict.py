@@ -1,0 +1,68 @@
+"""Prediction throughput on the bundled demo molecules: conformers per second by batch size.
+
+Runs `Predictor.predict` on all demo conformers (24 molecules x 10 conformers, 3-12 atoms) as
+(Z, R) arrays (charges, monopoles, dipoles; no ESP) and again on the data file's own grids
+(also the ESP at up to 1200 points per conformer), at batch sizes 1, 8 (the CPU default) and
+256. Each setting is called once to compile (the warm-up), then timed over `--repeats` calls.
+Prints the figures and the ratio to batch size 1; nothing is asserted.
+
+  python bench/predict.py [--model DIR] [--repeats 3] [--batch-sizes 1 8 256]
+
+Without --model the default-size DCMNet (dcmtune.config.ModelConfig(), untrained) is timed:
+throughput depends on the architecture, not on the weights.
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from dcmtune.config import ExperimentConfig
+from dcmtune.data import load_dataset
+from dcmtune.model import build_model, init_params
+from dcmtune.predict import Predictor, load_model
+
+
+def _predictor(path) -> Predictor:
+    if path:
+        return load_model(path)
+    cfg = ExperimentConfig()
+    params = jax.jit(lambda k: init_params(build_model(cfg.model), k))(jax.random.PRNGKey(0))
+    return Predictor(path=None, config=cfg, params=params)
+
+
+def _rate(fn, n: int, repeats: int) -> float:
+    fn()  # warm-up: compiles every program the call needs
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return n * repeats / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a checkpoint, run dir or best_model/ (default: untrained)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 256])
+    args = p.parse_args()
+    predictor = _predictor(args.model)
+    data = load_dataset(max_atomic_number=predictor.max_atomic_number)
+    m = predictor.config.model
+    print(f"model: {args.model or 'untrained default'} (n_dcm {m.n_dcm}, features "
+          f"{m.features}, max_degree {m.max_degree}, iterations {m.num_iterations}); "
+          f"{data.num_conformers} demo conformers, {jax.devices()[0].platform}")
+    print(f"{'input':<22}{'batch':>6}{'conformers/s':>14}{'ratio':>8}")
+    for label, inputs in (("charges + dipole", (data.Z, data.R)),
+                          ("+ ESP on data grid", data)):
+        base = None
+        for bs in args.batch_sizes:
+            rate = _rate(lambda: predictor.predict(inputs, batch_size=bs), data.num_conformers,
+                         args.repeats)
+            base = base or rate
+            print(f"{label:<22}{bs:>6}{rate:>14.1f}{rate / base:>8.1f}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
