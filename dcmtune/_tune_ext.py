@@ -7,9 +7,11 @@ finished trial with a poor value, and TPE models the truncated value as if it we
 - every epoch's metric is reported to the Optuna trial as an intermediate value, at step =
   the `epoch` the trial reported (not Ray's training_iteration, which restarts differently
   after a resume);
-- a trial that ends before `max_t` epochs (stopped by the scheduler, or diverged) is told as
+- a trial that ends before `max_t` epochs because the scheduler stopped it is told as
   PRUNED; Optuna then takes its last intermediate value as its value, and TPE ranks pruned
   trials behind complete ones by how far they got;
+- a trial that diverged (a non-finite loss) is FAIL, like a crash: its last finite value says
+  nothing about the point, and TPE must not model it as a good-but-unfinished one;
 - a trial that ran all `max_t` epochs is COMPLETE with its *best* epoch's metric (the epoch
   whose checkpoint is kept and ranked), not the last one;
 - a trial that crashed is FAIL.
@@ -86,9 +88,9 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._record(trial_id, result)  # a STOP decision skips on_trial_result for the last one
         epochs = int(result.get(self._time_attr, 0)) if result else 0
         diverged = bool(result.get("diverged")) if result else False
-        if error:
+        if error or diverged:
             state, value = optuna.trial.TrialState.FAIL, None
-        elif diverged or epochs < self._max_t or trial_id not in self._best:
+        elif epochs < self._max_t or trial_id not in self._best:
             state, value = optuna.trial.TrialState.PRUNED, None
         else:
             state, value = optuna.trial.TrialState.COMPLETE, self._best[trial_id]

@@ -151,6 +151,9 @@ def _warnings_section(info: dict) -> list[str]:
                   _md_table(["trial", "status", "reason"],
                             [[e["trial_id"], e["status"], e["reason"]]
                              for e in info["excluded"]]), ""]
+    if info.get("skipped_checkpoints"):
+        lines += ["## Damaged checkpoints (passed over for the next candidate)", "",
+                  *[f"- {s}" for s in info["skipped_checkpoints"]], ""]
     if info.get("splits_differ"):
         split = info["split"]
         lines += [f"**Warning:** the ranked trials used different {split} splits; their "

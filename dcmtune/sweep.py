@@ -210,15 +210,25 @@ class SweepOutcome:
 
 
 def _best_trial(results, metric: str, mode: str) -> Optional[BestTrial]:
-    try:
-        res = results.get_best_result(metric, mode, scope="all", filter_nan_and_inf=True)
-    except (ValueError, RuntimeError, KeyError):
+    """The best trial by `metric` at its best epoch, among trials that neither diverged nor
+    errored (the same trials the ranking lets compete)."""
+    sign = 1.0 if mode == "min" else -1.0
+    best = None
+    for res in results:
+        df = res.metrics_dataframe
+        if res.error is not None or df is None or metric not in df or "epoch" not in df:
+            continue
+        if "diverged" in df and (df["diverged"].fillna(0).astype(float) > 0).any():
+            continue
+        ok = df[df[metric].apply(lambda v: v is not None and math.isfinite(float(v)))]
+        if ok.empty:
+            continue
+        row = ok.loc[ok[metric].idxmin() if mode == "min" else ok[metric].idxmax()]
+        if best is None or sign * float(row[metric]) < sign * float(best[1][metric]):
+            best = (res, row, ok)
+    if best is None:
         return None
-    df = res.metrics_dataframe
-    if df is None or metric not in df or df[metric].dropna().empty:
-        return None
-    df = df[df[metric].apply(lambda v: v is not None and math.isfinite(float(v)))]
-    row = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]
+    res, row, df = best
     try:
         ckpt = res.get_best_checkpoint(metric, mode)
     except RuntimeError:
