@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, IO
@@ -20,7 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import numpy as np
 
 __all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_csv",
-           "atomic_directory", "recover_directory", "jsonable", "move_aside", "copy_tree"]
+           "atomic_directory", "recover_directory", "jsonable", "move_aside", "copy_tree",
+           "writable_problem"]
 
 
 def _tmp_name(target: Path, suffix: str) -> Path:
@@ -176,6 +178,26 @@ def recover_directory(target: str | Path) -> Optional[Path]:
 def _glob_escape(name: str) -> str:
     """`name` with glob metacharacters escaped."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def writable_problem(directory: str | Path) -> Optional[str]:
+    """Why `directory` (created later, with its parents) could not be written, or None.
+
+    Probes the nearest existing ancestor with a temporary file that is removed at once, so the
+    answer holds for root and read-only mounts too, and nothing is left behind.
+    """
+    p = Path(directory).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".dcmtune-probe-", dir=p)
+    except OSError as e:
+        return f"{p} is not writable ({e.strerror or type(e).__name__})"
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def move_aside(path: str | Path, new_name: str) -> Path:

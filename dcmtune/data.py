@@ -36,6 +36,7 @@ __all__ = [
     "split_indices",
     "split_dataset",
     "split_record",
+    "mol_id_source",
     "make_batch",
     "stacked_batches",
 ]
@@ -292,6 +293,9 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
         mol_id = mol_id.astype(str)
     else:
         mol_id = np.array([f"{Path(source).stem}:{i}" for i in range(M)])
+        log.warning("%s: no mol_id; each conformer is its own group, so split_by: molecule "
+                    "splits by conformer (conformers of one molecule may land in both training "
+                    "and test)", source)
 
     # 7. Units check: grid points should sit ~1.4-2.0 vdW radii (>= ~1.5 Angstrom) from atoms;
     #    Bohr coordinates make every distance 1.89x too large.
@@ -444,9 +448,28 @@ def split_dataset(data: ESPData, cfg) -> dict[str, np.ndarray]:
                          Z=data.Z)
 
 
+def mol_id_source(data: ESPData, data_files: Sequence[str | Path] = ()) -> str:
+    """"file" when the molecule ids came from the data, "conformer" when a file had none and
+    every conformer got its own id (`<file stem>:<index>`, see `validate_arrays`)."""
+    stems = {Path(f).stem for f in data_files} or {Path(DEMO_FILE).stem}
+    own = [m.rpartition(":") for m in data.mol_id.tolist()]
+    synthetic = [stem in stems and idx.isdigit() for stem, _, idx in own]
+    return "conformer" if any(synthetic) else "file"
+
+
 def split_record(data: ESPData, splits: Mapping[str, np.ndarray], **settings) -> dict:
-    """The JSON-able record of a split, written next to every run and reused by ranking."""
+    """The JSON-able record of a split, written next to every run and reused by ranking.
+
+    `mol_id_source` and `guarantee` say what the test split really holds out: whole
+    molecules only when the files carry mol_id and split_by is "molecule".
+    """
+    source = mol_id_source(data, settings.get("data_files") or ())
+    by_molecule = settings.get("split_by", "molecule") == "molecule" and source == "file"
     return {
+        "mol_id_source": source,
+        "guarantee": ("molecules: no mol_id of a held-out split is in training" if by_molecule
+                      else "conformers only: conformers of one molecule may be in training "
+                      "and in a held-out split"),
         "settings": settings,
         "checksum": data.checksum(),
         "num_conformers": data.num_conformers,

@@ -76,7 +76,11 @@ def _how_chosen(info: dict) -> list[str]:
         "each at the epoch whose checkpoint was saved (trials stopped early by ASHA compete at "
         "their best epoch). The winner is rank 1. The top trials' checkpoints were then "
         f"re-evaluated on the **{split}** split saved with each trial"
-        + (": those molecules played no part in training or in choosing the model."
+        + ((": those molecules played no part in training or in choosing the model."
+            if info.get("data", {}).get("guarantee", "molecules").startswith("molecules") else
+            ": those conformers played no part in training or in choosing the model, but the "
+            "data has no mol_id, so other conformers of the same molecules may have been "
+            "trained on (this measures interpolation, not unseen molecules).")
            if split == "test" else " (the validation split also chose the model: these "
            "numbers are not an unbiased estimate).")
         + " Diverged and failed trials are excluded.", "",

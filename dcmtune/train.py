@@ -18,7 +18,6 @@ import datetime
 import functools
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -333,14 +332,9 @@ def _set_aside_stale(ckpt_root: Path, meta: dict) -> None:
 
 def _check_writable(run_dir: Path) -> None:
     """Refuses a run directory that cannot be created or written, before any compute."""
-    p = run_dir
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"output_dir: {p} is a file, not a directory (run directory "
-                          f"{run_dir})")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir: {p} is not writable (run directory {run_dir})")
+    problem = _io.writable_problem(run_dir)
+    if problem:
+        raise ConfigError(f"output_dir: {problem} (run directory {run_dir})")
 
 
 def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
@@ -385,12 +379,12 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
     history: list[dict] = []
     restarts: list[dict] = []
     best_loss, best_epoch, start = math.inf, 0, 1
-    _check_writable(run_dir)
     if resume_from is not None:
         meta = ckpt.verify_checkpoint(Path(resume_from))
         changes = _check_resume_config(meta, config, Path(resume_from),
                                        data_checksum=data.checksum(), splits=splits,
                                        allow_change=allow_config_change)
+        _check_writable(run_dir)
         state, meta = ckpt.load_checkpoint(Path(resume_from), template=init_state(config, spec))
         history = [dict(r) for r in meta.get("history", [])]
         restarts = [dict(r) for r in meta.get("restarts", [])]
@@ -409,6 +403,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
             f"{run_dir}: already holds checkpoints; resume from {run_dir}/checkpoints/latest "
             "or choose another name/output_dir")
     else:
+        _check_writable(run_dir)
         state = init_state(config, spec)
 
     # 3. Run directory: resolved config and split, written once.

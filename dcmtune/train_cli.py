@@ -97,13 +97,20 @@ def _config_from_args(args: argparse.Namespace, base: Optional[ExperimentConfig]
 
 
 def _checkpoint_config(resume: Path) -> ExperimentConfig:
+    """The checkpoint's config; the run continues in the run directory holding the checkpoint
+    (`<run>/checkpoints/<name>`), even if that directory was moved or copied."""
     from dcmtune.checkpoint import read_meta
 
     saved = read_meta(resume).get("config")
     try:
-        return ExperimentConfig.from_dict(saved)
+        config = ExperimentConfig.from_dict(saved)
     except ConfigError as e:
         raise CheckpointError(f"{resume}: meta.json holds an invalid config ({e})") from None
+    resume = resume.resolve()
+    if resume.parent.name == "checkpoints":
+        run = resume.parent.parent
+        config = config.replace(output_dir=str(run.parent), name=run.name)
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:
