@@ -409,8 +409,10 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
     # 3. Run directory: resolved config and split, written once.
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    if not config.created_at:
-        config = config.replace(created_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    if not config.created_at:  # a resumed run keeps the date it was created
+        created = (meta.get("config") or {}).get("created_at") if resume_from else None
+        config = config.replace(
+            created_at=created or datetime.datetime.now().isoformat(timespec="seconds"))
     _io.write_json(run_dir / "config.json", config.to_dict())
     record = split_record(
         data, splits, split_by=config.data.split_by, split_seed=config.data.split_seed,
