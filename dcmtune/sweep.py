@@ -378,7 +378,8 @@ class _RefuseSilentRestart(logging.Handler):
 def run_sweep(spec: SweepSpec, *, resume: bool = False, **kwargs) -> SweepOutcome:
     """Runs (or with `resume`, finishes) the sweep `spec`; see `_run_sweep` for the arguments.
 
-    One driver per experiment (a lock file), and SIGTERM stops it gracefully like Ctrl-C.
+    One driver per experiment (a lock file), and SIGTERM stops it gracefully like Ctrl-C
+    (Tune saves the experiment; `--resume` continues it).
 
     Raises:
       SpecError / DataError: bad input, before anything is written; SpecError also when
@@ -386,7 +387,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, **kwargs) -> SweepOutcom
     """
     prep = prepare(spec, kwargs.pop("data", None))
     _check_experiment_dir(spec, resume)
-    with _driver_lock(spec.experiment_dir), _sigterm_as_interrupt():
+    with _driver_lock(spec.experiment_dir):
         return _run_sweep(spec, resume=resume, data=prep.data, **kwargs)
 
 
@@ -458,18 +459,19 @@ def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] 
         _write_spec_record(spec)
     echo(f"experiment: {spec.experiment_dir} ({run.num_samples} trials, metric {run.metric} "
          f"{run.mode}, {spec.num_epochs} epochs max)")
-    results = _fit(tuner, spec.experiment_dir, resume)
+    with _sigterm_as_interrupt():  # after ray.init, which installs its own SIGTERM handler
+        results = _fit(tuner, spec.experiment_dir, resume)
 
-    # 4. Outcome.
-    finished = results.num_terminated + results.num_errors
-    complete = finished == len(results) and (len(results) >= run.num_samples
-                                             or run.time_budget_s is not None)
-    best = _best_trial(results, run.metric, run.mode)
-    outcome = SweepOutcome(status="completed" if complete else "interrupted",
-                           experiment_dir=spec.experiment_dir, results=results, best=best,
-                           resources=resources)
-    if complete:
-        outcome.ranking = _rank(spec.experiment_dir, spec, results, prep.data)
+        # 4. Outcome.
+        finished = results.num_terminated + results.num_errors
+        complete = finished == len(results) and (len(results) >= run.num_samples
+                                                 or run.time_budget_s is not None)
+        best = _best_trial(results, run.metric, run.mode)
+        outcome = SweepOutcome(status="completed" if complete else "interrupted",
+                               experiment_dir=spec.experiment_dir, results=results, best=best,
+                               resources=resources)
+        if complete:
+            outcome.ranking = _rank(spec.experiment_dir, spec, results, prep.data)
     return outcome
 
 

@@ -152,6 +152,7 @@ def _kill_driver_mid_sweep(ray_session, tiny_spec, directory, name, sig):
     finished and another runs, and returns (spec, exit code, finished trials at that time)."""
     def edit(raw):
         raw["training"]["num_epochs"] = 3
+        raw["scheduler"]["grace_period"] = 2  # trials run 2-3 epochs: a wide window
         raw["searcher"].update(storage=f"sqlite:///{name}.db", points_to_evaluate=[
             {"training.learning_rate": 1e-2, "training.chg_w": 1.0},
             {"training.learning_rate": 2e-3, "training.chg_w": 1.5}])
@@ -170,10 +171,10 @@ def _kill_driver_mid_sweep(ray_session, tiny_spec, directory, name, sig):
             return (states.count("COMPLETE") + states.count("PRUNED") >= 1
                     and "RUNNING" in states)
 
-        _wait(window, 300, "one trial finished and another running")
-        finished = _snapshot_finished(spec)
+        _wait(window, 300, "one trial finished and another running", poll=0.05)
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
+        finished = _snapshot_finished(spec)  # what was finished when the driver stopped
     finally:
         if proc.poll() is None:
             proc.kill()
