@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, IO
@@ -20,7 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import numpy as np
 
 __all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_csv",
-           "atomic_directory", "jsonable", "move_aside", "copy_tree"]
+           "atomic_directory", "recover_directory", "jsonable", "move_aside", "copy_tree",
+           "writable_problem"]
 
 
 def _tmp_name(target: Path, suffix: str) -> Path:
@@ -119,13 +121,16 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yields a temporary sibling directory to fill; on success it replaces `target`.
 
     The files written inside are fsynced before the swap. An existing `target` is moved aside
-    first and deleted only after the new one is in place. On error the temporary directory is
-    removed and `target` is untouched.
+    first (to `.<name>.<id>.old`) and deleted only after the new one is in place. On error the
+    temporary directory is removed and `target` is untouched, or put back if the error came
+    between the two renames. If the process dies between them, `recover_directory(target)`
+    puts the previous copy back.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(target, "tmp")
     tmp.mkdir()
+    old = None
     try:
         yield tmp
         for p in tmp.rglob("*"):
@@ -133,17 +138,66 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         _fsync_dir(tmp)
-        old = None
         if target.exists():
             old = _tmp_name(target, "old")
             os.replace(target, old)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # the new copy never arrived: put the old one back
+            _fsync_dir(target.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(target: str | Path) -> Optional[Path]:
+    """Puts back the previous copy of `target` left by an `atomic_directory` swap that was
+    interrupted between its two renames (no `target`, a `.<name>.<id>.old` sibling).
+
+    Returns `target` if a copy was put back, None if there was nothing to recover (`target`
+    exists, or no previous copy is left). Of several left-over copies the newest is used.
+    """
+    target = Path(target)
+    if target.exists() or not target.parent.is_dir():
+        return None
+    olds = [p for p in target.parent.glob(f".{_glob_escape(target.name)}.*.old") if p.is_dir()]
+    if not olds:
+        return None
+    newest = max(olds, key=lambda p: p.stat().st_mtime)
+    try:
+        os.replace(newest, target)
+    except OSError:
+        return None  # another process recovered it first
+    _fsync_dir(target.parent)
+    return target
+
+
+def _glob_escape(name: str) -> str:
+    """`name` with glob metacharacters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def writable_problem(directory: str | Path) -> Optional[str]:
+    """Why `directory` (created later, with its parents) could not be written, or None.
+
+    Probes the nearest existing ancestor with a temporary file that is removed at once, so the
+    answer holds for root and read-only mounts too, and nothing is left behind.
+    """
+    p = Path(directory).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".dcmtune-probe-", dir=p)
+    except OSError as e:
+        return f"{p} is not writable ({e.strerror or type(e).__name__})"
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def move_aside(path: str | Path, new_name: str) -> Path:

@@ -7,12 +7,25 @@ finished trial with a poor value, and TPE models the truncated value as if it we
 - every epoch's metric is reported to the Optuna trial as an intermediate value, at step =
   the `epoch` the trial reported (not Ray's training_iteration, which restarts differently
   after a resume);
-- a trial that ends before `max_t` epochs (stopped by the scheduler, or diverged) is told as
+- a trial that ends before `max_t` epochs because the scheduler stopped it is told as
   PRUNED; Optuna then takes its last intermediate value as its value, and TPE ranks pruned
   trials behind complete ones by how far they got;
+- a trial that diverged (a non-finite loss) is FAIL, like a crash: its last finite value says
+  nothing about the point, and TPE must not model it as a good-but-unfinished one;
 - a trial that ran all `max_t` epochs is COMPLETE with its *best* epoch's metric (the epoch
   whose checkpoint is kept and ranked), not the last one;
 - a trial that crashed is FAIL.
+
+With an Optuna storage (sqlite, ...), `--resume` keeps "every trial exactly once":
+
+- `points_to_evaluate` are enqueued only where the study holds no live or finished trial with
+  those values (Ray calls `set_search_properties` again on restore, which would enqueue them a
+  second time into the persistent study);
+- after the restore, study trials asked after the last experiment snapshot (RUNNING, unknown to
+  the restored searcher, so no Tune trial will ever report to them) are marked FAIL, and a
+  point whose only trial was such an orphan is enqueued again;
+- trials told to Optuna after the snapshot (Tune re-runs them from their checkpoint) are not
+  reported to or told again (Optuna refuses to update a finished trial).
 
 2. `AshaStateCallback`. Ray saves the searcher with the experiment but not the scheduler: after
 `Tuner.restore` ASHA would start with empty rungs and let every resumed trial through its next
@@ -55,6 +68,59 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._best: dict[str, float] = {}
         self._steps: dict[str, set[int]] = {}
 
+    # ----------------------------------------------------------------- exactly once on resume
+
+    def _setup_study(self, mode):
+        points, self._points_to_evaluate = self._points_to_evaluate, []
+        try:
+            super()._setup_study(mode)  # creates (or loads) the study, enqueues nothing
+        finally:
+            self._points_to_evaluate = points
+        self._enqueue_missing_points()
+
+    def _enqueue_missing_points(self) -> None:
+        """Enqueues each point to evaluate unless a trial with its values is waiting, running
+        or finished (FAIL does not count: such a point has not been evaluated)."""
+        if not self._points_to_evaluate or self._ot_study is None:
+            return
+        trials = [t for t in self._ot_study.get_trials(deepcopy=False)
+                  if t.state != optuna.trial.TrialState.FAIL]
+        for point in self._points_to_evaluate:
+            if not any(_same_params(t.system_attrs.get("fixed_params", t.params), point)
+                       for t in trials):
+                self._ot_study.enqueue_trial(dict(point))
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._reconcile_with_study()
+
+    def _reconcile_with_study(self) -> None:
+        """Makes the restored searcher and the persistent study agree (see the module doc)."""
+        if self._ot_study is None:
+            return
+        states = optuna.trial.TrialState
+        tracked = {t._trial_id: tid for tid, t in self._ot_trials.items()}
+        orphans = 0
+        for t in self._ot_study.get_trials(deepcopy=False):
+            if t._trial_id in tracked:
+                if t.state.is_finished() and tracked[t._trial_id] not in self._completed_trials:
+                    self._completed_trials.add(tracked[t._trial_id])
+                    log.info("trial %s was told to Optuna after the last snapshot (%s)",
+                             tracked[t._trial_id], t.state.name)
+            elif t.state == states.RUNNING:
+                self._ot_study.tell(t.number, state=states.FAIL)
+                orphans += 1
+        if orphans:
+            log.warning("marked %d Optuna trial(s) FAIL: asked after the last experiment "
+                        "snapshot, so no Tune trial will report to them", orphans)
+        self._enqueue_missing_points()
+
+    def unfinished_trial_ids(self) -> set[str]:
+        """Tune trial ids suggested by this searcher and not yet told to Optuna."""
+        return set(self._ot_trials) - set(self._completed_trials)
+
+    # ----------------------------------------------------------------- results
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials:
             return
@@ -70,7 +136,11 @@ class PruningAwareOptunaSearch(OptunaSearch):
         steps = self._steps.setdefault(trial_id, set())
         if step in steps:
             return  # an epoch already reported (e.g. replayed after a resume)
-        self._ot_trials[trial_id].report(float(value), step)
+        try:
+            self._ot_trials[trial_id].report(float(value), step)
+        except (RuntimeError, ValueError) as e:  # finished meanwhile (e.g. before a resume)
+            log.info("trial %s: not reported to Optuna (%s)", trial_id, e)
+            return
         steps.add(step)
         best = self._best.get(trial_id)
         better = (min if self.mode == "min" else max)
@@ -86,9 +156,9 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._record(trial_id, result)  # a STOP decision skips on_trial_result for the last one
         epochs = int(result.get(self._time_attr, 0)) if result else 0
         diverged = bool(result.get("diverged")) if result else False
-        if error:
+        if error or diverged:
             state, value = optuna.trial.TrialState.FAIL, None
-        elif diverged or epochs < self._max_t or trial_id not in self._best:
+        elif epochs < self._max_t or trial_id not in self._best:
             state, value = optuna.trial.TrialState.PRUNED, None
         else:
             state, value = optuna.trial.TrialState.COMPLETE, self._best[trial_id]
@@ -101,6 +171,21 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         self._best.pop(trial_id, None)
         self._steps.pop(trial_id, None)
+
+
+def _same_params(a: dict, b: dict) -> bool:
+    """Whether two parameter dicts hold the same values (floats compared to 1e-12)."""
+    if set(a) != set(b):
+        return False
+    for k, v in b.items():
+        w = a[k]
+        if isinstance(v, (int, float)) and isinstance(w, (int, float)) and not (
+                isinstance(v, bool) or isinstance(w, bool)):
+            if not math.isclose(float(v), float(w), rel_tol=1e-12, abs_tol=0.0):
+                return False
+        elif v != w:
+            return False
+    return True
 
 
 class AshaStateCallback(Callback):

@@ -288,6 +288,10 @@ def split_summary(checkpoint, data: ESPData) -> dict:
     train = elements.get("train", set())
     return {"checksum": record.get("checksum") or c.meta.get("data_checksum"),
             "split_by": c.config.data.split_by, "split_seed": c.config.data.split_seed,
+            "guarantee": record.get("guarantee", "molecules: no mol_id of a held-out split is "
+                                                 "in training"
+                                    if c.config.data.split_by == "molecule" else
+                                    "conformers only"),
             "splits": {s: {"conformers": int(len(i)),
                            "molecules": sorted(set(data.mol_id[i].tolist()))}
                        for s, i in indices.items()},

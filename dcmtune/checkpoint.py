@@ -2,12 +2,15 @@
 
 A checkpoint is a directory:
   state.msgpack  the TrainState (step, params, opt_state, ema_params, rng) via flax.serialization
-  meta.json      epoch, step, metrics, history, best metric, resolved config, versions, and the
-                 SHA-256 of state.msgpack (a truncated or altered state file is refused)
+  meta.json      epoch, step, metrics, history, best metric, resolved config, versions, the
+                 SHA-256 of state.msgpack (a truncated or altered state file is refused) and the
+                 SHA-256 of meta.json itself without that field (`meta_sha256`, over the
+                 canonical JSON: an altered meta.json is refused too)
 
 No pickle anywhere: loading a checkpoint never executes code. Directories are written under a
 temporary name and renamed into place, so a crash mid-write never leaves a half checkpoint
-under a real name.
+under a real name; a crash between the two renames of the swap leaves the previous copy under
+a hidden name, which `read_meta`/`load_checkpoint` find and put back (`_io.recover_directory`).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import numpy as np
 from dcmtune import _io
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_meta",
-           "prune_periodic", "package_versions", "STATE_FILE", "META_FILE"]
+           "verify_checkpoint", "prune_periodic", "package_versions", "STATE_FILE",
+           "META_FILE"]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.msgpack"
 META_FILE = "meta.json"
-FORMAT = "dcmtune-checkpoint-1"
+FORMAT = "dcmtune-checkpoint-2"  # 2: meta.json carries its own checksum (meta_sha256)
 
 
 class CheckpointError(ValueError):
@@ -58,24 +62,75 @@ def save_checkpoint(directory: Path, state: Any, meta: dict) -> Path:
 
         blob = serialization.to_bytes(state)
         (tmp / STATE_FILE).write_bytes(blob)
-        full_meta = dict(meta, format=FORMAT, state_sha256=hashlib.sha256(blob).hexdigest(),
-                         versions=package_versions())
-        (tmp / META_FILE).write_text(json.dumps(_io.jsonable(full_meta), indent=2, sort_keys=True))
+        full_meta = _io.jsonable(dict(meta, format=FORMAT,
+                                      state_sha256=hashlib.sha256(blob).hexdigest(),
+                                      versions=package_versions()))
+        full_meta.pop("meta_sha256", None)
+        full_meta["meta_sha256"] = _meta_digest(full_meta)
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
     return Path(directory)
 
 
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 of the canonical JSON of `meta` without its `meta_sha256` field."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
+
+
 def read_meta(directory: Path) -> dict:
-    """meta.json of a checkpoint (cheap: does not read the parameters)."""
-    path = Path(directory) / META_FILE
+    """meta.json of a checkpoint (cheap: does not read the parameters), checksum-verified.
+
+    A checkpoint whose swap was interrupted (only the previous copy left, under a hidden name)
+    is put back first.
+    """
+    directory = Path(directory)
+    path = directory / META_FILE
+    if not path.is_file() and _io.recover_directory(directory) is not None:
+        log.warning("%s: recovered the previous copy left by an interrupted checkpoint write",
+                    directory)
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a dcmtune checkpoint (no {META_FILE})")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); the file is "
+                              "damaged") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: unreadable JSON ({e.msg})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        ok = meta.get("meta_sha256") == _meta_digest(meta)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: checksum mismatch (meta.json altered or damaged)")
     return meta
+
+
+def verify_checkpoint(directory: Path) -> dict:
+    """The meta of a checkpoint whose meta.json and state file both pass their checksums
+    (reads the state bytes, not the parameters into JAX). CheckpointError otherwise."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    _read_state(directory, meta)
+    return meta
+
+
+def _read_state(directory: Path, meta: dict) -> bytes:
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{directory}: missing {STATE_FILE}")
+    blob = state_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta.get("state_sha256"):
+        raise CheckpointError(f"{state_path}: checksum mismatch (file truncated or altered; "
+                              f"{len(blob)} bytes)")
+    return blob
 
 
 def load_checkpoint(directory: Path, template: Any = None) -> tuple[Any, dict]:
@@ -94,13 +149,7 @@ def load_checkpoint(directory: Path, template: Any = None) -> tuple[Any, dict]:
     directory = Path(directory)
     meta = read_meta(directory)
     state_path = directory / STATE_FILE
-    if not state_path.is_file():
-        raise CheckpointError(f"{directory}: missing {STATE_FILE}")
-    blob = state_path.read_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != meta.get("state_sha256"):
-        raise CheckpointError(f"{state_path}: checksum mismatch (file truncated or altered; "
-                              f"{len(blob)} bytes)")
+    blob = _read_state(directory, meta)
     from flax import serialization
 
     try:
@@ -110,7 +159,12 @@ def load_checkpoint(directory: Path, template: Any = None) -> tuple[Any, dict]:
     if template is None:
         return raw, meta
     _check_fits(template, raw, state_path)
-    return serialization.from_state_dict(template, raw), meta
+    try:
+        return serialization.from_state_dict(template, raw), meta
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{state_path}: the optimizer state does not fit this run "
+                              f"({type(e).__name__}); was it saved with another optimizer "
+                              "(e.g. use_grad_clip or use_ema toggled)?") from None
 
 
 def _check_fits(template: Any, raw: dict, where: Path) -> None:
@@ -154,9 +208,12 @@ def prune_periodic(checkpoint_root: Path, keep: int, metric: str = "valid_loss")
 
 
 def find_checkpoint(path: Path) -> Optional[Path]:
-    """`path` if it is a checkpoint, else `path/checkpoints/latest` for a run directory."""
+    """`path` if it is a checkpoint, else `path/checkpoints/latest` for a run directory
+    (either put back first if its write was interrupted)."""
     path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    latest = path / "checkpoints" / "latest"
-    return latest if (latest / META_FILE).is_file() else None
+    for candidate in (path, path / "checkpoints" / "latest"):
+        if not (candidate / META_FILE).is_file():
+            _io.recover_directory(candidate)
+        if (candidate / META_FILE).is_file():
+            return candidate
+    return None

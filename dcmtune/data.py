@@ -337,8 +337,9 @@ def validate_arrays(raw: Mapping[str, np.ndarray], source: str = "<arrays>",
         mol_id, source_of_ids = mol_id.astype(str), "file"
     else:
         mol_id, source_of_ids = graph_keys(R, Z), "graph"
-        log.info("%s: no mol_id; %d conformers grouped into %d molecules by bond graph", source,
-                 M, len(np.unique(mol_id)))
+        log.warning("%s: no mol_id; %d conformers grouped into %d molecules by bond graph "
+                    "(isomers apart, stereoisomers together); give mol_id to choose the groups",
+                    source, M, len(np.unique(mol_id)))
 
     # 8. Units check: grid points should sit ~1.4-2.0 vdW radii (>= ~1.5 Angstrom) from atoms;
     #    Bohr coordinates make every distance 1.89x too large.
@@ -534,8 +535,16 @@ def split_record(data: ESPData, splits: Mapping[str, np.ndarray], **settings) ->
     """The JSON-able record of a split, written next to every run and reused by ranking.
 
     Besides the indices and mol_ids per split it names where the molecule ids come from
-    (`mol_id_source`: "file", "graph" = grouped by bond graph, or "mixed")."""
+    (`mol_id_source`: "file", "graph" = grouped by bond graph, or "mixed") and what the held-out
+    splits really guarantee (`guarantee`: whole molecules only with split_by "molecule").
+    """
+    by_molecule = settings.get("split_by", "molecule") == "molecule"
+    how = {"file": "", "graph": " (molecules grouped by bond graph: the files have no mol_id)",
+           "mixed": " (some files' molecules grouped by bond graph)"}[data.mol_id_source]
     return {
+        "guarantee": ("molecules: no mol_id of a held-out split is in training" + how
+                      if by_molecule else "conformers only: conformers of one molecule may be "
+                      "in training and in a held-out split"),
         "settings": settings,
         "checksum": data.checksum(),
         "num_conformers": data.num_conformers,

@@ -11,6 +11,7 @@ values once (`finalize_metrics`), so an epoch's metrics do not depend on how it 
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, NamedTuple
 
 import jax.numpy as jnp
@@ -156,7 +157,8 @@ def finalize_metrics(sums: Mapping[str, float], weights: LossWeights) -> dict[st
 
     `loss` is recomputed from the term means, so it equals the loss of one batch holding all
     the molecules. `mono_mean`/`mono_std` describe the predicted atomic monopoles of real atoms.
-    Terms whose reference is absent are NaN (dipole_mae without Dxyz, mono_* without mono).
+    Terms whose reference is absent are NaN (dipole_mae without Dxyz, mono_* without mono) and
+    left out of `loss`; a weighted term that is present but not finite makes `loss` NaN.
     """
     s = {k: float(np.asarray(v)) for k, v in sums.items()}
 
@@ -166,8 +168,16 @@ def finalize_metrics(sums: Mapping[str, float], weights: LossWeights) -> dict[st
     esp_mse, mono_mse, dip_mse = mean("esp_mse", "n_mol"), mean("mono_mse", "n_mono"), \
         mean("dip_mse", "n_dip")
     w = [float(np.asarray(x)) for x in weights]
-    loss = w[0] * esp_mse + sum(wi * t for wi, t in ((w[1], mono_mse), (w[2], dip_mse))
-                                if wi != 0 and np.isfinite(t))
+    # A term counts where it has a reference (count > 0) and a weight; a present term that is
+    # not finite makes the loss non-finite (the run diverged), never silently smaller.
+    loss = w[0] * esp_mse + sum(wi * t for wi, t, n in ((w[1], mono_mse, s["n_mono"]),
+                                                       (w[2], dip_mse, s["n_dip"]))
+                                if wi != 0 and n > 0)
+    if not all(math.isfinite(t) for t, wi, n in ((esp_mse, w[0], s["n_mol"]),
+                                                 (mono_mse, w[1], s["n_mono"]),
+                                                 (dip_mse, w[2], s["n_dip"]))
+               if wi != 0 and n > 0):
+        loss = float("nan")
     q_mean = mean("q_sum", "n_atoms")
     q_var = mean("q2_sum", "n_atoms") - q_mean ** 2
     return {

@@ -96,6 +96,8 @@ class TrialRecord:
       value: The validation metric at checkpoint_epoch (NaN if none).
       valid: Validation metrics at checkpoint_epoch.
       reason: Why it is excluded ("" if it is not).
+      skipped: Checkpoints of the trial that failed their checksums or could not be read
+        ("path: reason"), passed over for the next candidate.
     """
 
     trial_id: str
@@ -111,6 +113,7 @@ class TrialRecord:
     value: float = float("nan")
     valid: dict = dataclasses.field(default_factory=dict)
     reason: str = ""
+    skipped: list = dataclasses.field(default_factory=list)
 
     @property
     def eligible(self) -> bool:
@@ -119,8 +122,8 @@ class TrialRecord:
 
 def _read_json(path: Path) -> Optional[Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
 
 
@@ -134,20 +137,26 @@ def _is_trial_dir(d: Path) -> bool:
     return (d / "params.json").is_file()
 
 
-def _checkpoint_candidates(trial_dir: Path) -> list[tuple[Path, dict]]:
-    """(dir, meta) of every dcmtune checkpoint of a trial: Tune's copies first, then the
-    trainer's own (best, latest, epoch_N)."""
+def _checkpoint_candidates(trial_dir: Path, skipped: Optional[list] = None
+                           ) -> list[tuple[Path, dict]]:
+    """(dir, meta) of every checksum-valid dcmtune checkpoint of a trial: Tune's copies first,
+    then the trainer's own (best, latest, epoch_N). Damaged ones are logged and appended to
+    `skipped` as "path: reason"."""
     dirs = sorted(trial_dir.glob("checkpoint_*"))
     root = trial_dir / "checkpoints"
     if root.is_dir():
         dirs += [root / "best", root / "latest"] + sorted(root.glob("epoch_*"))
     out = []
     for d in dirs:
-        if (d / ckpt.META_FILE).is_file() and (d / ckpt.STATE_FILE).is_file():
+        if not (d / ckpt.META_FILE).is_file():
+            _io.recover_directory(d)
+        if (d / ckpt.META_FILE).is_file() or (d / ckpt.STATE_FILE).is_file():
             try:
-                out.append((d, ckpt.read_meta(d)))
+                out.append((d, ckpt.verify_checkpoint(d)))
             except ckpt.CheckpointError as e:
-                log.warning("skipping %s", e)
+                log.warning("skipping a damaged checkpoint: %s", e)
+                if skipped is not None:
+                    skipped.append(f"{d}: {e}")
     return out
 
 
@@ -195,7 +204,7 @@ def _read_trial(d: Path, metric: str, mode: str) -> TrialRecord:
     best_epoch, _ = h.best(metric, mode)
     if metric not in h.history_df:
         rec.reason = rec.reason or f"history has no {metric}"
-    cands = _checkpoint_candidates(d)
+    cands = _checkpoint_candidates(d, rec.skipped)
     chosen = next(((c, m) for c, m in cands if int(m.get("epoch", -1)) == best_epoch), None)
     if chosen is None and cands:
         sign = 1.0 if mode == "min" else -1.0
@@ -439,7 +448,7 @@ def _trial_summary(t: TrialRecord, keys: list[str]) -> dict:
     return {"trial_id": t.trial_id, "status": t.status, "epochs": t.epochs,
             "checkpoint_epoch": t.checkpoint_epoch, "value": t.value,
             "eligible": t.eligible, "reason": t.reason, "point": _point_of(t, keys),
-            "path": str(t.path)}
+            "path": str(t.path), "skipped_checkpoints": list(t.skipped)}
 
 
 def _rank(s: RankSettings, data: Optional[ESPData]) -> Ranking:
@@ -473,6 +482,7 @@ def _rank(s: RankSettings, data: Optional[ESPData]) -> Ranking:
         "trials": [_trial_summary(t, keys) for t in trials],
         "excluded": [{"trial_id": t.trial_id, "status": t.status, "reason": t.reason}
                      for t in trials if not t.eligible],
+        "skipped_checkpoints": [s_ for t in trials for s_ in t.skipped],
         "baselines": baselines, "checks": checks, "searched": keys,
         "splits_differ": splits_differ,
     }

@@ -76,7 +76,11 @@ def _how_chosen(info: dict) -> list[str]:
         "each at the epoch whose checkpoint was saved (trials stopped early by ASHA compete at "
         "their best epoch). The winner is rank 1. The top trials' checkpoints were then "
         f"re-evaluated on the **{split}** split saved with each trial"
-        + (": those molecules played no part in training or in choosing the model."
+        + ((": those molecules played no part in training or in choosing the model."
+            if info.get("data", {}).get("guarantee", "molecules").startswith("molecules") else
+            ": those conformers played no part in training or in choosing the model, but the "
+            "split is by conformer, so other conformers of the same molecules may have been "
+            "trained on (this measures interpolation, not unseen molecules).")
            if split == "test" else " (the validation split also chose the model: these "
            "numbers are not an unbiased estimate).")
         + " Diverged and failed trials are excluded.", "",
@@ -151,6 +155,9 @@ def _warnings_section(info: dict) -> list[str]:
                   _md_table(["trial", "status", "reason"],
                             [[e["trial_id"], e["status"], e["reason"]]
                              for e in info["excluded"]]), ""]
+    if info.get("skipped_checkpoints"):
+        lines += ["## Damaged checkpoints (passed over for the next candidate)", "",
+                  *[f"- {s}" for s in info["skipped_checkpoints"]], ""]
     if info.get("splits_differ"):
         split = info["split"]
         lines += [f"**Warning:** the ranked trials used different {split} splits; their "

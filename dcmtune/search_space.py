@@ -509,7 +509,12 @@ def load_spec(path: str | Path, storage_path: Optional[str | Path] = None) -> Sw
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_Loader)
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not a text (UTF-8) YAML file (byte {e.start}); expected a "
+                        "sweep spec") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -751,7 +756,7 @@ def _run(raw: Any, base_dir: Path, storage_override) -> RunSpec:
         max_concurrent_trials=_int("run.max_concurrent_trials", d.get("max_concurrent_trials"),
                                    1, none_ok=True),
         metric=_str("run.metric", d.get("metric", "valid_esp_rmse")),
-        mode=_str("run.mode", d.get("mode", "min"), ("min", "max")),
+        mode=_mode(d.get("mode", "min")),
         resources=_resources(d.get("resources")),
         max_failures=_int("run.max_failures", d.get("max_failures", 1), 0),
         storage_path=str(storage),
@@ -762,6 +767,13 @@ def _run(raw: Any, base_dir: Path, storage_override) -> RunSpec:
     )
 
 
+def _mode(value: Any) -> str:
+    if value == "max":
+        raise SpecError("run.mode: every sweep metric is lower-is-better, so expected min, got "
+                        "'max'")
+    return _str("run.mode", value, ("min",))
+
+
 def _check_run(run: RunSpec, spec: SweepSpec) -> None:
     """Checks of `run:` that depend on the rest of the spec."""
     _int("run.num_samples", run.num_samples, 1)
@@ -769,7 +781,11 @@ def _check_run(run: RunSpec, spec: SweepSpec) -> None:
         hint = (" (the test split never chooses anything)" if run.metric.startswith("test_")
                 else "")
         raise SpecError(f"run.metric: unknown metric {run.metric!r}{hint}; expected one of "
-                        f"{', '.join(SWEEP_METRICS)}")
+                        f"{', '.join(m for m in SWEEP_METRICS if m.startswith('valid_'))}")
+    if not run.metric.startswith("valid_"):
+        raise SpecError(f"run.metric: {run.metric} is measured on the training split; trials are "
+                        "chosen and ranked on the validation split, so expected a valid_* "
+                        "metric")
     searched_weights = [k for k in spec.search if k in LOSS_WEIGHTS]
     if run.metric.endswith("_loss") and searched_weights:
         raise SpecError(f"run.metric: {run.metric} changes scale with the searched loss weight "

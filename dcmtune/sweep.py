@@ -17,19 +17,21 @@ starts and before anything is written. The library entry points are `prepare`, `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import math
 import os
-import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from dcmtune import metrics
-from dcmtune.cli import OneLineParser, TableReporter, run_cli
+from dcmtune import _io, metrics
+from dcmtune.cli import OneLineParser, TableReporter, one_line, run_cli
 from dcmtune.config import ConfigError, flat_dict
 from dcmtune.data import DataError, ESPData, load_dataset, split_dataset
 from dcmtune.search_space import SpecError, SweepSpec, load_spec
@@ -41,6 +43,7 @@ __all__ = ["main", "prepare", "run_sweep", "run_debug", "debug_run_dir", "SweepO
 log = logging.getLogger(__name__)
 
 SPEC_RECORD = "sweep_spec.json"
+LOCK_FILE = ".driver.lock"
 _SHIPPED_SPECS = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
@@ -115,14 +118,22 @@ def prepare(spec: SweepSpec, data: Optional[ESPData] = None) -> _Prepared:
 
 def _check_experiment_dir(spec: SweepSpec, resume: bool) -> None:
     exp = spec.experiment_dir
+    problem = _io.writable_problem(exp)
+    if problem:
+        raise SpecError(f"run.storage_path: {problem} (experiment {exp})")
     if resume:
         if not (exp / "tuner.pkl").is_file():
             raise SpecError(f"--resume: no experiment to resume at {exp}")
         record = exp / SPEC_RECORD
         if record.is_file():
-            _check_same_spec(json.loads(record.read_text()), spec.to_dict())
+            try:
+                saved = json.loads(record.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SpecError(f"{record}: unreadable ({type(e).__name__}); the experiment "
+                                "record is damaged") from None
+            _check_same_spec(saved, spec.to_dict())
     else:
-        if exp.exists() and any(exp.iterdir()):
+        if exp.exists() and any(p.name != LOCK_FILE for p in exp.iterdir()):
             raise SpecError(f"name: the experiment {exp} already exists; continue it with "
                             "--resume, or choose another name (--name) or --storage-path")
         if spec.searcher.storage:
@@ -210,15 +221,25 @@ class SweepOutcome:
 
 
 def _best_trial(results, metric: str, mode: str) -> Optional[BestTrial]:
-    try:
-        res = results.get_best_result(metric, mode, scope="all", filter_nan_and_inf=True)
-    except (ValueError, RuntimeError, KeyError):
+    """The best trial by `metric` at its best epoch, among trials that neither diverged nor
+    errored (the same trials the ranking lets compete)."""
+    sign = 1.0 if mode == "min" else -1.0
+    best = None
+    for res in results:
+        df = res.metrics_dataframe
+        if res.error is not None or df is None or metric not in df or "epoch" not in df:
+            continue
+        if "diverged" in df and (df["diverged"].fillna(0).astype(float) > 0).any():
+            continue
+        ok = df[df[metric].apply(lambda v: v is not None and math.isfinite(float(v)))]
+        if ok.empty:
+            continue
+        row = ok.loc[ok[metric].idxmin() if mode == "min" else ok[metric].idxmax()]
+        if best is None or sign * float(row[metric]) < sign * float(best[1][metric]):
+            best = (res, row, ok)
+    if best is None:
         return None
-    df = res.metrics_dataframe
-    if df is None or metric not in df or df[metric].dropna().empty:
-        return None
-    df = df[df[metric].apply(lambda v: v is not None and math.isfinite(float(v)))]
-    row = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]
+    res, row, df = best
     try:
         ckpt = res.get_best_checkpoint(metric, mode)
     except RuntimeError:
@@ -294,10 +315,86 @@ def _connect(address: Optional[str], dashboard: bool, dashboard_host: str,
     return True
 
 
-def run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] = None,
-              dashboard: bool = False, dashboard_host: str = "127.0.0.1",
-              data: Optional[ESPData] = None, callbacks: Sequence[Any] = (),
-              verbose: int = 1, echo: Callable[[str], None] = log.info) -> SweepOutcome:
+@contextlib.contextmanager
+def _driver_lock(experiment_dir: Path):
+    """Holds `<experiment>/.driver.lock` (fcntl.flock) for the life of this driver; a second
+    driver on the same experiment is refused (SpecError). The lock dies with the process."""
+    import fcntl
+
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    path = experiment_dir / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise SpecError(f"{experiment_dir}: another driver (pid {holder}) is running this "
+                            "experiment; wait for it or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (SLURM, Kubernetes) stops the sweep like Ctrl-C: Tune saves the experiment and
+    returns, and `--resume` continues it. Only in the main thread (where signals arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        log.warning("SIGTERM: stopping the sweep gracefully (resume with --resume)")
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _RestoreFailed(Exception):
+    """Ray Tune could not restore the experiment (it would start a new one in its place)."""
+
+
+class _RefuseSilentRestart(logging.Handler):
+    """Ray Tune logs "Failed to restore the run state." and then starts num_samples *new*
+    trials in the old experiment. This handler turns that log record into an exception that
+    leaves `Tuner.fit` before any new trial starts."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Failed to restore the run state"):
+            cause = record.exc_info[1] if record.exc_info else None
+            raise _RestoreFailed(one_line(cause) if cause is not None else "unknown cause")
+
+
+def run_sweep(spec: SweepSpec, *, resume: bool = False, **kwargs) -> SweepOutcome:
+    """Runs (or with `resume`, finishes) the sweep `spec`; see `_run_sweep` for the arguments.
+
+    One driver per experiment (a lock file), and SIGTERM stops it gracefully like Ctrl-C
+    (Tune saves the experiment; `--resume` continues it).
+
+    Raises:
+      SpecError / DataError: bad input, before anything is written; SpecError also when
+        another driver holds the experiment or Ray Tune cannot restore it.
+    """
+    prep = prepare(spec, kwargs.pop("data", None))
+    _check_experiment_dir(spec, resume)
+    with _driver_lock(spec.experiment_dir):
+        return _run_sweep(spec, resume=resume, data=prep.data, **kwargs)
+
+
+def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] = None,
+               dashboard: bool = False, dashboard_host: str = "127.0.0.1",
+               data: Optional[ESPData] = None, callbacks: Sequence[Any] = (),
+               verbose: int = 1, echo: Callable[[str], None] = log.info) -> SweepOutcome:
     """Runs (or with `resume`, finishes) the sweep `spec`.
 
     Args:
@@ -320,8 +417,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] =
     from dcmtune.trainable import TrialSettings, make_trainable
     from dcmtune.xla_env import resolve_resources, trial_env_vars
 
-    prep = prepare(spec, data)
-    _check_experiment_dir(spec, resume)
+    prep = _Prepared(spec, data, 0) if data is not None else prepare(spec)
     run = spec.run
 
     # 1. Resources: decided before Ray starts where we can (local), checked on the cluster.
@@ -363,19 +459,43 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] =
         _write_spec_record(spec)
     echo(f"experiment: {spec.experiment_dir} ({run.num_samples} trials, metric {run.metric} "
          f"{run.mode}, {spec.num_epochs} epochs max)")
-    results = tuner.fit()
+    with _sigterm_as_interrupt():  # after ray.init, which installs its own SIGTERM handler
+        results = _fit(tuner, spec.experiment_dir, resume)
 
-    # 4. Outcome.
-    finished = results.num_terminated + results.num_errors
-    complete = finished == len(results) and (len(results) >= run.num_samples
-                                             or run.time_budget_s is not None)
-    best = _best_trial(results, run.metric, run.mode)
-    outcome = SweepOutcome(status="completed" if complete else "interrupted",
-                           experiment_dir=spec.experiment_dir, results=results, best=best,
-                           resources=resources)
-    if complete:
-        outcome.ranking = _rank(spec.experiment_dir, spec, results, prep.data)
+        # 4. Outcome.
+        finished = results.num_terminated + results.num_errors
+        complete = finished == len(results) and (len(results) >= run.num_samples
+                                                 or run.time_budget_s is not None)
+        best = _best_trial(results, run.metric, run.mode)
+        outcome = SweepOutcome(status="completed" if complete else "interrupted",
+                               experiment_dir=spec.experiment_dir, results=results, best=best,
+                               resources=resources)
+        if complete:
+            outcome.ranking = _rank(spec.experiment_dir, spec, results, prep.data)
     return outcome
+
+
+def _fit(tuner, experiment_dir: Path, resume: bool):
+    """`tuner.fit()`, refusing a restore that failed; then sets aside the directories of
+    trials the restored experiment does not know (started after its last snapshot)."""
+    guard = _RefuseSilentRestart()
+    tc_log = logging.getLogger("ray.tune.execution.tune_controller")
+    if resume:
+        tc_log.addHandler(guard)
+    try:
+        results = tuner.fit()
+    except _RestoreFailed as e:
+        raise SpecError(f"--resume: Ray Tune cannot restore {experiment_dir} ({e}); refusing "
+                        "to start a new experiment in its place") from None
+    finally:
+        tc_log.removeHandler(guard)
+    known = {Path(r.path).name for r in results}
+    for d in sorted(experiment_dir.glob("trial_*")):
+        if d.is_dir() and d.name not in known:
+            moved = _io.move_aside(d, f".orphan-{d.name}")
+            log.warning("%s: a trial started after the last experiment snapshot and lost by "
+                        "the restore; moved to %s", d.name, moved.name)
+    return results
 
 
 def _new_tuner(spec: SweepSpec, trainable, callbacks: Sequence[Any], verbose: int):
@@ -428,9 +548,9 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: Sequence[Any], verbose: in
 def _write_spec_record(spec: SweepSpec) -> None:
     exp = spec.experiment_dir
     exp.mkdir(parents=True, exist_ok=True)
-    (exp / SPEC_RECORD).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+    _io.write_json(exp / SPEC_RECORD, spec.to_dict())
     if spec.path is not None:
-        shutil.copyfile(spec.path, exp / "spec.yaml")
+        _io.write_bytes(exp / "spec.yaml", Path(spec.path).read_bytes())
 
 
 # --------------------------------------------------------------------------- debug

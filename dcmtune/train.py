@@ -31,7 +31,7 @@ import optax
 from dcmtune import _io
 from dcmtune import checkpoint as ckpt
 from dcmtune.config import (ConfigError, ExperimentConfig, ModelConfig, TrainingConfig,
-                            config_from_flat)
+                            config_from_flat, flat_dict)
 from dcmtune.data import (ESPData, load_dataset, make_batch, split_dataset, split_record,
                           stacked_batches)
 from dcmtune.loss import (LossWeights, finalize_metrics, loss_and_sums, per_molecule_terms,
@@ -255,20 +255,91 @@ def _split(config: ExperimentConfig, data: ESPData) -> dict[str, np.ndarray]:
         raise ConfigError(f"data: {e}") from None
 
 
-def _check_resume_config(meta: dict, config: ExperimentConfig, where: Path) -> None:
-    saved = meta.get("config", {}).get("model")
-    if saved != config.model.to_dict():
-        diff = sorted(k for k in config.model.to_dict()
-                      if (saved or {}).get(k) != getattr(config.model, k))
+# What a restart may change without --allow-config-change: bookkeeping (where the run writes,
+# its notes), the checkpoint cadence, and the data file paths (the data itself is checked by
+# checksum). num_epochs may change only under a constant learning rate, where it shapes nothing.
+_RESTART_FREE = frozenset({"name", "output_dir", "description", "notes", "created_at",
+                           "git_commit", "data.data_files", "training.save_every_n_epochs",
+                           "training.keep_top_k_checkpoints"})
+
+
+def _check_resume_config(meta: dict, config: ExperimentConfig, where: Path, *,
+                         data_checksum: Optional[str] = None,
+                         splits: Optional[dict] = None,
+                         allow_change: bool = False) -> dict:
+    """Refuses a restart that would silently continue another run.
+
+    The checkpoint's config, data checksum and split must equal this run's, except for the
+    fields in `_RESTART_FREE` (and num_epochs under a constant learning rate). With
+    `allow_change` every difference is accepted; either way the differences are returned as
+    {dotted key: [checkpoint's value, this run's value]} so the run can record them.
+
+    Raises:
+      CheckpointError: one line naming the first differing field.
+    """
+    saved_raw = meta.get("config")
+    if not isinstance(saved_raw, dict):
+        raise ckpt.CheckpointError(f"{where}: meta.json holds no run config; cannot restart")
+    saved = flat_dict(saved_raw)
+    now = flat_dict(config.to_dict())
+    changes = {k: [saved.get(k), now.get(k)] for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)}
+    if data_checksum is not None and meta.get("data_checksum") not in (None, data_checksum):
+        changes["data.checksum"] = [meta.get("data_checksum"), data_checksum]
+    saved_split = (meta.get("split") or {}).get("indices")
+    if splits is not None and saved_split is not None:
+        now_split = {k: [int(i) for i in v] for k, v in splits.items()}
+        if saved_split != now_split:
+            changes["data.split"] = ["as recorded in the checkpoint", "another assignment"]
+    constant_lr = not config.training.use_lr_schedule and not saved_raw.get(
+        "training", {}).get("use_lr_schedule", True)
+    refused = [k for k in changes if k not in _RESTART_FREE
+               and not (k == "training.num_epochs" and constant_lr)]
+    if refused and not allow_change:
+        key = refused[0]
+        was, is_ = changes[key]
+        what = ("checkpoint is of another architecture: " if key.startswith("model.") else "")
         raise ckpt.CheckpointError(
-            f"{where}: checkpoint is of another architecture (model.{diff[0] if diff else '?'}"
-            f" = {(saved or {}).get(diff[0]) if diff else '?'}, this run has "
-            f"{getattr(config.model, diff[0]) if diff else '?'})")
+            f"{where}: {what}{key} = {is_!r} differs from the checkpoint's {was!r}; a restart "
+            "continues the checkpoint's run (pass --allow-config-change to accept and record "
+            "the change)")
+    return {k: v for k, v in changes.items()
+            if k not in ("name", "output_dir", "created_at", "git_commit")}
+
+
+def _set_aside_stale(ckpt_root: Path, meta: dict) -> None:
+    """A restart from an older checkpoint: `best/` and `epoch_N/` written after it by the
+    abandoned attempt are moved aside, so they can never be reported for this run."""
+    start = int(meta["epoch"])
+    stale = []
+    best = ckpt_root / "best"
+    if best.is_dir():
+        try:
+            best_epoch = int(ckpt.read_meta(best).get("epoch", -1))
+        except ckpt.CheckpointError:
+            best_epoch = -1
+        if best_epoch != int(meta.get("best_epoch", 0)) or best_epoch > start:
+            stale.append(best)
+    for d in ckpt_root.glob("epoch_*"):
+        tail = d.name.split("_", 1)[1]
+        if tail.isdigit() and int(tail) > start:
+            stale.append(d)
+    for d in stale:
+        moved = _io.move_aside(d, f".stale-{d.name}")
+        log.warning("%s: written after the restart point (epoch %d) by an abandoned attempt; "
+                    "moved to %s", d, start, moved.name)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Refuses a run directory that cannot be created or written, before any compute."""
+    problem = _io.writable_problem(run_dir)
+    if problem:
+        raise ConfigError(f"output_dir: {problem} (run directory {run_dir})")
 
 
 def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
         reporter: Optional[Reporter] = None, run_dir: Optional[Path] = None,
-        resume_from: Optional[Path] = None) -> FitResult:
+        resume_from: Optional[Path] = None, allow_config_change: bool = False) -> FitResult:
     """Trains a DCMNet as `config` says and writes the run directory.
 
     Args:
@@ -278,7 +349,10 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
       reporter: Called after every epoch with (epoch, metrics, latest checkpoint dir).
       run_dir: Output directory; defaults to config.run_dir.
       resume_from: A checkpoint directory to continue from exactly (params, optimizer state,
-        EMA, step, RNG, best metric and history).
+        EMA, step, RNG, best metric and history). Its config, data checksum and split must be
+        this run's (see `_check_resume_config`).
+      allow_config_change: Accept a restart whose config differs from the checkpoint's; the
+        differences are recorded in the checkpoints' meta (`restarts`) and in restarts.json.
 
     Returns:
       A FitResult. status "diverged" when a loss became non-finite (the run stops there).
@@ -301,34 +375,52 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
     hp = hparams_of(t_cfg)
     weights = _weights(hp)
 
-    # 2. State: fresh, or restored exactly.
-    state = init_state(config, spec)
+    # 2. State: fresh, or restored exactly (the config is checked before anything compiles).
     history: list[dict] = []
+    restarts: list[dict] = []
     best_loss, best_epoch, start = math.inf, 0, 1
     if resume_from is not None:
-        state, meta = ckpt.load_checkpoint(Path(resume_from), template=state)
-        _check_resume_config(meta, config, Path(resume_from))
+        meta = ckpt.verify_checkpoint(Path(resume_from))
+        changes = _check_resume_config(meta, config, Path(resume_from),
+                                       data_checksum=data.checksum(), splits=splits,
+                                       allow_change=allow_config_change)
+        _check_writable(run_dir)
+        state, meta = ckpt.load_checkpoint(Path(resume_from), template=init_state(config, spec))
         history = [dict(r) for r in meta.get("history", [])]
+        restarts = [dict(r) for r in meta.get("restarts", [])]
+        if changes:
+            restarts.append({"from_epoch": int(meta["epoch"]), "checkpoint": str(resume_from),
+                             "at": datetime.datetime.now().isoformat(timespec="seconds"),
+                             "allow_config_change": bool(allow_config_change),
+                             "changes": changes})
         best_loss = meta.get("best_valid_loss", math.inf)
         best_loss = math.inf if best_loss is None else float(best_loss)
         best_epoch, start = int(meta.get("best_epoch", 0)), int(meta["epoch"]) + 1
+        _set_aside_stale(run_dir / "checkpoints", meta)
         log.info("resuming from %s at epoch %d", resume_from, start)
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise ckpt.CheckpointError(
             f"{run_dir}: already holds checkpoints; resume from {run_dir}/checkpoints/latest "
             "or choose another name/output_dir")
+    else:
+        _check_writable(run_dir)
+        state = init_state(config, spec)
 
     # 3. Run directory: resolved config and split, written once.
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    if not config.created_at:
-        config = config.replace(created_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    if not config.created_at:  # a resumed run keeps the date it was created
+        created = (meta.get("config") or {}).get("created_at") if resume_from else None
+        config = config.replace(
+            created_at=created or datetime.datetime.now().isoformat(timespec="seconds"))
     _io.write_json(run_dir / "config.json", config.to_dict())
     record = split_record(
         data, splits, split_by=config.data.split_by, split_seed=config.data.split_seed,
         data_files=list(config.data.data_files))
     data_checksum = record["checksum"]
     _io.write_json(run_dir / "split.json", record)
+    if restarts:
+        _io.write_json(run_dir / "restarts.json", restarts)
 
     # 4. Device-resident data.
     train_dev = jax.device_put(make_batch(train, np.arange(train.num_conformers)))
@@ -378,7 +470,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
             meta = {"epoch": epoch, "step": step, "metrics": metrics, "history": history,
                     "best_valid_loss": best_loss, "best_epoch": best_epoch,
                     "config": config.to_dict(), "data_checksum": data_checksum,
-                    "split": record}
+                    "split": record, "restarts": restarts}
             latest = ckpt.save_checkpoint(ckpt_root / "latest", state, meta)
             if improved:
                 ckpt.save_checkpoint(ckpt_root / "best", state, meta)

@@ -2,6 +2,11 @@
 
 The flags are generated from the config dataclasses, so the two cannot drift apart; plus
 `--config FILE.json` (flags override it), `--restart-checkpoint DIR` and `--quiet`.
+
+A restart takes its config from the checkpoint: flags may change only where the run writes,
+the checkpoint cadence, and num_epochs under a constant learning rate. Any other difference
+(data, split, batch size, schedule, optimizer, learning rate, model...) is refused with one
+line naming the field, unless `--allow-config-change`, which records it in the run.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="experiment config JSON; flags override it")
     p.add_argument("--restart-checkpoint", type=Path,
                    help="checkpoint dir (or run dir) to resume exactly from")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --restart-checkpoint: accept flags that change the checkpoint's "
+                        "config (recorded in the run's restarts.json and checkpoints)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch table")
     for section, cls in _SECTIONS:
         group = p.add_argument_group(section or "experiment")
@@ -72,32 +80,61 @@ def _git_commit() -> str:
         return ""
 
 
-def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    base = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
-    overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("config", "restart_checkpoint", "quiet")}
+_NOT_CONFIG = ("config", "restart_checkpoint", "quiet", "allow_config_change")
+
+
+def _config_from_args(args: argparse.Namespace, base: Optional[ExperimentConfig] = None
+                      ) -> ExperimentConfig:
+    """The config file (else `base`, else the defaults) with the given flags applied."""
+    if args.config:
+        base = ExperimentConfig.load(args.config)
+    base = base if base is not None else ExperimentConfig()
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
     config = base.replace(**overrides)
     if not config.git_commit:
         config = config.replace(git_commit=_git_commit())
     return config
 
 
+def _checkpoint_config(resume: Path) -> ExperimentConfig:
+    """The checkpoint's config; the run continues in the run directory holding the checkpoint
+    (`<run>/checkpoints/<name>`), even if that directory was moved or copied."""
+    from dcmtune.checkpoint import read_meta
+
+    saved = read_meta(resume).get("config")
+    try:
+        config = ExperimentConfig.from_dict(saved)
+    except ConfigError as e:
+        raise CheckpointError(f"{resume}: meta.json holds an invalid config ({e})") from None
+    resume = resume.resolve()
+    if resume.parent.name == "checkpoints":
+        run = resume.parent.parent
+        config = config.replace(output_dir=str(run.parent), name=run.name)
+    return config
+
+
 def _train(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)
-    use_compilation_cache(Path(config.output_dir).resolve() / ".jax_cache")
     from dcmtune.checkpoint import find_checkpoint
-    from dcmtune.train import fit
 
     resume = None
+    if args.allow_config_change and args.restart_checkpoint is None:
+        raise ConfigError("--allow-config-change: only used with --restart-checkpoint")
     if args.restart_checkpoint is not None:
         resume = find_checkpoint(args.restart_checkpoint)
         if resume is None:
             raise CheckpointError(f"{args.restart_checkpoint}: no checkpoint there (expected "
                                   "a checkpoint dir with meta.json or a run dir)")
+        config = _config_from_args(args, base=_checkpoint_config(resume))
+    else:
+        config = _config_from_args(args)
+    use_compilation_cache(Path(config.output_dir).resolve() / ".jax_cache")
+    from dcmtune.train import fit
+
     reporter = None if args.quiet else TableReporter(config.training.num_epochs,
                                                      metrics.table_rows())
     print(f"run directory: {config.run_dir}", flush=True)
-    result = fit(config, reporter=reporter, resume_from=resume)
+    result = fit(config, reporter=reporter, resume_from=resume,
+                 allow_config_change=args.allow_config_change)
     print(f"{result.status}: best valid_loss {result.best_valid_loss:.6g} at epoch "
           f"{result.best_epoch}; checkpoints in {result.run_dir / 'checkpoints'}")
     return 0 if result.status == "completed" else 3

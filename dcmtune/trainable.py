@@ -4,7 +4,8 @@ A trial maps its sampled point to an `ExperimentConfig` (the spec's fixed values
 runs the trainer with the trial's directory in the experiment (<storage>/<name>/trial_<id>) as
 its output directory, and reports every epoch to Tune. A Tune checkpoint is attached whenever
 the sweep metric improves, every `checkpoint_every` epochs and at the last epoch, so every
-trial's best epoch has one. A trial resumes from `tune.get_checkpoint()`. A non-finite loss ends
+trial's best epoch has one. A retried trial resumes from the newest checkpoint that passes
+its checksums, `tune.get_checkpoint()` or the trainer's own `latest`. A non-finite loss ends
 the trial cleanly with `fit_status = "diverged"`.
 
 JAX/XLA settings for trial processes are computed once (`dcmtune.xla_env.trial_env_vars`) and
@@ -16,6 +17,7 @@ as plain numpy arrays through the object store (`tune.with_parameters`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -94,6 +96,7 @@ class _TuneReporter:
         self.metric, self.sign = settings.metric, (1.0 if settings.mode == "min" else -1.0)
         self.every, self.num_epochs = settings.checkpoint_every, num_epochs
         self.best = best
+        self.calls = 0
 
     def wants_checkpoint(self, epoch: int, value: Optional[float]) -> bool:
         improved = value is not None and math.isfinite(value) and (
@@ -103,14 +106,17 @@ class _TuneReporter:
         periodic = self.every > 0 and epoch % self.every == 0
         return improved or periodic or epoch == self.num_epochs
 
-    def __call__(self, epoch: int, metrics: dict, checkpoint_dir: Optional[Path]) -> None:
+    def __call__(self, epoch: int, metrics: dict, checkpoint_dir: Optional[Path],
+                 force: bool = False) -> None:
+        self.calls += 1
         out = {k: _scalar(v) for k, v in metrics.items()}
         diverged = bool(out.get("diverged"))
         out["fit_status"] = ("diverged" if diverged else
                              "completed" if epoch == self.num_epochs else "running")
         value = out.get(self.metric)
         checkpoint = None
-        if checkpoint_dir is not None and not diverged and self.wants_checkpoint(epoch, value):
+        if checkpoint_dir is not None and not diverged and (
+                self.wants_checkpoint(epoch, value) or force):
             checkpoint = tune.Checkpoint.from_directory(checkpoint_dir)
         tune.report(out, checkpoint=checkpoint)
 
@@ -147,22 +153,57 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
     cfg = experiment.replace(**point, name=trial_dir.name, output_dir=str(trial_dir.parent))
     dataset = ESPData(**data)
 
-    resume_ckpt = tune.get_checkpoint()
-    if resume_ckpt is None:
-        _set_aside_stale_checkpoints(trial_dir)
-        reporter = _TuneReporter(settings, cfg.training.num_epochs)
-        result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir)
-    else:
-        with resume_ckpt.as_directory() as d:
-            meta = ckpt.read_meta(Path(d))
+    with contextlib.ExitStack() as stack:
+        # A retried trial continues from the newest checkpoint that passes its checksums: Tune's
+        # (the last one attached to a report) or the trainer's own `latest` (every epoch).
+        candidates = [trial_dir / "checkpoints" / "latest"]
+        tune_ckpt = tune.get_checkpoint()
+        if tune_ckpt is not None:
+            candidates.insert(0, Path(stack.enter_context(tune_ckpt.as_directory())))
+        resume, meta = _newest_valid(candidates)
+        if resume is None:
+            if tune_ckpt is not None:
+                log.warning("trial %s: no readable checkpoint to resume from; starting over",
+                            trial_dir.name)
+            _set_aside_stale_checkpoints(trial_dir)
+            reporter = _TuneReporter(settings, cfg.training.num_epochs)
+            result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir)
+        else:
             reporter = _TuneReporter(settings, cfg.training.num_epochs,
                                      best=_best_so_far(meta.get("history", []), settings))
-            log.info("trial %s resumes from epoch %s", trial_dir.name, meta.get("epoch"))
-            result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir,
-                         resume_from=Path(d))
+            log.info("trial %s resumes from %s (epoch %s)", trial_dir.name, resume,
+                     meta.get("epoch"))
+            result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir, resume_from=resume)
+            if not reporter.calls and result.history:
+                # Nothing left to train (the trial had finished after the last experiment
+                # snapshot): report its last epoch again, so Tune records the final result.
+                last = trial_dir / "checkpoints" / "latest"
+                reporter(int(result.history[-1]["epoch"]), result.history[-1],
+                         last if (last / ckpt.META_FILE).is_file() else None, force=True)
     if result.status != "completed":
         log.warning("trial %s ended: %s (best %s %.6g at epoch %d)", trial_dir.name,
                     result.status, "valid_loss", result.best_valid_loss, result.best_epoch)
+
+
+def _newest_valid(candidates: list[Path]) -> tuple[Optional[Path], Optional[dict]]:
+    """The candidate checkpoint with the highest epoch among those passing their checksums
+    (ties: the earlier candidate), with its meta; (None, None) if none does."""
+    from dcmtune import checkpoint as ckpt
+
+    best: tuple[Optional[Path], Optional[dict]] = (None, None)
+    for c in candidates:
+        if not (c / ckpt.META_FILE).is_file() and not c.name.startswith("checkpoint_"):
+            _io.recover_directory(c)
+        if not c.is_dir():
+            continue
+        try:
+            meta = ckpt.verify_checkpoint(c)
+        except ckpt.CheckpointError as e:
+            log.warning("not resuming from a damaged checkpoint: %s", e)
+            continue
+        if best[1] is None or int(meta.get("epoch", 0)) > int(best[1].get("epoch", 0)):
+            best = (c, meta)
+    return best
 
 
 def _best_so_far(history: list, settings: TrialSettings) -> Optional[float]:

@@ -69,7 +69,7 @@ def ray_session():
     os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; users keep Ray's token auth
     tmp = tempfile.mkdtemp(prefix="r")
     os.environ["RAY_TMPDIR"] = tmp
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)

@@ -170,6 +170,7 @@ def test_history_is_numeric_and_reads_no_parameters(run_dir, tmp_path, monkeypat
         shutil.copy(src / ckpt.META_FILE, periodic / "checkpoints" / src.name)
         meta = json.loads((src / ckpt.META_FILE).read_text())
         meta["history"] = []  # force the per-checkpoint rows
+        meta["meta_sha256"] = ckpt._meta_digest(meta)  # re-sealed: meta.json is checksummed
         (periodic / "checkpoints" / src.name / ckpt.META_FILE).write_text(json.dumps(meta))
     h2 = analyze_training_history(periodic)
     assert h2.history_df["epoch"].tolist() == expected

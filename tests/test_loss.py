@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import batch_of
 from dcmtune.synthetic import make_synthetic
@@ -98,3 +99,18 @@ def test_metric_units():
     np.testing.assert_allclose(m["loss"], 1e-3)
     np.testing.assert_allclose(m["mono_std"], 0.5)
     assert np.isnan(m["dipole_mae"]) and np.isnan(m["mono_mae"])
+
+
+def test_a_present_non_finite_term_makes_the_loss_nan():
+    """A weighted term with a reference that is inf/NaN must not drop out of the loss (the
+    run would look healthy while its charges blow up)."""
+    base = {k: 0.0 for k in ("esp_mae", "mono_mae", "dip_mae", "n_atoms", "q_sum", "q2_sum")}
+    ok = dict(base, n_mol=2.0, n_mono=2.0, n_dip=0.0, esp_mse=2e-6, mono_mse=0.02, dip_mse=0.0)
+    w = LossWeights(1000.0, 1.0, 1.0)
+    assert finalize_metrics(ok, w)["loss"] == pytest.approx(1000.0 * 1e-6 + 0.01)  # no dipoles
+    for term in ("mono_mse", "esp_mse"):
+        bad = dict(ok, **{term: float("inf")})
+        assert np.isnan(finalize_metrics(bad, w)["loss"]), term
+    bad = dict(ok, n_dip=2.0, dip_mse=float("nan"))
+    assert np.isnan(finalize_metrics(bad, w)["loss"])
+    assert np.isfinite(finalize_metrics(bad, LossWeights(1000.0, 1.0, 0.0))["loss"])  # unweighted

@@ -238,7 +238,7 @@ INVALID = [
     ("test metric", "run/metric", "test_esp_rmse",
      "run.metric: unknown metric 'test_esp_rmse' (the test split never chooses"),
     ("mono metric without mono data", "data/data_files", [NOMONO], None),  # + metric below
-    ("bad mode", "run/mode", "minimize", "run.mode: expected min or max"),
+    ("bad mode", "run/mode", "minimize", "run.mode: expected min, got"),
     ("zero samples", "run/num_samples", 0, "run.num_samples: expected an integer >= 1"),
     ("grace period beyond num_epochs", "scheduler/grace_period", 9,
      "scheduler.grace_period: 9 exceeds training.num_epochs = 4"),

@@ -266,7 +266,7 @@ def test_searcher_tells_optuna_the_truth():
     assert stopped.state == optuna.trial.TrialState.PRUNED
     assert stopped.intermediate_values == {1: 9.0, 2: 8.0} and stopped.value == 8.0
     diverged = by_id["diverged"]
-    assert diverged.state == optuna.trial.TrialState.PRUNED
+    assert diverged.state == optuna.trial.TrialState.FAIL  # never a good-but-unfinished point
     assert diverged.intermediate_values == {1: 6.0}  # the NaN epoch is not reported
     assert by_id["crashed"].state == optuna.trial.TrialState.FAIL
 
