@@ -1,7 +1,9 @@
 """`python -m dcmtune.train`: one flag per config field, the per-epoch table, exact restarts.
 
 The flags are generated from the config dataclasses, so the two cannot drift apart; plus
-`--config FILE.json` (flags override it), `--restart-checkpoint DIR` and `--quiet`.
+`--config FILE.json` (flags override it), `--restart-checkpoint DIR`, `--quiet` and
+`--tracking FILE.yaml` (MLflow / W&B, `dcmtune.tracking`). Every run writes its TensorBoard
+event stream into its run directory.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dcmtune import metrics
 from dcmtune.checkpoint import CheckpointError
 from dcmtune.cli import OneLineParser, TableReporter, run_cli
 from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
-                            TrainingConfig)
+                            TrainingConfig, flat_dict)
 from dcmtune.data import DataError
+from dcmtune.tracking import TrackingError, TrackingSpec, load_tracking, run_reporters
 from dcmtune.xla_env import use_compilation_cache
 
 __all__ = ["main", "build_train_parser"]
@@ -45,6 +48,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-checkpoint", type=Path,
                    help="checkpoint dir (or run dir) to resume exactly from")
     p.add_argument("--quiet", action="store_true", help="no per-epoch table")
+    p.add_argument("--tracking", type=Path, metavar="FILE.yaml",
+                   help="log to MLflow / W&B as the file's tracking: section says (a sweep "
+                        "spec works)")
     for section, cls in _SECTIONS:
         group = p.add_argument_group(section or "experiment")
         hints = typing.get_type_hints(cls)
@@ -75,7 +81,8 @@ def _git_commit() -> str:
 def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     base = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
     overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("config", "restart_checkpoint", "quiet")}
+                 if v is not None and k not in ("config", "restart_checkpoint", "quiet",
+                                                "tracking")}
     config = base.replace(**overrides)
     if not config.git_commit:
         config = config.replace(git_commit=_git_commit())
@@ -84,6 +91,7 @@ def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def _train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    tracking = load_tracking(args.tracking) if args.tracking else TrackingSpec()
     use_compilation_cache(Path(config.output_dir).resolve() / ".jax_cache")
     from dcmtune.checkpoint import find_checkpoint
     from dcmtune.train import fit
@@ -97,7 +105,9 @@ def _train(args: argparse.Namespace) -> int:
     reporter = None if args.quiet else TableReporter(config.training.num_epochs,
                                                      metrics.table_rows())
     print(f"run directory: {config.run_dir}", flush=True)
-    result = fit(config, reporter=reporter, resume_from=resume)
+    with run_reporters(config.run_dir, reporter, tracking=tracking, name=config.name,
+                       params=flat_dict(config.to_dict())) as each_epoch:
+        result = fit(config, reporter=each_epoch, resume_from=resume)
     print(f"{result.status}: best valid_loss {result.best_valid_loss:.6g} at epoch "
           f"{result.best_epoch}; checkpoints in {result.run_dir / 'checkpoints'}")
     return 0 if result.status == "completed" else 3
@@ -106,4 +116,4 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m dcmtune.train`: exit 0 on success, 2 on bad input, 3 if training diverged."""
     return run_cli(_train, build_train_parser(), argv,
-                   bad_input=(ConfigError, DataError, CheckpointError))
+                   bad_input=(ConfigError, DataError, CheckpointError, TrackingError))
