@@ -301,7 +301,7 @@ def _connect(address: Optional[str], dashboard: bool, dashboard_host: str,
         ctx = ray.init(include_dashboard=dashboard, dashboard_host=dashboard_host,
                        runtime_env={"env_vars": env or {}}, logging_level=logging.WARNING,
                        **ports)
-        if not local_ray.on_loopback():
+        if dashboard_host in local_ray.LOOPBACK_HOSTS and not local_ray.on_loopback():
             log.warning("local Ray listens on all network interfaces (it was imported before "
                         "dcmtune could ask for 127.0.0.1; see dcmtune.local_ray)")
     url = getattr(ctx, "dashboard_url", None)
