@@ -23,8 +23,9 @@ The rules, so that the number a user publishes was measured on data that chose n
 
 Written into the experiment directory: ranking.csv, ranking.json, best_model/ (the winner's
 checkpoint, config.json, split.json, history.csv, evaluation.json; `python -m dcmtune.analysis
-<experiment>/best_model` re-evaluates it), and, drawn by `dcmtune.report`, report.md and four
-PNG plots (learning_curves.png, esp_parity.png, per_molecule_rmse.png, hyperparameters.png).
+<experiment>/best_model` re-evaluates it), and, drawn by `dcmtune.report`, report.md and the
+PNG plots (learning_curves.png, esp_parity.png, per_molecule_rmse.png, hyperparameters.png,
+param_importances.png: Optuna's importances of the searched hyper-parameters).
 Metric names and units are those of `dcmtune.metrics`; the baselines are `dcmtune.baselines`.
 """
 
@@ -44,7 +45,7 @@ import pandas as pd
 
 from dcmtune import _io
 from dcmtune import checkpoint as ckpt
-from dcmtune import metrics, report
+from dcmtune import metrics, report, study
 from dcmtune.analysis import (AnalysisError, CheckpointAnalysis, DataCache, LoadedCheckpoint,
                               TrainingHistory, analyze_checkpoint, analyze_training_history,
                               checkpoint_data, load_checkpoint, split_summary)
@@ -484,13 +485,22 @@ def _rank(s: RankSettings, data: Optional[ESPData]) -> Ranking:
                      for t in trials if not t.eligible],
         "skipped_checkpoints": [s_ for t in trials for s_ in t.skipped],
         "baselines": baselines, "checks": checks, "searched": keys,
-        "splits_differ": splits_differ,
+        "splits_differ": splits_differ, "importances": _importances(s, trials, keys),
     }
     df = pd.DataFrame(rows)
     df.attrs.update({k: info[k] for k in ("winner", "excluded", "baselines", "metric", "split")})
     return Ranking(settings=s, top=evaluated, keys=keys, rows=rows,
                    baseline_mse=baseline_mse, info=info, df=df,
                    best_model=s.experiment.resolve() / BEST_MODEL)
+
+
+def _importances(s: RankSettings, trials: list[TrialRecord], keys: list[str]) -> dict:
+    """Optuna's parameter importances over the rankable trials, each at its best epoch."""
+    ok = [t for t in trials if t.eligible and math.isfinite(t.value)]
+    if not s.search:
+        return {}
+    return study.param_importances([_point_of(t, keys) for t in ok], [t.value for t in ok],
+                                   s.search, s.mode)
 
 
 def rank_experiment(experiment_dir: Union[str, Path], top_k: Optional[int] = None,

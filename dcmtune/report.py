@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # only for annotations: rank imports this module.
 __all__ = ["PLOT_FILES", "write_plots", "markdown", "format_ranking"]
 
 PLOT_FILES = ("learning_curves.png", "esp_parity.png", "per_molecule_rmse.png",
-              "hyperparameters.png")
+              "hyperparameters.png", "param_importances.png")
 _ESP_UNIT = metrics.unit("esp_rmse")
 # Columns of the top-trials table beside the selection metric (`{split}_` + name).
 _TOP_TABLE = ("esp_rmse", "esp_mae", "mono_mae", "dipole_mae")
@@ -148,6 +148,18 @@ def _baselines_section(r: Ranking) -> list[str]:
             *[f"- {b['method']}: {b['note']}" for b in info["baselines"] if b.get("note")], ""]
 
 
+def _importances_section(r: Ranking) -> list[str]:
+    imp = r.info.get("importances") or {}
+    if not imp:
+        return []
+    n = sum(t["eligible"] and math.isfinite(t["value"]) for t in r.info["trials"])
+    return ["## Parameter importances", "",
+            _md_table(["hyper-parameter", "importance"], [[k, v] for k, v in imp.items()]), "",
+            f"How much of the spread of {r.settings.metric} each searched hyper-parameter "
+            f"explains (Optuna's `get_param_importances`, PED-ANOVA; sums to 1), over the {n} "
+            "rankable trials, each at its best epoch. With few trials these are rough.", ""]
+
+
 def _warnings_section(info: dict) -> list[str]:
     lines = []
     if info["excluded"]:
@@ -172,6 +184,7 @@ def _plots_section(r: Ranking, plots: list[str]) -> list[str]:
         "esp_parity.png": f"Winner: predicted vs reference ESP on the {split} split",
         "per_molecule_rmse.png": f"ESP RMSE per {split} molecule, winner and baselines",
         "hyperparameters.png": f"Searched hyper-parameters vs {metric}",
+        "param_importances.png": "Importance of each searched hyper-parameter",
     }
     lines = ["## Plots", ""]
     for p in plots:
@@ -187,7 +200,8 @@ def markdown(r: Ranking, plots: list[str]) -> str:
     return "\n".join([f"# Ranking of sweep `{info['name']}`", "",
                       f"Experiment: `{info['experiment']}`  ", f"Ranked: {info['created']}", "",
                       *_how_chosen(info), *_data_section(info["data"]), *_winner_section(r),
-                      *_top_section(r), *_baselines_section(r), *_warnings_section(info),
+                      *_top_section(r), *_importances_section(r), *_baselines_section(r),
+                      *_warnings_section(info),
                       *_plots_section(r, plots)])
 
 
@@ -196,12 +210,15 @@ def markdown(r: Ranking, plots: list[str]) -> str:
 
 def write_plots(directory: Path, r: Ranking) -> list[str]:
     """Draws the plots of a ranking into `directory`; returns the file names written
-    (hyperparameters.png only when hyper-parameters were searched)."""
+    (hyperparameters.png only when hyper-parameters were searched, param_importances.png
+    only when their importances could be computed)."""
     plots: list[tuple[str, Callable[[Ranking], Figure]]] = [
         (PLOT_FILES[0], _learning_curves), (PLOT_FILES[1], _parity),
         (PLOT_FILES[2], _per_molecule)]
     if r.keys:
         plots.append((PLOT_FILES[3], _hyperparameters))
+    if r.info.get("importances"):
+        plots.append((PLOT_FILES[4], _importances))
     for name, draw in plots:
         _save(draw(r), Path(directory) / name)
     return [name for name, _ in plots]
@@ -400,6 +417,20 @@ def _hyperparameters(r: Ranking) -> Figure:
     fig.legend(list(handles.values()), list(handles), loc="lower center",
                ncol=len(handles), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def _importances(r: Ranking) -> Figure:
+    """Horizontal bars: the importance of each searched hyper-parameter, largest on top."""
+    imp = r.info["importances"]
+    fig = _figure(6.5, 1.2 + 0.45 * len(imp))
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(imp)[::-1]
+    ax.barh(names, [imp[k] for k in names], color="C0")
+    ax.set_xlabel(f"importance for {r.settings.metric} (Optuna, sums to 1)")
+    ax.set_xlim(0, 1)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
     return fig
 
 

@@ -12,13 +12,17 @@ A spec holds only what differs from the `ExperimentConfig` defaults (DESIGN.md s
                 training.esp_w:         {quniform: [500, 2000, 250]}     lo + k*q, hi included
                 model.num_iterations:   {randint: [1, 3]}                lo..hi, hi INCLUDED
                 model.features:         {choice: [16, 32, 64]}
-  searcher:   optuna: sampler (tpe | random), seed, n_startup_trials, storage, points_to_evaluate
+  searcher:   optuna: sampler (tpe | random), seed, n_startup_trials, storage (default: the
+              journal file optuna.log in the experiment directory; see dcmtune.study),
+              points_to_evaluate
   scheduler:  asha (grace_period, reduction_factor, brackets; max_t = training.num_epochs) | fifo
   run:        num_samples, max_concurrent_trials, metric, mode, resources {cpu, gpu, gpu_share},
               max_failures, storage_path, checkpoint_every, num_to_keep, time_budget_s,
               jax_cache_dir
   rank:       top_k, split (used by the ranking of the best trials)
   debug:      dotted config key -> value, applied by `--debug` on top of one point of the space
+  tracking:   mlflow {tracking_uri, experiment_name, tags}, wandb {project, entity, group, mode,
+              tags} (see dcmtune.tracking)
 
 Every problem raises `SpecError` with one line that starts with the offending key. Nothing here
 imports Ray or JAX; `SweepSpec.param_space` imports `ray.tune` only when called.
@@ -34,11 +38,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import yaml
-
-from dcmtune import metrics
+from dcmtune import metrics, study
+from dcmtune._yaml import read_yaml
 from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
                             TrainingConfig)
+from dcmtune.tracking import TrackingSpec, parse_tracking
 
 __all__ = [
     "SpecError",
@@ -65,7 +69,7 @@ SWEEP_METRICS = metrics.SWEEP_METRICS
 
 _SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig}
 _TOP_LEVEL = ("name", "description", "notes", "random_seed", "data", "model", "training",
-              "search", "searcher", "scheduler", "run", "rank", "debug")
+              "search", "searcher", "scheduler", "run", "rank", "debug", "tracking")
 _NOT_SEARCHABLE = {
     "training.num_epochs": "it is the scheduler's max_t; fix it under training:",
     "model.max_atomic_number": "it must cover the data; fix it under model:",
@@ -74,37 +78,6 @@ _NOT_SEARCHABLE = {
 
 class SpecError(ValueError):
     """A sweep spec is invalid; the message is one line starting with the offending key."""
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-4 as a float (YAML 1.1 wants 1.0e-4) and refuses duplicate
-    keys (PyYAML would silently keep the last one)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise SpecError(f"{key}: duplicated key (line {key_node.start_mark.line + 1})")
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 # --------------------------------------------------------------------------- small checks
@@ -322,15 +295,16 @@ class SearcherSpec:
       sampler: "tpe" (model-based, default) or "random".
       seed: Sampler seed.
       n_startup_trials: Random trials before TPE starts modelling (Optuna's default is 10).
-      storage: Optional Optuna storage URL (e.g. sqlite:///study.db, relative to the spec);
-        None keeps the study in memory (it is still saved with the experiment for --resume).
+      storage: The Optuna storage as written (`dcmtune.study`): a journal file (default
+        optuna.log) or an SQL URL, relative paths in the experiment directory
+        (`SweepSpec.study_storage` resolves them); None keeps the study in memory.
       points_to_evaluate: Points run first, each giving a value for every searched key.
     """
 
     sampler: str = "tpe"
     seed: int = 0
     n_startup_trials: int = 10
-    storage: Optional[str] = None
+    storage: Optional[str] = study.DEFAULT_STORAGE
     points_to_evaluate: tuple = ()
 
 
@@ -422,6 +396,7 @@ class SweepSpec:
       search: Dotted key -> Distribution.
       searcher, scheduler, run, rank: See their classes.
       debug: Dotted key -> value, applied by --debug.
+      tracking: MLflow / W&B settings (`dcmtune.tracking`).
     """
 
     name: str
@@ -434,10 +409,16 @@ class SweepSpec:
     run: RunSpec
     rank: RankSpec
     debug: Mapping[str, Any]
+    tracking: TrackingSpec = TrackingSpec()
 
     @property
     def experiment_dir(self) -> Path:
         return Path(self.run.storage_path) / self.name
+
+    @property
+    def study_storage(self) -> Optional[str]:
+        """The Optuna storage, resolved (`dcmtune.study.resolve_storage`); None = in memory."""
+        return study.resolve_storage(self.searcher.storage, self.experiment_dir)
 
     @property
     def num_epochs(self) -> int:
@@ -466,7 +447,7 @@ class SweepSpec:
             "searcher": dataclasses.asdict(self.searcher),
             "scheduler": dataclasses.asdict(self.scheduler),
             "run": dataclasses.asdict(self.run), "rank": dataclasses.asdict(self.rank),
-            "debug": dict(self.debug),
+            "debug": dict(self.debug), "tracking": self.tracking.to_dict(),
         }
 
     def renamed(self, name: str) -> "SweepSpec":
@@ -506,20 +487,7 @@ def load_spec(path: str | Path, storage_path: Optional[str | Path] = None) -> Sw
         keys, bad ranges or types, missing data files, ...).
     """
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
-    try:
-        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_Loader)
-    except UnicodeDecodeError as e:
-        raise SpecError(f"{path}: not a text (UTF-8) YAML file (byte {e.start}); expected a "
-                        "sweep spec") from None
-    except OSError as e:
-        raise SpecError(f"{path}: cannot be read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{path}: not valid YAML{where} ({problem})") from None
+    raw = read_yaml(path, SpecError, "spec file")
     if raw is None:
         raise SpecError(f"{path}: the spec file is empty")
     if not isinstance(raw, Mapping):
@@ -608,7 +576,7 @@ def spec_from_dict(raw: Mapping[str, Any], base_dir: str | Path = ".",
         search[key] = dist
 
     # 3. Searcher, scheduler, run, rank, debug.
-    searcher = _searcher(raw.get("searcher"), search, base_dir)
+    searcher = _searcher(raw.get("searcher"), search)
     scheduler = _scheduler(raw.get("scheduler"), base.training.num_epochs)
     rank = _rank_spec(raw.get("rank"))
     run = _run(raw.get("run"), base_dir, storage_path)
@@ -623,9 +591,10 @@ def spec_from_dict(raw: Mapping[str, Any], base_dir: str | Path = ".",
             raise SpecError(f"debug.{e}") from None
         debug[key] = value
 
+    tracking = parse_tracking(raw.get("tracking"), base_dir, error=SpecError)
     spec = SweepSpec(name=name, description=description, path=path, base=base,
                      search=MappingProxyType(search), searcher=searcher, scheduler=scheduler,
-                     run=run, rank=rank, debug=MappingProxyType(debug))
+                     run=run, rank=rank, debug=MappingProxyType(debug), tracking=tracking)
     _check_run(run, spec)
     try:
         spec.config_for(spec.debug_point())
@@ -647,22 +616,15 @@ def _endpoints(d: Distribution):
     return [("lo", d.args[0]), ("hi", d.args[1])]
 
 
-def _searcher(raw: Any, search: Mapping[str, Distribution], base_dir: Path) -> SearcherSpec:
+def _searcher(raw: Any, search: Mapping[str, Distribution]) -> SearcherSpec:
     d = _mapping("searcher", raw, ("name", "sampler", "seed", "n_startup_trials", "storage",
                                    "points_to_evaluate"))
     _str("searcher.name", d.get("name", "optuna"), ("optuna",))
     sampler = _str("searcher.sampler", d.get("sampler", "tpe"), ("tpe", "random"))
     seed = _int("searcher.seed", d.get("seed", 0), 0)
     startup = _int("searcher.n_startup_trials", d.get("n_startup_trials", 10), 0)
-    storage = d.get("storage")
-    if storage is not None:
-        storage = _str("searcher.storage", storage)
-        if "://" not in storage:
-            raise SpecError(f"searcher.storage: expected an Optuna storage URL such as "
-                            f"sqlite:///study.db, got {storage!r}")
-        if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
-            rel = storage[len("sqlite:///"):]
-            storage = "sqlite:///" + str((base_dir / rel).resolve())
+    # Relative paths are kept as written: they resolve in the experiment directory.
+    storage = study.check_storage(d.get("storage", study.DEFAULT_STORAGE), error=SpecError)
     points = d.get("points_to_evaluate") or []
     if not isinstance(points, list):
         raise SpecError(f"searcher.points_to_evaluate: expected a list of points, got {points!r}")

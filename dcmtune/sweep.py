@@ -4,10 +4,15 @@ Optuna's TPE proposes trials, ASHA stops poor ones early (told to Optuna as PRUN
 trial trains with `dcmtune.train.fit` in its own trial directory, and the best trials are
 ranked at the end. Local Ray by default; an existing cluster with --address.
 
-  python -m dcmtune.sweep search_spaces/quick.yaml            # the demo sweep (2 CPU cores)
+  python -m dcmtune.sweep quick                               # the demo sweep (2 CPU cores)
   python -m dcmtune.sweep my.yaml --debug                     # one trial, here, no Ray
   python -m dcmtune.sweep my.yaml --resume                    # finish an interrupted sweep
   python -m dcmtune.sweep my.yaml --address auto --dashboard  # on a running cluster
+
+A local Ray listens on 127.0.0.1 only, unless --dashboard-host names another address. Every
+trial writes its TensorBoard event stream into its directory; the Optuna study is a journal
+file in the experiment directory (watch them with `tensorboard --logdir` and
+`optuna-dashboard`); a spec's `tracking:` adds MLflow / W&B.
 
 Bad input (spec, data, resources) exits with status 2 and one line naming the key, before Ray
 starts and before anything is written. The library entry points are `prepare`, `run_sweep` and
@@ -30,11 +35,12 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from dcmtune import _io, metrics
+from dcmtune import _io, local_ray, metrics, study
 from dcmtune.cli import OneLineParser, TableReporter, one_line, run_cli
 from dcmtune.config import ConfigError, flat_dict
 from dcmtune.data import DataError, ESPData, load_dataset, split_dataset
 from dcmtune.search_space import SpecError, SweepSpec, load_spec
+from dcmtune.tracking import run_reporters
 from dcmtune.xla_env import apply_defaults, compilation_cache_env
 
 __all__ = ["main", "prepare", "run_sweep", "run_debug", "debug_run_dir", "SweepOutcome",
@@ -44,7 +50,7 @@ log = logging.getLogger(__name__)
 
 SPEC_RECORD = "sweep_spec.json"
 LOCK_FILE = ".driver.lock"
-_SHIPPED_SPECS = Path(__file__).resolve().parent.parent / "search_spaces"
+_SHIPPED_SPECS = Path(__file__).resolve().parent / "search_spaces"  # package data
 
 
 # --------------------------------------------------------------------------- driver-side prep
@@ -60,8 +66,8 @@ class _Prepared:
 
 
 def find_spec(name: str | Path) -> Path:
-    """The spec file `name`: a path, else a file of the shipped search_spaces/ directory
-    (`quick`, `quick.yaml` or `search_spaces/quick.yaml` work from any working directory)."""
+    """The spec file `name`: a path, else a spec shipped with the package (dcmtune/search_spaces/;
+    `quick`, `quick.yaml` or `search_spaces/quick.yaml` work from any working directory)."""
     path = Path(name)
     if path.is_file():
         return path
@@ -136,7 +142,7 @@ def _check_experiment_dir(spec: SweepSpec, resume: bool) -> None:
         if exp.exists() and any(p.name != LOCK_FILE for p in exp.iterdir()):
             raise SpecError(f"name: the experiment {exp} already exists; continue it with "
                             "--resume, or choose another name (--name) or --storage-path")
-        if spec.searcher.storage:
+        if spec.study_storage and not _inside(spec.study_storage, exp):
             _check_fresh_study(spec)
 
 
@@ -144,16 +150,26 @@ def _check_fresh_study(spec: SweepSpec) -> None:
     """A new experiment must not add its trials to an old Optuna study of the same name."""
     import optuna
 
-    url = spec.searcher.storage
+    url = spec.study_storage
+    if study.is_journal(url) and not Path(url).is_file():
+        return
     try:
-        names = optuna.study.get_all_study_names(storage=url)
+        storage = study.open_storage(url)
+        names = optuna.study.get_all_study_names(storage=storage)
     except Exception as e:  # SQLAlchemy raises many types for a bad URL or database
         raise SpecError(f"searcher.storage: cannot open {url} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if spec.name in names:
-        n = len(optuna.load_study(study_name=spec.name, storage=url).trials)
+        n = len(optuna.load_study(study_name=spec.name, storage=storage).trials)
         raise SpecError(f"searcher.storage: {url} already holds a study {spec.name!r} with {n} "
                         "trials; use --resume, another name (--name) or another storage")
+
+
+def _inside(storage: str, directory: Path) -> bool:
+    """Whether a resolved storage is a file in `directory` (new with a new experiment)."""
+    path = Path(storage) if study.is_journal(storage) else (
+        Path(storage[len("sqlite:///"):]) if storage.startswith("sqlite:///") else None)
+    return path is not None and directory.resolve() in path.parents
 
 
 def _check_same_spec(saved: dict, now: dict) -> None:
@@ -289,7 +305,8 @@ def _trial_dirname(trial) -> str:
 
 
 def _connect(address: Optional[str], dashboard: bool, dashboard_host: str,
-             env: Optional[dict], echo: Callable[[str], None]) -> bool:
+             env: Optional[dict], echo: Callable[[str], None],
+             dashboard_port: Optional[int] = None) -> bool:
     """Starts local Ray or connects to `address`. Returns whether this call started it."""
     import ray
 
@@ -301,8 +318,13 @@ def _connect(address: Optional[str], dashboard: bool, dashboard_host: str,
         if dashboard:
             echo("--dashboard: the cluster's own dashboard settings apply")
     else:
+        ports = {"dashboard_port": dashboard_port} if dashboard_port else {}
         ctx = ray.init(include_dashboard=dashboard, dashboard_host=dashboard_host,
-                       runtime_env={"env_vars": env or {}}, logging_level=logging.WARNING)
+                       runtime_env={"env_vars": env or {}}, logging_level=logging.WARNING,
+                       **ports)
+        if dashboard_host in local_ray.LOOPBACK_HOSTS and not local_ray.on_loopback():
+            log.warning("local Ray listens on all network interfaces (it was imported before "
+                        "dcmtune could ask for 127.0.0.1; see dcmtune.local_ray)")
     url = getattr(ctx, "dashboard_url", None)
     if dashboard and url:
         echo(f"Ray dashboard: http://{url}")
@@ -393,6 +415,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, **kwargs) -> SweepOutcom
 
 def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] = None,
                dashboard: bool = False, dashboard_host: str = "127.0.0.1",
+               dashboard_port: Optional[int] = None,
                data: Optional[ESPData] = None, callbacks: Sequence[Any] = (),
                verbose: int = 1, echo: Callable[[str], None] = log.info) -> SweepOutcome:
     """Runs (or with `resume`, finishes) the sweep `spec`.
@@ -402,7 +425,9 @@ def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] 
       resume: Restore <storage_path>/<name> (searcher, scheduler and trials) and finish it.
       address: An existing Ray cluster ("auto" or host:port); None starts local Ray (or uses a
         Ray session already initialised in this process).
-      dashboard, dashboard_host: Start the Ray dashboard on this host (local Ray only).
+      dashboard, dashboard_host, dashboard_port: Start the Ray dashboard on this host and port
+        (local Ray only). A local Ray listens on 127.0.0.1 only unless dashboard_host is
+        another address (`dcmtune.local_ray`).
       data: The dataset; loaded from the spec when None.
       callbacks: Extra Tune callbacks (a resumed experiment keeps its original ones).
       verbose: Tune's console verbosity (0 silent, 1 status tables, 2 also results).
@@ -411,6 +436,8 @@ def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] 
     Raises:
       SpecError / DataError: bad input, before anything is written.
     """
+    if address is None:
+        local_ray.prefer_loopback(dashboard_host)  # before Ray is imported
     import ray
     from ray import tune
 
@@ -424,7 +451,7 @@ def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] 
     if address is None and not ray.is_initialized():
         resources = resolve_resources(run.resources, _local_resources())
         env = trial_env_vars(resources, run.jax_cache_dir)
-        started = _connect(None, dashboard, dashboard_host, env, echo)
+        started = _connect(None, dashboard, dashboard_host, env, echo, dashboard_port)
     else:
         started = _connect(address, dashboard, dashboard_host, None, echo)
     try:
@@ -459,6 +486,9 @@ def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] 
         _write_spec_record(spec)
     echo(f"experiment: {spec.experiment_dir} ({run.num_samples} trials, metric {run.metric} "
          f"{run.mode}, {spec.num_epochs} epochs max)")
+    echo(f"watch: tensorboard --logdir {spec.experiment_dir}"
+         + (f"  |  optuna-dashboard {_dashboard_arg(spec.study_storage)}"
+            if spec.study_storage else ""))
     with _sigterm_as_interrupt():  # after ray.init, which installs its own SIGTERM handler
         results = _fit(tuner, spec.experiment_dir, resume)
 
@@ -498,6 +528,11 @@ def _fit(tuner, experiment_dir: Path, resume: bool):
     return results
 
 
+def _dashboard_arg(storage: str) -> str:
+    """How optuna-dashboard is pointed at a resolved storage (a journal file by its path)."""
+    return storage if study.is_journal(storage) else f"'{storage}'"
+
+
 def _new_tuner(spec: SweepSpec, trainable, callbacks: Sequence[Any], verbose: int):
     """The Tuner: seeded Optuna search (PRUNED-aware) under a concurrency limit, ASHA on the
     `epoch` attribute with max_t = num_epochs, checkpoints scored on the sweep metric."""
@@ -507,20 +542,22 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: Sequence[Any], verbose: in
     from ray.tune.search import ConcurrencyLimiter
 
     from dcmtune._tune_ext import AshaStateCallback, PruningAwareOptunaSearch
+    from dcmtune._tune_loggers import tune_callbacks
 
     run, s = spec.run, spec.searcher
     if s.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    storage = optuna.storages.RDBStorage(s.storage) if s.storage else None
+    storage = study.open_storage(spec.study_storage) if spec.study_storage else None
     searcher = PruningAwareOptunaSearch(
         metric=run.metric, mode=run.mode, sampler=sampler, study_name=spec.name, storage=storage,
         points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None,
         time_attr="epoch", max_t=spec.num_epochs)
     search_alg = (ConcurrencyLimiter(searcher, max_concurrent=run.max_concurrent_trials)
                   if run.max_concurrent_trials else searcher)
-    scheduler, cbs = None, list(callbacks)
+    scheduler, cbs = None, list(callbacks) + tune_callbacks(spec.tracking, spec.name,
+                                                             str(spec.experiment_dir))
     if spec.scheduler.name == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.num_epochs,
                                   grace_period=spec.scheduler.grace_period,
@@ -566,7 +603,8 @@ def run_debug(spec: SweepSpec, reporter=None, data: Optional[ESPData] = None,
               run_dir: Optional[Path] = None):
     """One trial in this process, without Ray: the spec's fixed values plus one point of the
     space (`spec.debug_point()`: each distribution's centre, then the `debug:` overrides).
-    Errors propagate with their traceback.
+    Writes the run's TensorBoard events (no MLflow / W&B). Errors propagate with their
+    traceback.
 
     Returns:
       The trainer's FitResult.
@@ -577,7 +615,8 @@ def run_debug(spec: SweepSpec, reporter=None, data: Optional[ESPData] = None,
     run_dir = Path(run_dir) if run_dir is not None else debug_run_dir(spec)
     config = spec.config_for(spec.debug_point(), name=run_dir.name,
                              output_dir=str(run_dir.parent))
-    return fit(config, prep.data, reporter=reporter, run_dir=run_dir)
+    with run_reporters(run_dir, reporter, hparams=spec.debug_point()) as both:
+        return fit(config, prep.data, reporter=both, run_dir=run_dir)
 
 
 def _fmt_point(point: dict) -> str:
@@ -601,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (needs "
                                                             "the dashboard extra)")
     p.add_argument("--dashboard-host", default="127.0.0.1",
-                   help="dashboard address (default 127.0.0.1; 0.0.0.0 exposes it)")
+                   help="dashboard address (default 127.0.0.1; 0.0.0.0 exposes it, and then "
+                        "Ray's other ports listen on all interfaces too)")
+    p.add_argument("--dashboard-port", type=int, help="dashboard port (default 8265)")
     p.add_argument("--storage-path", help="directory of experiments (default: the spec's "
                                           "run.storage_path, else ./ray_results)")
     p.add_argument("--num-samples", type=int, help="override run.num_samples")
@@ -625,6 +666,13 @@ def _main(args: argparse.Namespace) -> int:
     spec = _load(args)
     if args.debug and (args.resume or args.address):
         raise SpecError("--debug: runs one trial in this process; drop --resume/--address")
+    if args.dashboard_port is not None and not 0 < args.dashboard_port < 65536:
+        raise SpecError(f"--dashboard-port: expected a port number 1-65535, got "
+                        f"{args.dashboard_port}")
+    if args.address is None and not args.debug:
+        local_ray.prefer_loopback(args.dashboard_host)  # before Ray is imported
+        if args.dashboard:
+            local_ray.check_dashboard_extra()
     prep = prepare(spec)  # bad input -> exit 2 before any training
     if args.debug:
         run_dir = debug_run_dir(spec)
@@ -641,7 +689,7 @@ def _main(args: argparse.Namespace) -> int:
         _check_local_resources(spec)
     outcome = run_sweep(spec, resume=args.resume, address=args.address,
                         dashboard=args.dashboard, dashboard_host=args.dashboard_host,
-                        data=prep.data, verbose=0 if args.quiet else 1, echo=print)
+                        dashboard_port=args.dashboard_port, data=prep.data, verbose=0 if args.quiet else 1, echo=print)
     _print_outcome(spec, outcome, args)
     return 0 if outcome.status == "completed" else 130
 

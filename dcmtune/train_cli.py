@@ -1,7 +1,9 @@
 """`python -m dcmtune.train`: one flag per config field, the per-epoch table, exact restarts.
 
 The flags are generated from the config dataclasses, so the two cannot drift apart; plus
-`--config FILE.json` (flags override it), `--restart-checkpoint DIR` and `--quiet`.
+`--config FILE.json` (flags override it), `--restart-checkpoint DIR`, `--quiet` and
+`--tracking FILE.yaml` (MLflow / W&B, `dcmtune.tracking`). Every run writes its TensorBoard
+event stream into its run directory.
 
 A restart takes its config from the checkpoint: flags may change only where the run writes,
 the checkpoint cadence, and num_epochs under a constant learning rate. Any other difference
@@ -22,8 +24,9 @@ from dcmtune import metrics
 from dcmtune.checkpoint import CheckpointError
 from dcmtune.cli import OneLineParser, TableReporter, run_cli
 from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
-                            TrainingConfig)
+                            TrainingConfig, flat_dict)
 from dcmtune.data import DataError
+from dcmtune.tracking import TrackingError, TrackingSpec, load_tracking, run_reporters
 from dcmtune.xla_env import use_compilation_cache
 
 __all__ = ["main", "build_train_parser"]
@@ -53,6 +56,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="with --restart-checkpoint: accept flags that change the checkpoint's "
                         "config (recorded in the run's restarts.json and checkpoints)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch table")
+    p.add_argument("--tracking", type=Path, metavar="FILE.yaml",
+                   help="log to MLflow / W&B as the file's tracking: section says (a sweep "
+                        "spec works)")
     for section, cls in _SECTIONS:
         group = p.add_argument_group(section or "experiment")
         hints = typing.get_type_hints(cls)
@@ -80,7 +86,7 @@ def _git_commit() -> str:
         return ""
 
 
-_NOT_CONFIG = ("config", "restart_checkpoint", "quiet", "allow_config_change")
+_NOT_CONFIG = ("config", "restart_checkpoint", "quiet", "allow_config_change", "tracking")
 
 
 def _config_from_args(args: argparse.Namespace, base: Optional[ExperimentConfig] = None
@@ -114,6 +120,7 @@ def _checkpoint_config(resume: Path) -> ExperimentConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
+    tracking = load_tracking(args.tracking) if args.tracking else TrackingSpec()
     from dcmtune.checkpoint import find_checkpoint
 
     resume = None
@@ -133,8 +140,10 @@ def _train(args: argparse.Namespace) -> int:
     reporter = None if args.quiet else TableReporter(config.training.num_epochs,
                                                      metrics.table_rows())
     print(f"run directory: {config.run_dir}", flush=True)
-    result = fit(config, reporter=reporter, resume_from=resume,
-                 allow_config_change=args.allow_config_change)
+    with run_reporters(config.run_dir, reporter, tracking=tracking, name=config.name,
+                       params=flat_dict(config.to_dict())) as each_epoch:
+        result = fit(config, reporter=each_epoch, resume_from=resume,
+                     allow_config_change=args.allow_config_change)
     print(f"{result.status}: best valid_loss {result.best_valid_loss:.6g} at epoch "
           f"{result.best_epoch}; checkpoints in {result.run_dir / 'checkpoints'}")
     return 0 if result.status == "completed" else 3
@@ -143,4 +152,4 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m dcmtune.train`: exit 0 on success, 2 on bad input, 3 if training diverged."""
     return run_cli(_train, build_train_parser(), argv,
-                   bad_input=(ConfigError, DataError, CheckpointError))
+                   bad_input=(ConfigError, DataError, CheckpointError, TrackingError))

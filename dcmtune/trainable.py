@@ -30,6 +30,7 @@ from ray import tune
 
 from dcmtune import _io
 from dcmtune.config import ExperimentConfig
+from dcmtune.tensorboard import EventReporter
 from dcmtune.xla_env import TrialResources
 
 __all__ = [
@@ -90,13 +91,16 @@ def _trial_dir(settings: TrialSettings) -> Path:
 
 class _TuneReporter:
     """The trainer's Reporter inside a trial: `tune.report` every epoch, with a checkpoint when
-    the metric improves, every `checkpoint_every` epochs and at the last epoch."""
+    the metric improves, every `checkpoint_every` epochs and at the last epoch; before that,
+    the epoch goes to the trial's TensorBoard stream (`events`), closed when the trial ends."""
 
-    def __init__(self, settings: TrialSettings, num_epochs: int, best: Optional[float] = None):
+    def __init__(self, settings: TrialSettings, num_epochs: int, best: Optional[float] = None,
+                 events: Optional[EventReporter] = None):
         self.metric, self.sign = settings.metric, (1.0 if settings.mode == "min" else -1.0)
         self.every, self.num_epochs = settings.checkpoint_every, num_epochs
         self.best = best
         self.calls = 0
+        self.events = events
 
     def wants_checkpoint(self, epoch: int, value: Optional[float]) -> bool:
         improved = value is not None and math.isfinite(value) and (
@@ -118,7 +122,19 @@ class _TuneReporter:
         if checkpoint_dir is not None and not diverged and (
                 self.wants_checkpoint(epoch, value) or force):
             checkpoint = tune.Checkpoint.from_directory(checkpoint_dir)
-        tune.report(out, checkpoint=checkpoint)
+        if self.events is not None:
+            self.events(epoch, metrics, checkpoint_dir)
+        try:
+            tune.report(out, checkpoint=checkpoint)  # a stopped trial's thread exits here
+        except BaseException:
+            self.close()
+            raise
+        if out["fit_status"] != "running":
+            self.close()
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
 
 
 def _scalar(v: Any) -> Any:
@@ -166,11 +182,13 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
                 log.warning("trial %s: no readable checkpoint to resume from; starting over",
                             trial_dir.name)
             _set_aside_stale_checkpoints(trial_dir)
-            reporter = _TuneReporter(settings, cfg.training.num_epochs)
+            reporter = _TuneReporter(settings, cfg.training.num_epochs,
+                                     events=EventReporter(trial_dir, hparams=point))
             result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir)
         else:
             reporter = _TuneReporter(settings, cfg.training.num_epochs,
-                                     best=_best_so_far(meta.get("history", []), settings))
+                                     best=_best_so_far(meta.get("history", []), settings),
+                                     events=EventReporter(trial_dir, hparams=point))
             log.info("trial %s resumes from %s (epoch %s)", trial_dir.name, resume,
                      meta.get("epoch"))
             result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir, resume_from=resume)

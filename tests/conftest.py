@@ -136,7 +136,7 @@ class TinySweep(typing.NamedTuple):
 def tiny_sweep(ray_session, tiny_spec, tmp_path_factory):
     """One tiny sweep for the whole session: 5 trials of 4 epochs, one at a time (reused
     actor), the first two from points_to_evaluate (a good one, then a bad one), the Optuna study
-    in sqlite next to the spec.
+    in sqlite in the experiment directory.
 
     Returns:
       A TinySweep: spec, outcome (SweepOutcome), seconds; also good_lr, bad_lr.
@@ -147,7 +147,7 @@ def tiny_sweep(ray_session, tiny_spec, tmp_path_factory):
     from dcmtune.sweep import run_sweep
 
     def edit(raw):
-        raw["searcher"]["storage"] = "sqlite:///study.db"  # relative to the spec file
+        raw["searcher"]["storage"] = "sqlite:///study.db"  # in the experiment directory
         raw["searcher"]["points_to_evaluate"] = [
             {"training.learning_rate": TINY_GOOD_LR, "training.chg_w": 1.0},
             {"training.learning_rate": TINY_BAD_LR, "training.chg_w": 1.0}]

@@ -170,7 +170,7 @@ def test_points_to_evaluate_are_validated_and_kept(spec_dir):
 def test_shipped_specs_are_valid_from_any_directory(name, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     path = sweep.find_spec(f"search_spaces/{name}.yaml")
-    assert path == REPO / "search_spaces" / f"{name}.yaml"
+    assert path == REPO / "dcmtune" / "search_spaces" / f"{name}.yaml"
     spec = load_spec(path)
     prep = sweep.prepare(spec)  # the bundled data; batch sizes fit the training split
     assert prep.num_train > 0 and spec.run.metric in SWEEP_METRICS
@@ -180,7 +180,7 @@ def test_shipped_specs_are_valid_from_any_directory(name, monkeypatch, tmp_path)
 
 
 def test_quick_spec_is_cpu_sized():
-    spec = load_spec(REPO / "search_spaces" / "quick.yaml")
+    spec = load_spec(REPO / "dcmtune" / "search_spaces" / "quick.yaml")
     assert spec.run.resources.gpu == "auto" and spec.run.max_concurrent_trials == 2
     assert spec.num_epochs <= 15 and spec.run.num_samples <= 12
 
@@ -368,10 +368,10 @@ def test_fresh_sweep_refuses_an_existing_optuna_study(spec_dir, no_ray, capsys):
     import optuna
 
     raw = copy.deepcopy(BASE)
-    raw["searcher"]["storage"] = "sqlite:///study.db"  # relative to the spec file
+    url = f"sqlite:///{spec_dir.resolve() / 'study.db'}"  # outside the experiment directory
+    raw["searcher"]["storage"] = url
     path = _write_spec(spec_dir, raw)
-    url = f"sqlite:///{spec_dir.resolve() / 'study.db'}"
-    assert load_spec(path).searcher.storage == url
+    assert load_spec(path).study_storage == url
     study = optuna.create_study(study_name="t", storage=url)
     study.add_trial(optuna.trial.create_trial(value=1.0))
     assert sweep.main([str(path)]) == 2

@@ -16,13 +16,15 @@ from ray import tune
 
 from dcmtune.checkpoint import load_checkpoint, read_meta
 from dcmtune.search_space import SWEEP_METRICS, load_spec
+from dcmtune.study import open_storage
 from dcmtune.sweep import run_sweep
 
 pytestmark = pytest.mark.ray
 
 
 def _study(spec):
-    return optuna.load_study(study_name=spec.name, storage=spec.searcher.storage)
+    return optuna.load_study(study_name=spec.name,
+                             storage=open_storage(spec.study_storage))
 
 
 def _trial_frames(outcome):
@@ -185,7 +187,7 @@ class _InterruptAfter(tune.Callback):
 
 def test_interrupted_sweep_finishes_with_resume(ray_session, tiny_spec, tmp_path, caplog):
     def edit(raw):
-        raw["searcher"]["storage"] = "sqlite:///res.db"
+        raw["searcher"]["storage"] = "res.log"  # a journal file in the experiment directory
 
     spec = load_spec(tiny_spec("res", tmp_path, edit=edit, num_samples=4))
     log = tmp_path / "interrupt.json"
