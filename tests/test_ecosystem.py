@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from dcmtune import metrics, study, sweep
-from dcmtune.search_space import SpecError, load_spec, spec_from_dict
+from dcmtune.search_space import SpecError, spec_from_dict
 from dcmtune.train_cli import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
