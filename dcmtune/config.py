@@ -222,7 +222,9 @@ class TrainingConfig(_Config):
       use_grad_clip, grad_clip_norm: Global-norm clipping of the accumulated gradient.
       use_ema, ema_decay: Exponential moving average of the parameters, used for evaluation.
       use_lr_schedule, lr_schedule_type: "cosine", "exponential" or "step", with linear warmup.
-      warmup_epochs: Linear warmup length in epochs (converted to optimizer updates).
+      warmup_epochs: Linear warmup length in epochs (converted to optimizer updates); None
+        (the default) adapts to the run: min(5, num_epochs // 10), so any num_epochs works.
+        An explicit value must lie in [0, num_epochs).
       min_lr_factor: Floor of the schedule as a fraction of learning_rate.
       step_every_epochs, step_factor: The "step" schedule multiplies the learning rate by
         step_factor every step_every_epochs epochs.
@@ -231,11 +233,11 @@ class TrainingConfig(_Config):
     """
 
     _section = "training"
-    num_epochs: int = 100
+    num_epochs: int = 200
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2
     esp_w: float = 1000.0
-    chg_w: float = 1.0
+    chg_w: float = 0.01
     dip_w: float = 0.0
     use_grad_clip: bool = True
     grad_clip_norm: float = 2.0
@@ -244,12 +246,19 @@ class TrainingConfig(_Config):
     gradient_accumulation_steps: int = 1
     use_lr_schedule: bool = True
     lr_schedule_type: str = "cosine"
-    warmup_epochs: int = 5
+    warmup_epochs: Optional[int] = None
     min_lr_factor: float = 0.01
     step_every_epochs: int = 30
     step_factor: float = 0.5
     save_every_n_epochs: int = 10
     keep_top_k_checkpoints: int = 5
+
+    @property
+    def effective_warmup_epochs(self) -> int:
+        """The warmup in epochs: `warmup_epochs`, or min(5, num_epochs // 10) when it is None."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return min(5, self.num_epochs // 10)
 
     def __post_init__(self) -> None:
         self._validate_types()
@@ -270,8 +279,10 @@ class TrainingConfig(_Config):
         _check(f"{s}.ema_decay", 0 <= self.ema_decay < 1, "a decay in [0, 1)", self.ema_decay)
         _check(f"{s}.lr_schedule_type", self.lr_schedule_type in SCHEDULE_TYPES,
                " or ".join(SCHEDULE_TYPES), self.lr_schedule_type)
-        _check(f"{s}.warmup_epochs", 0 <= self.warmup_epochs < self.num_epochs,
-               f"an integer in [0, num_epochs={self.num_epochs})", self.warmup_epochs)
+        _check(f"{s}.warmup_epochs", self.warmup_epochs is None
+               or 0 <= self.warmup_epochs < self.num_epochs,
+               f"an integer in [0, num_epochs={self.num_epochs}) or None (automatic)",
+               self.warmup_epochs)
         _check(f"{s}.min_lr_factor", 0 <= self.min_lr_factor <= 1, "a fraction in [0, 1]",
                self.min_lr_factor)
         _check(f"{s}.min_lr_factor",

@@ -17,6 +17,7 @@ from typing import Mapping, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from dcmtune.config import TrainingConfig
 from dcmtune.metrics import TRAINED
 from dcmtune.physics import HARTREE_TO_KCAL, dipole_from_charges, esp_from_charges
 
@@ -31,11 +32,12 @@ SUM_KEYS = ("n_mol", "n_mono", "n_dip", "esp_mse", "esp_mae", "mono_mse", "mono_
 
 
 class LossWeights(NamedTuple):
-    """Loss weights; a pytree of scalars, so they are traced, never static."""
+    """Loss weights; a pytree of scalars, so they are traced, never static. Defaults: the
+    `TrainingConfig` defaults."""
 
-    esp_w: float | jnp.ndarray = 1000.0
-    chg_w: float | jnp.ndarray = 1.0
-    dip_w: float | jnp.ndarray = 0.0
+    esp_w: float | jnp.ndarray = TrainingConfig.esp_w
+    chg_w: float | jnp.ndarray = TrainingConfig.chg_w
+    dip_w: float | jnp.ndarray = TrainingConfig.dip_w
 
 
 def predict_observables(charges, positions, batch):

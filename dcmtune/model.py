@@ -42,17 +42,19 @@ class DCMNet(nn.Module):
       max_atomic_number: Largest atomic number the embedding accepts.
       include_pseudotensors: Carry features of both parities.
       d_max: Displacement bound (Angstrom).
+
+    The defaults are `ModelConfig`'s (one place holds them).
     """
 
-    n_dcm: int = 2
-    features: int = 16
-    max_degree: int = 2
-    num_iterations: int = 2
-    num_basis_functions: int = 16
-    cutoff: float = 4.0
-    max_atomic_number: int = 36
-    include_pseudotensors: bool = False
-    d_max: float = 0.5
+    n_dcm: int = ModelConfig.n_dcm
+    features: int = ModelConfig.features
+    max_degree: int = ModelConfig.max_degree
+    num_iterations: int = ModelConfig.num_iterations
+    num_basis_functions: int = ModelConfig.num_basis_functions
+    cutoff: float = ModelConfig.cutoff
+    max_atomic_number: int = ModelConfig.max_atomic_number
+    include_pseudotensors: bool = ModelConfig.include_pseudotensors
+    d_max: float = ModelConfig.d_max
 
     @nn.compact
     def __call__(self, Z, R, atom_mask, Q):
@@ -106,15 +108,20 @@ class DCMNet(nn.Module):
             y = e3x.nn.Dense(self.features)(y)
             x = e3x.nn.add(x, y)
 
-        # 4. Per atom: n_dcm scalars (charges) and n_dcm vectors (displacements), a linear
-        #    (equivariant) read-out of RMS-normalised features. The invariant normalisation keeps
-        #    the outputs finite however large the features grow; the linear head starts with
-        #    O(1) outputs (a TensorDense head, quadratic in the features, started with charges
-        #    of 5-20 e and trained 3x worse on the demo set in 10 epochs: 11.8 vs 3.5 kcal/mol/e).
+        # 4. Per atom: n_dcm charges and n_dcm displacement vectors.
+        #    Displacements: a linear (equivariant) read-out of the RMS-normalised degree-0/1
+        #    features; the invariant normalisation keeps them finite however large the features
+        #    grow, and the bound in step 5 does the rest.
+        #    Charges: an MLP on the raw (un-normalised) invariant features, which keeps the
+        #    per-atom feature magnitude the normalisation discards (1 kcal/mol/e of ESP at the
+        #    grid is ~0.005 e of charge). On the demo set it gave a 10% lower validation ESP
+        #    error than the linear head, at the same cost (docs/model.md).
+        s = x[:, 0, 0, :]  # Shape (B*A, features): the invariant (scalar) features.
         x = e3x.nn.change_max_degree_or_type(x, max_degree=1, include_pseudotensors=False)
         x = e3x.nn.Dense(self.n_dcm)(_rms_normalize(x))
-        # Shape (B*A, 1, 4, n_dcm): index 0 the scalar, 1:4 the (x, y, z) vector.
-        q = x[:, 0, 0, :].reshape(B, A, self.n_dcm)  # Shape (B, A, n_dcm).
+        # Shape (B*A, 1, 4, n_dcm): index 1:4 the (x, y, z) vectors (index 0 is unused).
+        h = nn.silu(nn.Dense(self.features)(s))  # Shape (B*A, features).
+        q = nn.Dense(self.n_dcm)(h).reshape(B, A, self.n_dcm)  # Shape (B, A, n_dcm).
         v = jnp.swapaxes(x[:, 0, 1:4, :], -1, -2).reshape(B, A, self.n_dcm, 3)
 
         # 5. Bounded displacement d = d_max * tanh(|v|) / |v| * v; |d| < d_max.

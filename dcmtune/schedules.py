@@ -44,9 +44,9 @@ def schedule_spec(cfg: TrainingConfig, updates_per_epoch: int) -> ScheduleSpec:
     total = cfg.num_epochs * updates_per_epoch
     if not cfg.use_lr_schedule:
         return ScheduleSpec("constant", 0, total)
-    return ScheduleSpec(cfg.lr_schedule_type, cfg.warmup_epochs * updates_per_epoch, total,
-                        cfg.min_lr_factor, cfg.step_every_epochs * updates_per_epoch,
-                        cfg.step_factor)
+    warmup = cfg.effective_warmup_epochs * updates_per_epoch
+    return ScheduleSpec(cfg.lr_schedule_type, warmup, total, cfg.min_lr_factor,
+                        cfg.step_every_epochs * updates_per_epoch, cfg.step_factor)
 
 
 def lr_factor_schedule(spec: ScheduleSpec) -> optax.Schedule:

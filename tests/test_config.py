@@ -14,9 +14,10 @@ def test_defaults_match_the_documented_ones():
     assert (c.model.cutoff, c.model.max_atomic_number, c.model.d_max) == (4.0, 36, 0.5)
     t = c.training
     assert (t.num_epochs, t.batch_size, t.learning_rate, t.esp_w, t.chg_w) == \
-        (100, 8, 1e-3, 1000.0, 1.0)
+        (200, 8, 1e-2, 1000.0, 0.01)  # docs/model.md: the ablation that chose them
     assert (t.grad_clip_norm, t.ema_decay, t.lr_schedule_type, t.warmup_epochs) == \
-        (2.0, 0.999, "cosine", 5)
+        (2.0, 0.999, "cosine", None)
+    assert t.effective_warmup_epochs == 5
     assert (c.data.split_by, c.data.valid_fraction, c.data.split_seed) == ("molecule", 0.1, 0)
     assert c.random_seed == 42 and c.output_dir == "experiments"
 
@@ -46,7 +47,7 @@ def test_json_round_trip_is_lossless(tmp_path):
     ("training.batch_size", 0, "training.batch_size"),
     ("training.learning_rate", 0.0, "training.learning_rate"),
     ("training.lr_schedule_type", "linear", "training.lr_schedule_type"),
-    ("training.warmup_epochs", 100, "training.warmup_epochs"),
+    ("training.warmup_epochs", 200, "training.warmup_epochs"),
     ("training.ema_decay", 1.0, "training.ema_decay"),
     ("training.use_ema", 1, "training.use_ema"),
     ("training.num_epochs", True, "training.num_epochs"),
@@ -58,6 +59,20 @@ def test_invalid_values_name_the_key(dotted, value, key):
     with pytest.raises(ConfigError) as e:
         ExperimentConfig().replace(**{dotted: value})
     assert str(e.value).startswith(key + ":"), str(e.value)
+
+
+@pytest.mark.parametrize("num_epochs,warmup", [(1, 0), (3, 0), (10, 1), (49, 4), (200, 5)])
+def test_default_warmup_adapts_to_any_number_of_epochs(num_epochs, warmup):
+    t = ExperimentConfig().replace(**{"training.num_epochs": num_epochs}).training
+    assert t.warmup_epochs is None and t.effective_warmup_epochs == warmup < num_epochs
+
+
+def test_explicit_warmup_is_checked_against_num_epochs():
+    base = ExperimentConfig().replace(**{"training.num_epochs": 3})
+    assert base.replace(**{"training.warmup_epochs": 2}).training.effective_warmup_epochs == 2
+    with pytest.raises(ConfigError, match=r"^training.warmup_epochs: expected an integer in "
+                                          r"\[0, num_epochs=3\) or None \(automatic\), got 5"):
+        base.replace(**{"training.warmup_epochs": 5})
 
 
 def test_exponential_needs_a_positive_floor():

@@ -1,0 +1,232 @@
+"""Accuracy of trained DCMNet models beside classical atom-charge baselines (kcal/mol/e).
+
+Two studies, each one command:
+
+  defaults    Train with the default config (`--split-by conformer`, any `--set KEY=VALUE`
+              overrides) once per split seed and print the final validation ESP RMSE beside,
+              on the same validation conformers and computed the same way (per-conformer MSE
+              over valid grid points, averaged, sqrt):
+                mono      the stored per-conformer ESP-fitted charges (fitted to this ESP: the
+                          bound a one-charge-per-atom model cannot beat);
+                shared    one least-squares set per molecule, fitted to its *training*
+                          conformers (a prediction for the unseen conformers);
+                element   one charge per element, fitted to the training split;
+              plus the wall time of each training.
+
+  generalise  Train with the molecule split (whole molecules held out) on `--data-files` and
+              print the *test* ESP RMSE of the best checkpoint (chosen on validation) beside
+                mulliken  the stored Mulliken charges (if the file has a `mulliken` key);
+                element   one charge per element, fitted to the training split;
+                lsq       one least-squares set per test molecule fitted to its own test ESP
+                          (a bound, not a prediction);
+                mono      the stored per-conformer ESP-fitted charges (also a bound).
+
+Usage:
+  python bench/accuracy.py defaults --split-seeds 0 1 2
+  python bench/accuracy.py generalise --data-files organic_esp.npz --split-seeds 0 1 2
+  ... [--num-epochs N] [--output-dir DIR] [--set features=32 --set n_dcm=3] [--json]
+
+Timings are wall times on whatever machine runs this; on a shared machine report medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dcmtune.baselines import (element_charge_array, element_charges,
+                               esp_rmse_of_atom_charges)
+from dcmtune.config import config_from_flat
+from dcmtune.data import ESPData, load_dataset
+from dcmtune.qm import fit_esp_charges_shared
+from dcmtune.xla_env import use_compilation_cache
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def shared_charges(fit_on: ESPData, apply_to: ESPData) -> np.ndarray:
+    """(M, A) charges for `apply_to`: per molecule, one least-squares set fitted to all of that
+    molecule's conformers in `fit_on` (total charge constrained); NaN rows where `fit_on` has no
+    conformer of the molecule."""
+    out = np.full(apply_to.Z.shape, np.nan)
+    for mid in np.unique(apply_to.mol_id):
+        src = np.flatnonzero(fit_on.mol_id == mid)
+        if len(src) == 0:
+            continue
+        n = int(fit_on.N[src[0]])
+        q = fit_esp_charges_shared(
+            [fit_on.R[i, :n].astype(np.float64) for i in src],
+            [fit_on.grid[i, : fit_on.n_grid[i]].astype(np.float64) for i in src],
+            [fit_on.esp[i, : fit_on.n_grid[i]].astype(np.float64) for i in src],
+            float(fit_on.Q[src[0]]))
+        dst = np.flatnonzero(apply_to.mol_id == mid)
+        out[dst] = 0.0
+        out[dst, :n] = q
+    return out
+
+
+def _mulliken(files: list[str], data: ESPData):
+    """(M, A) stored Mulliken charges of `files` (padded like `data`), or None."""
+    parts = []
+    for f in files:
+        with np.load(f, allow_pickle=False) as z:
+            if "mulliken" not in z.files:
+                return None
+            m = np.asarray(z["mulliken"], np.float64)
+        parts.append(np.pad(m, ((0, 0), (0, data.num_atoms - m.shape[1]))))
+    return np.concatenate(parts)
+
+
+def _train(config):
+    from dcmtune.train import fit
+
+    t0 = time.perf_counter()
+    result = fit(config)
+    return result, time.perf_counter() - t0
+
+
+def _splits(run_dir: Path, data: ESPData) -> dict[str, ESPData]:
+    idx = json.loads((run_dir / "split.json").read_text())["indices"]
+    return {k: data.subset(np.asarray(v, dtype=int)) for k, v in idx.items()}
+
+
+def run_defaults(args) -> list[dict]:
+    rows = []
+    for seed in args.split_seeds:
+        cfg = config_from_flat(**{"split_by": "conformer", "split_seed": seed,
+                                  "output_dir": args.output_dir,
+                                  "name": f"defaults_seed{seed}_{int(time.time())}",
+                                  **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
+                                  **args.overrides})
+        data = load_dataset(cfg.data.data_files, cfg.model.max_atomic_number,
+                            cfg.data.dipole_units)
+        result, wall = _train(cfg)
+        s = _splits(result.run_dir, data)
+        train, valid = s["train"], s["valid"]
+        last = result.history[-1]
+        rows.append({
+            "split_seed": seed, "epochs": len(result.history), "wall_s": wall,
+            "model": last["valid_esp_rmse"],
+            "model_best": min(r["valid_esp_rmse"] for r in result.history),
+            "train": last["train_esp_rmse"],
+            "mono": esp_rmse_of_atom_charges(valid, valid.mono)
+            if valid.mono is not None else float("nan"),
+            "shared": esp_rmse_of_atom_charges(valid, shared_charges(train, valid)),
+            "element": esp_rmse_of_atom_charges(
+                valid, element_charge_array(valid, element_charges(train))),
+            "run_dir": str(result.run_dir)})
+        _print_row(rows[-1], ("model", "mono", "shared", "element"), args.json)
+    return rows
+
+
+def run_generalise(args) -> list[dict]:
+    from dcmtune import checkpoint as ckpt
+    from dcmtune.train import evaluate_params
+
+    rows = []
+    for seed in args.split_seeds:
+        cfg = config_from_flat(**{"data_files": args.data_files, "split_by": "molecule",
+                                  "split_seed": seed, "output_dir": args.output_dir,
+                                  "name": f"generalise_seed{seed}_{int(time.time())}",
+                                  **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
+                                  **args.overrides})
+        data = load_dataset(cfg.data.data_files, cfg.model.max_atomic_number,
+                            cfg.data.dipole_units)
+        result, wall = _train(cfg)
+        s = _splits(result.run_dir, data)
+        train, test = s["train"], s["test"]
+        state, meta = ckpt.load_checkpoint(result.run_dir / "checkpoints" / "best")
+        params = state["ema_params"] if cfg.training.use_ema else state["params"]
+        row = {"split_seed": seed, "epochs": len(result.history), "wall_s": wall,
+               "best_epoch": int(meta["epoch"]), "test_molecules": int(len(set(test.mol_id))),
+               "test_conformers": int(test.num_conformers),
+               "model": evaluate_params(params, test, cfg.model)["esp_rmse"],
+               "element": esp_rmse_of_atom_charges(
+                   test, element_charge_array(test, element_charges(train))),
+               "lsq": esp_rmse_of_atom_charges(test, shared_charges(test, test))}
+        mull = _mulliken(list(args.data_files), data)
+        if mull is not None:
+            row["mulliken"] = esp_rmse_of_atom_charges(
+                test, mull[json.loads((result.run_dir / "split.json").read_text())
+                           ["indices"]["test"]])
+        if test.mono is not None:
+            row["mono"] = esp_rmse_of_atom_charges(test, test.mono)
+        row["run_dir"] = str(result.run_dir)
+        rows.append(row)
+        _print_row(row, ("model", "mulliken", "element", "lsq", "mono"), args.json)
+    return rows
+
+
+def _print_row(row: dict, cols, as_json: bool) -> None:
+    if as_json:
+        return
+    vals = "  ".join(f"{c} {row[c]:.3f}" for c in cols if c in row)
+    print(f"split_seed {row['split_seed']}: {vals}  ({row['epochs']} epochs, "
+          f"{row['wall_s']:.0f} s)", flush=True)
+
+
+def _summary(rows: list[dict], cols) -> None:
+    print(f"\n{'split_seed':>10}" + "".join(f"{c:>10}" for c in cols) + f"{'wall s':>9}")
+    for r in rows:
+        print(f"{r['split_seed']:>10}" + "".join(
+            f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols) + f"{r['wall_s']:>9.0f}")
+    print(f"{'median':>10}" + "".join(
+        f"{np.median([r[c] for r in rows if c in r]):>10.3f}"
+        if any(c in r for r in rows) else f"{'-':>10}" for c in cols)
+        + f"{np.median([r['wall_s'] for r in rows]):>9.0f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="study", required=True)
+    for name, helptext in (("defaults", "default model, conformer split, demo set or files"),
+                           ("generalise", "molecule split: test molecules never seen")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("--data-files", nargs="+", default=[],
+                       required=(name == "generalise"), help=".npz files (default: demo set)")
+        q.add_argument("--split-seeds", nargs="+", type=int, default=[0, 1, 2])
+        q.add_argument("--num-epochs", type=int, default=None, help="default: the config's")
+        q.add_argument("--output-dir", default="experiments/bench_accuracy")
+        q.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="any flat config field, e.g. features=32")
+        q.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    args = p.parse_args(argv)
+    args.overrides = _overrides(args.overrides)
+    if args.data_files:
+        args.overrides["data_files"] = list(args.data_files)
+    use_compilation_cache(Path(args.output_dir).resolve() / ".jax_cache")
+    if args.study == "defaults":
+        rows, cols = run_defaults(args), ("model", "mono", "shared", "element")
+        title = "valid ESP RMSE (kcal/mol/e), conformer split, same validation conformers"
+    else:
+        rows, cols = run_generalise(args), ("model", "mulliken", "element", "lsq", "mono")
+        title = "test ESP RMSE (kcal/mol/e), molecule split (lsq and mono: fitted to the test ESP)"
+    if args.json:
+        json.dump({"study": args.study, "overrides": args.overrides, "rows": rows},
+                  sys.stdout, indent=1)
+        print()
+    else:
+        print(f"\n{title}")
+        _summary(rows, cols)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
