@@ -1,8 +1,9 @@
 """`python -m dcmtune.data {generate,inspect,validate}`: make, summarise and check ESP files.
 
-  generate  PySCF ESP data for ASE g2 molecules and/or .xyz files (needs the `qm` extra)
+  generate  PySCF ESP data for ASE g2 molecules, .xyz files and SMILES (needs the `qm` extra)
   inspect   a per-molecule summary table of a dataset and a units check
   validate  the loader's checks; exit 2 on failure
+  verify    regenerate a sample of a generated file's molecules and compare within tolerances
 
 Bad inputs exit with status 2 and one line on stderr; nothing is written.
 """
@@ -40,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="ASE g2 molecule names (ase.collections.g2), e.g. H2O NH3 C6H6")
     g.add_argument("--xyz", nargs="+", default=[], metavar="FILE",
                    help=".xyz files (first frame; mol_id = file stem)")
+    g.add_argument("--smiles", nargs="+", default=[], metavar="SMILES",
+                   help="neutral closed-shell SMILES (RDKit ETKDG + MMFF geometry; mol_id = "
+                        "canonical SMILES)")
+    g.add_argument("--smiles-file", nargs="+", default=[], metavar="FILE",
+                   help="CSV molecule lists with columns name,smiles[,class] (mol_id = name; "
+                        "# comments)")
     g.add_argument("--conformers", type=int, default=10,
                    help="conformers per molecule; the first is the input geometry (10)")
     g.add_argument("--out", required=True, type=Path, help="output .npz file")
@@ -64,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("files", nargs="*", type=Path,
                        help="dataset .npz files (default: the bundled demo set)")
         s.add_argument("--max-atomic-number", type=int, default=36)
+
+    v = sub.add_parser("verify", help="regenerate a sample of molecules and compare (qm extra)")
+    v.add_argument("file", type=Path, help="a generated .npz with its provenance JSON")
+    v.add_argument("--molecules", nargs="+", default=[], metavar="MOL_ID",
+                   help="molecules to regenerate (default: --sample of them, seeded)")
+    v.add_argument("--sample", type=int, default=3, help="molecules drawn when none given (3)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the draw (0)")
+    v.add_argument("--workers", type=int, default=2, help="worker processes (2)")
     return p
 
 
@@ -72,8 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": _generate, "inspect": _inspect, "validate": _validate}[
-            args.command](args)
+        return {"generate": _generate, "inspect": _inspect, "validate": _validate,
+                "verify": _verify}[args.command](args)
     except (DataError, qm.QMError) as e:  # bad input: nothing was written.
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -102,7 +117,8 @@ def _generate(args) -> int:
         spin=args.spin)
     # Every input check first: a bad input leaves one line on stderr and no progress bar.
     qm.check_output(args.out)
-    specs = qm.load_molecules(args.molecules, args.xyz)
+    specs = qm.load_molecules(args.molecules, args.xyz, args.smiles, args.smiles_file,
+                              seed=args.seed)
     qm.check_inputs(specs, settings, args.workers)
     with tqdm(total=len(specs) * args.conformers, unit="conf", file=sys.stderr,
               desc="generate", dynamic_ncols=True) as bar:
@@ -202,4 +218,29 @@ def _validate(args) -> int:
     print(f"ok: {', '.join(map(str, files))}: {d.num_conformers} conformers of "
           f"{len(np.unique(d.mol_id))} molecules, up to {d.num_atoms} atoms and "
           f"{d.num_grid} grid points")
+    return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _verify(args) -> int:
+    from dcmtune.verify import TOLERANCES, verify_sample
+
+    if args.sample < 1:
+        raise qm.QMError(f"--sample: expected >= 1, got {args.sample}")
+    rows = verify_sample(args.file, args.molecules, args.sample, args.seed, args.workers)
+    keys = list(TOLERANCES)
+    print(f"{'mol_id':<24} {'conf':>4} " + " ".join(f"{k:>11}" for k in keys) + "  result")
+    print(f"{'tolerance':<24} {'':>4} " + " ".join(f"{TOLERANCES[k]:>11.0e}" for k in keys))
+    for r in rows:
+        devs = " ".join(f"{r['max_abs'].get(k, float('nan')):>11.1e}" for k in keys)
+        verdict = "ok" if r["ok"] else f"DIFFERS {r.get('problem', '')}".rstrip()
+        print(f"{r['mol_id']:<24} {r['conformers']:>4} {devs}  {verdict}")
+    bad = [r["mol_id"] for r in rows if not r["ok"]]
+    if bad:
+        print(f"error: {args.file}: {len(bad)} of {len(rows)} regenerated molecules differ "
+              f"beyond tolerance: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(rows)} molecules of {args.file} regenerated within tolerance")
     return 0
