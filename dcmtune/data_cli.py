@@ -1,10 +1,11 @@
 """`python -m dcmtune.data {generate,inspect,validate,convert}`: make, summarise, check and
 convert ESP files.
 
-  generate  PySCF ESP data for ASE g2 molecules and/or .xyz files (needs the `qm` extra)
+  generate  PySCF ESP data for ASE g2 molecules, .xyz files and SMILES (needs the `qm` extra)
   inspect   a per-molecule summary table of a dataset, padding efficiency, grouping, units checks
   validate  the loader's checks; exit 2 on failure
   convert   mmml-layout (or any loadable) files -> one compact dcmtune file + provenance JSON
+  verify    regenerate a sample of a generated file's molecules and compare within tolerances
 
 Bad inputs exit with status 2 and one line on stderr; nothing is written.
 """
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="ASE g2 molecule names (ase.collections.g2), e.g. H2O NH3 C6H6")
     g.add_argument("--xyz", nargs="+", default=[], metavar="FILE",
                    help=".xyz files (first frame; mol_id = file stem)")
+    g.add_argument("--smiles", nargs="+", default=[], metavar="SMILES",
+                   help="neutral closed-shell SMILES (RDKit ETKDG + MMFF geometry; mol_id = "
+                        "canonical SMILES)")
+    g.add_argument("--smiles-file", nargs="+", default=[], metavar="FILE",
+                   help="CSV molecule lists with columns name,smiles[,class] (mol_id = name; "
+                        "# comments)")
     g.add_argument("--conformers", type=int, default=10,
                    help="conformers per molecule; the first is the input geometry (10)")
     g.add_argument("--out", required=True, type=Path, help="output .npz file")
@@ -82,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output file")
     c.add_argument("--max-atomic-number", type=int, default=36)
     _dipole_units_option(c)
+
+    v = sub.add_parser("verify", help="regenerate a sample of molecules and compare (qm extra)")
+    v.add_argument("file", type=Path, help="a generated .npz with its provenance JSON")
+    v.add_argument("--molecules", nargs="+", default=[], metavar="MOL_ID",
+                   help="molecules to regenerate (default: --sample of them, seeded)")
+    v.add_argument("--sample", type=int, default=3, help="molecules drawn when none given (3)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the draw (0)")
+    v.add_argument("--workers", type=int, default=2, help="worker processes (2)")
     return p
 
 
@@ -92,7 +107,7 @@ def _dipole_units_option(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     return {"generate": _generate, "inspect": _inspect, "validate": _validate,
-            "convert": _convert}[args.command](args)
+            "convert": _convert, "verify": _verify}[args.command](args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -117,7 +132,8 @@ def _generate(args) -> int:
         spin=args.spin)
     # Every input check first: a bad input leaves one line on stderr and no progress bar.
     qm.check_output(args.out)
-    specs = qm.load_molecules(args.molecules, args.xyz)
+    specs = qm.load_molecules(args.molecules, args.xyz, args.smiles, args.smiles_file,
+                              seed=args.seed)
     qm.check_inputs(specs, settings, args.workers)
     with tqdm(total=len(specs) * args.conformers, unit="conf", file=sys.stderr,
               desc="generate", dynamic_ncols=True) as bar:
@@ -382,4 +398,29 @@ def _convert(args) -> int:
     print(f"padding efficiency: atoms {100 * d.N.sum() / before:.1f}% -> {100 * ea:.1f}%, grid "
           f"points {100 * d.n_grid.sum() / before_g:.1f}% -> {100 * eg:.1f}%; Dxyz: "
           f"{dipole_check}")
+    return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _verify(args) -> int:
+    from dcmtune.verify import TOLERANCES, verify_sample
+
+    if args.sample < 1:
+        raise qm.QMError(f"--sample: expected >= 1, got {args.sample}")
+    rows = verify_sample(args.file, args.molecules, args.sample, args.seed, args.workers)
+    keys = list(TOLERANCES)
+    print(f"{'mol_id':<24} {'conf':>4} " + " ".join(f"{k:>11}" for k in keys) + "  result")
+    print(f"{'tolerance':<24} {'':>4} " + " ".join(f"{TOLERANCES[k]:>11.0e}" for k in keys))
+    for r in rows:
+        devs = " ".join(f"{r['max_abs'].get(k, float('nan')):>11.1e}" for k in keys)
+        verdict = "ok" if r["ok"] else f"DIFFERS {r.get('problem', '')}".rstrip()
+        print(f"{r['mol_id']:<24} {r['conformers']:>4} {devs}  {verdict}")
+    bad = [r["mol_id"] for r in rows if not r["ok"]]
+    if bad:
+        print(f"error: {args.file}: {len(bad)} of {len(rows)} regenerated molecules differ "
+              f"beyond tolerance: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(rows)} molecules of {args.file} regenerated within tolerance")
     return 0

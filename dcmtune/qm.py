@@ -1,7 +1,7 @@
-"""Quantum-chemical ESP data with PySCF (optional extra `qm`: pyscf, ase).
+"""Quantum-chemical ESP data with PySCF (optional extra `qm`: pyscf, ase, rdkit).
 
-For each molecule (an ASE g2 name or an .xyz file) this draws conformers, runs an SCF per
-conformer, and evaluates on Merz-Kollman-style shells around the atoms:
+For each molecule (an ASE g2 name, an .xyz file or a SMILES, see `dcmtune.conformers`) this
+draws conformers, runs an SCF per conformer, and evaluates on Merz-Kollman-style shells:
 
   * `esp`: the electrostatic potential of the SCF density plus nuclei, Hartree/e;
   * `mono`: ESP-fitted atom-centred charges (least squares, total charge constrained to Q);
@@ -147,7 +147,9 @@ class MoleculeSpec:
       numbers: (A,) atomic numbers.
       positions: (A, 3) equilibrium geometry, Angstrom.
       masses: (A,) atomic masses (standard atomic weights), for the centre of mass.
-      source: "ase.collections.g2" or the .xyz path as given.
+      source: "ase.collections.g2", the .xyz or .csv path as given, or "smiles".
+      smiles: the SMILES as given (SMILES inputs only).
+      geometry: how the input geometry was made (SMILES inputs only).
     """
 
     name: str
@@ -155,6 +157,8 @@ class MoleculeSpec:
     positions: np.ndarray
     masses: np.ndarray
     source: str
+    smiles: Optional[str] = None
+    geometry: Optional[str] = None
 
     @property
     def formula(self) -> str:
@@ -184,9 +188,11 @@ def _import_pyscf():
         raise QMError(f"the data generator needs PySCF; {_EXTRA_HINT}") from None
 
 
-def load_molecules(names: Sequence[str] = (), xyz_files: Sequence[str | Path] = ()
-                   ) -> list[MoleculeSpec]:
-    """Molecules from ASE g2 names and .xyz files (the first frame of each file).
+def load_molecules(names: Sequence[str] = (), xyz_files: Sequence[str | Path] = (),
+                   smiles: Sequence[str] = (), smiles_files: Sequence[str | Path] = (),
+                   seed: int = 0) -> list[MoleculeSpec]:
+    """Molecules from ASE g2 names, .xyz files (the first frame of each file), SMILES and
+    SMILES files (`dcmtune.conformers.load_smiles`; `seed` seeds their embedding).
 
     Raises:
       QMError: unknown g2 name, unreadable/empty .xyz file, duplicate molecule names, an
@@ -216,8 +222,13 @@ def load_molecules(names: Sequence[str] = (), xyz_files: Sequence[str | Path] = 
         if len(atoms) == 0:
             raise QMError(f"{path}: .xyz file holds no atoms")
         specs.append(_spec(p.stem, atoms, str(path)))
+    if smiles or smiles_files:
+        from dcmtune.conformers import load_smiles
+
+        specs += load_smiles(smiles, smiles_files, seed)
     if not specs:
-        raise QMError("no molecules given (use --molecules NAME ... and/or --xyz FILE ...)")
+        raise QMError("no molecules given (use --molecules NAME, --xyz FILE, --smiles SMILES "
+                      "and/or --smiles-file FILE)")
     seen = set()
     for s in specs:
         if s.name in seen:
@@ -441,12 +452,12 @@ def compute_molecule(spec: MoleculeSpec, settings: GenerationSettings) -> dict:
                                  settings.min_distance)
     out = {k: [] for k in ("R", "grid", "esp", "mono", "mulliken", "Dxyz", "com", "energy",
                            "scf_cycles")}
+    dm = None
     for i, R in enumerate(conformers):
         mol = build_mol(spec.numbers, R, settings.basis, settings.charge, settings.spin)
         try:
-            # PySCF's default guess: each conformer is independent of the others. (The previous
-            # conformer's density as a guess saves only about one cycle in eleven.)
-            mf, dm = run_scf(mol, settings.method, settings.conv_tol)
+            # The previous conformer's density is the guess (same atoms, nearby geometry).
+            mf, dm = run_scf(mol, settings.method, settings.conv_tol, dm0=dm)
         except SCFError as e:
             raise SCFError(f"{spec.name} conformer {i}: {e}") from None
         grid = shell_grid(R, spec.numbers, rng, settings.shells, settings.density,
@@ -594,6 +605,7 @@ def molecule_records(specs: Sequence[MoleculeSpec], results: Sequence[dict]) -> 
                 "max": round(float(above.max()), 3) if len(above) else 0.0},
             "grid_points": {"min": int(min(len(g) for g in res["grid"])),
                             "max": int(max(len(g) for g in res["grid"]))},
+            **({"smiles": spec.smiles, "geometry": spec.geometry} if spec.smiles else {}),
         })
     return rows
 
@@ -604,7 +616,7 @@ def package_versions() -> dict[str, str]:
     import platform
 
     out = {"python": platform.python_version()}
-    for pkg in ("dcmtune", "numpy", "pyscf", "ase"):
+    for pkg in ("dcmtune", "numpy", "pyscf", "ase", "rdkit"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -620,7 +632,8 @@ def provenance_path(out: str | Path) -> Path:
 
 
 def rebuild_command(names: Sequence[str], xyz_files: Sequence[str | Path],
-                    settings: GenerationSettings, out: str | Path, workers: int
+                    settings: GenerationSettings, out: str | Path, workers: int,
+                    smiles: Sequence[str] = (), smiles_files: Sequence[str | Path] = ()
                     ) -> Optional[str]:
     """The shell command that regenerates a dataset with these settings, or None when a
     setting the CLI does not expose (shells, min_distance, conv_tol) differs from its default.
@@ -634,6 +647,10 @@ def rebuild_command(names: Sequence[str], xyz_files: Sequence[str | Path],
         args += ["--molecules", *names]
     if xyz_files:
         args += ["--xyz", *map(str, xyz_files)]
+    if smiles:
+        args += ["--smiles", *smiles]
+    if smiles_files:
+        args += ["--smiles-file", *map(str, smiles_files)]
     args += ["--conformers", str(settings.conformers), "--method", settings.method,
              "--basis", settings.basis, "--sigma", repr(settings.sigma),
              "--density", repr(settings.density), "--max-grid", str(settings.max_grid),
@@ -666,7 +683,13 @@ def check_inputs(specs: Sequence[MoleculeSpec], settings: GenerationSettings,
     if not specs:
         raise QMError("no molecules given")
     check_method(settings.method)
+    from dcmtune.conformers import check_not_reserved
+
+    check_not_reserved(specs)
     for spec in specs:
+        if spec.smiles is not None and (settings.charge or settings.spin):
+            raise QMError(f"{spec.name}: SMILES inputs are neutral closed-shell molecules; "
+                          "drop --charge/--spin")
         check_electrons(spec, settings.charge, settings.spin)
         build_mol(spec.numbers, spec.positions, settings.basis, settings.charge, settings.spin)
 
@@ -707,20 +730,25 @@ def generate_dataset(out: str | Path, specs: Sequence[MoleculeSpec],
 def _provenance(out: Path, specs, results, settings: GenerationSettings, workers: int,
                 wall: float, checksum: str) -> dict:
     names = [s.name for s in specs if s.source == G2_SOURCE]
-    xyz_files = [s.source for s in specs if s.source != G2_SOURCE]
+    xyz_files = [s.source for s in specs if s.source != G2_SOURCE and s.smiles is None]
+    smiles = [s.smiles for s in specs if s.smiles is not None and s.source == "smiles"]
+    smiles_files = list(dict.fromkeys(s.source for s in specs if s.smiles is not None
+                                      and s.source != "smiles"))
     M = sum(len(r["R"]) for r in results)
     scf = "RHF (UHF if spin > 0)" if settings.method.upper() == "HF" else "RKS (UKS if spin > 0)"
     return {
         "file": out.name,
         "format": "dcmtune ESP .npz, DESIGN.md section 2 (mmml DCMNet compatible)",
-        "command": rebuild_command(names, xyz_files, settings, out, workers),
+        "command": rebuild_command(names, xyz_files, settings, out, workers, smiles,
+                                   smiles_files),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data_checksum": checksum,
         "settings": dataclasses.asdict(settings),
         "qm": {"code": "PySCF", "method": settings.method, "basis": settings.basis,
-               "scf": f"{scf}, conv_tol {settings.conv_tol} Hartree, PySCF's default "
-                      "initial guess for every conformer"},
-        "conformers": {"first": "the input (equilibrium) geometry",
+               "scf": f"{scf}, conv_tol {settings.conv_tol} Hartree; initial guess: PySCF's "
+                      "default for conformer 0, then the previous conformer's density"},
+        "conformers": {"first": "the input (equilibrium) geometry; for SMILES inputs see "
+                                "molecules[].geometry",
                        "others": f"Gaussian displacement, sigma {settings.sigma} Angstrom per "
                                  "coordinate, redrawn if any atom pair is closer than "
                                  f"{settings.min_distance} Angstrom",
