@@ -1,5 +1,5 @@
-"""`python -m dcmtune.data {generate,inspect,validate,convert}`: make, summarise, check and
-convert ESP files.
+"""`python -m dcmtune.data {generate,inspect,validate,convert,verify}`: make, summarise, check,
+convert and verify ESP files.
 
   generate  PySCF ESP data for ASE g2 molecules, .xyz files and SMILES (needs the `qm` extra)
   inspect   a per-molecule summary table of a dataset, padding efficiency, grouping, units checks
