@@ -28,8 +28,8 @@ import numpy as np
 from dcmtune import _io
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_meta",
-           "verify_checkpoint", "prune_periodic", "package_versions", "STATE_FILE",
-           "META_FILE"]
+           "verify_checkpoint", "prune_periodic", "checkpoint_candidates", "package_versions",
+           "STATE_FILE", "META_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -217,3 +217,26 @@ def find_checkpoint(path: Path) -> Optional[Path]:
         if (candidate / META_FILE).is_file():
             return candidate
     return None
+
+
+def checkpoint_candidates(trial_dir: Path, skipped: Optional[list] = None
+                          ) -> list[tuple[Path, dict]]:
+    """(dir, meta) of every checksum-valid dcmtune checkpoint of a trial: Tune's copies first,
+    then the trainer's own (best, latest, epoch_N). Damaged ones are logged and appended to
+    `skipped` as "path: reason"."""
+    dirs = sorted(trial_dir.glob("checkpoint_*"))
+    root = trial_dir / "checkpoints"
+    if root.is_dir():
+        dirs += [root / "best", root / "latest"] + sorted(root.glob("epoch_*"))
+    out = []
+    for d in dirs:
+        if not (d / META_FILE).is_file():
+            _io.recover_directory(d)
+        if (d / META_FILE).is_file() or (d / STATE_FILE).is_file():
+            try:
+                out.append((d, verify_checkpoint(d)))
+            except CheckpointError as e:
+                log.warning("skipping a damaged checkpoint: %s", e)
+                if skipped is not None:
+                    skipped.append(f"{d}: {e}")
+    return out

@@ -138,29 +138,6 @@ def _is_trial_dir(d: Path) -> bool:
     return (d / "params.json").is_file()
 
 
-def _checkpoint_candidates(trial_dir: Path, skipped: Optional[list] = None
-                           ) -> list[tuple[Path, dict]]:
-    """(dir, meta) of every checksum-valid dcmtune checkpoint of a trial: Tune's copies first,
-    then the trainer's own (best, latest, epoch_N). Damaged ones are logged and appended to
-    `skipped` as "path: reason"."""
-    dirs = sorted(trial_dir.glob("checkpoint_*"))
-    root = trial_dir / "checkpoints"
-    if root.is_dir():
-        dirs += [root / "best", root / "latest"] + sorted(root.glob("epoch_*"))
-    out = []
-    for d in dirs:
-        if not (d / ckpt.META_FILE).is_file():
-            _io.recover_directory(d)
-        if (d / ckpt.META_FILE).is_file() or (d / ckpt.STATE_FILE).is_file():
-            try:
-                out.append((d, ckpt.verify_checkpoint(d)))
-            except ckpt.CheckpointError as e:
-                log.warning("skipping a damaged checkpoint: %s", e)
-                if skipped is not None:
-                    skipped.append(f"{d}: {e}")
-    return out
-
-
 def _error_line(trial_dir: Path) -> str:
     err = trial_dir / "error.txt"
     if not err.is_file():
@@ -205,7 +182,7 @@ def _read_trial(d: Path, metric: str, mode: str) -> TrialRecord:
     best_epoch, _ = h.best(metric, mode)
     if metric not in h.history_df:
         rec.reason = rec.reason or f"history has no {metric}"
-    cands = _checkpoint_candidates(d, rec.skipped)
+    cands = ckpt.checkpoint_candidates(d, rec.skipped)
     chosen = next(((c, m) for c, m in cands if int(m.get("epoch", -1)) == best_epoch), None)
     if chosen is None and cands:
         sign = 1.0 if mode == "min" else -1.0
