@@ -96,9 +96,11 @@ class Ctx:
 
 
 def _flip_byte(path: Path) -> None:
-    """One bit of one digit flipped (the JSON stays valid: 0<->1, 2<->3, ...)."""
+    """One bit of one digit flipped (the JSON stays valid: 0<->1, 2<->3, ...): a digit after a
+    digit or a decimal point, so no number gains a leading zero."""
     b = bytearray(path.read_bytes())
-    i = next(i for i in range(len(b) // 2, len(b)) if chr(b[i]).isdigit() and b[i] < 0x38)
+    i = next(i for i in range(len(b) // 2, len(b))
+             if chr(b[i]).isdigit() and b[i] < 0x38 and chr(b[i - 1]) in "0123456789.")
     b[i] ^= 0x01
     path.write_bytes(bytes(b))
 
