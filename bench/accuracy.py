@@ -15,6 +15,10 @@ Two studies, each one command:
 
   generalise  Train with the molecule split (whole molecules held out) on `--data-files` and
               print the *test* ESP RMSE of the best checkpoint (chosen on validation) beside
+                mmff94,   RDKit's MMFF94 and Gasteiger charges from each molecule's SMILES in the
+                gasteiger file's provenance (molecules generated from SMILES), over the test
+                          molecules the method has parameters for (RDKit's MMFF94 has none
+                          that sum to 0 for CO2 and CS2);
                 mulliken  the stored Mulliken charges (if the file has a `mulliken` key);
                 element   one charge per element, fitted to the training split;
                 lsq       one least-squares set per test molecule fitted to its own test ESP
@@ -40,8 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dcmtune.baselines import (element_charge_array, element_charges,
-                               esp_rmse_of_atom_charges)
+from dcmtune import qm
+from dcmtune.baselines import (RDKIT_METHODS, element_charge_array, element_charges,
+                               esp_rmse_of_atom_charges, mulliken_charges, rdkit_charge_array,
+                               shared_charges_per_molecule)
 from dcmtune.config import config_from_flat
 from dcmtune.data import ESPData, load_dataset
 from dcmtune.qm import fit_esp_charges_shared
@@ -82,16 +88,16 @@ def shared_charges(fit_on: ESPData, apply_to: ESPData) -> np.ndarray:
     return out
 
 
-def _mulliken(files: list[str], data: ESPData):
-    """(M, A) stored Mulliken charges of `files` (padded like `data`), or None."""
-    parts = []
+def _smiles_of(files: list[str]) -> dict[str, str]:
+    """{mol_id: SMILES} from the files' provenance records (molecules generated from SMILES)."""
+    out = {}
     for f in files:
-        with np.load(f, allow_pickle=False) as z:
-            if "mulliken" not in z.files:
-                return None
-            m = np.asarray(z["mulliken"], np.float64)
-        parts.append(np.pad(m, ((0, 0), (0, data.num_atoms - m.shape[1]))))
-    return np.concatenate(parts)
+        prov = qm.provenance_path(f)
+        if prov.is_file():
+            for m in json.loads(prov.read_text()).get("molecules", []):
+                if m.get("smiles"):
+                    out[m["mol_id"]] = m["smiles"]
+    return out
 
 
 def _train(config):
@@ -160,17 +166,22 @@ def run_generalise(args) -> list[dict]:
                "model": evaluate_params(params, test, cfg.model)["esp_rmse"],
                "element": esp_rmse_of_atom_charges(
                    test, element_charge_array(test, element_charges(train))),
-               "lsq": esp_rmse_of_atom_charges(test, shared_charges(test, test))}
-        mull = _mulliken(list(args.data_files), data)
+               "lsq": esp_rmse_of_atom_charges(test, shared_charges_per_molecule(test))}
+        test_idx = json.loads((result.run_dir / "split.json").read_text())["indices"]["test"]
+        mull = mulliken_charges(list(args.data_files), data)
         if mull is not None:
-            row["mulliken"] = esp_rmse_of_atom_charges(
-                test, mull[json.loads((result.run_dir / "split.json").read_text())
-                           ["indices"]["test"]])
+            row["mulliken"] = esp_rmse_of_atom_charges(test, mull[test_idx])
+        smiles = _smiles_of(list(args.data_files))
+        for method in RDKIT_METHODS:  # predictive: from the bond graph (needs RDKit)
+            q, ok = rdkit_charge_array(test, smiles, method)
+            if ok.any():  # over the test molecules the method has parameters for
+                row[method] = esp_rmse_of_atom_charges(test.subset(np.flatnonzero(ok)), q[ok])
+                row[f"{method}_molecules"] = int(len(set(test.mol_id[ok])))
         if test.mono is not None:
             row["mono"] = esp_rmse_of_atom_charges(test, test.mono)
         row["run_dir"] = str(result.run_dir)
         rows.append(row)
-        _print_row(row, ("model", "mulliken", "element", "lsq", "mono"), args.json)
+        _print_row(row, ("model", "mmff94", "gasteiger", "mulliken", "element", "lsq", "mono"), args.json)
     return rows
 
 
@@ -216,7 +227,7 @@ def main(argv=None) -> int:
         rows, cols = run_defaults(args), ("model", "mono", "shared", "element")
         title = "valid ESP RMSE (kcal/mol/e), conformer split, same validation conformers"
     else:
-        rows, cols = run_generalise(args), ("model", "mulliken", "element", "lsq", "mono")
+        rows, cols = run_generalise(args), ("model", "mmff94", "gasteiger", "mulliken", "element", "lsq", "mono")
         title = "test ESP RMSE (kcal/mol/e), molecule split (lsq and mono: fitted to the test ESP)"
     if args.json:
         json.dump({"study": args.study, "overrides": args.overrides, "rows": rows},

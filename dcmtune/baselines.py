@@ -22,7 +22,8 @@ from dcmtune.units import BOHR, HARTREE_TO_KCAL
 
 __all__ = ["esp_design_matrix", "fit_esp_charges", "fit_esp_charges_shared",
            "shared_charges_per_molecule", "element_charges", "element_charge_array",
-           "mulliken_charges", "split_baselines",
+           "mulliken_charges", "split_baselines", "rdkit_charges", "rdkit_charge_array",
+           "RDKIT_METHODS",
            "esp_rmse_of_atom_charges", "per_molecule_esp_mse"]
 
 
@@ -178,6 +179,64 @@ def mulliken_charges(files: Sequence[str | Path], data: ESPData) -> Optional[np.
 
 
 # --------------------------------------------------------------------------- scoring
+
+
+RDKIT_METHODS = ("gasteiger", "mmff94")
+
+
+def rdkit_charges(smiles: str, numbers: Sequence[int], method: str) -> np.ndarray:
+    """(n,) Gasteiger or MMFF94 partial charges, e, of `smiles` with explicit hydrogens.
+
+    They depend on the bond graph only. The atom order is RDKit's (heavy atoms as written, then
+    the hydrogens), the order `python -m dcmtune.data generate --smiles` writes. Needs RDKit
+    (the `qm` extra).
+
+    Raises:
+      ValueError: an unknown method, a SMILES RDKit cannot read, atoms that are not `numbers`
+        in this order, or a molecule the method has no parameters for.
+    """
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    if method not in RDKIT_METHODS:
+        raise ValueError(f"method: expected one of {', '.join(RDKIT_METHODS)}, got {method!r}")
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ValueError(f"{smiles!r}: RDKit cannot read this SMILES")
+    mol = Chem.AddHs(mol)
+    z = [a.GetAtomicNum() for a in mol.GetAtoms()]
+    if z != [int(n) for n in numbers]:
+        raise ValueError(f"{smiles!r}: atoms {z} are not the data's {list(map(int, numbers))}")
+    if method == "gasteiger":
+        AllChem.ComputeGasteigerCharges(mol)
+        q = np.array([a.GetDoubleProp("_GasteigerCharge") for a in mol.GetAtoms()])
+    else:
+        props = AllChem.MMFFGetMoleculeProperties(mol)
+        if props is None:
+            raise ValueError(f"{smiles!r}: no MMFF94 parameters")
+        q = np.array([props.GetMMFFPartialCharge(i) for i in range(mol.GetNumAtoms())])
+    if not np.all(np.isfinite(q)):
+        raise ValueError(f"{smiles!r}: {method} gives non-finite charges")
+    total = Chem.GetFormalCharge(mol)
+    if abs(q.sum() - total) > 1e-3:  # e.g. RDKit's MMFF94 on CO2 sums to -1 e
+        raise ValueError(f"{smiles!r}: {method} charges sum to {q.sum():.3f} e, not {total}")
+    return q
+
+
+def rdkit_charge_array(data: ESPData, smiles_of: dict[str, str], method: str
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(M, A) charges from `rdkit_charges` for every conformer whose mol_id has a SMILES in
+    `smiles_of` that the method handles, and the (M,) mask of those conformers."""
+    out, ok = np.zeros(data.Z.shape), np.zeros(data.num_conformers, bool)
+    for mid in np.unique(data.mol_id):
+        members = np.flatnonzero(data.mol_id == mid)
+        n = int(data.N[members[0]])
+        try:
+            q = rdkit_charges(smiles_of[mid], data.Z[members[0], :n], method)
+        except (KeyError, ValueError):
+            continue
+        out[members, :n], ok[members] = q, True
+    return out, ok
 
 
 def per_molecule_esp_mse(data: ESPData, charges: np.ndarray) -> np.ndarray:

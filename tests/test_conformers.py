@@ -281,3 +281,18 @@ def test_shipped_provenance(shipped):
     by_id = {m["mol_id"]: m for m in prov["molecules"]}
     assert {r["name"]: r["smiles"] for r in rows} == {k: v["smiles"] for k, v in by_id.items()}
     assert prov["timing"]["conformers"] == len(a["mol_id"])
+
+
+def test_rdkit_baseline_charges_follow_the_generated_atom_order():
+    from dcmtune.baselines import rdkit_charges
+
+    water = rdkit_charges("O", [8, 1, 1], "gasteiger")
+    assert water.shape == (3,) and abs(water.sum()) < 1e-6 and water[0] < 0 < water[1]
+    mmff = rdkit_charges("CC(=O)N", [6, 6, 8, 7, 1, 1, 1, 1, 1], "mmff94")
+    assert abs(mmff.sum()) < 1e-6 and mmff[2] < -0.4  # the amide oxygen
+    with pytest.raises(ValueError, match="not the data's"):
+        rdkit_charges("O", [1, 8, 1], "gasteiger")
+    with pytest.raises(ValueError, match="sum to"):  # RDKit's MMFF94 on CO2 sums to -1 e
+        rdkit_charges("O=C=O", [8, 6, 8], "mmff94")
+    with pytest.raises(ValueError, match="method"):
+        rdkit_charges("O", [8, 1, 1], "am1bcc")
