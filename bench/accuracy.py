@@ -113,18 +113,24 @@ def _splits(run_dir: Path, data: ESPData) -> dict[str, ESPData]:
     return {k: data.subset(np.asarray(v, dtype=int)) for k, v in idx.items()}
 
 
+def _run_seed(args, seed: int, split_by: str, study: str):
+    """Trains one split seed as the study says; returns (config, FitResult, wall seconds,
+    {"all", "train", "valid", "test"} datasets of that run's recorded split)."""
+    cfg = config_from_flat(**{"split_by": split_by, "split_seed": seed,
+                              "output_dir": args.output_dir,
+                              "name": f"{study}_seed{seed}_{int(time.time())}",
+                              **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
+                              **args.overrides})
+    data = load_dataset(cfg.data.data_files, cfg.model.max_atomic_number,
+                        cfg.data.dipole_units)
+    result, wall = _train(cfg)
+    return cfg, result, wall, {"all": data, **_splits(result.run_dir, data)}
+
+
 def run_defaults(args) -> list[dict]:
     rows = []
     for seed in args.split_seeds:
-        cfg = config_from_flat(**{"split_by": "conformer", "split_seed": seed,
-                                  "output_dir": args.output_dir,
-                                  "name": f"defaults_seed{seed}_{int(time.time())}",
-                                  **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
-                                  **args.overrides})
-        data = load_dataset(cfg.data.data_files, cfg.model.max_atomic_number,
-                            cfg.data.dipole_units)
-        result, wall = _train(cfg)
-        s = _splits(result.run_dir, data)
+        cfg, result, wall, s = _run_seed(args, seed, "conformer", "defaults")
         train, valid = s["train"], s["valid"]
         last = result.history[-1]
         rows.append({
@@ -148,15 +154,8 @@ def run_generalise(args) -> list[dict]:
 
     rows = []
     for seed in args.split_seeds:
-        cfg = config_from_flat(**{"data_files": args.data_files, "split_by": "molecule",
-                                  "split_seed": seed, "output_dir": args.output_dir,
-                                  "name": f"generalise_seed{seed}_{int(time.time())}",
-                                  **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
-                                  **args.overrides})
-        data = load_dataset(cfg.data.data_files, cfg.model.max_atomic_number,
-                            cfg.data.dipole_units)
-        result, wall = _train(cfg)
-        s = _splits(result.run_dir, data)
+        cfg, result, wall, s = _run_seed(args, seed, "molecule", "generalise")
+        data = s["all"]
         train, test = s["train"], s["test"]
         state, meta = ckpt.load_checkpoint(result.run_dir / "checkpoints" / "best")
         params = state["ema_params"] if cfg.training.use_ema else state["params"]
