@@ -219,11 +219,12 @@ def find_checkpoint(path: Path) -> Optional[Path]:
     return None
 
 
-def checkpoint_candidates(trial_dir: Path, skipped: Optional[list] = None
-                          ) -> list[tuple[Path, dict]]:
+def checkpoint_candidates(trial_dir: Path, skipped: Optional[list] = None,
+                          verify_state: bool = True) -> list[tuple[Path, dict]]:
     """(dir, meta) of every checksum-valid dcmtune checkpoint of a trial: Tune's copies first,
     then the trainer's own (best, latest, epoch_N). Damaged ones are logged and appended to
-    `skipped` as "path: reason"."""
+    `skipped` as "path: reason". With `verify_state=False` only meta.json is needed and checked
+    (a local copy of a remote trial, whose state files are fetched later)."""
     dirs = sorted(trial_dir.glob("checkpoint_*"))
     root = trial_dir / "checkpoints"
     if root.is_dir():
@@ -234,7 +235,7 @@ def checkpoint_candidates(trial_dir: Path, skipped: Optional[list] = None
             _io.recover_directory(d)
         if (d / META_FILE).is_file() or (d / STATE_FILE).is_file():
             try:
-                out.append((d, verify_checkpoint(d)))
+                out.append((d, verify_checkpoint(d) if verify_state else read_meta(d)))
             except CheckpointError as e:
                 log.warning("skipping a damaged checkpoint: %s", e)
                 if skipped is not None:

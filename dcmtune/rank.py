@@ -38,14 +38,14 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
 from dcmtune import _io
 from dcmtune import checkpoint as ckpt
-from dcmtune import metrics, report, study
+from dcmtune import metrics, report, storage, study
 from dcmtune.analysis import (AnalysisError, CheckpointAnalysis, DataCache, LoadedCheckpoint,
                               TrainingHistory, analyze_checkpoint, analyze_training_history,
                               checkpoint_data, load_checkpoint, split_summary)
@@ -146,7 +146,7 @@ def _error_line(trial_dir: Path) -> str:
     return lines[-1][:200] if lines else "error.txt present"
 
 
-def _read_trial(d: Path, metric: str, mode: str) -> TrialRecord:
+def _read_trial(d: Path, metric: str, mode: str, lazy: bool = False) -> TrialRecord:
     params = _read_json(d / "params.json")
     trial_id = d.name[len("trial_"):] if d.name.startswith("trial_") else d.name
     rec = TrialRecord(trial_id=trial_id, path=d, status="failed",
@@ -182,7 +182,7 @@ def _read_trial(d: Path, metric: str, mode: str) -> TrialRecord:
     best_epoch, _ = h.best(metric, mode)
     if metric not in h.history_df:
         rec.reason = rec.reason or f"history has no {metric}"
-    cands = ckpt.checkpoint_candidates(d, rec.skipped)
+    cands = ckpt.checkpoint_candidates(d, rec.skipped, verify_state=not lazy)
     chosen = next(((c, m) for c, m in cands if int(m.get("epoch", -1)) == best_epoch), None)
     if chosen is None and cands:
         sign = 1.0 if mode == "min" else -1.0
@@ -215,8 +215,9 @@ def _read_trial(d: Path, metric: str, mode: str) -> TrialRecord:
 
 
 def discover_trials(experiment_dir: Union[str, Path], metric: str = "valid_esp_rmse",
-                    mode: str = "min") -> list[TrialRecord]:
-    """The trials of an experiment directory, each at its best checkpoint by `metric`.
+                    mode: str = "min", lazy: bool = False) -> list[TrialRecord]:
+    """The trials of an experiment directory, each at its best checkpoint by `metric`
+    (`lazy`: checkpoints are chosen by their meta.json; their state files come later).
 
     Raises:
       RankError: missing, empty or foreign directory (one line saying what was expected).
@@ -239,7 +240,7 @@ def discover_trials(experiment_dir: Union[str, Path], metric: str = "valid_esp_r
         hint = f" (it holds experiments: {', '.join(nested)}; pass one of them)" if nested \
             else ""
         raise RankError(f"{exp}: no dcmtune trials found; expected {expected}{hint}")
-    return [_read_trial(d, metric, mode) for d in trial_dirs]
+    return [_read_trial(d, metric, mode, lazy) for d in trial_dirs]
 
 
 # --------------------------------------------------------------------------- settings
@@ -355,17 +356,25 @@ def _point_of(t: TrialRecord, keys: list[str]) -> dict:
     return {k: t.point.get(k, flat.get(k)) for k in keys}
 
 
-def _competitors(s: RankSettings) -> tuple[list[TrialRecord], list[TrialRecord]]:
+def _competitors(s: RankSettings, fetch: Optional[Callable[[Path], None]] = None
+                 ) -> tuple[list[TrialRecord], list[TrialRecord]]:
     """(all trials, the top_k eligible ones by the validation metric, ties by id); RankError
-    without an eligible trial or for a top trial whose ranking split is empty."""
-    trials = discover_trials(s.experiment, s.metric, s.mode)
+    without an eligible trial or for a top trial whose ranking split is empty. With `fetch`
+    (a remote experiment), only the top trials' checkpoints are fetched and verified."""
+    trials = discover_trials(s.experiment, s.metric, s.mode, lazy=fetch is not None)
     eligible = [t for t in trials if t.eligible]
     if not eligible:
         listing = "; ".join(f"{t.trial_id}: {t.reason}" for t in trials[:3])
         raise RankError(f"{s.experiment}: no trial can be ranked ({len(trials)} trials; "
                         f"{listing})")
     sign = 1.0 if s.mode == "min" else -1.0
-    top = sorted(eligible, key=lambda t: (sign * t.value, t.trial_id))[: s.top_k]
+    top = []
+    for t in sorted(eligible, key=lambda t: (sign * t.value, t.trial_id)):
+        if len(top) < s.top_k and (fetch is None or _fetched(t, fetch)):
+            top.append(t)
+    if not top:
+        raise RankError(f"{s.experiment}: no trial can be ranked (every top checkpoint is "
+                        "damaged)")
     if len(top) < s.top_k:
         log.warning("%s: only %d rankable trials for top_k = %d", s.experiment, len(top),
                     s.top_k)
@@ -376,6 +385,20 @@ def _competitors(s: RankSettings) -> tuple[list[TrialRecord], list[TrialRecord]]
             raise RankError(f"{t.path}: the {s.split} split is empty (data.{s.split}_fraction "
                             f"= 0 in the sweep); rank with --split {other}")
     return trials, top
+
+
+def _fetched(t: TrialRecord, fetch: Callable[[Path], None]) -> bool:
+    """Fetches the state of the trial's chosen checkpoint and verifies it; a damaged one
+    excludes the trial (listed, like a damaged checkpoint of a local experiment)."""
+    fetch(t.checkpoint)
+    try:
+        ckpt.verify_checkpoint(t.checkpoint)
+        return True
+    except ckpt.CheckpointError as e:
+        log.warning("skipping a damaged checkpoint: %s", e)
+        t.skipped.append(f"{t.checkpoint}: {e}")
+        t.reason = f"its checkpoint is damaged ({e})"
+        return False
 
 
 def _evaluate(s: RankSettings, t: TrialRecord, cache: DataCache
@@ -429,9 +452,10 @@ def _trial_summary(t: TrialRecord, keys: list[str]) -> dict:
             "path": str(t.path), "skipped_checkpoints": list(t.skipped)}
 
 
-def _rank(s: RankSettings, data: Optional[ESPData]) -> Ranking:
+def _rank(s: RankSettings, data: Optional[ESPData],
+          fetch: Optional[Callable[[Path], None]] = None) -> Ranking:
     """Rules 1-3 of the module docstring: competitors, re-evaluation, baselines."""
-    trials, top = _competitors(s)
+    trials, top = _competitors(s, fetch)
     keys = _searched_keys(s.search, trials)
     cache = DataCache(data, s.data_files)
     evaluated, checks = [], []
@@ -485,12 +509,13 @@ def rank_experiment(experiment_dir: Union[str, Path], top_k: Optional[int] = Non
                     data_files: Optional[Sequence[Union[str, Path]]] = None, *,
                     data: Optional[ESPData] = None, metric: Optional[str] = None,
                     mode: Optional[str] = None, batch_size: int = 16,
-                    write: bool = True) -> pd.DataFrame:
+                    write: bool = True, local_copy: Optional[Path] = None) -> pd.DataFrame:
     """Ranks the trials of a sweep by their best validation metric and re-evaluates the
     top_k on held-out data; writes the report (see the module docstring).
 
     Args:
-      experiment_dir: <storage_path>/<name> of a sweep (or a directory of training runs).
+      experiment_dir: <storage_path>/<name> of a sweep (or a directory of training runs), a
+        path or an object-store URI (s3://bucket/path/name?endpoint_override=...).
       top_k: Trials to re-evaluate and list (default: the spec's rank.top_k, else 5).
       split: "test" (default: the spec's rank.split) or "valid".
       data_files: The sweep's data files, if they moved (default: each trial's own
@@ -500,6 +525,9 @@ def rank_experiment(experiment_dir: Union[str, Path], top_k: Optional[int] = Non
         valid_esp_rmse/min). Must be a validation metric.
       batch_size: Conformers per forward pass.
       write: Write ranking.csv, ranking.json, report.md, plots and best_model/.
+      local_copy: For a remote experiment, the local directory it is read into (default
+        ./ray_results/<scheme>-<hash>/<bucket>/<path>); the outputs are written there and
+        uploaded into the experiment.
 
     Returns:
       The ranking: top_k rows ordered by the validation metric (rank 1 = winner), with the
@@ -513,15 +541,63 @@ def rank_experiment(experiment_dir: Union[str, Path], top_k: Optional[int] = Non
         trials, checkpoints, data).
     """
     try:
-        s = _settings(Path(experiment_dir), top_k, split, data_files, metric, mode, batch_size)
-        ranking = _rank(s, data)
+        remote = _RemoteExperiment.open(str(experiment_dir), local_copy) \
+            if storage.is_remote(str(experiment_dir)) else None
+        exp = remote.local if remote else Path(experiment_dir)
+        s = _settings(exp, top_k, split, data_files, metric, mode, batch_size)
+        ranking = _rank(s, data, remote.fetch if remote else None)
         if write:
             ranking.df.attrs["files"] = _write(ranking)
+            if remote:
+                remote.upload(ranking.df.attrs["files"])
         return ranking.df
     except RankError:
         raise
+    except storage.StorageError as e:
+        raise RankError(str(e)) from None
     except (AnalysisError, ckpt.CheckpointError, DataError, ConfigError) as e:
         raise RankError(str(e)) from None
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+@dataclasses.dataclass(frozen=True)
+class _RemoteExperiment:
+    """An experiment in an object store, read into a local copy: everything but the
+    checkpoints' state files (and Tune's pickles and event streams) at once, the state of a
+    checkpoint only when it is evaluated (`fetch`)."""
+
+    loc: storage.Location
+    local: Path
+
+    @classmethod
+    def open(cls, uri: str, local_copy: Optional[Path]) -> "_RemoteExperiment":
+        loc = storage.resolve(uri, "experiment")
+        storage.probe(loc, "experiment")
+        if not loc.exists():
+            raise RankError(f"{uri}: not found; expected a dcmtune sweep experiment")
+        local = Path(local_copy) if local_copy else storage.local_copy_dir(uri, Path(
+            "ray_results").resolve())
+
+        def skip(rel: str) -> bool:
+            name = rel.rsplit("/", 1)[-1]
+            return (rel.startswith((".", BEST_MODEL + "/")) or name == ckpt.STATE_FILE
+                    or name.endswith(".pkl") or name.startswith("events.out.tfevents"))
+
+        n = len(loc.download("", local, skip=skip))
+        log.info("%s: %d files read into %s", uri, n, local)
+        return cls(loc, local)
+
+    def fetch(self, checkpoint: Path) -> None:
+        rel = Path(checkpoint).relative_to(self.local).as_posix()
+        self.loc.download(f"{rel}/{ckpt.STATE_FILE}", Path(checkpoint) / ckpt.STATE_FILE)
+
+    def upload(self, files: Sequence[str]) -> None:
+        for f in files:
+            p = Path(f)
+            if p.exists():
+                self.loc.upload(p, p.relative_to(self.local.resolve()).as_posix())
 
 
 # --------------------------------------------------------------------------- writing
@@ -570,7 +646,10 @@ def _parser() -> OneLineParser:
                       description="Rank the best checkpoints of a dcmtune sweep on its held-out "
                                   "test split and write ranking.csv/json, report.md, plots and "
                                   "best_model/ into the experiment directory.")
-    p.add_argument("experiment_dir", type=Path, help="<storage_path>/<name> of a sweep")
+    p.add_argument("experiment_dir", help="<storage_path>/<name> of a sweep: a directory or a "
+                                          "URI such as s3://bucket/path/name")
+    p.add_argument("--local-copy", type=Path, help="where a remote experiment is read into "
+                                                   "(default ./ray_results/<scheme>-<hash>/...)")
     p.add_argument("--top-k", type=int, help="trials to re-evaluate (default: the spec's "
                                              "rank.top_k, else 5)")
     p.add_argument("--split", choices=("test", "valid"),
@@ -583,7 +662,8 @@ def _parser() -> OneLineParser:
 
 def _main(args) -> int:
     df = rank_experiment(args.experiment_dir, top_k=args.top_k, split=args.split,
-                         data_files=args.data, batch_size=args.batch_size)
+                         data_files=args.data, batch_size=args.batch_size,
+                         local_copy=args.local_copy)
     print(format_ranking(df))
     return 0
 

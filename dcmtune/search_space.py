@@ -17,8 +17,8 @@ A spec holds only what differs from the `ExperimentConfig` defaults (DESIGN.md s
               points_to_evaluate
   scheduler:  asha (grace_period, reduction_factor, brackets; max_t = training.num_epochs) | fifo
   run:        num_samples, max_concurrent_trials, metric, mode, resources {cpu, gpu, gpu_share},
-              max_failures, storage_path, checkpoint_every, num_to_keep, time_budget_s,
-              jax_cache_dir
+              max_failures, storage_path (a directory or s3://, gs:// ...), checkpoint_every,
+              num_to_keep, time_budget_s, jax_cache_dir, local_dir
   rank:       top_k, split (used by the ranking of the best trials)
   debug:      dotted config key -> value, applied by `--debug` on top of one point of the space
   tracking:   mlflow {tracking_uri, experiment_name, tags}, wandb {project, entity, group, mode,
@@ -33,12 +33,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import tempfile
 import typing
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from dcmtune import metrics, study
+from dcmtune import storage as storage_mod
 from dcmtune._yaml import read_yaml
 from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
                             TrainingConfig)
@@ -353,13 +355,18 @@ class RunSpec:
       metric, mode: What the searcher, the scheduler and checkpoint scoring optimise.
       resources: Per trial.
       max_failures: Retries of a crashed trial (from its last checkpoint).
-      storage_path: Absolute directory holding experiments (default ./ray_results).
       checkpoint_every: A Tune checkpoint every N epochs besides those at improvements and at
         the end (0 = only those).
       num_to_keep: Tune checkpoints kept per trial, best by `metric` (the latest is also kept).
       time_budget_s: Stop starting/continuing trials after this many seconds (None = no limit).
-      jax_cache_dir: Persistent JAX compilation cache shared by all trials
-        (default <storage_path>/.jax_cache).
+      storage_path: Where Tune writes the experiments: an absolute directory (default
+        ./ray_results; on a cluster one that every node mounts) or an object-store URI such as
+        s3://bucket/path?endpoint_override=host:port (see `dcmtune.storage`).
+      jax_cache_dir: Persistent JAX compilation cache of the trials (default
+        <storage_path>/.jax_cache, shared by every node that mounts it; with object storage a
+        node-local <tmp>/dcmtune-jax-cache on each node).
+      local_dir: With object storage, the root of the driver's local copy of the experiment
+        (lock, Optuna journal, ranking inputs and outputs); default ./ray_results.
     """
 
     num_samples: int = 20
@@ -373,6 +380,7 @@ class RunSpec:
     num_to_keep: Optional[int] = 3
     time_budget_s: Optional[float] = None
     jax_cache_dir: str = ""
+    local_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,7 +420,21 @@ class SweepSpec:
     tracking: TrackingSpec = TrackingSpec()
 
     @property
+    def remote(self) -> bool:
+        """Whether the experiment lives in an object store (not a POSIX directory)."""
+        return storage_mod.is_remote(self.run.storage_path)
+
+    @property
+    def experiment_uri(self) -> str:
+        """Where Tune writes the experiment: <storage_path>/<name>, a path or a URI."""
+        return storage_mod.join(self.run.storage_path, self.name)
+
+    @property
     def experiment_dir(self) -> Path:
+        """The experiment directory on this machine: <storage_path>/<name>, or, with object
+        storage, the driver's local copy of it (`dcmtune.storage.local_copy_dir`)."""
+        if self.remote:
+            return storage_mod.local_copy_dir(self.experiment_uri, Path(self.run.local_dir))
         return Path(self.run.storage_path) / self.name
 
     @property
@@ -700,18 +722,31 @@ def _run(raw: Any, base_dir: Path, storage_override) -> RunSpec:
     names = [f.name for f in dataclasses.fields(RunSpec)]
     d = _mapping("run", raw, names)
     if storage_override is not None:
-        storage = Path(storage_override).expanduser().resolve()
+        key, value, where = "--storage-path", str(storage_override), Path.cwd()
     elif d.get("storage_path") is not None:
-        p = Path(_str("run.storage_path", d["storage_path"])).expanduser()
-        storage = (p if p.is_absolute() else base_dir / p).resolve()
+        key, value, where = "run.storage_path", _str("run.storage_path", d["storage_path"]), \
+            base_dir
     else:
-        storage = (Path.cwd() / "ray_results").resolve()
+        key, value, where = "run.storage_path", "ray_results", Path.cwd()
+    try:
+        storage = storage_mod.spec_storage_path(key, value, where)
+    except storage_mod.StorageError as e:
+        raise SpecError(str(e)) from None
+    local_dir = d.get("local_dir")
+    if local_dir is not None:
+        p = Path(_str("run.local_dir", local_dir)).expanduser()
+        local_dir = str((p if p.is_absolute() else base_dir / p).resolve())
+    else:
+        local_dir = str((Path.cwd() / "ray_results").resolve())
     cache = d.get("jax_cache_dir")
     if cache is not None:
         p = Path(_str("run.jax_cache_dir", cache)).expanduser()
         cache = str((p if p.is_absolute() else base_dir / p).resolve())
+    elif storage_mod.is_remote(storage):
+        # Object storage: each node keeps its own cache (a path every node can create).
+        cache = str(Path(tempfile.gettempdir()) / "dcmtune-jax-cache")
     else:
-        cache = str(storage / ".jax_cache")
+        cache = str(Path(storage) / ".jax_cache")  # shared by all nodes that mount storage
     budget = d.get("time_budget_s")
     return RunSpec(
         num_samples=_int("run.num_samples", d.get("num_samples", 20), 1),
@@ -726,6 +761,7 @@ def _run(raw: Any, base_dir: Path, storage_override) -> RunSpec:
         num_to_keep=_int("run.num_to_keep", d.get("num_to_keep", 3), 1, none_ok=True),
         time_budget_s=_num("run.time_budget_s", budget, gt=0, none_ok=True),
         jax_cache_dir=cache,
+        local_dir=local_dir,
     )
 
 

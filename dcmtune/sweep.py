@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import json
 import logging
 import math
 import os
@@ -35,10 +34,14 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from dcmtune import _io, local_ray, metrics, study
+from dcmtune import local_ray, metrics, study
 from dcmtune.cli import OneLineParser, TableReporter, one_line, run_cli
-from dcmtune.config import ConfigError, flat_dict
+from dcmtune.config import ConfigError
 from dcmtune.data import DataError, ESPData, load_dataset, split_dataset
+from dcmtune.experiment_store import (LOCK_FILE, SPEC_RECORD, check_experiment_dir,  # noqa: F401
+                                      set_aside_orphans, sync_study)
+from dcmtune.experiment_store import driver_lock as _driver_lock
+from dcmtune.experiment_store import write_spec_record as _write_spec_record
 from dcmtune.search_space import SpecError, SweepSpec, load_spec
 from dcmtune.tracking import run_reporters
 from dcmtune.xla_env import apply_defaults, compilation_cache_env
@@ -48,8 +51,6 @@ __all__ = ["main", "prepare", "run_sweep", "run_debug", "debug_run_dir", "SweepO
 
 log = logging.getLogger(__name__)
 
-SPEC_RECORD = "sweep_spec.json"
-LOCK_FILE = ".driver.lock"
 _SHIPPED_SPECS = Path(__file__).resolve().parent / "search_spaces"  # package data
 
 
@@ -120,70 +121,6 @@ def prepare(spec: SweepSpec, data: Optional[ESPData] = None) -> _Prepared:
         raise SpecError(f"run.metric: {metric} needs reference dipoles, but the data has no "
                         "'Dxyz'")
     return _Prepared(spec, data, n_train)
-
-
-def _check_experiment_dir(spec: SweepSpec, resume: bool) -> None:
-    exp = spec.experiment_dir
-    problem = _io.writable_problem(exp)
-    if problem:
-        raise SpecError(f"run.storage_path: {problem} (experiment {exp})")
-    if resume:
-        if not (exp / "tuner.pkl").is_file():
-            raise SpecError(f"--resume: no experiment to resume at {exp}")
-        record = exp / SPEC_RECORD
-        if record.is_file():
-            try:
-                saved = json.loads(record.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SpecError(f"{record}: unreadable ({type(e).__name__}); the experiment "
-                                "record is damaged") from None
-            _check_same_spec(saved, spec.to_dict())
-    else:
-        if exp.exists() and any(p.name != LOCK_FILE for p in exp.iterdir()):
-            raise SpecError(f"name: the experiment {exp} already exists; continue it with "
-                            "--resume, or choose another name (--name) or --storage-path")
-        if spec.study_storage and not _inside(spec.study_storage, exp):
-            _check_fresh_study(spec)
-
-
-def _check_fresh_study(spec: SweepSpec) -> None:
-    """A new experiment must not add its trials to an old Optuna study of the same name."""
-    import optuna
-
-    url = spec.study_storage
-    if study.is_journal(url) and not Path(url).is_file():
-        return
-    try:
-        storage = study.open_storage(url)
-        names = optuna.study.get_all_study_names(storage=storage)
-    except Exception as e:  # SQLAlchemy raises many types for a bad URL or database
-        raise SpecError(f"searcher.storage: cannot open {url} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if spec.name in names:
-        n = len(optuna.load_study(study_name=spec.name, storage=storage).trials)
-        raise SpecError(f"searcher.storage: {url} already holds a study {spec.name!r} with {n} "
-                        "trials; use --resume, another name (--name) or another storage")
-
-
-def _inside(storage: str, directory: Path) -> bool:
-    """Whether a resolved storage is a file in `directory` (new with a new experiment)."""
-    path = Path(storage) if study.is_journal(storage) else (
-        Path(storage[len("sqlite:///"):]) if storage.startswith("sqlite:///") else None)
-    return path is not None and directory.resolve() in path.parents
-
-
-def _check_same_spec(saved: dict, now: dict) -> None:
-    """Resuming with a changed spec would mix two experiments: refuse."""
-    keep = ("base", "search", "searcher", "scheduler")
-    a = flat_dict({k: saved.get(k) for k in keep})
-    b = flat_dict({k: json.loads(json.dumps(now.get(k))) for k in keep})
-    a.pop("base.created_at", None), b.pop("base.created_at", None)
-    for key in ("num_samples", "metric", "mode"):
-        a[f"run.{key}"], b[f"run.{key}"] = saved["run"][key], now["run"][key]
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff:
-        raise SpecError(f"{diff[0]}: differs from the experiment being resumed ({a.get(diff[0])!r}"
-                        f" there, {b.get(diff[0])!r} now); resume with the original spec")
 
 
 def _local_resources() -> dict[str, float]:
@@ -287,9 +224,11 @@ def _rank(experiment_dir: Path, spec: SweepSpec, results, data: ESPData) -> Any:
         apply_defaults({"JAX_PLATFORMS": "cpu", **compilation_cache_env(spec.run.jax_cache_dir)})
     from dcmtune.rank import RankError, rank_experiment
 
+    where = spec.experiment_uri if spec.remote else experiment_dir
     try:
-        return rank_experiment(experiment_dir, top_k=spec.rank.top_k, split=spec.rank.split,
-                               data=data, metric=spec.run.metric, mode=spec.run.mode)
+        return rank_experiment(where, top_k=spec.rank.top_k, split=spec.rank.split,
+                               data=data, metric=spec.run.metric, mode=spec.run.mode,
+                               local_copy=experiment_dir if spec.remote else None)
     except RankError as e:
         log.warning("ranking skipped: %s", e)
         return None
@@ -338,32 +277,6 @@ def _connect(address: Optional[str], dashboard: bool, dashboard_host: str,
 
 
 @contextlib.contextmanager
-def _driver_lock(experiment_dir: Path):
-    """Holds `<experiment>/.driver.lock` (fcntl.flock) for the life of this driver; a second
-    driver on the same experiment is refused (SpecError). The lock dies with the process."""
-    import fcntl
-
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    path = experiment_dir / LOCK_FILE
-    f = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            raise SpecError(f"{experiment_dir}: another driver (pid {holder}) is running this "
-                            "experiment; wait for it or stop it first") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-    finally:
-        f.close()  # releases the lock
-
-
-@contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (SLURM, Kubernetes) stops the sweep like Ctrl-C: Tune saves the experiment and
     returns, and `--resume` continues it. Only in the main thread (where signals arrive)."""
@@ -408,7 +321,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, **kwargs) -> SweepOutcom
         another driver holds the experiment or Ray Tune cannot restore it.
     """
     prep = prepare(spec, kwargs.pop("data", None))
-    _check_experiment_dir(spec, resume)
+    check_experiment_dir(spec, resume)
     with _driver_lock(spec.experiment_dir):
         return _run_sweep(spec, resume=resume, data=prep.data, **kwargs)
 
@@ -470,27 +383,35 @@ def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] 
          + f"; at most {run.max_concurrent_trials or 'as many as fit'} at once")
 
     # 2. The trainable: data through the object store, settings shared by all trials.
+    # Trials write in place on POSIX storage (every node mounts it); with object storage
+    # they write node-locally and Tune uploads checkpoints and the trial directory.
     settings = TrialSettings(base=spec.base.to_dict(), metric=run.metric, mode=run.mode,
                              checkpoint_every=run.checkpoint_every, env=env,
-                             experiment_dir=str(spec.experiment_dir))
+                             experiment_dir="" if spec.remote else str(spec.experiment_dir))
     trainable = make_trainable(prep.data, settings, resources)
 
     # 3. Searcher, scheduler, Tuner.
     if resume:
-        echo(f"resuming {spec.experiment_dir}")
-        tuner = tune.Tuner.restore(str(spec.experiment_dir), trainable=trainable,
+        echo(f"resuming {spec.experiment_uri}")
+        sync_study(spec, up=False)
+        tuner = tune.Tuner.restore(spec.experiment_uri, trainable=trainable,
                                    resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
         tuner = _new_tuner(spec, trainable, callbacks, verbose)
         _write_spec_record(spec)
-    echo(f"experiment: {spec.experiment_dir} ({run.num_samples} trials, metric {run.metric} "
+    echo(f"experiment: {spec.experiment_uri} ({run.num_samples} trials, metric {run.metric} "
          f"{run.mode}, {spec.num_epochs} epochs max)")
-    echo(f"watch: tensorboard --logdir {spec.experiment_dir}"
+    if spec.remote:
+        echo(f"local copy (lock, Optuna journal, ranking): {spec.experiment_dir}")
+    echo(f"watch: tensorboard --logdir {spec.experiment_uri}"
          + (f"  |  optuna-dashboard {_dashboard_arg(spec.study_storage)}"
             if spec.study_storage else ""))
     with _sigterm_as_interrupt():  # after ray.init, which installs its own SIGTERM handler
-        results = _fit(tuner, spec.experiment_dir, resume)
+        try:
+            results = _fit(tuner, spec, resume)
+        finally:
+            sync_study(spec, up=True)
 
         # 4. Outcome.
         finished = results.num_terminated + results.num_errors
@@ -505,9 +426,10 @@ def _run_sweep(spec: SweepSpec, *, resume: bool = False, address: Optional[str] 
     return outcome
 
 
-def _fit(tuner, experiment_dir: Path, resume: bool):
+def _fit(tuner, spec: SweepSpec, resume: bool):
     """`tuner.fit()`, refusing a restore that failed; then sets aside the directories of
     trials the restored experiment does not know (started after its last snapshot)."""
+    experiment_dir = spec.experiment_uri
     guard = _RefuseSilentRestart()
     tc_log = logging.getLogger("ray.tune.execution.tune_controller")
     if resume:
@@ -519,12 +441,7 @@ def _fit(tuner, experiment_dir: Path, resume: bool):
                         "to start a new experiment in its place") from None
     finally:
         tc_log.removeHandler(guard)
-    known = {Path(r.path).name for r in results}
-    for d in sorted(experiment_dir.glob("trial_*")):
-        if d.is_dir() and d.name not in known:
-            moved = _io.move_aside(d, f".orphan-{d.name}")
-            log.warning("%s: a trial started after the last experiment snapshot and lost by "
-                        "the restore; moved to %s", d.name, moved.name)
+    set_aside_orphans(spec, {Path(r.path).name for r in results})
     return results
 
 
@@ -577,26 +494,21 @@ def _new_tuner(spec: SweepSpec, trainable, callbacks: Sequence[Any], verbose: in
                 num_to_keep=run.num_to_keep, checkpoint_score_attribute=run.metric,
                 checkpoint_score_order=run.mode),
             failure_config=tune.FailureConfig(max_failures=run.max_failures),
-            # Trials write straight into their directory in the experiment; if that is not
-            # reachable from a node, they write locally and Tune syncs the files to storage.
+            # POSIX storage: trials write straight into their directory in the experiment.
+            # Object storage: they write into Tune's node-local trial directory, which Tune
+            # uploads with every checkpoint and when the trial ends (dcmtune.trainable).
             sync_config=tune.SyncConfig(sync_artifacts=True)))
-
-
-def _write_spec_record(spec: SweepSpec) -> None:
-    exp = spec.experiment_dir
-    exp.mkdir(parents=True, exist_ok=True)
-    _io.write_json(exp / SPEC_RECORD, spec.to_dict())
-    if spec.path is not None:
-        _io.write_bytes(exp / "spec.yaml", Path(spec.path).read_bytes())
 
 
 # --------------------------------------------------------------------------- debug
 
 
 def debug_run_dir(spec: SweepSpec) -> Path:
-    """A fresh directory for one debug trial: <storage_path>/<name>-debug/<timestamp>."""
+    """A fresh directory for one debug trial: <storage_path>/<name>-debug/<timestamp> (with
+    object storage, under run.local_dir)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return Path(spec.run.storage_path) / f"{spec.name}-debug" / stamp
+    root = spec.run.local_dir if spec.remote else spec.run.storage_path
+    return Path(root) / f"{spec.name}-debug" / stamp
 
 
 def run_debug(spec: SweepSpec, reporter=None, data: Optional[ESPData] = None,
@@ -684,7 +596,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{result.status}: best valid_loss {result.best_valid_loss:.6g} at epoch "
               f"{result.best_epoch}; run directory {result.run_dir}")
         return 0 if result.status == "completed" else 3
-    _check_experiment_dir(spec, args.resume)
+    check_experiment_dir(spec, args.resume)
     if args.address is None:
         _check_local_resources(spec)
     outcome = run_sweep(spec, resume=args.resume, address=args.address,
@@ -702,7 +614,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _print_outcome(spec: SweepSpec, outcome: SweepOutcome, args) -> None:
     res = outcome.results
     print(f"\n{outcome.status}: {len(res)} trials ({res.num_errors} errors) in "
-          f"{outcome.experiment_dir}")
+          f"{spec.experiment_uri}")
     if outcome.status != "completed":
         print(f"continue with: python -m dcmtune.sweep {args.spec} --resume"
               + (f" --storage-path {spec.run.storage_path}" if args.storage_path else "")

@@ -2,7 +2,8 @@
 
 A trial maps its sampled point to an `ExperimentConfig` (the spec's fixed values plus the point),
 runs the trainer with the trial's directory in the experiment (<storage>/<name>/trial_<id>) as
-its output directory, and reports every epoch to Tune. A Tune checkpoint is attached whenever
+its output directory (with object storage: a node-local directory, whose run files and
+checkpoints reach the bucket through Tune, see `_trial_dirs`), and reports every epoch to Tune. A Tune checkpoint is attached whenever
 the sweep metric improves, every `checkpoint_every` epochs and at the last epoch, so every
 trial's best epoch has one. A retried trial resumes from the newest checkpoint that passes
 its checksums, `tune.get_checkpoint()` or the trainer's own `latest`. A non-finite loss ends
@@ -24,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ray import tune
 
@@ -70,23 +71,55 @@ def trial_dirname(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
 
-def _trial_dir(settings: TrialSettings) -> Path:
-    """Where this trial's trainer writes.
+def _trial_dirs(settings: TrialSettings) -> tuple[Path, Path]:
+    """(where the trainer writes, the trial directory that reaches storage).
 
-    The trial's directory in the experiment when it is reachable from here (local or shared
-    storage, which multi-node Tune needs anyway). `tune.get_context().get_trial_dir()` is not
-    that directory: it is a node-local staging directory (in Ray 2.60 a different one for the
-    first trial of an actor and for reused actors), synced to storage by Tune.
+    POSIX storage (every node mounts it): both are the trial's directory in the experiment.
+    Object storage, or an experiment not reachable from this node: the trial directory is
+    Tune's node-local one, which Tune uploads to storage with every checkpoint and when the
+    trial ends; the trainer writes into a node-local scratch directory beside it, so its own
+    checkpoints (`latest`, `best`) are not uploaded a second time (Tune's checkpoints are),
+    and the small run files are copied into the trial directory before each report
+    (`_publish`).
     """
     if settings.experiment_dir:
         experiment = Path(settings.experiment_dir)
         if experiment.is_dir():  # Tune creates the trial's own directory lazily
             path = experiment / trial_dirname(tune.get_context().get_trial_id())
             path.mkdir(exist_ok=True)
-            return path
+            return path, path
         log.warning("%s is not reachable from this node; writing to Tune's trial directory "
                     "(synced to storage)", experiment)
-    return Path(tune.get_context().get_trial_dir())
+    synced = _synced_trial_dir()
+    scratch = synced.parent.parent / "dcmtune_scratch" / synced.name
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch, synced
+
+
+def _synced_trial_dir() -> Path:
+    """The node-local trial directory Tune uploads (StorageContext.trial_working_directory).
+
+    `tune.get_context().get_trial_dir()` names it for a reused actor, but for the first trial
+    of an actor Ray 2.60 returns the driver's staging directory of the trial, which is not
+    uploaded from a worker node: its sibling under working_dirs/ is the one.
+    """
+    d = Path(tune.get_context().get_trial_dir())
+    if d.parent.name == "driver_artifacts":
+        d = d.parent.parent / "working_dirs" / d.name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+_RUN_FILES = ("config.json", "split.json", "history.csv", "restarts.json")
+
+
+def _publish(run_dir: Path, trial_dir: Path) -> None:
+    """Copies the trainer's small run files into the trial directory that reaches storage."""
+    if run_dir == trial_dir:
+        return
+    for name in _RUN_FILES:
+        if (run_dir / name).is_file():
+            _io.write_bytes(trial_dir / name, (run_dir / name).read_bytes())
 
 
 class _TuneReporter:
@@ -95,7 +128,9 @@ class _TuneReporter:
     the epoch goes to the trial's TensorBoard stream (`events`), closed when the trial ends."""
 
     def __init__(self, settings: TrialSettings, num_epochs: int, best: Optional[float] = None,
-                 events: Optional[EventReporter] = None):
+                 events: Optional[EventReporter] = None,
+                 publish: Callable[[], None] = lambda: None):
+        self.publish = publish
         self.metric, self.sign = settings.metric, (1.0 if settings.mode == "min" else -1.0)
         self.every, self.num_epochs = settings.checkpoint_every, num_epochs
         self.best = best
@@ -124,6 +159,7 @@ class _TuneReporter:
             checkpoint = tune.Checkpoint.from_directory(checkpoint_dir)
         if self.events is not None:
             self.events(epoch, metrics, checkpoint_dir)
+        self.publish()
         try:
             tune.report(out, checkpoint=checkpoint)  # a stopped trial's thread exits here
         except BaseException:
@@ -163,11 +199,16 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
     from dcmtune.data import ESPData
     from dcmtune.train import fit
 
-    trial_dir = _trial_dir(settings)
+    trial_dir, synced = _trial_dirs(settings)
     experiment = ExperimentConfig.from_dict(settings.base)
     point = {k: _scalar(v) for k, v in config.items()}
     cfg = experiment.replace(**point, name=trial_dir.name, output_dir=str(trial_dir.parent))
     dataset = ESPData(**data)
+
+    def reporter_for(best: Optional[float]) -> _TuneReporter:
+        return _TuneReporter(settings, cfg.training.num_epochs, best=best,
+                             events=EventReporter(synced, hparams=point),
+                             publish=lambda: _publish(trial_dir, synced))
 
     with contextlib.ExitStack() as stack:
         # A retried trial continues from the newest checkpoint that passes its checksums: Tune's
@@ -182,13 +223,10 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
                 log.warning("trial %s: no readable checkpoint to resume from; starting over",
                             trial_dir.name)
             _set_aside_stale_checkpoints(trial_dir)
-            reporter = _TuneReporter(settings, cfg.training.num_epochs,
-                                     events=EventReporter(trial_dir, hparams=point))
+            reporter = reporter_for(None)
             result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir)
         else:
-            reporter = _TuneReporter(settings, cfg.training.num_epochs,
-                                     best=_best_so_far(meta.get("history", []), settings),
-                                     events=EventReporter(trial_dir, hparams=point))
+            reporter = reporter_for(_best_so_far(meta.get("history", []), settings))
             log.info("trial %s resumes from %s (epoch %s)", trial_dir.name, resume,
                      meta.get("epoch"))
             result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir, resume_from=resume)
