@@ -32,11 +32,13 @@ SPEC_RECORD = "sweep_spec.json"
 LOCK_FILE = ".driver.lock"
 
 
-def location(spec: SweepSpec) -> storage.Location:
-    """The experiment in its storage, checked to answer (bounded wait); SpecError otherwise."""
+def location(spec: SweepSpec, probe: bool = False) -> storage.Location:
+    """The experiment in its storage (with `probe`: checked to answer within a bounded wait);
+    SpecError otherwise."""
     try:
-        loc = storage.resolve(spec.run.storage_path)
-        storage.probe(loc)
+        loc = storage.resolve(spec.run.storage_path, "storage_path")
+        if probe:
+            storage.probe(loc, "storage_path")
     except storage.StorageError as e:
         raise SpecError(str(e)) from None
     return loc.child(spec.name)
@@ -72,7 +74,7 @@ def check_experiment_dir(spec: SweepSpec, resume: bool) -> None:
 def _check_remote_experiment(spec: SweepSpec, resume: bool) -> None:
     """`_check_experiment_dir` for object storage: the experiment is read in the bucket, the
     driver's local copy (lock, Optuna journal, ranking) must be writable."""
-    loc, local = location(spec), spec.experiment_dir
+    loc, local = location(spec, probe=True), spec.experiment_dir
     problem = _io.writable_problem(local)
     if problem:
         raise SpecError(f"run.local_dir: {problem} (local copy {local})")

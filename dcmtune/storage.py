@@ -27,7 +27,8 @@ import hashlib
 import logging
 import posixpath
 import re
-import threading
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # How long the driver waits for an object store to answer before refusing it (a bad endpoint
 # must fail before trials start, well within 30 s).
-PROBE_TIMEOUT_S = 15.0
+PROBE_TIMEOUT_S = 10.0
 RAY_MARKER = ".validate_storage_marker"  # Ray writes it into every experiment it creates
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -216,43 +217,46 @@ def spec_storage_path(key: str, value: str, base_dir: Path) -> str:
     return str((p if p.is_absolute() else Path(base_dir) / p).resolve())
 
 
-def probe(loc: Location, key: str = "run.storage_path",
-          timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Checks that an object store answers, and that its bucket exists, within `timeout` s.
+# The probe runs in a child process: a request to an endpoint that never answers keeps the
+# S3 client (and the interpreter's exit, which waits for it) busy for minutes.
+_PROBE = r"""
+import sys
+import pyarrow.fs as pafs
+fs, path = pafs.FileSystem.from_uri(sys.argv[1])
+bucket = path.split("/", 1)[0]
+try:
+    if bucket and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        fs.get_file_info(pafs.FileSelector(bucket, allow_not_found=False))  # raises: why
+except Exception as e:
+    print((str(e).strip().splitlines() or [type(e).__name__])[0][:300])
+    sys.exit(1)
+"""
 
-    Runs the request in a daemon thread, so an endpoint that never answers costs `timeout`
-    seconds, not the client's retries. Local locations are not probed here.
+
+def probe(loc: Location, key: str = "storage_path",
+          timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Checks that an object store answers, and that its bucket exists, within `timeout` s
+    (in a child process, killed at the timeout). Local locations are not probed here.
 
     Raises:
       StorageError: one line naming `key` (unreachable, refused, no such bucket, ...).
     """
     if not loc.remote:
         return
-    import pyarrow.fs as pafs
-
-    bucket = loc.path.split("/", 1)[0]
-    box: dict[str, Any] = {}
-
-    def ask() -> None:
-        try:
-            box["info"] = loc.fs.get_file_info(bucket) if bucket else None
-        except BaseException as e:  # noqa: BLE001  (reported below, in the caller's thread)
-            box["error"] = e
-
-    t = threading.Thread(target=ask, name="dcmtune-storage-probe", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE, loc.uri], capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
         raise StorageError(f"{key}: {loc.uri} did not answer within {timeout:g} s (endpoint "
-                           "unreachable?)")
-    if "error" in box:
-        e = box["error"]
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StorageError(f"{key}: cannot reach {loc.uri} ({first[:300]})")
-    info = box.get("info")
-    if info is not None and info.type == pafs.FileType.NotFound:
+                           "unreachable?)") from None
+    if out.returncode == 0:
+        return
+    first = (out.stdout.strip() or out.stderr.strip() or "no answer").splitlines()[-1]
+    if "NO_SUCH_BUCKET" in first or "does not exist" in first:
+        bucket = loc.path.split("/", 1)[0]
         raise StorageError(f"{key}: bucket {bucket!r} of {loc.uri} does not exist (create it "
                            "first)")
+    raise StorageError(f"{key}: cannot use {loc.uri} ({first})")
 
 
 def local_copy_dir(uri: str, root: Path) -> Path:
