@@ -1,13 +1,13 @@
 """The Ray Tune trainable around `dcmtune.train.fit`.
 
 A trial maps its sampled point to an `ExperimentConfig` (the spec's fixed values plus the point),
-runs the trainer with the trial's directory in the experiment (<storage>/<name>/trial_<id>) as
-its output directory (with object storage: a node-local directory, whose run files and
-checkpoints reach the bucket through Tune, see `_trial_dirs`), and reports every epoch to Tune. A Tune checkpoint is attached whenever
-the sweep metric improves, every `checkpoint_every` epochs and at the last epoch, so every
-trial's best epoch has one. A retried trial resumes from the newest checkpoint that passes
-its checksums, `tune.get_checkpoint()` or the trainer's own `latest`. A non-finite loss ends
-the trial cleanly with `fit_status = "diverged"`.
+runs the trainer with the trial's directory in the experiment (<storage>/<name>/trial_<id>) as its
+output directory (with object storage: a node-local directory, whose run files and checkpoints
+reach the bucket through Tune, see `_trial_dirs`), and reports every epoch to Tune. A Tune
+checkpoint is attached whenever the sweep metric improves, every `checkpoint_every` epochs and at
+the last epoch, so every trial's best epoch has one. A retried trial resumes from the newest
+checkpoint that passes its checksums, `tune.get_checkpoint()` or the trainer's own `latest`. A
+non-finite loss ends the trial cleanly with `fit_status = "diverged"`.
 
 JAX/XLA settings for trial processes are computed once (`dcmtune.xla_env.trial_env_vars`) and
 applied in one place: through Ray's runtime environment when dcmtune starts or connects to Ray, and again

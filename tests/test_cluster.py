@@ -203,6 +203,30 @@ def test_ranking_best_model_and_resume_need_only_the_bucket(cluster, lost_node_s
     assert "winner: trial" in out.stdout
 
 
+def test_specs_keep_object_storage_uris_and_resolve_paths(tmp_path, monkeypatch):
+    from dcmtune import storage
+    from dcmtune.search_space import spec_from_dict
+
+    monkeypatch.chdir(tmp_path)
+    uri = "s3://bucket/sweeps?endpoint_override=127.0.0.1:9000&scheme=http"
+    spec = spec_from_dict({"name": "n", "run": {"storage_path": uri}}, base_dir=tmp_path)
+    assert spec.remote and spec.run.storage_path == uri
+    assert spec.experiment_uri == ("s3://bucket/sweeps/n?endpoint_override=127.0.0.1:9000"
+                                   "&scheme=http")
+    # The driver's local copy, its Optuna journal and a node-local compile cache.
+    assert tmp_path / "ray_results" in spec.experiment_dir.parents
+    assert spec.experiment_dir.parts[-3:] == ("bucket", "sweeps", "n")
+    assert spec.study_storage == str(spec.experiment_dir / "optuna.log")
+    assert not spec.run.jax_cache_dir.startswith("s3:")
+    loc = storage.resolve(spec.experiment_uri)
+    assert loc.remote and loc.path == "bucket/sweeps/n"
+    # file:// and plain paths stay POSIX experiments, read and written in place.
+    spec = spec_from_dict({"name": "n", "run": {"storage_path": f"file://{tmp_path}/r"}})
+    assert not spec.remote and spec.experiment_dir == tmp_path / "r" / "n"
+    assert spec.run.jax_cache_dir == str(tmp_path / "r" / ".jax_cache")
+    assert not storage.resolve(str(spec.experiment_dir)).remote
+
+
 @pytest.fixture
 def silent_endpoint():
     """A TCP port that accepts connections and never answers."""
