@@ -4,7 +4,10 @@ Reads a sweep experiment as Ray Tune left it under its storage path (`<storage>/
 directory per trial holding the trainer's `config.json`, `split.json`, `history.csv`, its own
 `checkpoints/` and Tune's `checkpoint_NNNNNN/` copies, plus `sweep_spec.json`). Only plain
 files are read (JSON, CSV, msgpack): no Ray session, no pickle. A directory of plain training
-runs (`python -m dcmtune.train` output) ranks the same way.
+runs (`python -m dcmtune.train` output) ranks the same way. An experiment in an object store
+(`s3://bucket/path/name?endpoint_override=...`, see `dcmtune.storage`) is read into a local
+copy without the checkpoints' state files; only those of the top_k checkpoints re-evaluated are
+downloaded, and the outputs below are uploaded into the experiment.
 
 The rules, so that the number a user publishes was measured on data that chose nothing:
 

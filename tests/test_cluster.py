@@ -257,6 +257,10 @@ def test_bad_storage_exits_2_with_one_line_before_anything_starts(cluster, silen
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2, (uri, out.stderr[-2000:])
         assert len(lines) == 1 and words in lines[0] and "storage" in lines[0], (uri, lines)
+    out = cluster.run("dcmtune.sweep", str(spec), "--resume", "--address",
+                      cluster.head.address, "--storage-path", moto.uri("empty"),
+                      cwd=tmp_path / "run", timeout=30)
+    assert out.returncode == 2 and "no experiment to resume" in out.stderr, out.stderr
     out = cluster.run("dcmtune.rank", f"s3://missing-bucket/x?endpoint_override=127.0.0.1:"
                       f"{port}&scheme=http", cwd=tmp_path / "run", timeout=30)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
