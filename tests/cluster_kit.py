@@ -139,7 +139,7 @@ class Node:
     """One Ray node: `ray start --block` with its own temp dir and ports."""
 
     def __init__(self, workdir: Path, name: str, num_cpus: int, head_address: str = ""):
-        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"c{name[0]}", dir="/tmp"))
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"c{name[0]}"))  # short: socket paths
         self.log = open(workdir / f"ray-{name}.log", "w")
         ports = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
                  "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
