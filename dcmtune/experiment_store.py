@@ -45,6 +45,9 @@ def location(spec: SweepSpec, probe: bool = False) -> storage.Location:
 
 
 def check_experiment_dir(spec: SweepSpec, resume: bool) -> None:
+    """Refuses, with one line, an experiment that cannot start: storage not writable or not
+    answering, a new experiment whose name is taken, a --resume without an experiment or with
+    another spec, a new study that would join an old one of the same name."""
     if spec.remote:
         _check_remote_experiment(spec, resume)
         return
@@ -72,7 +75,7 @@ def check_experiment_dir(spec: SweepSpec, resume: bool) -> None:
 
 
 def _check_remote_experiment(spec: SweepSpec, resume: bool) -> None:
-    """`_check_experiment_dir` for object storage: the experiment is read in the bucket, the
+    """`check_experiment_dir` for object storage: the experiment is read in the bucket, the
     driver's local copy (lock, Optuna journal, ranking) must be writable."""
     loc, local = location(spec, probe=True), spec.experiment_dir
     problem = _io.writable_problem(local)
