@@ -1,0 +1,99 @@
+"""Shared by the sweep benches: specs derived from the shipped quick.yaml, and a Tune callback
+that records, in the driver, when each trial started, reported and ended.
+
+Imported by bench/sweep_overhead.py and bench/search_efficiency.py (the script's directory is
+on sys.path when they run as `python bench/NAME.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.tune import Callback
+
+from dcmtune._yaml import read_yaml
+from dcmtune.search_space import SpecError, SweepSpec, spec_from_dict
+from dcmtune.sweep import find_spec
+
+
+def quick_raw() -> tuple[dict, Path]:
+    """The shipped quick.yaml as a dict, and its directory (relative paths resolve there)."""
+    path = find_spec("quick")
+    return dict(read_yaml(path, SpecError, "spec file")), path.parent
+
+
+def derived_spec(changes: dict, storage_path: Path, name: str,
+                 replace: dict | None = None) -> SweepSpec:
+    """quick.yaml with `changes` merged per section ({"training": {"num_epochs": 60}, ...})
+    and the sections in `replace` replaced whole, stored under `storage_path`/`name`."""
+    raw, base_dir = quick_raw()
+    raw = copy.deepcopy(raw)
+    raw.update(copy.deepcopy(replace or {}))
+    for section, value in changes.items():
+        if isinstance(value, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **value}
+        else:
+            raw[section] = value
+    raw["name"] = name
+    raw.setdefault("run", {})["storage_path"] = str(storage_path)
+    return spec_from_dict(raw, base_dir=base_dir, storage_path=storage_path)
+
+
+@dataclasses.dataclass
+class TrialTimes:
+    trial_id: str
+    start: float  # driver clock (time.time()) when Tune started the trial
+    end: Optional[float] = None  # when Tune marked it terminated
+    time_total_s: float = 0.0  # Tune's own trial time (function start -> last report)
+    epochs: int = 0
+    epoch_time_s: float = 0.0  # the trainer's own epoch times, summed (updates + validation)
+    config: dict = dataclasses.field(default_factory=dict)
+    # (driver time, epoch, metric, time_total_s) of every result, in arrival order
+    results: list = dataclasses.field(default_factory=list)
+
+
+class TimingCallback(Callback):
+    """Driver-side timestamps of a Tune run (time.time(), so comparable across processes).
+
+    Attributes:
+      setup_at: When Tune set up the experiment (Tuner.fit has started).
+      trials: trial_id -> TrialTimes, in start order.
+      ended_at: When the experiment ended (all trials done).
+    """
+
+    def __init__(self, metric: str = "valid_esp_rmse"):
+        self.metric = metric
+        self.setup_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
+        self.trials: dict[str, TrialTimes] = {}
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        self.setup_at = time.time()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.trials[trial.trial_id] = TrialTimes(trial.trial_id, time.time(),
+                                                 config=dict(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        t = self.trials[trial.trial_id]
+        t.time_total_s = float(result.get("time_total_s", t.time_total_s))
+        t.epochs = int(result.get("epoch", t.epochs))
+        t.epoch_time_s += float(result.get("epoch_time", 0.0))
+        t.results.append((time.time(), int(result.get("epoch", 0)),
+                          float(result.get(self.metric, float("nan"))), t.time_total_s))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.trials[trial.trial_id].end = time.time()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.trials[trial.trial_id].end = time.time()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.ended_at = time.time()
+
+    def get_state(self) -> Optional[dict]:
+        return None  # nothing to restore: the benches never resume

@@ -1,0 +1,231 @@
+"""Scaling of training time with conformers, atoms and grid points, and where the time goes.
+
+Three sweeps of the default model (dcmtune.config defaults: 16 features, n_dcm 2, max_degree 2,
+2 iterations, batch 8):
+
+  conformers  the demo set repeated 1x, 4x, 16x (each copy's atoms jittered by 0.01 A;
+              240 -> 3,840 conformers, up to 12 atoms, up to 1,200 grid points)
+  atoms       synthetic molecules (dcmtune.synthetic) of exactly 10, 20, 40, 60 atoms,
+              240 conformers, 1,200 grid points each
+  grid        synthetic molecules of 12 atoms, 240 conformers, 600, 1,200, 2,400, 3,200 grid
+              points each
+
+For each point:
+  epoch_s     median epoch time of `dcmtune.train.fit` over epochs 2..--epochs (epoch 1
+              compiles); updates and validation
+  ms_update   the trainer's time per optimizer update (train part of the epoch / updates)
+  conf_per_s  training conformers per second (batch size / ms_update)
+  and a profile of one batch of 8 (median of --repeats calls of separately jitted functions,
+  interleaved):
+  model_ms    model forward + backward (value_and_grad of a linear function of the charges and
+              positions): message passing and the charge heads
+  esp_ms      ESP, monopole, dipole and loss, forward + backward w.r.t. charges and positions
+  full_ms     the whole loss, forward + backward w.r.t. the parameters (model + ESP + loss)
+  esp_share   esp_ms / (model_ms + esp_ms)
+  gflop       XLA's cost analysis (flops) of full_ms's program, per batch of 8
+  gflop_s     gflop / full_ms
+  (--json adds model_gflop, esp_gflop and the bytes accessed, *_gbyte, for a roofline)
+
+  python bench/scaling.py [--epochs 3] [--repeats 30] [--only conformers atoms grid] [--json]
+                          [--output-dir experiments/bench_scaling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dcmtune.config import DataConfig, ExperimentConfig, TrainingConfig
+from dcmtune.data import ESPData, load_dataset, make_batch, to_arrays, validate_arrays
+from dcmtune.synthetic import make_synthetic
+from dcmtune.units import BOHR
+from dcmtune.xla_env import use_compilation_cache
+
+SWEEPS = {"conformers": (1, 4, 16), "atoms": (10, 20, 40, 60), "grid": (600, 1200, 2400, 3200)}
+NUM_CONFORMERS = 240  # as many as the demo set
+COLUMNS = ("epoch_s", "ms_update", "conf_per_s", "model_ms", "esp_ms", "full_ms", "esp_share",
+           "gflop", "gflop_s")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def repeated_demo(times: int, seed: int = 0) -> ESPData:
+    """The demo set `times` times; every copy after the first has its atoms moved by N(0, 0.01 A)
+    (a timing set: the stored ESP is kept, not recomputed)."""
+    rng = np.random.default_rng(seed)
+    arrays = to_arrays(load_dataset())
+    parts = [arrays]
+    for _ in range(times - 1):
+        copy = dict(arrays)
+        mask = (arrays["Z"] > 0)[..., None]
+        copy["R"] = arrays["R"] + mask * rng.normal(scale=0.01, size=arrays["R"].shape)
+        parts.append(copy)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+    return validate_arrays(out, source=f"<demo x{times}>")
+
+
+def synthetic_set(num_atoms: int, num_grid: int, seed: int = 0) -> ESPData:
+    """24 synthetic molecules of exactly `num_atoms` atoms, 10 conformers each, `num_grid` grid
+    points per conformer, each 1.8-3.0 A from a random atom, with the exact ESP of the reference
+    charges (a timing set: points may lie inside other atoms)."""
+    rng = np.random.default_rng(seed)
+    base = to_arrays(make_synthetic(num_molecules=NUM_CONFORMERS // 10, conformers=10,
+                                    min_atoms=num_atoms, max_atoms=num_atoms, num_grid=8,
+                                    seed=seed))
+    M = len(base["R"])
+    grid = np.zeros((M, num_grid, 3))
+    esp = np.zeros((M, num_grid))
+    for i in range(M):
+        R, q = base["R"][i], base["mono"][i]
+        n = int(base["N"][i])
+        atom = rng.integers(0, n, size=num_grid)
+        u = rng.normal(size=(num_grid, 3))
+        g = R[atom] + rng.uniform(1.8, 3.0, size=(num_grid, 1)) * u / np.linalg.norm(
+            u, axis=1, keepdims=True)
+        d = np.linalg.norm(g[:, None] - R[None], axis=-1) / BOHR  # Shape (G, A), Bohr.
+        grid[i], esp[i] = g, (q[None] / d).sum(1)
+    base.update(vdw_surface=grid, esp=esp, n_grid=np.full(M, num_grid, np.int32))
+    return validate_arrays(base, source=f"<synthetic {num_atoms} atoms x {num_grid} points>")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def epoch_times(data: ESPData, epochs: int, out: Path, name: str) -> dict:
+    """Median epoch time and time per update of `fit` with the default model on `data`."""
+    from dcmtune.train import fit
+
+    cfg = ExperimentConfig(name=name, output_dir=str(out), random_seed=0,
+                           data=DataConfig(split_by="molecule"),
+                           training=TrainingConfig(num_epochs=epochs, save_every_n_epochs=0))
+    hist = fit(cfg, data).history[1:]
+    bs = cfg.training.batch_size
+    ms_update = statistics.median(r["batch_time"] for r in hist) * 1e3
+    return {"epoch_s": statistics.median(r["epoch_time"] for r in hist),
+            "ms_update": ms_update, "conf_per_s": bs / ms_update * 1e3}
+
+
+def _median_ms(fns: dict, repeats: int) -> dict:
+    """Median milliseconds per call of each {name: (fn, args)}, calls interleaved round-robin
+    so that load from other processes falls on all of them alike."""
+    import jax
+
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))  # compile
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def profile(data: ESPData, repeats: int) -> dict:
+    """Model vs ESP/loss time of one batch of 8 (forward + backward), and the FLOPs of both."""
+    import jax
+    import jax.numpy as jnp
+
+    from dcmtune.loss import LossWeights, loss_and_sums
+    from dcmtune.model import build_model, init_params
+
+    cfg = ExperimentConfig()
+    model = build_model(cfg.model)
+    params = jax.jit(lambda k: init_params(model, k))(jax.random.PRNGKey(0))
+    batch = jax.device_put(make_batch(data, np.arange(cfg.training.batch_size)))
+    w = LossWeights(*(jnp.float32(x) for x in LossWeights()))
+
+    def apply(p):
+        return model.apply({"params": p}, batch["Z"], batch["R"], batch["atom_mask"], batch["Q"])
+
+    q0, pos0 = jax.jit(apply)(params)
+    cq, cp = jax.random.normal(jax.random.PRNGKey(1), q0.shape), jnp.ones_like(pos0)
+
+    # 1. Model only: a linear read-out of (charges, positions) keeps the backward pass whole.
+    def readout(p):
+        q, pos = apply(p)
+        return jnp.sum(q * cq) + jnp.sum(pos * cp)
+
+    model_fn = jax.jit(jax.value_and_grad(readout))
+    # 2. ESP, observables and loss, w.r.t. charges and positions. Shapes (B, A, n), (B, A, n, 3).
+    esp_fn = jax.jit(jax.value_and_grad(
+        lambda q, pos: loss_and_sums(q, pos, batch, w)[0], argnums=(0, 1)))
+    # 3. Everything, w.r.t. the parameters (what an update differentiates).
+    full_fn = jax.jit(jax.value_and_grad(lambda p: loss_and_sums(*apply(p), batch, w)[0]))
+
+    out = _median_ms({"model_ms": (model_fn, (params,)), "esp_ms": (esp_fn, (q0, pos0)),
+                      "full_ms": (full_fn, (params,))}, repeats)
+    out["esp_share"] = out["esp_ms"] / (out["model_ms"] + out["esp_ms"])
+    for key, fn, args in (("", full_fn, (params,)), ("model_", model_fn, (params,)),
+                          ("esp_", esp_fn, (q0, pos0))):
+        cost = fn.lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out[f"{key}gflop"] = float(cost.get("flops", float("nan"))) / 1e9
+        out[f"{key}gbyte"] = float(cost.get("bytes accessed", float("nan"))) / 1e9
+    out["gflop_s"] = out["gflop"] / out["full_ms"] * 1e3
+    return out
+
+
+def points(only) -> list[tuple[str, int, str]]:
+    rows = []
+    for sweep, values in SWEEPS.items():
+        if only and sweep not in only:
+            continue
+        rows += [(sweep, v, f"{v}x demo" if sweep == "conformers" else
+                  f"{v} atoms" if sweep == "atoms" else f"{v} grid") for v in values]
+    return rows
+
+
+def dataset(sweep: str, value: int) -> ESPData:
+    if sweep == "conformers":
+        return repeated_demo(value)
+    if sweep == "atoms":
+        return synthetic_set(value, 1200)
+    return synthetic_set(12, value)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=3, help="epochs per fit (>= 2)")
+    p.add_argument("--repeats", type=int, default=30, help="calls per profiled function")
+    p.add_argument("--only", nargs="+", choices=tuple(SWEEPS), help="some sweeps only")
+    p.add_argument("--output-dir", default="experiments/bench_scaling")
+    p.add_argument("--json", action="store_true", help="also print all rows as JSON")
+    args = p.parse_args(argv)
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    use_compilation_cache(out / ".jax_cache")
+    import jax
+
+    print(f"default model, batch 8, {jax.devices()[0].platform}; epochs 2..{args.epochs}",
+          flush=True)
+    print(f"{'point':<14}{'conformers':>11}{'A':>4}{'G':>6}" + "".join(f"{c:>11}" for c in COLUMNS),
+          flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        for sweep, value, label in points(args.only):
+            data = dataset(sweep, value)
+            row = {"sweep": sweep, "value": value, "label": label,
+                   "conformers": int(data.num_conformers), "atoms": int(data.num_atoms),
+                   "grid": int(data.num_grid)}
+            row.update(epoch_times(data, args.epochs, Path(tmp), f"{sweep}_{value}"))
+            row.update(profile(data, args.repeats))
+            rows.append(row)
+            print(f"{label:<14}{row['conformers']:>11}{row['atoms']:>4}{row['grid']:>6}"
+                  + "".join(f"{row[c]:>11.3f}" for c in COLUMNS), flush=True)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Search efficiency: Optuna TPE + ASHA (what `python -m dcmtune.sweep quick` does) against random
+search at full budget, on the quick.yaml search space unchanged.
+
+For each seed, two real sweeps through `dcmtune.sweep.run_sweep`, sharing one local Ray:
+
+  tpe_asha  quick.yaml as shipped (TPE sampler, n_startup_trials 4, ASHA grace 3 / factor 3,
+            12 epochs max, 10 trials, 2 at once) with searcher.seed = seed;
+  random    the same space, the same number of trials and epochs, Optuna's RandomSampler with
+            the same seed and no early stopping (scheduler fifo): every trial runs all epochs.
+
+Every reported epoch is recorded in the driver (a Tune callback) in the order results arrived.
+The target of a seed is 1.05 x the random arm's final best validation ESP RMSE (the best epoch of
+any of its trials). For each arm, `epochs` is the number of epochs reported, summed over trials,
+up to and including the first epoch whose running best is within that target; ratio =
+tpe_asha epochs / random epochs (target <= 1/3). An arm that never gets within the target is
+shown with its total epochs and a '>' (the ratio is then a lower bound, marked '>').
+
+Prints one row per seed, then the median and range of the ratio; `--json` writes every recorded
+curve to <output-dir>/search_efficiency.json.
+
+  python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--output-dir DIR] [--json]
+                                    [--gpu 0.25 --concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from dcmtune import local_ray
+
+local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
+
+from _sweeps import TimingCallback, derived_spec  # noqa: E402
+
+from dcmtune.sweep import run_sweep  # noqa: E402
+
+TOLERANCE = 1.05
+
+
+def arm_spec(arm: str, seed: int, storage: Path, cache: Path, gpu: float | None = None,
+             concurrency: int | None = None):
+    run = {"jax_cache_dir": str(cache)}
+    if gpu is not None:
+        run["resources"] = {"cpu": 1, "gpu": gpu}
+    if concurrency is not None:
+        run["max_concurrent_trials"] = concurrency
+    name = f"{arm}_seed{seed}_{int(time.time())}"
+    if arm == "tpe_asha":
+        return derived_spec({"searcher": {"seed": seed}, "run": run}, storage, name)
+    return derived_spec({"searcher": {"seed": seed, "sampler": "random"}, "run": run}, storage,
+                        name, replace={"scheduler": {"name": "fifo"}})
+
+
+def run_arm(arm: str, seed: int, storage: Path, cache: Path, **resources) -> dict:
+    """One sweep; every reported epoch as (arrival time, trial, epoch, metric), arrival order."""
+    spec = arm_spec(arm, seed, storage, cache, **resources)
+    cb = TimingCallback(spec.run.metric)
+    t0 = time.time()
+    run_sweep(spec, callbacks=[cb], verbose=0, echo=lambda s: None)
+    events = sorted((at, t.trial_id, epoch, value) for t in cb.trials.values()
+                    for at, epoch, value, _ in t.results)
+    return {"arm": arm, "seed": seed, "wall_s": time.time() - t0,
+            "trials": len(cb.trials), "epochs_total": len(events),
+            "events": [{"trial": tid, "epoch": e, "metric": v} for _, tid, e, v in events],
+            "configs": {t.trial_id: t.config for t in cb.trials.values()}}
+
+
+def best_of(run: dict) -> float:
+    return min((e["metric"] for e in run["events"] if math.isfinite(e["metric"])),
+               default=math.inf)
+
+
+def epochs_to(run: dict, target: float) -> tuple[int, bool]:
+    """(epochs reported until the running best is <= target, whether it got there)."""
+    for n, e in enumerate(run["events"], start=1):
+        if math.isfinite(e["metric"]) and e["metric"] <= target:
+            return n, True
+    return len(run["events"]), False
+
+
+def compare(random: dict, tpe: dict) -> dict:
+    target = TOLERANCE * best_of(random)
+    n_rand, _ = epochs_to(random, target)  # random always reaches its own target
+    n_tpe, reached = epochs_to(tpe, target)
+    return {"seed": random["seed"], "random_best": best_of(random), "tpe_best": best_of(tpe),
+            "target": target, "random_epochs": n_rand, "tpe_epochs": n_tpe,
+            "tpe_reached": reached, "ratio": n_tpe / n_rand,
+            "random_total": random["epochs_total"], "tpe_total": tpe["epochs_total"],
+            "random_wall_s": random["wall_s"], "tpe_wall_s": tpe["wall_s"]}
+
+
+def _cell(row: dict, col: str) -> str:
+    """A table cell; tpe_epochs and ratio get a '>' when tpe_asha never reached the target."""
+    v = row[col]
+    text = f"{v:.3f}" if isinstance(v, float) else str(v)
+    return (">" + text) if col in ("tpe_epochs", "ratio") and not row["tpe_reached"] else text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--output-dir", default="experiments/bench_search_efficiency")
+    p.add_argument("--json", action="store_true", help="write every curve to the output dir")
+    p.add_argument("--gpu", type=float, help="GPU share per trial (default: quick.yaml's "
+                                             "gpu: auto, a CPU trial without GPUs)")
+    p.add_argument("--concurrency", type=int, help="trials at once (default: quick.yaml's 2)")
+    args = p.parse_args(argv)
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / ".jax_cache"
+    runs, rows = [], []
+    cols = ("seed", "random_best", "tpe_best", "random_epochs", "tpe_epochs", "ratio",
+            "random_total", "tpe_total", "random_wall_s", "tpe_wall_s")
+    print("".join(f"{c:>14}" for c in cols), flush=True)
+    for i, seed in enumerate(args.seeds):
+        # Alternate which arm runs first, so machine load and a warming compile cache
+        # fall on both arms alike.
+        order = ("random", "tpe_asha") if i % 2 == 0 else ("tpe_asha", "random")
+        done = {}
+        for arm in order:
+            done[arm] = run_arm(arm, seed, out, cache, gpu=args.gpu,
+                                concurrency=args.concurrency)
+            runs.append(done[arm])
+            if args.json:
+                (out / "search_efficiency.json").write_text(json.dumps(
+                    {"rows": rows, "runs": runs}, indent=1))
+        row = compare(done["random"], done["tpe_asha"])
+        rows.append(row)
+        print("".join(f"{_cell(row, c):>14}" for c in cols), flush=True)
+    ratios = [r["ratio"] for r in rows]
+    censored = sum(not r["tpe_reached"] for r in rows)
+    print(f"\nratio tpe_asha/random epochs to within {TOLERANCE - 1:.0%} of random's best: "
+          f"median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f} "
+          f"over {len(rows)} seeds (target <= 0.333)"
+          + (f"; {censored} seed(s) where tpe_asha never got within the target "
+             "(ratio is a lower bound)" if censored else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
