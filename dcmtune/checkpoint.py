@@ -15,6 +15,7 @@ a hidden name, which `read_meta`/`load_checkpoint` find and put back (`_io.recov
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -43,13 +44,20 @@ class CheckpointError(ValueError):
 
 
 def package_versions() -> dict[str, str]:
-    out = {}
+    """Versions of the packages a checkpoint depends on (looked up once per process: a lookup
+    scans the installed distributions, about 10 ms, and a run saves a checkpoint every epoch)."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=None)
+def _package_versions() -> tuple[tuple[str, str], ...]:
+    out = []
     for name in ("dcmtune", "jax", "jaxlib", "flax", "optax", "e3x", "numpy"):
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out)
 
 
 def save_checkpoint(directory: Path, state: Any, meta: dict) -> Path:

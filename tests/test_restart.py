@@ -101,6 +101,15 @@ def test_meta_checksum_covers_meta_and_state(tmp_path):
         ckpt.load_checkpoint(d)
 
 
+def test_checkpoints_record_package_versions_and_callers_cannot_alter_them(tmp_path):
+    d = _save(tmp_path / "c", 1)
+    versions = ckpt.read_meta(d)["versions"]
+    assert versions["jax"] and versions["flax"] and versions == ckpt.package_versions()
+    ckpt.package_versions()["jax"] = "altered"  # the per-process lookup hands out copies
+    assert ckpt.package_versions() == versions
+    assert ckpt.read_meta(_save(tmp_path / "d", 2))["versions"] == versions
+
+
 def test_a_failure_between_the_renames_puts_the_old_copy_back(tmp_path, monkeypatch):
     d = _save(tmp_path / "latest", 1)
     real = os.replace
