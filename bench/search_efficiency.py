@@ -131,6 +131,9 @@ def main(argv=None) -> int:
                     {"rows": rows, "runs": runs}, indent=1))
         row = compare(done["random"], done["tpe_asha"])
         rows.append(row)
+        if args.json:
+            (out / "search_efficiency.json").write_text(json.dumps(
+                {"rows": rows, "runs": runs}, indent=1))
         print("".join(f"{_cell(row, c):>14}" for c in cols), flush=True)
     ratios = [r["ratio"] for r in rows]
     censored = sum(not r["tpe_reached"] for r in rows)
