@@ -24,9 +24,11 @@ For each point:
   esp_share   esp_ms / (model_ms + esp_ms)
   gflop       XLA's cost analysis (flops) of full_ms's program, per batch of 8
   gflop_s     gflop / full_ms
-  (--json adds model_gflop, esp_gflop and the bytes accessed, *_gbyte, for a roofline)
+  (--json adds model_gflop, esp_gflop, the bytes accessed, *_gbyte, for a roofline, and
+  *kernels, the operations of each compiled program's entry computation that run as kernels)
 
   python bench/scaling.py [--epochs 3] [--repeats 30] [--only conformers atoms grid] [--json]
+                          [--profile-only]
                           [--output-dir experiments/bench_scaling]
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -166,12 +169,26 @@ def profile(data: ESPData, repeats: int) -> dict:
     out["esp_share"] = out["esp_ms"] / (out["model_ms"] + out["esp_ms"])
     for key, fn, args in (("", full_fn, (params,)), ("model_", model_fn, (params,)),
                           ("esp_", esp_fn, (q0, pos0))):
-        cost = fn.lower(*args).compile().cost_analysis()
+        compiled = fn.lower(*args).compile()
+        out[f"{key}kernels"] = kernel_count(compiled.as_text())
+        cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         out[f"{key}gflop"] = float(cost.get("flops", float("nan"))) / 1e9
         out[f"{key}gbyte"] = float(cost.get("bytes accessed", float("nan"))) / 1e9
     out["gflop_s"] = out["gflop"] / out["full_ms"] * 1e3
     return out
+
+
+def kernel_count(hlo: str) -> int:
+    """Operations of a compiled program's entry computation that run as kernels (fusions,
+    dots, custom calls, ...; not parameters, constants, tuples, bitcasts): on a GPU, roughly
+    the kernel launches of one call."""
+    entry = hlo[hlo.index("\nENTRY"):]
+    body = entry[entry.index("{") + 1: entry.index("\n}")]
+    skip = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+    ops = (re.search(r" ([a-z][a-z0-9-]*)\(", line.split(" = ", 1)[1])
+           for line in body.splitlines() if " = " in line)
+    return sum(1 for m in ops if m and m.group(1) not in skip)
 
 
 def points(only) -> list[tuple[str, int, str]]:
@@ -199,6 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=tuple(SWEEPS), help="some sweeps only")
     p.add_argument("--output-dir", default="experiments/bench_scaling")
     p.add_argument("--json", action="store_true", help="also print all rows as JSON")
+    p.add_argument("--profile-only", action="store_true", help="skip the fit (epoch columns)")
     args = p.parse_args(argv)
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -216,11 +234,12 @@ def main(argv=None) -> int:
             row = {"sweep": sweep, "value": value, "label": label,
                    "conformers": int(data.num_conformers), "atoms": int(data.num_atoms),
                    "grid": int(data.num_grid)}
-            row.update(epoch_times(data, args.epochs, Path(tmp), f"{sweep}_{value}"))
+            if not args.profile_only:
+                row.update(epoch_times(data, args.epochs, Path(tmp), f"{sweep}_{value}"))
             row.update(profile(data, args.repeats))
             rows.append(row)
             print(f"{label:<14}{row['conformers']:>11}{row['atoms']:>4}{row['grid']:>6}"
-                  + "".join(f"{row[c]:>11.3f}" for c in COLUMNS), flush=True)
+                  + "".join(f"{row.get(c, float('nan')):>11.3f}" for c in COLUMNS), flush=True)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
