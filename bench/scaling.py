@@ -22,6 +22,8 @@ For each point:
   esp_ms      ESP, monopole, dipole and loss, forward + backward w.r.t. charges and positions
   full_ms     the whole loss, forward + backward w.r.t. the parameters (model + ESP + loss)
   esp_share   esp_ms / (model_ms + esp_ms)
+  edge_frac   of the edges computed (every padded pair), those joining two real atoms within the
+              model's cutoff (what a sparse edge list would keep)
   gflop       XLA's cost analysis (flops) of full_ms's program, per batch of 8
   gflop_s     gflop / full_ms
   (--json adds model_gflop, esp_gflop, the bytes accessed, *_gbyte, for a roofline, and
@@ -54,7 +56,7 @@ from dcmtune.xla_env import use_compilation_cache
 SWEEPS = {"conformers": (1, 4, 16), "atoms": (10, 20, 40, 60), "grid": (600, 1200, 2400, 3200)}
 NUM_CONFORMERS = 240  # as many as the demo set
 COLUMNS = ("epoch_s", "ms_update", "conf_per_s", "model_ms", "esp_ms", "full_ms", "esp_share",
-           "gflop", "gflop_s")
+           "edge_frac", "gflop", "gflop_s")
 
 
 # --------------------------------------------------------------------------- data
@@ -179,6 +181,15 @@ def profile(data: ESPData, repeats: int) -> dict:
     return out
 
 
+def edge_fraction(data: ESPData, cutoff: float) -> float:
+    """Of the edges the model computes (all A(A-1) ordered pairs of every padded conformer),
+    the fraction that join two real atoms within `cutoff` (what a sparse edge list keeps)."""
+    A = data.num_atoms
+    d = np.linalg.norm(data.R[:, :, None] - data.R[:, None, :], axis=-1)  # Shape (M, A, A).
+    real = (data.Z > 0)[:, :, None] & (data.Z > 0)[:, None, :] & ~np.eye(A, dtype=bool)
+    return float((real & (d < cutoff)).sum() / (data.num_conformers * A * (A - 1)))
+
+
 def kernel_count(hlo: str) -> int:
     """Operations of a compiled program's entry computation that run as kernels (fusions,
     dots, custom calls, ...; not parameters, constants, tuples, bitcasts): on a GPU, roughly
@@ -233,7 +244,8 @@ def main(argv=None) -> int:
             data = dataset(sweep, value)
             row = {"sweep": sweep, "value": value, "label": label,
                    "conformers": int(data.num_conformers), "atoms": int(data.num_atoms),
-                   "grid": int(data.num_grid)}
+                   "grid": int(data.num_grid),
+                   "edge_frac": edge_fraction(data, ExperimentConfig().model.cutoff)}
             if not args.profile_only:
                 row.update(epoch_times(data, args.epochs, Path(tmp), f"{sweep}_{value}"))
             row.update(profile(data, args.repeats))
