@@ -13,8 +13,9 @@ in a fresh local Ray, and reports from driver-side Tune callbacks and Tune's res
              import, data to the device, compiles, the first epoch)
   in_epochs  the fraction of the trials' time_total_s spent in the trainer's epochs (updates +
              validation); the rest is start-up, reporting and checkpointing inside the trial
-  outside    per trial, (driver start -> end) - time_total_s: actor/function start-up and what
-             happens after the last report (final checkpoint upload, teardown); mean over trials
+  outside    per trial, (driver start -> end) - time_total_s, mean over trials: pre_s + post_s
+             + the driver seeing the span from first to last result longer than the trial's
+             own clock (result delivery and processing)
   pre_s      of that, before Tune's clock starts: trial start -> first result minus the first
              result's time_total_s (actor start or reset, the trainable's setup)
   post_s     of that, after the last result: last result -> trial end (teardown)
