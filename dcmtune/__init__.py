@@ -5,7 +5,9 @@ The path of the data, with the module of each stage:
   data      .npz files -> validated, compact `ESPData`, grouped splits  data.py (layout.py,
                                                                          molgraph.py, grids.py,
                                                                          synthetic.py, qm.py)
-  batch     fixed-shape masked batches, device-resident                 data.py (make_batch)
+  batch     masked batches in size buckets; device-resident or streamed data.py (make_batch,
+                                                                         group_by_bucket),
+                                                                         batching.py
   model     DCMNet: n_dcm charges and their positions per atom          model.py
   loss      ESP/dipole of the charges, per-molecule terms, metric sums  physics.py, loss.py,
                                                                          metrics.py (the registry)

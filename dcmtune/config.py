@@ -31,6 +31,7 @@ __all__ = [
 
 SCHEDULE_TYPES = ("cosine", "exponential", "step")
 SPLIT_BY = ("molecule", "conformer")
+BATCHING = ("bucketed", "padded")
 DIPOLE_UNITS = ("debye", "e_bohr", "e_angstrom")
 
 
@@ -176,6 +177,12 @@ class DataConfig(_Config):
         whole molecules are kept together, so a split may hold slightly more).
       split_seed: Seed of the split, separate from the training seed.
       dipole_units: Units of `Dxyz` in the files ("e_bohr" for mmml-era files).
+      batching: "bucketed" pads each training batch only to its size bucket (atoms and grid
+        points; every conformer once per epoch), "padded" pads all to the data's largest and
+        drops the remainder (the trainer before buckets; checkpoints without this key).
+      max_buckets: At most this many bucket shapes (compiled steps); 1 = one shape.
+      device_data_budget_mb: Above this size of the padded train + validation batches, data
+        stays in host memory and batches are streamed to the device (dcmtune.batching).
     """
 
     _section = "data"
@@ -188,6 +195,9 @@ class DataConfig(_Config):
     num_test: Optional[int] = None
     split_seed: int = 0
     dipole_units: str = "debye"
+    batching: str = "bucketed"
+    max_buckets: int = 4
+    device_data_budget_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         self._validate_types()
@@ -205,6 +215,12 @@ class DataConfig(_Config):
             _check(f"{s}.{name}", v is None or v >= 0, "a non-negative count", v)
         _check(f"{s}.num_train", self.num_train is None or self.num_train >= 1,
                "at least 1 training conformer", self.num_train)
+        _check(f"{s}.batching", self.batching in BATCHING, " or ".join(BATCHING), self.batching)
+        _check(f"{s}.max_buckets", 1 <= self.max_buckets <= 64, "an integer in [1, 64]",
+               self.max_buckets)
+        _check(f"{s}.device_data_budget_mb", math.isfinite(self.device_data_budget_mb)
+               and self.device_data_budget_mb >= 0, "a size in MB >= 0",
+               self.device_data_budget_mb)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,9 @@ compact and safe (docs/data.md, "Files from mmml"):
   unit than the declared one is refused (`check_dipole_units`).
 
 Everything here is numpy: the sweep driver loads data without starting a JAX backend. Batches
-are dicts of arrays with fixed shapes (B, A, ...) and masks, so one compiled step serves a run;
-molecules of mixed sizes are grouped into power-of-two size buckets (`group_by_bucket`), so a few
+are dicts of arrays with fixed shapes (B, A, ...) and masks; molecules of mixed sizes are grouped
+into size buckets (`group_by_bucket`: powers of two for prediction, bounds fitted to the data by
+`bucket_bounds` for training), each padded only to its own atoms and grid points, so a few
 compiled steps serve any mix.
 """
 
@@ -63,6 +64,7 @@ __all__ = [
     "stacked_batches",
     "size_bucket",
     "group_by_bucket",
+    "bucket_bounds",
 ]
 
 log = logging.getLogger(__name__)
@@ -558,36 +560,49 @@ def split_record(data: ESPData, splits: Mapping[str, np.ndarray], **settings) ->
 # --------------------------------------------------------------------------- batches
 
 
-def make_batch(data: ESPData, idx: np.ndarray, batch_size: Optional[int] = None
+def make_batch(data: ESPData, idx: np.ndarray, batch_size: Optional[int] = None,
+               num_atoms: Optional[int] = None, num_grid: Optional[int] = None
                ) -> dict[str, np.ndarray]:
     """A fixed-shape batch of conformers `idx`, padded with masked dummy molecules to
-    `batch_size` (default len(idx)).
+    `batch_size` (default len(idx)), and to `num_atoms` atoms and `num_grid` grid points
+    (default: the data's; a size bucket's may be smaller, never below the real counts of `idx`).
 
     Returns a dict: R (B, A, 3), Z (B, A), atom_mask (B, A), esp (B, G), grid (B, G, 3),
     grid_mask (B, G), mono (B, A), has_mono (B,), dipole (B, 3), has_dipole (B,), com (B, 3),
     Q (B,), mol_mask (B,).
     """
-    idx = np.asarray(idx)
+    idx = np.asarray(idx, dtype=np.int64)
     B = len(idx) if batch_size is None else batch_size
     if len(idx) > B:
         raise ValueError(f"make_batch: {len(idx)} conformers do not fit batch_size {B}")
     pad = B - len(idx)
-    A, G = data.num_atoms, data.num_grid
+    A = data.num_atoms if num_atoms is None else int(num_atoms)
+    G = data.num_grid if num_grid is None else int(num_grid)
+    if len(idx) and (data.N[idx].max() > A or data.n_grid[idx].max() > G):
+        raise ValueError(f"make_batch: conformers of up to {data.N[idx].max()} atoms and "
+                         f"{data.n_grid[idx].max()} grid points do not fit ({A}, {G})")
 
-    def take(a):
+    def take(a, axis_size=None):
         a = a[idx]
+        if axis_size is not None:  # trim or zero-pad axis 1 (atoms or grid points)
+            a = a[:, :axis_size]
+            if a.shape[1] < axis_size:
+                width = [(0, 0)] * a.ndim
+                width[1] = (0, axis_size - a.shape[1])
+                a = np.pad(a, width)
         return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
 
     mol_mask = np.arange(B) < len(idx)
     n_grid = take(data.n_grid)
+    Z = take(data.Z, A)
     return {
-        "R": take(data.R),
-        "Z": take(data.Z),
-        "atom_mask": take(data.Z) > 0,
-        "esp": take(data.esp),
-        "grid": take(data.grid),
+        "R": take(data.R, A),
+        "Z": Z,
+        "atom_mask": Z > 0,
+        "esp": take(data.esp, G),
+        "grid": take(data.grid, G),
         "grid_mask": np.arange(G)[None, :] < n_grid[:, None],
-        "mono": take(data.mono) if data.mono is not None else np.zeros((B, A), np.float32),
+        "mono": take(data.mono, A) if data.mono is not None else np.zeros((B, A), np.float32),
         "has_mono": mol_mask & (data.mono is not None),
         "dipole": take(data.dipole) if data.dipole is not None else np.zeros((B, 3), np.float32),
         "has_dipole": mol_mask & (data.dipole is not None),
@@ -609,25 +624,99 @@ def stacked_batches(data: ESPData, batch_size: int) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- size buckets
 
 
-def size_bucket(n, minimum: int = 8):
+def size_bucket(n, minimum: int = 8, bounds: Optional[Sequence[int]] = None):
     """The padded size for `n` atoms (or grid points, or molecules): the smallest power of two
-    >= max(n, minimum). Works on ints and on integer arrays (elementwise).
+    >= max(n, minimum), or with `bounds` (ascending sizes, e.g. from `bucket_bounds`) the
+    smallest bound >= n. Works on ints and on integer arrays (elementwise).
 
     Shared by prediction and training: every shape a jitted step sees is a bucket, so a mix of
-    sizes costs one compiled program per bucket (log2 of the size range), not one per size,
-    and padding never more than doubles the work.
+    sizes costs one compiled program per bucket, not one per size. Powers of two (prediction:
+    shapes stable across calls) never more than double the work; training knows its data and
+    fits its bounds to it (`bucket_bounds`).
+
+    Raises:
+      ValueError: with `bounds`, for a size above the largest bound.
     """
+    if bounds is not None:
+        b = np.asarray(bounds, dtype=np.int64)
+        n_arr = np.asarray(n, dtype=np.int64)
+        if n_arr.size and n_arr.max() > b[-1]:
+            raise ValueError(f"size_bucket: size {int(n_arr.max())} above the largest bound "
+                             f"{int(b[-1])}")
+        out = b[np.searchsorted(b, n_arr, side="left")]
+        return int(out) if out.ndim == 0 else out
     m = np.maximum(np.asarray(n, dtype=np.int64), max(int(minimum), 1))
     out = np.left_shift(1, np.ceil(np.log2(m)).astype(np.int64))
     out = np.where(out < m, out * 2, out)  # guard against log2 rounding at exact powers
     return int(out) if out.ndim == 0 else out
 
 
-def group_by_bucket(sizes: Sequence[int], minimum: int = 8) -> dict[int, np.ndarray]:
+def group_by_bucket(sizes: Sequence[int], minimum: int = 8,
+                    bounds: Optional[Sequence[int]] = None) -> dict[int, np.ndarray]:
     """Indices of `sizes` grouped by `size_bucket`: {bucket: indices in input order}, buckets
-    ascending. Example: sizes (3, 12, 5, 20) -> {8: [0, 2], 16: [1], 32: [3]}."""
-    buckets = size_bucket(np.asarray(sizes, dtype=np.int64).reshape(-1), minimum)
+    ascending. Example: sizes (3, 12, 5, 20) -> {8: [0, 2], 16: [1], 32: [3]}; with
+    bounds (5, 20) -> {5: [0, 2], 20: [1, 3]}."""
+    buckets = size_bucket(np.asarray(sizes, dtype=np.int64).reshape(-1), minimum, bounds)
     return {int(b): np.flatnonzero(buckets == b) for b in np.unique(buckets)}
+
+
+def bucket_bounds(num_atoms: Sequence[int], num_grid: Sequence[int], cost, slots: int,
+                  max_buckets: int, min_members: int = 1, bucket_cost: float = 0.0
+                  ) -> list[int]:
+    """Atom-count bounds of at most `max_buckets` size buckets that minimise the padded work.
+
+    A bucket of n conformers runs ceil(n / slots) updates of `slots` molecules, each padded to
+    the bucket's largest atom count and grid size, costing `cost(atoms, grid points)` per
+    molecule; each bucket also costs `bucket_cost` (its compile, in the same units). Exact
+    dynamic programming over the distinct atom counts; every bucket holds at least
+    `min_members` conformers.
+
+    Args:
+      num_atoms, num_grid: (M,) real atoms and grid points per conformer.
+      cost: cost(atoms, grid) -> float, the work of one padded molecule slot.
+
+    Returns:
+      Ascending atom bounds; the last is max(num_atoms).
+    """
+    n_atoms = np.asarray(num_atoms, dtype=np.int64).reshape(-1)
+    n_grid = np.asarray(num_grid, dtype=np.int64).reshape(-1)
+    sizes, inverse = np.unique(n_atoms, return_inverse=True)
+    count = np.bincount(inverse, minlength=len(sizes))
+    grid_max = np.zeros(len(sizes), np.int64)
+    np.maximum.at(grid_max, inverse, n_grid)
+    S = len(sizes)
+    cum = np.concatenate([[0], np.cumsum(count)])
+    seg_grid = np.zeros((S, S), np.int64)  # seg_grid[i, j]: largest grid of sizes i..j
+    for i in range(S):
+        seg_grid[i, i:] = np.maximum.accumulate(grid_max[i:])
+
+    def seg_cost(i: int, j: int) -> float:  # one bucket of the distinct sizes i..j
+        n = int(cum[j + 1] - cum[i])
+        if n < min_members:
+            return math.inf
+        return math.ceil(n / slots) * slots * cost(int(sizes[j]), int(seg_grid[i, j]))
+
+    K = max(1, min(int(max_buckets), S))
+    # best[k][j]: the cheapest k buckets covering the sizes 0..j (ending a bucket at j).
+    best = np.full((K + 1, S), math.inf)
+    back = np.zeros((K + 1, S), np.int64)
+    for j in range(S):
+        best[1, j] = seg_cost(0, j)
+    for k in range(2, K + 1):
+        for j in range(S):
+            for i in range(1, j + 1):
+                c = best[k - 1, i - 1] + seg_cost(i, j)
+                if c < best[k, j]:
+                    best[k, j], back[k, j] = c, i
+    totals = best[1:, S - 1]
+    if not np.isfinite(totals).any():  # fewer than min_members conformers: one bucket
+        return [int(sizes[-1])]
+    k = 1 + int(np.argmin(totals + bucket_cost * np.arange(1, K + 1)))
+    bounds, j = [], S - 1
+    while k >= 1:
+        bounds.append(int(sizes[j]))
+        j, k = int(back[k, j]) - 1, k - 1
+    return sorted(bounds)
 
 
 if __name__ == "__main__":  # `python -m dcmtune.data ...`: the CLI lives in data_cli.

@@ -1,11 +1,13 @@
 """The trainer: TrainState, pure jitted train/eval steps, and the fit loop.
 
 One optimizer update consumes k = gradient_accumulation_steps micro-batches inside one jit (a
-`lax.scan`), so it equals one update on a batch of batch_size * k molecules. An epoch is
-floor(n_train / (batch_size * k)) updates over a permutation drawn from fold_in(rng, epoch); the
-remainder is dropped. Learning rate, loss weights, EMA decay and clip norm are traced inputs:
-runs that differ only in them reuse one compiled program. Data stays on the device; the host
-reads metrics once per epoch.
+`lax.scan`), so it equals one update on a batch of batch_size * k molecules. An epoch uses every
+training conformer once, in batches of molecules of similar size (size buckets, each padded only
+to its own atoms and grid points; one compiled step per bucket shape), the order drawn from
+fold_in(rng, epoch); see `dcmtune.batching` (also for the padded path, `data.batching:
+padded`). Learning rate, loss weights, EMA decay and clip norm are traced inputs: runs that
+differ only in them reuse one compiled program. Data stays on the device unless it exceeds
+`data.device_data_budget_mb` (then it is streamed); the host reads metrics once per epoch.
 
 The trainer never knows who listens: a `Reporter` gets (epoch, metrics, checkpoint_dir) after
 every epoch (the CLI prints a table; the Tune trainable calls `tune.report`).
@@ -29,11 +31,11 @@ import numpy as np
 import optax
 
 from dcmtune import _io
+from dcmtune import batching
 from dcmtune import checkpoint as ckpt
-from dcmtune.config import (ConfigError, ExperimentConfig, ModelConfig, TrainingConfig,
-                            config_from_flat, flat_dict)
-from dcmtune.data import (ESPData, load_dataset, make_batch, split_dataset, split_record,
-                          stacked_batches)
+from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig,
+                            TrainingConfig, config_from_flat, flat_dict)
+from dcmtune.data import ESPData, load_dataset, split_dataset, split_record
 from dcmtune.loss import (LossWeights, finalize_metrics, loss_and_sums, per_molecule_terms,
                           predict_observables, term_counts, terms_loss_and_sums, zero_sums)
 from dcmtune.model import build_model, init_params
@@ -204,11 +206,13 @@ _add_sums = jax.jit(_tree_add)
 
 
 def evaluate_sums(params, batches, weights: LossWeights, model_config: ModelConfig):
-    """Metric sums of `params` over stacked device batches (nb, B, ...): one `predict_batch`
-    dispatch per batch, summed on the device (no host sync)."""
-    sums = zero_sums(batches["esp"].dtype)
-    for i in range(batches["esp"].shape[0]):
-        batch = jax.tree.map(lambda x: x[i], batches)
+    """Metric sums of `params` over device batches (an iterable of batches, or stacked
+    batches (nb, B, ...)): one `predict_batch` dispatch per batch, summed on the device (no
+    host sync)."""
+    if isinstance(batches, dict):
+        batches = [jax.tree.map(lambda x: x[i], batches) for i in range(batches["esp"].shape[0])]
+    sums = zero_sums()
+    for batch in batches:
         sums = _add_sums(sums, predict_batch(params, batch, weights, model_config)["sums"])
     return sums
 
@@ -221,8 +225,10 @@ def _init_params(key, model_config: ModelConfig):
 def evaluate_params(params, data: ESPData, model_config: ModelConfig,
                     weights: LossWeights = LossWeights(), batch_size: int = 16
                     ) -> dict[str, float]:
-    """Metrics of `params` on all of `data` (loss, esp_rmse, ...)."""
-    batches = jax.device_put(stacked_batches(data, batch_size))
+    """Metrics of `params` on all of `data` (loss, esp_rmse, ...), in size-bucketed batches."""
+    buckets = batching.plan_buckets(data, batch_size, 1, DataConfig.max_buckets,
+                                    model_config.n_dcm)
+    batches = batching.eval_batches(data, buckets, batch_size, resident=False)()
     w = LossWeights(*(jnp.asarray(x, jnp.float32) for x in weights))
     return finalize_metrics(jax.device_get(evaluate_sums(params, batches, w, model_config)),
                             weights)
@@ -247,6 +253,27 @@ def _updates_per_epoch(n_train: int, cfg: TrainingConfig) -> int:
     return upe
 
 
+def _train_buckets(train: ESPData, config: ExperimentConfig,
+                   resume_from: Optional[Path] = None) -> tuple[list, int]:
+    """The training buckets and updates per epoch (`dcmtune.batching`). A resumed run keeps
+    the atom bounds its checkpoint recorded (the plan depends on num_epochs, which a restart
+    may change under a constant learning rate)."""
+    t, d = config.training, config.data
+    upe = _updates_per_epoch(train.num_conformers, t)
+    if d.batching == "padded":
+        return batching.padded_bucket(train), upe
+    saved = None
+    if resume_from is not None and (Path(resume_from) / ckpt.META_FILE).is_file():
+        saved = ckpt.read_meta(Path(resume_from)).get("bucket_bounds")
+    if saved and int(train.N.max()) <= saved[-1]:
+        buckets = batching.plan_from_bounds(train, saved)
+    else:
+        buckets = batching.plan_buckets(train, t.batch_size, t.gradient_accumulation_steps,
+                                        d.max_buckets, config.model.n_dcm, t.num_epochs)
+    slots = t.batch_size * t.gradient_accumulation_steps
+    return buckets, batching.num_updates(buckets, slots)
+
+
 def _split(config: ExperimentConfig, data: ESPData) -> dict[str, np.ndarray]:
     d = config.data
     try:
@@ -258,9 +285,14 @@ def _split(config: ExperimentConfig, data: ESPData) -> dict[str, np.ndarray]:
 # What a restart may change without --allow-config-change: bookkeeping (where the run writes,
 # its notes), the checkpoint cadence, and the data file paths (the data itself is checked by
 # checksum). num_epochs may change only under a constant learning rate, where it shapes nothing.
+# Where the data lives (device or streamed) gives the same results, so its budget is free too.
 _RESTART_FREE = frozenset({"name", "output_dir", "description", "notes", "created_at",
-                           "git_commit", "data.data_files", "training.save_every_n_epochs",
-                           "training.keep_top_k_checkpoints"})
+                           "git_commit", "data.data_files", "data.device_data_budget_mb",
+                           "training.save_every_n_epochs", "training.keep_top_k_checkpoints"})
+# Keys added after checkpoints were written, with the value that applied before them: a
+# checkpoint without data.batching was trained on padded batches.
+_LEGACY_VALUES = {"data.batching": "padded", "data.max_buckets": DataConfig.max_buckets,
+                  "data.device_data_budget_mb": DataConfig.device_data_budget_mb}
 
 
 def _check_resume_config(meta: dict, config: ExperimentConfig, where: Path, *,
@@ -280,7 +312,7 @@ def _check_resume_config(meta: dict, config: ExperimentConfig, where: Path, *,
     saved_raw = meta.get("config")
     if not isinstance(saved_raw, dict):
         raise ckpt.CheckpointError(f"{where}: meta.json holds no run config; cannot restart")
-    saved = flat_dict(saved_raw)
+    saved = {**_LEGACY_VALUES, **flat_dict(saved_raw)}
     now = flat_dict(config.to_dict())
     changes = {k: [saved.get(k), now.get(k)] for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k)}
@@ -369,7 +401,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
                             config.data.dipole_units)
     splits = _split(config, data)
     train, valid = data.subset(splits["train"]), data.subset(splits["valid"])
-    upe = _updates_per_epoch(train.num_conformers, t_cfg)
+    buckets, upe = _train_buckets(train, config, resume_from)
     spec = schedule_spec(t_cfg, upe)
     static = StepConfig(config.model, spec, t_cfg.use_grad_clip, t_cfg.use_ema)
     hp = hparams_of(t_cfg)
@@ -422,29 +454,39 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
     if restarts:
         _io.write_json(run_dir / "restarts.json", restarts)
 
-    # 4. Device-resident data.
-    train_dev = jax.device_put(make_batch(train, np.arange(train.num_conformers)))
-    eval_bs = t_cfg.batch_size * t_cfg.gradient_accumulation_steps
-    valid_dev = jax.device_put(stacked_batches(valid, eval_bs))
+    # 4. Data on the device, or streamed from host memory above the budget.
     k, b = t_cfg.gradient_accumulation_steps, t_cfg.batch_size
+    bucketed = config.data.batching == "bucketed"
+    valid_buckets = (batching.assign_buckets(valid, buckets) if bucketed
+                     else batching.padded_bucket(valid))
+    mb = (batching.batch_bytes(train, buckets) + batching.batch_bytes(valid, valid_buckets)) / 2**20
+    resident = mb <= config.data.device_data_budget_mb
+    log.info("data: %s batches, train buckets (atoms x grid points (conformers)) %s; %.1f MB "
+             "%s data.device_data_budget_mb = %g: %s", config.data.batching,
+             batching.describe(buckets), mb, "<=" if resident else ">",
+             config.data.device_data_budget_mb,
+             "device-resident" if resident else "streamed from host memory")
+    feed = batching.TrainFeed(train, buckets, resident)
+    valid_batches = batching.eval_batches(valid, valid_buckets, b * k, resident)
 
     status = "completed"
     for epoch in range(start, t_cfg.num_epochs + 1):
         # 5. One epoch of updates, dispatched asynchronously.
         t0 = time.perf_counter()
-        perm = jax.random.permutation(jax.random.fold_in(state.rng, epoch), train.num_conformers)
-        idx = perm[: upe * k * b].reshape(upe, k, b)
+        key = jax.random.fold_in(state.rng, epoch)
+        updates = (batching.epoch_updates(buckets, b, k, key) if bucketed
+                   else batching.padded_updates(train.num_conformers, b, k, key))
         sums = zero_sums()
-        for u in range(upe):
-            state, s = _update(state, train_dev, idx[u], hp, static)
+        for inputs, idx in feed.inputs(updates):
+            state, s = _update(state, inputs, idx, hp, static)
             sums = _add_sums(sums, s)
         train_metrics = finalize_metrics(jax.device_get(sums), weights)
         t_train = time.perf_counter() - t0
 
         # 6. Validation with the EMA weights.
         eval_params = state.ema_params if t_cfg.use_ema else state.params
-        valid_metrics = finalize_metrics(
-            jax.device_get(evaluate_sums(eval_params, valid_dev, weights, config.model)), weights)
+        valid_metrics = finalize_metrics(jax.device_get(
+            evaluate_sums(eval_params, valid_batches(), weights, config.model)), weights)
         step = int(state.step)
         metrics: dict[str, float] = {"epoch": epoch, "step": step,
                                      "lr": float(learning_rate_at(hp, spec, step - 1))}
@@ -470,7 +512,8 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
             meta = {"epoch": epoch, "step": step, "metrics": metrics, "history": history,
                     "best_valid_loss": best_loss, "best_epoch": best_epoch,
                     "config": config.to_dict(), "data_checksum": data_checksum,
-                    "split": record, "restarts": restarts}
+                    "split": record, "restarts": restarts,
+                    "bucket_bounds": [bk.num_atoms for bk in buckets]}
             latest = ckpt.save_checkpoint(ckpt_root / "latest", state, meta)
             if improved:
                 ckpt.save_checkpoint(ckpt_root / "best", state, meta)
