@@ -145,7 +145,7 @@ def throughput(name: str, data_file: Path, epochs: int, repeats: int, base_tree:
     ratios = [b["conformers_per_s"] / a["conformers_per_s"]
               for a, b in zip(runs[BASE_COMMIT], runs["bucketed"])]
     cpu = {v: statistics.median(x["conformers_per_cpu_s"] for x in runs[v]) for v in VARIANTS}
-    print(f"  (conformers per CPU-second of whole epochs, load-independent: "
+    print("  (conformers per CPU-second of whole epochs, load-independent: "
           + ", ".join(f"{v} {cpu[v]:.1f}" for v in VARIANTS)
           + f"; bucketed / dd26223 {cpu['bucketed'] / cpu[BASE_COMMIT]:.2f})")
     print(f"  bucketed / dd26223: {med['bucketed'] / med[BASE_COMMIT]:.2f}  (per repeat "
@@ -153,7 +153,7 @@ def throughput(name: str, data_file: Path, epochs: int, repeats: int, base_tree:
     print(f"  bucketed-long / dd26223: {med['bucketed-long'] / med[BASE_COMMIT]:.2f}")
     print(f"  bucketed / padded:  {med['bucketed'] / med['padded']:.2f}")
     print(f"  padded / dd26223:   {med['padded'] / med[BASE_COMMIT]:.2f}")
-    print(f"  first epoch (compiles; repeat 1 cold): "
+    print("  first epoch (compiles; repeat 1 cold): "
           + ", ".join(f"{v} {runs[v][0]['first_epoch_s']:.1f} s" for v in VARIANTS), flush=True)
 
 

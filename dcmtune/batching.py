@@ -35,10 +35,10 @@ import numpy as np
 
 from dcmtune.data import ESPData, bucket_bounds, group_by_bucket, make_batch
 
-__all__ = ["Bucket", "slot_cost", "plan_buckets", "plan_from_bounds", "padded_bucket", "assign_buckets",
-           "epoch_updates", "padded_updates", "num_updates", "batch_bytes", "TrainFeed",
-           "eval_batches", "prefetch", "describe", "MIN_BUCKET_UPDATES", "COMPILE_COST",
-           "PREFETCH_DEPTH"]
+__all__ = ["Bucket", "slot_cost", "plan_buckets", "plan_from_bounds", "padded_bucket",
+           "assign_buckets", "epoch_updates", "padded_updates", "num_updates", "batch_bytes",
+           "TrainFeed", "eval_batches", "prefetch", "describe", "MIN_BUCKET_UPDATES",
+           "COMPILE_COST", "PREFETCH_DEPTH"]
 
 log = logging.getLogger(__name__)
 
