@@ -25,9 +25,18 @@ Two studies, each one command:
                           (a bound, not a prediction);
                 mono      the stored per-conformer ESP-fitted charges (also a bound).
 
+  curve       The learning curve: `generalise` once per `--train-molecules` N (a count, or
+              `all`), where only the first N training molecules of one seeded, nested order
+              are kept (`data.train_molecules`); validation and test are those of the full
+              molecule split of that seed (checked), so each point's test ESP RMSE sits beside
+              the same size-independent baselines (lsq, mmff94, gasteiger, mulliken, mono) and
+              the element baseline fitted on that point's training molecules.
+
 Usage:
   python bench/accuracy.py defaults --split-seeds 0 1 2
   python bench/accuracy.py generalise --data-files organic_esp.npz --split-seeds 0 1 2
+  python bench/accuracy.py curve --data-files organic_esp.npz --train-molecules 25 50 100 all \
+      --split-seeds 0
   ... [--num-epochs N] [--output-dir DIR] [--set features=32 --set n_dcm=3] [--json]
 
 Timings are wall times on whatever machine runs this; on a shared machine report medians.
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import sys
 import time
@@ -49,7 +59,7 @@ from dcmtune.baselines import (RDKIT_METHODS, element_charge_array, element_char
                                esp_rmse_of_atom_charges, mulliken_charges, rdkit_charge_array,
                                shared_charges_per_molecule)
 from dcmtune.config import config_from_flat
-from dcmtune.data import ESPData, load_dataset
+from dcmtune.data import ESPData, load_dataset, split_dataset
 from dcmtune.qm import fit_esp_charges_shared
 from dcmtune.xla_env import use_compilation_cache
 
@@ -113,18 +123,20 @@ def _splits(run_dir: Path, data: ESPData) -> dict[str, ESPData]:
     return {k: data.subset(np.asarray(v, dtype=int)) for k, v in idx.items()}
 
 
-def _run_seed(args, seed: int, split_by: str, study: str):
-    """Trains one split seed as the study says; returns (config, FitResult, wall seconds,
-    {"all", "train", "valid", "test"} datasets of that run's recorded split)."""
+def _run_seed(args, seed: int, split_by: str, study: str, **extra):
+    """Trains one split seed as the study says (`extra`: more flat config fields); returns
+    (config, FitResult, wall seconds, {"all", "train", "valid", "test"} datasets of that run's
+    recorded split, plus "indices": the recorded indices)."""
     cfg = config_from_flat(**{"split_by": split_by, "split_seed": seed,
                               "output_dir": args.output_dir,
                               "name": f"{study}_seed{seed}_{int(time.time())}",
                               **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
-                              **args.overrides})
+                              **args.overrides, **extra})
     data = load_dataset(cfg.data.data_files, cfg.model.max_atomic_number,
                         cfg.data.dipole_units)
     result, wall = _train(cfg)
-    return cfg, result, wall, {"all": data, **_splits(result.run_dir, data)}
+    idx = json.loads((result.run_dir / "split.json").read_text())["indices"]
+    return cfg, result, wall, {"all": data, **_splits(result.run_dir, data), "indices": idx}
 
 
 def run_defaults(args) -> list[dict]:
@@ -148,48 +160,107 @@ def run_defaults(args) -> list[dict]:
     return rows
 
 
-def run_generalise(args) -> list[dict]:
+def _test_model(cfg, result, test: ESPData) -> dict:
+    """Test ESP RMSE of the run's best checkpoint (chosen on validation) and its epoch."""
     from dcmtune import checkpoint as ckpt
     from dcmtune.train import evaluate_params
 
+    state, meta = ckpt.load_checkpoint(result.run_dir / "checkpoints" / "best")
+    params = state["ema_params"] if cfg.training.use_ema else state["params"]
+    return {"best_epoch": int(meta["epoch"]),
+            "model": evaluate_params(params, test, cfg.model)["esp_rmse"]}
+
+
+def _test_baselines(args, data: ESPData, test: ESPData, test_idx) -> dict:
+    """The baselines on the test molecules that do not depend on the training split."""
+    row = {"lsq": esp_rmse_of_atom_charges(test, shared_charges_per_molecule(test))}
+    mull = mulliken_charges(list(args.data_files), data)
+    if mull is not None:
+        row["mulliken"] = esp_rmse_of_atom_charges(test, mull[test_idx])
+    smiles = _smiles_of(list(args.data_files))
+    for method in RDKIT_METHODS:  # predictive: from the bond graph (needs RDKit)
+        q, ok = rdkit_charge_array(test, smiles, method)
+        if ok.any():  # over the test molecules the method has parameters for
+            row[method] = esp_rmse_of_atom_charges(test.subset(np.flatnonzero(ok)), q[ok])
+            row[f"{method}_molecules"] = int(len(set(test.mol_id[ok])))
+    if test.mono is not None:
+        row["mono"] = esp_rmse_of_atom_charges(test, test.mono)
+    return row
+
+
+def _element(train: ESPData, test: ESPData) -> float:
+    return esp_rmse_of_atom_charges(test, element_charge_array(test, element_charges(train)))
+
+
+GENERALISE_COLS = ("model", "mmff94", "gasteiger", "mulliken", "element", "lsq", "mono")
+CURVE_COLS = ("model", "element", "lsq", "mmff94", "gasteiger", "mulliken", "mono")
+
+
+def run_generalise(args) -> list[dict]:
     rows = []
     for seed in args.split_seeds:
         cfg, result, wall, s = _run_seed(args, seed, "molecule", "generalise")
-        data = s["all"]
         train, test = s["train"], s["test"]
-        state, meta = ckpt.load_checkpoint(result.run_dir / "checkpoints" / "best")
-        params = state["ema_params"] if cfg.training.use_ema else state["params"]
         row = {"split_seed": seed, "epochs": len(result.history), "wall_s": wall,
-               "best_epoch": int(meta["epoch"]), "test_molecules": int(len(set(test.mol_id))),
+               "test_molecules": int(len(set(test.mol_id))),
                "test_conformers": int(test.num_conformers),
-               "model": evaluate_params(params, test, cfg.model)["esp_rmse"],
-               "element": esp_rmse_of_atom_charges(
-                   test, element_charge_array(test, element_charges(train))),
-               "lsq": esp_rmse_of_atom_charges(test, shared_charges_per_molecule(test))}
-        test_idx = json.loads((result.run_dir / "split.json").read_text())["indices"]["test"]
-        mull = mulliken_charges(list(args.data_files), data)
-        if mull is not None:
-            row["mulliken"] = esp_rmse_of_atom_charges(test, mull[test_idx])
-        smiles = _smiles_of(list(args.data_files))
-        for method in RDKIT_METHODS:  # predictive: from the bond graph (needs RDKit)
-            q, ok = rdkit_charge_array(test, smiles, method)
-            if ok.any():  # over the test molecules the method has parameters for
-                row[method] = esp_rmse_of_atom_charges(test.subset(np.flatnonzero(ok)), q[ok])
-                row[f"{method}_molecules"] = int(len(set(test.mol_id[ok])))
-        if test.mono is not None:
-            row["mono"] = esp_rmse_of_atom_charges(test, test.mono)
-        row["run_dir"] = str(result.run_dir)
+               **_test_model(cfg, result, test), "element": _element(train, test),
+               **_test_baselines(args, s["all"], test, s["indices"]["test"]),
+               "run_dir": str(result.run_dir)}
         rows.append(row)
-        _print_row(row, ("model", "mmff94", "gasteiger", "mulliken", "element", "lsq", "mono"), args.json)
+        _print_row(row, GENERALISE_COLS, args.json)
     return rows
 
 
-def _print_row(row: dict, cols, as_json: bool) -> None:
+def run_curve(args) -> list[dict]:
+    rows = []
+    for seed in args.split_seeds:
+        held_out, baselines = None, None
+        for n in args.train_molecules:  # None: all of the split's training molecules
+            cfg, result, wall, s = _run_seed(args, seed, "molecule", f"curve{n or 'all'}",
+                                             train_molecules=n)
+            train, test = s["train"], s["test"]
+            if held_out is None:  # the full split of this seed: every point must share it
+                held_out = split_dataset(s["all"], dataclasses.replace(cfg.data,
+                                                                        train_molecules=None))
+                baselines = _test_baselines(args, s["all"], test, s["indices"]["test"])
+            if (any(s["indices"][k] != held_out[k].tolist() for k in ("valid", "test"))
+                    or not set(s["indices"]["train"]) <= set(held_out["train"].tolist())):
+                raise SystemExit(f"split_seed {seed}, train_molecules {n}: the run's split is "
+                                 "not the full split's valid/test with a subset of its train")
+            row = {"split_seed": seed, "train_molecules": int(len(set(train.mol_id))),
+                   "train_conformers": int(train.num_conformers),
+                   "test_molecules": int(len(set(test.mol_id))),
+                   "test_conformers": int(test.num_conformers),
+                   "epochs": len(result.history), "wall_s": wall,
+                   **_test_model(cfg, result, test), "element": _element(train, test),
+                   **baselines, "run_dir": str(result.run_dir)}
+            rows.append(row)
+            _print_row(row, CURVE_COLS, args.json,
+                       label=f"{row['train_molecules']} train molecules "
+                             f"({row['train_conformers']} conformers)")
+    return rows
+
+
+def _train_molecules(value: str):
+    """--train-molecules item: a positive count, or `all` (None)."""
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count or 'all', got {value!r}")
+    return n
+
+
+def _print_row(row: dict, cols, as_json: bool, label: str = "") -> None:
     if as_json:
         return
     vals = "  ".join(f"{c} {row[c]:.3f}" for c in cols if c in row)
-    print(f"split_seed {row['split_seed']}: {vals}  ({row['epochs']} epochs, "
-          f"{row['wall_s']:.0f} s)", flush=True)
+    print(f"split_seed {row['split_seed']}{', ' + label if label else ''}: {vals}  "
+          f"({row['epochs']} epochs, {row['wall_s']:.0f} s)", flush=True)
 
 
 def _summary(rows: list[dict], cols) -> None:
@@ -203,14 +274,28 @@ def _summary(rows: list[dict], cols) -> None:
         + f"{np.median([r['wall_s'] for r in rows]):>9.0f}")
 
 
+def _curve_summary(rows: list[dict], cols) -> None:
+    print(f"{'split_seed':>10}{'train mol':>10}{'conf':>6}" + "".join(f"{c:>10}" for c in cols)
+          + f"{'wall s':>9}")
+    for r in rows:
+        print(f"{r['split_seed']:>10}{r['train_molecules']:>10}{r['train_conformers']:>6}"
+              + "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
+              + f"{r['wall_s']:>9.0f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="study", required=True)
     for name, helptext in (("defaults", "default model, conformer split, demo set or files"),
-                           ("generalise", "molecule split: test molecules never seen")):
+                           ("generalise", "molecule split: test molecules never seen"),
+                           ("curve", "molecule split, test RMSE vs training molecules")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("--data-files", nargs="+", default=[],
-                       required=(name == "generalise"), help=".npz files (default: demo set)")
+                       required=(name != "defaults"), help=".npz files (default: demo set)")
+        if name == "curve":
+            q.add_argument("--train-molecules", nargs="+", type=_train_molecules,
+                           default=[25, 50, 100, None], metavar="N|all",
+                           help="training molecules per point (default: 25 50 100 all)")
         q.add_argument("--split-seeds", nargs="+", type=int, default=[0, 1, 2])
         q.add_argument("--num-epochs", type=int, default=None, help="default: the config's")
         q.add_argument("--output-dir", default="experiments/bench_accuracy")
@@ -225,16 +310,20 @@ def main(argv=None) -> int:
     if args.study == "defaults":
         rows, cols = run_defaults(args), ("model", "mono", "shared", "element")
         title = "valid ESP RMSE (kcal/mol/e), conformer split, same validation conformers"
-    else:
-        rows, cols = run_generalise(args), ("model", "mmff94", "gasteiger", "mulliken", "element", "lsq", "mono")
+    elif args.study == "generalise":
+        rows, cols = run_generalise(args), GENERALISE_COLS
         title = "test ESP RMSE (kcal/mol/e), molecule split (lsq and mono: fitted to the test ESP)"
+    else:
+        rows, cols = run_curve(args), CURVE_COLS
+        title = ("test ESP RMSE (kcal/mol/e) vs training molecules, molecule split, same "
+                 "valid/test molecules (element: fitted to each point's training molecules)")
     if args.json:
         json.dump({"study": args.study, "overrides": args.overrides, "rows": rows},
                   sys.stdout, indent=1)
         print()
     else:
         print(f"\n{title}")
-        _summary(rows, cols)
+        (_curve_summary if args.study == "curve" else _summary)(rows, cols)
     return 0
 
 

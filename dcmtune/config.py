@@ -175,6 +175,9 @@ class DataConfig(_Config):
       valid_fraction, test_fraction: Split sizes as fractions of the conformers.
       num_train, num_valid, num_test: Split sizes as conformer counts (override the fractions;
         whole molecules are kept together, so a split may hold slightly more).
+      train_molecules: Keep only this many of the training split's molecules (all their
+        training conformers), chosen with split_seed in a nested order; valid and test stay
+        those of the full split. For learning curves; None keeps them all.
       split_seed: Seed of the split, separate from the training seed.
       dipole_units: Units of `Dxyz` in the files ("e_bohr" for mmml-era files).
       batching: "bucketed" pads each training batch only to its size bucket (atoms and grid
@@ -193,6 +196,7 @@ class DataConfig(_Config):
     num_train: Optional[int] = None
     num_valid: Optional[int] = None
     num_test: Optional[int] = None
+    train_molecules: Optional[int] = None
     split_seed: int = 0
     dipole_units: str = "debye"
     batching: str = "bucketed"
@@ -215,6 +219,8 @@ class DataConfig(_Config):
             _check(f"{s}.{name}", v is None or v >= 0, "a non-negative count", v)
         _check(f"{s}.num_train", self.num_train is None or self.num_train >= 1,
                "at least 1 training conformer", self.num_train)
+        _check(f"{s}.train_molecules", self.train_molecules is None or self.train_molecules >= 1,
+               "at least 1 training molecule, or None (all)", self.train_molecules)
         _check(f"{s}.batching", self.batching in BATCHING, " or ".join(BATCHING), self.batching)
         _check(f"{s}.max_buckets", 1 <= self.max_buckets <= 64, "an integer in [1, 64]",
                self.max_buckets)

@@ -58,6 +58,7 @@ __all__ = [
     "infer_n_grid",
     "to_arrays",
     "split_indices",
+    "limit_train_molecules",
     "split_dataset",
     "split_record",
     "make_batch",
@@ -526,11 +527,61 @@ def split_indices(mol_id: np.ndarray, split_by: str = "molecule", valid_fraction
     return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
 
 
+def limit_train_molecules(mol_id: np.ndarray, train: np.ndarray, n: int, seed: int = 0,
+                          Z: Optional[np.ndarray] = None) -> np.ndarray:
+    """The training conformers of `n` of the training split's molecules, for learning curves
+    (valid and test are not touched, so points of one curve share them).
+
+    1. The training split's distinct mol_ids are put in one order drawn from `seed` (a stream
+       separate from the split's own shuffle) that does not depend on `n`, so the choice is
+       nested: the molecules kept for n are among those kept for any larger n.
+    2. With `Z` (M, A), the order starts with the molecules that, taken greedily in that order,
+       hold every element of the training split, so every element is still seen in training.
+    3. The first `n` molecules of the order keep all their training conformers.
+
+    Returns:
+      The kept conformer indices, sorted (a subset of `train`).
+
+    Raises:
+      ValueError: "train_molecules: ..." if n is not in [1, number of training molecules], or is
+        below the number of molecules needed to hold every element.
+    """
+    train = np.asarray(train, dtype=np.int64)
+    mols = np.unique(np.asarray(mol_id)[train])                       # (T,) training mol_ids
+    if not 1 <= n <= len(mols):
+        raise ValueError(f"train_molecules: expected an integer in [1, {len(mols)}] (the "
+                         f"training split's molecules), got {n}")
+    # 1. One seeded order, independent of n.
+    order = list(mols[np.random.default_rng((seed, 1)).permutation(len(mols))])
+    # 2. Molecules that bring an element not yet covered go first (greedy, in that order).
+    cover: list = []
+    if Z is not None:
+        Zt, mt = np.asarray(Z)[train], np.asarray(mol_id)[train]
+        missing = set(np.unique(Zt).tolist()) - {0}
+        for m in order:
+            els = set(np.unique(Zt[mt == m]).tolist()) - {0}
+            if els & missing:
+                cover.append(m)
+                missing -= els
+        if n < len(cover):
+            raise ValueError(f"train_molecules: expected at least {len(cover)} (molecules needed "
+                             f"to keep every element of the training split), got {n}")
+        order = cover + [m for m in order if m not in set(cover)]
+    # 3. The first n molecules, all their training conformers.
+    keep = np.isin(np.asarray(mol_id)[train], np.asarray(order[:n]))
+    return np.sort(train[keep])
+
+
 def split_dataset(data: ESPData, cfg) -> dict[str, np.ndarray]:
-    """`split_indices` with the settings of a `DataConfig` (every element kept in train)."""
-    return split_indices(data.mol_id, cfg.split_by, cfg.valid_fraction, cfg.test_fraction,
-                         cfg.num_train, cfg.num_valid, cfg.num_test, seed=cfg.split_seed,
-                         Z=data.Z)
+    """`split_indices` with the settings of a `DataConfig` (every element kept in train), then,
+    with `cfg.train_molecules`, only that many training molecules (`limit_train_molecules`)."""
+    splits = split_indices(data.mol_id, cfg.split_by, cfg.valid_fraction, cfg.test_fraction,
+                           cfg.num_train, cfg.num_valid, cfg.num_test, seed=cfg.split_seed,
+                           Z=data.Z)
+    if cfg.train_molecules is not None:
+        splits["train"] = limit_train_molecules(data.mol_id, splits["train"],
+                                                cfg.train_molecules, cfg.split_seed, data.Z)
+    return splits
 
 
 def split_record(data: ESPData, splits: Mapping[str, np.ndarray], **settings) -> dict:

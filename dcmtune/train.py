@@ -448,7 +448,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
     _io.write_json(run_dir / "config.json", config.to_dict())
     record = split_record(
         data, splits, split_by=config.data.split_by, split_seed=config.data.split_seed,
-        data_files=list(config.data.data_files))
+        train_molecules=config.data.train_molecules, data_files=list(config.data.data_files))
     data_checksum = record["checksum"]
     _io.write_json(run_dir / "split.json", record)
     if restarts:

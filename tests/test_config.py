@@ -44,6 +44,8 @@ def test_json_round_trip_is_lossless(tmp_path):
     ("data.valid_fraction", 1.5, "data.valid_fraction"),
     ("data.data_files", "a.npz", "data.data_files"),
     ("data.num_train", 0, "data.num_train"),
+    ("data.train_molecules", 0, "data.train_molecules"),
+    ("data.train_molecules", "all", "data.train_molecules"),
     ("training.batch_size", 0, "training.batch_size"),
     ("training.learning_rate", 0.0, "training.learning_rate"),
     ("training.lr_schedule_type", "linear", "training.lr_schedule_type"),

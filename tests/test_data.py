@@ -1,11 +1,14 @@
 """Loading, validation, splits and batches of ESP data files."""
 
+import dataclasses
 import logging
 
 import numpy as np
 import pytest
 
-from dcmtune.data import DataError, load_npz, make_batch, split_indices, split_record
+from dcmtune.config import DataConfig
+from dcmtune.data import (DataError, limit_train_molecules, load_npz, make_batch, split_dataset,
+                          split_indices, split_record)
 from dcmtune.synthetic import make_synthetic
 
 
@@ -160,6 +163,54 @@ def test_counts_and_conformer_split():
         split_indices(mol_id, "molecule", valid_fraction=0.0, test_fraction=0.1)
     with pytest.raises(ValueError, match="no conformers left for training"):
         split_indices(mol_id[:4], "molecule", 0.1, 0.1)
+
+
+def test_train_molecules_subsamples_train_only_and_nests():
+    d = make_synthetic(num_molecules=30, conformers=3, max_atoms=6, num_grid=16, seed=1)
+    cfg = DataConfig(valid_fraction=0.2, test_fraction=0.2, split_seed=5)
+    full = split_dataset(d, cfg)
+    n_all = len(set(d.mol_id[full["train"]]))
+    kept = []
+    for n in (3, 7, 12, n_all):
+        s = split_dataset(d, dataclasses.replace(cfg, train_molecules=n))
+        for k in ("valid", "test"):  # exactly the full split's held-out conformers
+            assert np.array_equal(s[k], full[k])
+        mols = set(d.mol_id[s["train"]])
+        assert len(mols) == n
+        # every training conformer of each kept molecule, and nothing else
+        assert s["train"].tolist() == [i for i in full["train"] if d.mol_id[i] in mols]
+        # every element of the full training split is still in training
+        assert set(np.unique(d.Z[s["train"]])) == set(np.unique(d.Z[full["train"]]))
+        kept.append(mols)
+    assert kept[0] < kept[1] < kept[2] < kept[3]  # nested: 3 of the 7, 7 of the 12, ...
+    assert np.array_equal(split_dataset(d, dataclasses.replace(cfg, train_molecules=n_all))
+                          ["train"], full["train"])
+    again = split_dataset(d, dataclasses.replace(cfg, train_molecules=7))["train"]
+    assert set(d.mol_id[again]) == kept[1]  # seeded: the same choice every time
+    other = [set(d.mol_id[split_dataset(d, DataConfig(valid_fraction=0.2, test_fraction=0.2,
+                                                      split_seed=seed, train_molecules=7))
+                          ["train"]]) for seed in (6, 7, 8)]
+    assert any(o != kept[1] for o in other)  # and the seed changes it
+
+
+def test_train_molecules_keeps_every_element_and_refuses_bad_counts():
+    # 10 molecules x 2 conformers of C and H; F only in m7, S only in m2.
+    mol_id = np.repeat([f"m{i}" for i in range(10)], 2)
+    Z = np.tile([6, 1, 1, 0], (20, 1))
+    Z[mol_id == "m7", 3], Z[mol_id == "m2", 3] = 9, 16
+    train = np.arange(20)
+    for seed in range(5):
+        small = limit_train_molecules(mol_id, train, 3, seed, Z)
+        assert {"m7", "m2"} <= set(mol_id[small]) and len(set(mol_id[small])) == 3
+        assert set(np.unique(Z[small])) == {0, 1, 6, 9, 16}
+    with pytest.raises(ValueError, match=r"^train_molecules: expected at least 3 .*got 2"):
+        limit_train_molecules(mol_id, train, 2, 0, Z)
+    assert len(set(mol_id[limit_train_molecules(mol_id, train, 2, 0)])) == 2  # no Z: no rule
+    with pytest.raises(ValueError, match=r"^train_molecules: expected an integer in \[1, 10\] "
+                                         r"\(the training split's molecules\), got 11"):
+        limit_train_molecules(mol_id, train, 11, 0, Z)
+    with pytest.raises(ValueError, match=r"^train_molecules: .*got 0"):
+        limit_train_molecules(mol_id, train, 0, 0)
 
 
 def test_split_record_names_molecules(synthetic):

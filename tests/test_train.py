@@ -13,7 +13,7 @@ import pytest
 from dcmtune import checkpoint as ckpt
 from dcmtune.baselines import element_charge_array, element_charges, esp_rmse_of_atom_charges
 from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
-from dcmtune.data import load_dataset, make_batch
+from dcmtune.data import load_dataset, make_batch, split_dataset
 from dcmtune.synthetic import make_synthetic
 from dcmtune.schedules import ScheduleSpec, learning_rate_at, lr_factor_schedule, schedule_spec
 from dcmtune.train import (TIMING_KEYS, StepConfig, _update, accumulated_grads,
@@ -221,6 +221,17 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(data, tmp_path):
     fit(_config(tmp_path, "keep", num_epochs=1), data)
     with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints"):
         fit(_config(tmp_path, "keep", num_epochs=1), data)
+
+
+def test_train_molecules_is_trained_on_and_recorded(data, tmp_path):
+    cfg = _config(tmp_path, "few", num_epochs=1).replace(**{"data.train_molecules": 4})
+    res = fit(cfg, data)
+    split = __import__("json").loads((res.run_dir / "split.json").read_text())
+    assert split["settings"]["train_molecules"] == 4 and len(split["mol_ids"]["train"]) == 4
+    assert len(split["indices"]["train"]) == 8  # both conformers of each of the 4 molecules
+    full = split_dataset(data, dataclasses.replace(cfg.data, train_molecules=None))
+    assert split["indices"]["valid"] == full["valid"].tolist()
+    assert len(full["train"]) > 8 and len(res.history) == 1
 
 
 def test_learning_is_real_on_unseen_molecules(tmp_path):
