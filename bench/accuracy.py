@@ -123,17 +123,25 @@ def _splits(run_dir: Path, data: ESPData) -> dict[str, ESPData]:
     return {k: data.subset(np.asarray(v, dtype=int)) for k, v in idx.items()}
 
 
+def _config(args, seed: int, split_by: str, study: str, **extra):
+    """The config of one run of a study (`extra`: more flat config fields)."""
+    return config_from_flat(**{"split_by": split_by, "split_seed": seed,
+                               "output_dir": args.output_dir,
+                               "name": f"{study}_seed{seed}_{int(time.time())}",
+                               **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
+                               **args.overrides, **extra})
+
+
+def _load(cfg) -> ESPData:
+    return load_dataset(cfg.data.data_files, cfg.model.max_atomic_number, cfg.data.dipole_units)
+
+
 def _run_seed(args, seed: int, split_by: str, study: str, **extra):
     """Trains one split seed as the study says (`extra`: more flat config fields); returns
     (config, FitResult, wall seconds, {"all", "train", "valid", "test"} datasets of that run's
     recorded split, plus "indices": the recorded indices)."""
-    cfg = config_from_flat(**{"split_by": split_by, "split_seed": seed,
-                              "output_dir": args.output_dir,
-                              "name": f"{study}_seed{seed}_{int(time.time())}",
-                              **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
-                              **args.overrides, **extra})
-    data = load_dataset(cfg.data.data_files, cfg.model.max_atomic_number,
-                        cfg.data.dipole_units)
+    cfg = _config(args, seed, split_by, study, **extra)
+    data = _load(cfg)
     result, wall = _train(cfg)
     idx = json.loads((result.run_dir / "split.json").read_text())["indices"]
     return cfg, result, wall, {"all": data, **_splits(result.run_dir, data), "indices": idx}
@@ -212,7 +220,23 @@ def run_generalise(args) -> list[dict]:
     return rows
 
 
+def _check_curve(args) -> None:
+    """Every point of every seed can be split (numpy only), before any training starts."""
+    data = None
+    for seed in args.split_seeds:
+        for n in args.train_molecules:
+            cfg = _config(args, seed, "molecule", "check", train_molecules=n)
+            data = data if data is not None else _load(cfg)
+            try:
+                split_dataset(data, cfg.data)
+            except ValueError as e:
+                print(f"accuracy.py curve: --train-molecules {n} (split_seed {seed}): {e}",
+                      file=sys.stderr)
+                raise SystemExit(2) from None
+
+
 def run_curve(args) -> list[dict]:
+    _check_curve(args)
     rows = []
     for seed in args.split_seeds:
         held_out, baselines = None, None
