@@ -18,7 +18,6 @@ import numpy as np
 from dcmtune.config import ExperimentConfig
 from dcmtune.data import load_dataset, make_batch
 from dcmtune.train import StepConfig, _update, hparams_of, init_state
-from dcmtune.schedules import schedule_spec
 
 
 def main() -> None:
@@ -33,10 +32,9 @@ def main() -> None:
     print(f"{'k':>3} {'ms/update':>10} {'ms/molecule':>12} {'ratio':>7}")
     for k in (1, 2, 4):
         tcfg = cfg.training
-        spec = schedule_spec(tcfg, 10)
-        state = init_state(cfg, spec)
-        static = StepConfig(cfg.model, spec, True, True)
-        hp = hparams_of(tcfg)
+        state = init_state(cfg)
+        static = StepConfig(cfg.model, True, True)
+        hp = hparams_of(tcfg, 10)
         idx = jnp.arange(k * args.batch_size).reshape(k, args.batch_size)
         state, _ = _update(state, dev, idx, hp, static)  # compile
         jax.block_until_ready(state)

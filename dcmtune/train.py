@@ -5,9 +5,13 @@ One optimizer update consumes k = gradient_accumulation_steps micro-batches insi
 training conformer once, in batches of molecules of similar size (size buckets, each padded only
 to its own atoms and grid points; one compiled step per bucket shape), the order drawn from
 fold_in(rng, epoch); see `dcmtune.batching` (also for the padded path, `data.batching:
-padded`). Learning rate, loss weights, EMA decay and clip norm are traced inputs: runs that
-differ only in them reuse one compiled program. Data stays on the device unless it exceeds
+padded`). Every number is a traced input (learning rate and all schedule settings, loss
+weights, EMA decay, clip norm): runs that differ only in them reuse one compiled program per
+(model, batch shape, accumulation steps, use_grad_clip, use_ema). Data stays on the device unless it exceeds
 `data.device_data_budget_mb` (then it is streamed); the host reads metrics once per epoch.
+
+Cold start: the state is made by one compiled program, and the host side runs no eager jnp
+work it can avoid (each eager op is a compile of its own).
 
 The trainer never knows who listens: a `Reporter` gets (epoch, metrics, checkpoint_dir) after
 every epoch (the CLI prints a table; the Tune trainable calls `tune.report`).
@@ -39,7 +43,7 @@ from dcmtune.data import ESPData, load_dataset, split_dataset, split_record
 from dcmtune.loss import (LossWeights, finalize_metrics, loss_and_sums, per_molecule_terms,
                           predict_observables, term_counts, terms_loss_and_sums, zero_sums)
 from dcmtune.model import build_model, init_params
-from dcmtune.schedules import ScheduleSpec, learning_rate_at, make_optimizer, schedule_spec
+from dcmtune.schedules import learning_rate_at, make_optimizer, schedule_spec
 
 __all__ = ["TrainState", "StepConfig", "Reporter", "FitResult", "hparams_of", "train_step",
            "eval_step", "predict_step", "predict_batch", "accumulated_grads", "fit",
@@ -71,10 +75,11 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """The static (compile-time) part of a training step; everything else is traced."""
+    """The static (compile-time) part of a training step: the model, and which parts the
+    optimizer state has. Every number (learning rate and schedule, loss weights, EMA decay,
+    clip norm) is traced (`hparams_of`)."""
 
     model: ModelConfig
-    schedule: ScheduleSpec
     use_grad_clip: bool = True
     use_ema: bool = True
 
@@ -95,10 +100,14 @@ class FitResult:
     status: str  # "completed" or "diverged"
 
 
-def hparams_of(cfg: TrainingConfig) -> dict[str, jnp.ndarray]:
-    """The traced hyper-parameters of a step, as float32 scalars."""
-    return {k: jnp.asarray(getattr(cfg, k), jnp.float32)
-            for k in ("learning_rate", "grad_clip_norm", "ema_decay", "esp_w", "chg_w", "dip_w")}
+def hparams_of(cfg: TrainingConfig, updates_per_epoch: int) -> dict[str, Any]:
+    """The traced hyper-parameters of a step, on the device: float32 scalars, and "schedule"
+    (`ScheduleSpec`, the schedule in optimizer updates). Their values never shape a program."""
+    hp: dict[str, Any] = {k: np.float32(getattr(cfg, k)) for k in
+                          ("learning_rate", "grad_clip_norm", "ema_decay", "esp_w", "chg_w",
+                           "dip_w")}
+    hp["schedule"] = schedule_spec(cfg, updates_per_epoch)
+    return jax.device_put(hp)
 
 
 def _weights(hparams) -> LossWeights:
@@ -153,7 +162,7 @@ def train_step(state: TrainState, batch, hparams, static: StepConfig):
       (new state, metric sums of the batch evaluated with the pre-update params).
     """
     grads, sums = accumulated_grads(state.params, batch, hparams, static.model)
-    tx = make_optimizer(hparams, static.schedule, static.use_grad_clip)
+    tx = make_optimizer(hparams, static.use_grad_clip)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if static.use_ema:
@@ -205,21 +214,39 @@ def _update(state, data, idx, hparams, static: StepConfig):
 _add_sums = jax.jit(_tree_add)
 
 
+@functools.partial(jax.jit, static_argnames=("model_config",))
+def _eval_sums(params, batches, weights: LossWeights, model_config: ModelConfig):
+    """Sums over stacked batches (nb, B, ...) as one program: a scan of `eval_step`."""
+    def body(acc, batch):
+        return _tree_add(acc, eval_step(params, batch, weights, model_config)), None
+
+    sums, _ = jax.lax.scan(body, zero_sums(batches["esp"].dtype), batches)
+    return sums
+
+
 def evaluate_sums(params, batches, weights: LossWeights, model_config: ModelConfig):
-    """Metric sums of `params` over device batches (an iterable of batches, or stacked
-    batches (nb, B, ...)): one `predict_batch` dispatch per batch, summed on the device (no
-    host sync)."""
+    """Metric sums of `params` over device batches, summed on the device in batch order (no
+    host sync): stacked batches (nb, B, ...) in one dispatch of one scan program (`_eval_sums`),
+    an iterable of batches (e.g. of several bucket shapes) one `predict_batch` per batch."""
     if isinstance(batches, dict):
-        batches = [jax.tree.map(lambda x: x[i], batches) for i in range(batches["esp"].shape[0])]
+        return _eval_sums(params, batches, weights, model_config)
     sums = zero_sums()
     for batch in batches:
         sums = _add_sums(sums, predict_batch(params, batch, weights, model_config)["sums"])
     return sums
 
 
-@functools.partial(jax.jit, static_argnames=("model_config",))
-def _init_params(key, model_config: ModelConfig):
-    return init_params(build_model(model_config), key)
+@functools.partial(jax.jit, static_argnames=("model_config", "use_grad_clip"))
+def _init_state(seed, hparams, model_config: ModelConfig, use_grad_clip: bool) -> "TrainState":
+    """`init_state` as one program (keys, parameters, optimizer state): nothing compiled eagerly.
+
+    `seed` is an int32 scalar: jax.random.PRNGKey(int) makes the same key from it.
+    """
+    k_init, k_data = jax.random.split(jax.random.PRNGKey(seed))
+    params = init_params(build_model(model_config), k_init)
+    opt_state = make_optimizer(hparams, use_grad_clip).init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      ema_params=params, rng=k_data)
 
 
 def evaluate_params(params, data: ESPData, model_config: ModelConfig,
@@ -234,14 +261,11 @@ def evaluate_params(params, data: ESPData, model_config: ModelConfig,
                             weights)
 
 
-def init_state(config: ExperimentConfig, spec: ScheduleSpec) -> TrainState:
-    """A fresh TrainState from the config's seed: one root key split per purpose."""
-    root = jax.random.PRNGKey(config.random_seed)
-    k_init, k_data = jax.random.split(root)
-    params = _init_params(k_init, config.model)
-    tx = make_optimizer(hparams_of(config.training), spec, config.training.use_grad_clip)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params, rng=k_data)
+def init_state(config: ExperimentConfig) -> TrainState:
+    """A fresh TrainState from the config's seed: one root key split per purpose. Its
+    structure depends on the model and use_grad_clip only (not on any hyper-parameter value)."""
+    return _init_state(np.int32(config.random_seed), hparams_of(config.training, 1),
+                       model_config=config.model, use_grad_clip=config.training.use_grad_clip)
 
 
 def _updates_per_epoch(n_train: int, cfg: TrainingConfig) -> int:
@@ -402,9 +426,8 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
     splits = _split(config, data)
     train, valid = data.subset(splits["train"]), data.subset(splits["valid"])
     buckets, upe = _train_buckets(train, config, resume_from)
-    spec = schedule_spec(t_cfg, upe)
-    static = StepConfig(config.model, spec, t_cfg.use_grad_clip, t_cfg.use_ema)
-    hp = hparams_of(t_cfg)
+    static = StepConfig(config.model, t_cfg.use_grad_clip, t_cfg.use_ema)
+    hp = hparams_of(t_cfg, upe)
     weights = _weights(hp)
 
     # 2. State: fresh, or restored exactly (the config is checked before anything compiles).
@@ -417,7 +440,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
                                        data_checksum=data.checksum(), splits=splits,
                                        allow_change=allow_config_change)
         _check_writable(run_dir)
-        state, meta = ckpt.load_checkpoint(Path(resume_from), template=init_state(config, spec))
+        state, meta = ckpt.load_checkpoint(Path(resume_from), template=init_state(config))
         history = [dict(r) for r in meta.get("history", [])]
         restarts = [dict(r) for r in meta.get("restarts", [])]
         if changes:
@@ -436,7 +459,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
             "or choose another name/output_dir")
     else:
         _check_writable(run_dir)
-        state = init_state(config, spec)
+        state = init_state(config)
 
     # 3. Run directory: resolved config and split, written once.
     ckpt_root = run_dir / "checkpoints"
@@ -489,7 +512,7 @@ def fit(config: ExperimentConfig, data: Optional[ESPData] = None, *,
             evaluate_sums(eval_params, valid_batches(), weights, config.model)), weights)
         step = int(state.step)
         metrics: dict[str, float] = {"epoch": epoch, "step": step,
-                                     "lr": float(learning_rate_at(hp, spec, step - 1))}
+                                     "lr": learning_rate_at(hp, step - 1)}
         metrics.update({f"train_{k_}": v for k_, v in train_metrics.items()})
         metrics.update({f"valid_{k_}": v for k_, v in valid_metrics.items()})
         diverged = not (math.isfinite(metrics["train_loss"])

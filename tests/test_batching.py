@@ -68,7 +68,7 @@ def test_epoch_uses_every_conformer_once_in_a_seeded_order(mixed):
 
 def test_bucketed_batch_has_the_loss_and_gradients_of_the_padded_batch(mixed):
     cfg = ExperimentConfig(model=TINY)
-    hp = hparams_of(cfg.training)
+    hp = hparams_of(cfg.training, 1)
     params = jax.jit(lambda k: init_params(build_model(TINY), k))(jax.random.PRNGKey(1))
     buckets = batching.plan_buckets(mixed, batch_size=2, accumulation=2, max_buckets=4)
     small = buckets[0]

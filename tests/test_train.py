@@ -15,8 +15,10 @@ from dcmtune.baselines import element_charge_array, element_charges, esp_rmse_of
 from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
 from dcmtune.data import load_dataset, make_batch, split_dataset
 from dcmtune.synthetic import make_synthetic
-from dcmtune.schedules import ScheduleSpec, learning_rate_at, lr_factor_schedule, schedule_spec
-from dcmtune.train import (TIMING_KEYS, StepConfig, _update, accumulated_grads,
+from dcmtune.schedules import (ScheduleSpec, learning_rate_at, lr_factor, lr_factor_schedule,
+                               make_optimizer, schedule_spec)
+from dcmtune.train import (TIMING_KEYS, StepConfig, _init_state, _update,
+                           accumulated_grads,
                            ema_decay_at, evaluate_params, fit, hparams_of, init_state,
                            predict_batch, train_step)
 
@@ -49,9 +51,8 @@ def test_accumulation_equals_one_big_batch(data, tmp_path):
     cfg = _config(tmp_path, learning_rate=1e-2, grad_clip_norm=0.05)
     idx = np.arange(8)  # molecules of different sizes end up in different micro-batches
     assert len(set(data.N[idx].tolist())) > 1
-    hp = hparams_of(cfg.training)
-    spec = ScheduleSpec("constant", 0, 10)
-    state = init_state(cfg, spec)
+    hp = hparams_of(cfg.training, 10)
+    state = init_state(cfg)
     # The gradients in float64, so that float32 summation order cannot hide a real difference.
     with jax.enable_x64(True):
         f64 = lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -65,7 +66,7 @@ def test_accumulation_equals_one_big_batch(data, tmp_path):
             np.testing.assert_allclose(s4[k], s1[k], rtol=1e-5, atol=1e-12, err_msg=k)
         # One Adam update with clipping active (the gradient norm exceeds 0.05).
         assert float(optax.tree.norm(g1)) > 0.05
-    static = StepConfig(cfg.model, spec, True, True)
+    static = StepConfig(cfg.model, True, True)
     step = jax.jit(train_step, static_argnums=3)
     p1 = step(state, _stack(data, idx, 1), hp, static)[0].params
     p4 = step(state, _stack(data, idx, 4), hp, static)[0].params
@@ -102,23 +103,22 @@ def test_schedules_closed_form(k):
 def test_optimizer_counts_updates_not_batches():
     # Adam's first steps on a constant gradient move each parameter by ~ -lr(t): the applied
     # learning rates follow the schedule update by update.
-    spec = ScheduleSpec("cosine", 3, 12, 0.1)
-    hp = {"learning_rate": jnp.asarray(0.01), "grad_clip_norm": jnp.asarray(1.0)}
-    from dcmtune.schedules import make_optimizer
-    tx = make_optimizer(hp, spec, use_grad_clip=False)
+    spec = ScheduleSpec.of("cosine", 3, 12, 0.1)
+    hp = {"learning_rate": jnp.asarray(0.01), "grad_clip_norm": jnp.asarray(1.0),
+          "schedule": spec}
+    tx = make_optimizer(hp, use_grad_clip=False)
     p = {"w": jnp.zeros(())}
     s = tx.init(p)
     for t in range(12):
         u, s = tx.update({"w": jnp.ones(())}, s, p)
-        np.testing.assert_allclose(-u["w"], learning_rate_at(hp, spec, t), rtol=1e-4)
+        np.testing.assert_allclose(-u["w"], learning_rate_at(hp, t), rtol=1e-4)
 
 
 def test_ema_closed_form_and_used_for_evaluation(data, tmp_path):
     cfg = _config(tmp_path, ema_decay=0.5)
-    spec = ScheduleSpec("constant", 0, 10)
-    static = StepConfig(cfg.model, spec, True, True)
-    hp = hparams_of(cfg.training)
-    state = init_state(cfg, spec)
+    static = StepConfig(cfg.model, True, True)
+    hp = hparams_of(cfg.training, 10)
+    state = init_state(cfg)
     ema = state.params
     step = jax.jit(train_step, static_argnums=3)
     for t in range(3):
@@ -140,12 +140,52 @@ def test_ema_closed_form_and_used_for_evaluation(data, tmp_path):
 
 
 def test_no_recompile_when_only_traced_values_change(data, tmp_path):
+    # Every number of the training config is traced: loss weights, EMA, clipping, and every
+    # schedule setting (type, warmup, floor, step settings, run length).
     fit(_config(tmp_path, "a"), data)
     n_update, n_eval = _update._cache_size(), predict_batch._cache_size()
-    fit(_config(tmp_path, "b", learning_rate=1e-4, esp_w=10.0, chg_w=3.0, ema_decay=0.9,
-                grad_clip_norm=0.5), data)
+    n_init = _init_state._cache_size()
+    variants = [dict(learning_rate=1e-4, esp_w=10.0, chg_w=3.0, ema_decay=0.9,
+                     grad_clip_norm=0.5),
+                dict(num_epochs=3, warmup_epochs=2, min_lr_factor=0.3),
+                dict(num_epochs=2, warmup_epochs=0, lr_schedule_type="exponential",
+                     min_lr_factor=0.05),
+                dict(num_epochs=3, lr_schedule_type="step", step_every_epochs=1,
+                     step_factor=0.7, min_lr_factor=0.2),
+                dict(num_epochs=2, use_lr_schedule=False)]
+    for i, v in enumerate(variants):
+        cfg = _config(tmp_path, f"b{i}", **v)
+        res = fit(cfg, data)
+        upe = res.history[0]["step"]
+        spec = schedule_spec(cfg.training, upe)
+        for row in res.history:  # the logged rate is the closed form at the epoch's last update
+            np.testing.assert_allclose(row["lr"], cfg.training.learning_rate * float(
+                lr_factor(spec, row["step"] - 1, xp=np)), rtol=1e-6)
+    # One program each for all six runs (counted after the first: other tests add others).
     assert _update._cache_size() == n_update
     assert predict_batch._cache_size() == n_eval
+    assert _init_state._cache_size() == n_init
+
+
+def test_traced_schedule_matches_its_closed_form_inside_jit():
+    # One jitted function serves every schedule; its values equal the host-side (numpy) ones.
+    f = jax.jit(lambda spec, c: lr_factor(spec, c))
+    for kind in ("constant", "cosine", "exponential", "step"):
+        spec = ScheduleSpec.of(kind, 4, 40, 0.1, 6, 0.5)
+        counts = np.arange(45)
+        np.testing.assert_allclose(f(spec, counts), lr_factor(spec, counts, xp=np), rtol=2e-6)
+    assert f._cache_size() == 1
+    w, last = 4, 39
+    spec = ScheduleSpec.of("cosine", w, 40, 0.1)
+    np.testing.assert_allclose(f(spec, np.arange(w)), (np.arange(w) + 1) / w, rtol=1e-6)
+    np.testing.assert_allclose(f(spec, last), 0.1, rtol=1e-5)
+    np.testing.assert_allclose(f(spec, last + 5), 0.1, rtol=1e-5)  # stays at the floor
+    np.testing.assert_allclose(f(ScheduleSpec.of("exponential", 0, 11, 0.01), 5), 0.1,
+                               rtol=1e-5)
+    np.testing.assert_allclose(f(ScheduleSpec.of("step", 0, 40, 0.2, 6, 0.5), [5, 6, 12, 18]),
+                               [1.0, 0.5, 0.25, 0.2], rtol=1e-6)
+    with pytest.raises(ValueError, match="lr_schedule_type"):
+        ScheduleSpec.of("linear", 0, 10)
 
 
 def _close_trees(a, b, atol=1e-6):
