@@ -15,7 +15,9 @@ The path of the data, with the module of each stage:
   epoch     fit(): epochs, EMA evaluation, checkpoints, a Reporter      train.py, checkpoint.py,
                                                                          _io.py, train_cli.py
   trial     one Ray Tune trial around fit()                              trainable.py, xla_env.py
-  sweep     Tuner: Optuna TPE + ASHA over a YAML search space           search_space.py, sweep.py
+  sweep     Tuner: Optuna TPE + ASHA over a YAML search space           search_space.py, sweep.py,
+                                                                         experiment_store.py
+  storage   local, shared or object storage (s3://, gs://) of sweeps    storage.py
   rank      re-evaluate the best checkpoints on held-out molecules     rank.py, analysis.py,
                                                                          baselines.py, report.py
 
