@@ -183,21 +183,16 @@ def _bucket_batch(data: ESPData, bucket: Bucket, pos: np.ndarray) -> dict[str, n
     return {key: v.reshape((k, b) + v.shape[1:]) for key, v in batch.items()}
 
 
-@jax.jit
-def _take(arrays: dict, idx):
-    """Rows `idx` of every array (a device-side gather)."""
-    return jax.tree.map(lambda x: x[idx], arrays)
-
-
 class TrainFeed:
     """The device batches of training updates from `buckets` of `data`.
 
-    `inputs` yields (the update's batch of k*b rows, (k, b) indices arange(k*b)) for
-    `dcmtune.train._update`. Resident: each bucket's conformers are one padded device array
-    (plus a dummy row at index `size`) and the rows are gathered on the device. Streaming: the
-    batch is built on the host and copied to the device PREFETCH_DEPTH updates ahead by a
-    background thread. Both give the step the same batch shapes and values, so both run the
-    same compiled program (one per bucket shape) to the same results.
+    `inputs` yields (device arrays, (k, b) row indices into them) for `dcmtune.train._update`,
+    which gathers the rows inside the step. Resident: each bucket's conformers are one padded
+    device array (plus a dummy row at index `size`), so no batch is built or copied per update.
+    Streaming: the update's k*b rows are built on the host and copied to the device
+    PREFETCH_DEPTH updates ahead by a background thread (indices arange(k*b)). Both give the
+    step the same batch values, so both train to the same results (one compiled program per
+    bucket shape and path).
     """
 
     def __init__(self, data: ESPData, buckets: Sequence[Bucket], resident: bool):
@@ -214,10 +209,9 @@ class TrainFeed:
             return
         k, b = updates[0][1].shape
         ident = np.arange(k * b, dtype=np.int32).reshape(k, b)
-        if self.resident:
+        if self.resident:  # the step gathers the rows itself: one program per update
             for i, pos in updates:
-                rows = np.where(pos < 0, self.buckets[i].size, pos).reshape(-1)
-                yield _take(self.device[i], rows.astype(np.int32)), ident
+                yield self.device[i], np.where(pos < 0, self.buckets[i].size, pos).astype(np.int32)
             return
 
         def host():
