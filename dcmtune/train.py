@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import logging
 import math
 import time
@@ -42,7 +41,7 @@ from dcmtune.config import (ConfigError, DataConfig, ExperimentConfig, ModelConf
 from dcmtune.data import ESPData, load_dataset, split_dataset, split_record
 from dcmtune.loss import (LossWeights, finalize_metrics, loss_and_sums, per_molecule_terms,
                           predict_observables, term_counts, terms_loss_and_sums, zero_sums)
-from dcmtune.model import build_model, init_params
+from dcmtune.programs import cached_jit
 from dcmtune.schedules import learning_rate_at, make_optimizer, schedule_spec
 
 __all__ = ["TrainState", "StepConfig", "Reporter", "FitResult", "hparams_of", "train_step",
@@ -118,6 +117,15 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
+def _model(model_config: ModelConfig):
+    """The DCMNet of `model_config`. dcmtune.model (e3x, and sympy through it) is imported
+    here, when a program is traced: a process that reads its programs back
+    (`dcmtune.programs`) never loads it."""
+    from dcmtune.model import build_model
+
+    return build_model(model_config)
+
+
 def accumulated_grads(params, batch, hparams, model_config: ModelConfig):
     """Gradient of the loss of all micro-batches together, accumulated with a scan.
 
@@ -128,7 +136,7 @@ def accumulated_grads(params, batch, hparams, model_config: ModelConfig):
       (grads, sums): grads equal those of one batch holding all k*b molecules (each term is
       normalised by the molecule counts of the whole stack); sums are the metric sums.
     """
-    model = build_model(model_config)
+    model = _model(model_config)
     weights = _weights(hparams)
     counts = term_counts(batch)
 
@@ -185,7 +193,7 @@ def predict_step(params, batch, weights: LossWeights, model_config: ModelConfig)
       e, dipole (B, 3) D, per-molecule esp_mse/esp_mae/mono_mae/dip_mae (B,), and `sums` (the
       batch's metric sums, see `dcmtune.loss.SUM_KEYS`).
     """
-    model = build_model(model_config)
+    model = _model(model_config)
     charges, positions = model.apply({"params": params}, batch["Z"], batch["R"],
                                      batch["atom_mask"], batch["Q"])
     esp, mono, dipole = predict_observables(charges, positions, batch)
@@ -201,10 +209,10 @@ def eval_step(params, batch, weights: LossWeights, model_config: ModelConfig):
     return predict_step(params, batch, weights, model_config)["sums"]
 
 
-predict_batch = jax.jit(predict_step, static_argnames=("model_config",))
+predict_batch = cached_jit(predict_step, static_argnames=("model_config",))
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
+@cached_jit(static_argnames=("static",))
 def _update(state, data, idx, hparams, static: StepConfig):
     """Gathers micro-batches `idx` (k, b) from device-resident `data` and applies one update."""
     batch = jax.tree.map(lambda x: x[idx], data)
@@ -214,7 +222,7 @@ def _update(state, data, idx, hparams, static: StepConfig):
 _add_sums = jax.jit(_tree_add)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config",))
+@cached_jit(static_argnames=("model_config",))
 def _eval_sums(params, batches, weights: LossWeights, model_config: ModelConfig):
     """Sums over stacked batches (nb, B, ...) as one program: a scan of `eval_step`."""
     def body(acc, batch):
@@ -236,14 +244,16 @@ def evaluate_sums(params, batches, weights: LossWeights, model_config: ModelConf
     return sums
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "use_grad_clip"))
+@cached_jit(static_argnames=("model_config", "use_grad_clip"))
 def _init_state(seed, hparams, model_config: ModelConfig, use_grad_clip: bool) -> "TrainState":
     """`init_state` as one program (keys, parameters, optimizer state): nothing compiled eagerly.
 
     `seed` is an int32 scalar: jax.random.PRNGKey(int) makes the same key from it.
     """
     k_init, k_data = jax.random.split(jax.random.PRNGKey(seed))
-    params = init_params(build_model(model_config), k_init)
+    from dcmtune.model import init_params
+
+    params = init_params(_model(model_config), k_init)
     opt_state = make_optimizer(hparams, use_grad_clip).init(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       ema_params=params, rng=k_data)

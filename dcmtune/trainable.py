@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -111,6 +112,8 @@ def _synced_trial_dir() -> Path:
 
 
 _RUN_FILES = ("config.json", "split.json", "history.csv", "restarts.json")
+# The last epoch whose `tune.report` returned (Tune's driver had taken it), in the run directory.
+ACK_FILE = "tune_reported.json"
 
 
 def _publish(run_dir: Path, trial_dir: Path) -> None:
@@ -129,8 +132,9 @@ class _TuneReporter:
 
     def __init__(self, settings: TrialSettings, num_epochs: int, best: Optional[float] = None,
                  events: Optional[EventReporter] = None,
-                 publish: Callable[[], None] = lambda: None):
-        self.publish = publish
+                 publish: Callable[[], None] = lambda: None,
+                 acknowledge: Callable[[int], None] = lambda epoch: None):
+        self.publish, self.acknowledge = publish, acknowledge
         self.metric, self.sign = settings.metric, (1.0 if settings.mode == "min" else -1.0)
         self.every, self.num_epochs = settings.checkpoint_every, num_epochs
         self.best = best
@@ -165,6 +169,7 @@ class _TuneReporter:
         except BaseException:
             self.close()
             raise
+        self.acknowledge(epoch)
         if out["fit_status"] != "running":
             self.close()
 
@@ -208,7 +213,9 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
     def reporter_for(best: Optional[float]) -> _TuneReporter:
         return _TuneReporter(settings, cfg.training.num_epochs, best=best,
                              events=EventReporter(synced, hparams=point),
-                             publish=lambda: _publish(trial_dir, synced))
+                             publish=lambda: _publish(trial_dir, synced),
+                             acknowledge=lambda epoch: _io.write_json(
+                                 trial_dir / ACK_FILE, {"epoch": epoch}))
 
     with contextlib.ExitStack() as stack:
         # A retried trial continues from the newest checkpoint that passes its checksums: Tune's
@@ -223,12 +230,18 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
                 log.warning("trial %s: no readable checkpoint to resume from; starting over",
                             trial_dir.name)
             _set_aside_stale_checkpoints(trial_dir)
+            (trial_dir / ACK_FILE).unlink(missing_ok=True)
             reporter = reporter_for(None)
             result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir)
         else:
-            reporter = reporter_for(_best_so_far(meta.get("history", []), settings))
-            log.info("trial %s resumes from %s (epoch %s)", trial_dir.name, resume,
-                     meta.get("epoch"))
+            history = meta.get("history", [])
+            known = max(_checkpoint_epoch(candidates[0]) if tune_ckpt is not None else 0,
+                        _acknowledged_epoch(trial_dir))
+            reporter = reporter_for(_best_so_far(
+                [r for r in history if int(r["epoch"]) <= known], settings))
+            log.info("trial %s resumes from %s (epoch %s; Tune has epochs up to %d)",
+                     trial_dir.name, resume, meta.get("epoch"), known)
+            _replay(reporter, history, known, int(meta["epoch"]), resume)
             result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir, resume_from=resume)
             if not reporter.calls and result.history:
                 # Nothing left to train (the trial had finished after the last experiment
@@ -260,6 +273,35 @@ def _newest_valid(candidates: list[Path]) -> tuple[Optional[Path], Optional[dict
         if best[1] is None or int(meta.get("epoch", 0)) > int(best[1].get("epoch", 0)):
             best = (c, meta)
     return best
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The epoch of a checkpoint that passes its checksums; 0 if it does not."""
+    from dcmtune import checkpoint as ckpt
+
+    try:
+        return int(ckpt.verify_checkpoint(path).get("epoch", 0))
+    except ckpt.CheckpointError:
+        return 0
+
+
+def _acknowledged_epoch(run_dir: Path) -> int:
+    """The last epoch whose report Tune took, as recorded in the run directory (0 if none)."""
+    try:
+        return int(json.loads((run_dir / ACK_FILE).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _replay(reporter: "_TuneReporter", history: list, known: int, resumed: int,
+            checkpoint_dir: Path) -> None:
+    """Reports the epochs in (known, resumed] again from the checkpoint's history: Tune may
+    never have received them (the trial died between writing `latest` and Tune taking the
+    report). The resumed epoch carries its checkpoint, when the reporter's rules want one."""
+    for row in history:
+        epoch = int(row["epoch"])
+        if known < epoch <= resumed:
+            reporter(epoch, row, checkpoint_dir if epoch == resumed else None)
 
 
 def _best_so_far(history: list, settings: TrialSettings) -> Optional[float]:

@@ -148,12 +148,17 @@ def test_node_loss_resumes_the_trial_on_a_new_worker(cluster, lost_node_sweep):
     failures = {t: s["num_failures"] for t, s in _experiment_state(moto, run.prefix).items()}
     assert sorted(failures.values()) == [0, 1], failures
     lost = next(t for t, n in failures.items() if n == 1)
-    # It continued from its last checkpoint: every epoch was reported once, none twice.
+    # It continued from its last checkpoint: Tune's results hold epoch 1 once (a restart would
+    # report it again) and end at the last epoch, in order; at most the epoch in flight when
+    # the node was lost is reported twice. Tune's result.json is not the full record: on the
+    # restart Tune replaces its copy with the bucket's (JsonLoggerCallback._restore_from_remote),
+    # losing the lines it logged after its last upload. The trainer's history.csv is the record
+    # (below: every epoch once).
     rows = [json.loads(line) for line in moto.read(
         f"{run.prefix}/trial_{lost}/result.json").decode().splitlines() if line.strip()]
     epochs = [r["epoch"] for r in rows]
     assert epochs[0] == 1 and epochs.count(1) == 1 and epochs[-1] == EPOCHS, epochs
-    assert sorted(set(epochs)) == list(range(1, EPOCHS + 1))
+    assert epochs == sorted(epochs) and len(epochs) - len(set(epochs)) <= 1, epochs
     # Everything that must survive is in the bucket, for both trials.
     trials = _trials(moto, run.prefix)
     assert len(trials) == 2
@@ -161,9 +166,10 @@ def test_node_loss_resumes_the_trial_on_a_new_worker(cluster, lost_node_sweep):
         assert {"config.json", "split.json", "history.csv"} <= set(files)
         states = [f for f in files if f.endswith("state.msgpack")]
         assert states and all(f.startswith("checkpoint_") for f in states)
-        history = [ln for ln in moto.read(f"{run.prefix}/{trial}/history.csv")
-                   .decode().splitlines()[1:] if ln.strip()]
-        assert len(history) == EPOCHS
+        lines = [ln for ln in moto.read(f"{run.prefix}/{trial}/history.csv")
+                 .decode().splitlines() if ln.strip()]
+        column = lines[0].split(",").index("epoch")
+        assert [int(ln.split(",")[column]) for ln in lines[1:]] == list(range(1, EPOCHS + 1))
 
 
 def test_ranking_best_model_and_resume_need_only_the_bucket(cluster, lost_node_sweep,

@@ -108,10 +108,13 @@ def test_a_killed_trial_resumes_from_its_last_checkpoint(killed_and_diverged):
     assert cb.failures[cb.killed] == 1  # Tune recorded one failure, then retried
     history = pd.read_csv(Path(good.path) / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4]  # each epoch once
-    # Tune's results hold each epoch once: the retry continued after the last checkpoint (a
-    # restart from epoch 1 would report epochs 1 and 2 again).
+    # The retry continued from epoch 2's `latest`; a restart from epoch 1 would report epoch 1
+    # again. Epoch 2's report was in flight (the kill came while the driver handled it), so
+    # the retry reports it again before epoch 3: every epoch at least once, none more than
+    # twice. (After a restore, Tune's results of the trial may hold only the retry's.)
     tune_epochs = good.metrics_dataframe["epoch"].tolist()
-    assert tune_epochs == list(range(tune_epochs[0], 5)), tune_epochs
+    assert tune_epochs[-3:] == [2, 3, 4] and tune_epochs.count(1) <= 1, tune_epochs
+    assert tune_epochs == sorted(tune_epochs) and len(tune_epochs) <= 5, tune_epochs
     assert good.metrics["fit_status"] == "completed"
     ranked = outcome.ranking
     assert ranked is not None and good.metrics["trial_id"] in set(ranked["trial_id"])

@@ -163,6 +163,43 @@ def test_reporter_diverged_epoch_reports_status_without_checkpoint(monkeypatch, 
     assert metrics["fit_status"] == "diverged" and ckpt is None
 
 
+def test_reporter_acknowledges_only_reports_that_returned(monkeypatch, tmp_path):
+    fake = _FakeTune()
+    monkeypatch.setattr(trainable, "tune", fake)
+    ack = lambda epoch: trainable._io.write_json(tmp_path / trainable.ACK_FILE, {"epoch": epoch})
+    rep = trainable._TuneReporter(TrialSettings(base={}), num_epochs=5, acknowledge=ack)
+    assert trainable._acknowledged_epoch(tmp_path) == 0
+    for epoch in (1, 2):
+        rep(epoch, {"epoch": epoch, "valid_esp_rmse": 1.0, "diverged": 0}, None)
+    assert trainable._acknowledged_epoch(tmp_path) == 2
+
+    def dies(metrics, checkpoint=None):
+        raise RuntimeError("the trial was stopped inside tune.report")
+
+    monkeypatch.setattr(fake, "report", dies)
+    with pytest.raises(RuntimeError):
+        rep(3, {"epoch": 3, "valid_esp_rmse": 0.5, "diverged": 0}, None)
+    assert trainable._acknowledged_epoch(tmp_path) == 2  # epoch 3 may not have reached Tune
+
+
+def test_resume_replays_the_epochs_tune_may_not_have(monkeypatch, tmp_path):
+    fake = _FakeTune()
+    monkeypatch.setattr(trainable, "tune", fake)
+    settings = TrialSettings(base={}, metric="valid_esp_rmse", mode="min", checkpoint_every=0)
+    history = [{"epoch": e, "valid_esp_rmse": 6.0 - e, "diverged": 0} for e in range(1, 6)]
+    known = 3  # Tune's checkpoint or the last acknowledged report
+    rep = trainable._TuneReporter(settings, num_epochs=10, best=trainable._best_so_far(
+        history[:known], settings))
+    trainable._replay(rep, history, known, 5, tmp_path / "latest")
+    assert [m["epoch"] for m, _ in fake.reports] == [4, 5]
+    # Only the resumed epoch has a checkpoint (it is that epoch's state).
+    assert [c for _, c in fake.reports] == [None, ("ckpt", str(tmp_path / "latest"))]
+    assert [m["fit_status"] for m, _ in fake.reports] == ["running", "running"]
+    fake.reports.clear()
+    trainable._replay(rep, history, 5, 5, tmp_path / "latest")  # Tune has them all
+    assert fake.reports == []
+
+
 def test_stale_checkpoints_of_a_failed_attempt_are_set_aside(tmp_path):
     (tmp_path / "checkpoints" / "latest").mkdir(parents=True)
     trainable._set_aside_stale_checkpoints(tmp_path)
