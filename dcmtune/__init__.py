@@ -11,7 +11,9 @@ The path of the data, with the module of each stage:
   model     DCMNet: n_dcm charges and their positions per atom          model.py
   loss      ESP/dipole of the charges, per-molecule terms, metric sums  physics.py, loss.py,
                                                                          metrics.py (the registry)
-  step      pure jitted train_step / predict_step on one TrainState     train.py, schedules.py
+  step      pure jitted train_step / predict_step on one TrainState     train.py, schedules.py,
+                                                                         programs.py (traces kept
+                                                                         across processes)
   epoch     fit(): epochs, EMA evaluation, checkpoints, a Reporter      train.py, checkpoint.py,
                                                                          _io.py, train_cli.py
   trial     one Ray Tune trial around fit()                              trainable.py, xla_env.py

@@ -137,11 +137,14 @@ class _CachedJit:
         exported = _read(path, tree)
         if exported is None:
             try:
-                exported = export.export(self._jit)(*dynamic, **static)
-                _io.write_bytes(path, exported.serialize())
+                data = export.export(self._jit)(*dynamic, **static).serialize()
+                _io.write_bytes(path, data)
             except (TypeError, ValueError, NotImplementedError, ImportError, OSError) as e:
                 log.debug("%s: not kept across processes (%s); plain jit", self._name, e)
                 return functools.partial(self._jit, **static)
+            # The program read back, as later processes get it (its results are not weakly
+            # typed, so the programs they feed have the same keys in every process).
+            exported = export.deserialize(bytearray(data))
         return jax.jit(exported.call)
 
     def _cache_size(self) -> int:
