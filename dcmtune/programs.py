@@ -140,7 +140,7 @@ class _CachedJit:
                 data = export.export(self._jit)(*dynamic, **static).serialize()
                 _io.write_bytes(path, data)
             except (TypeError, ValueError, NotImplementedError, ImportError, OSError) as e:
-                log.debug("%s: not kept across processes (%s); plain jit", self._name, e)
+                log.info("%s: not kept across processes (%s); plain jit", self._name, e)
                 return functools.partial(self._jit, **static)
             # The program read back, as later processes get it (its results are not weakly
             # typed, so the programs they feed have the same keys in every process).
