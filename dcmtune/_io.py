@@ -43,10 +43,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], durable: bool = True
+                 ) -> Path:
     """Calls `write(f)` on a binary temp file next to `path`, then renames it over `path`.
 
     Raises whatever `write` raises; `path` then keeps its old content and no temp is left.
+    durable=False skips the fsyncs: still atomic for readers and across a killed process,
+    but not across a power loss (for bookkeeping whose loss only costs a repeat).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,13 +58,15 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
     return path
 
 
@@ -90,9 +95,10 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Pretty, key-sorted JSON (NaN as null), written atomically."""
-    return write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
+def write_json(path: str | Path, obj: Any, durable: bool = True) -> Path:
+    """Pretty, key-sorted JSON (NaN as null), written atomically (`atomic_write`)."""
+    text = json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), durable=durable)
 
 
 def write_csv(path: str | Path, rows: Any, columns: Optional[Sequence[str]] = None) -> Path:

@@ -215,7 +215,7 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
                              events=EventReporter(synced, hparams=point),
                              publish=lambda: _publish(trial_dir, synced),
                              acknowledge=lambda epoch: _io.write_json(
-                                 trial_dir / ACK_FILE, {"epoch": epoch}))
+                                 trial_dir / ACK_FILE, {"epoch": epoch}, durable=False))
 
     with contextlib.ExitStack() as stack:
         # A retried trial continues from the newest checkpoint that passes its checksums: Tune's

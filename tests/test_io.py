@@ -45,6 +45,18 @@ def test_failed_write_leaves_old_file_intact(tmp_path):
     assert json.loads(path.read_text()) == {"version": 1}
 
 
+def test_durable_writes_fsync_and_bookkeeping_writes_do_not(tmp_path, monkeypatch):
+    synced = []
+    real = _io.os.fsync
+    monkeypatch.setattr(_io.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    _io.write_json(tmp_path / "a.json", {"epoch": 1})
+    assert len(synced) == 2  # the file and its directory
+    synced.clear()
+    _io.write_json(tmp_path / "b.json", {"epoch": 2}, durable=False)
+    assert synced == [] and json.loads((tmp_path / "b.json").read_text()) == {"epoch": 2}
+    assert _leftovers(tmp_path) == []
+
+
 def test_two_writers_use_distinct_temp_names(tmp_path):
     path = tmp_path / "x.txt"
     names = []
