@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -80,6 +81,13 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def jsonable(x: Any) -> Any:
     """A JSON-safe copy: numpy scalars/arrays to Python, NaN to null, +-inf to +-1e308."""
+    t = type(x)
+    if t is float:  # the common leaves first (a checkpoint's history holds thousands)
+        return x if math.isfinite(x) else (None if math.isnan(x) else math.copysign(1e308, x))
+    if t is int or t is str or t is bool or x is None:
+        return x
+    if t is dict:
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, Mapping):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -28,6 +28,18 @@ def test_write_json_text_csv_round_trip(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_jsonable_maps_every_leaf_kind():
+    x = {"f": [1.0, math.nan, math.inf, -math.inf, np.float32(2.5), np.float64(-math.inf)],
+         "i": [3, np.int64(4), True, np.bool_(False), None, "s"], 5: (1, 2),
+         "nested": {"arr": np.array([1.0, np.nan]), "p": _io.Path("a/b")}}
+    assert _io.jsonable(x) == {
+        "f": [1.0, None, 1e308, -1e308, 2.5, -1e308], "i": [3, 4, True, False, None, "s"],
+        "5": [1, 2], "nested": {"arr": [1.0, None], "p": "a/b"}}
+    out = _io.jsonable(x)
+    assert type(out["i"][2]) is bool and type(out["i"][3]) is bool and type(out["i"][1]) is int
+    json.dumps(out, allow_nan=False)  # strictly valid JSON
+
+
 def test_failed_write_leaves_old_file_intact(tmp_path):
     path = tmp_path / "f.json"
     _io.write_json(path, {"version": 1})
