@@ -139,8 +139,9 @@ class _CachedJit:
             try:
                 data = export.export(self._jit)(*dynamic, **static).serialize()
                 _io.write_bytes(path, data)
-            except (TypeError, ValueError, NotImplementedError, ImportError, OSError) as e:
-                log.info("%s: not kept across processes (%s); plain jit", self._name, e)
+            except Exception as e:  # never fatal: plain jit traces again (and raises a real error)
+                log.info("%s: not kept across processes (%s: %s); plain jit", self._name,
+                         type(e).__name__, e)
                 return functools.partial(self._jit, **static)
             # The program read back, as later processes get it (its results are not weakly
             # typed, so the programs they feed have the same keys in every process).
