@@ -152,14 +152,6 @@ class _CachedJit:
         """Programs held in this process: traced by jit, and deserialized or exported."""
         return self._jit._cache_size() + len(self._calls)
 
-    def lower(self, *args, **kwargs):
-        return self._jit.lower(*args, **kwargs)
-
-    def clear_cache(self) -> None:
-        """Forgets this process's programs (the files stay)."""
-        self._calls.clear()
-        self._jit.clear_cache()
-
 
 def _read(path: Path, tree) -> Optional[export.Exported]:
     """The program in `path` if it exists, deserializes and takes arguments of `tree`."""

@@ -224,7 +224,8 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
         tune_ckpt = tune.get_checkpoint()
         if tune_ckpt is not None:
             candidates.insert(0, Path(stack.enter_context(tune_ckpt.as_directory())))
-        resume, meta = _newest_valid(candidates)
+        valid = _verified(candidates)
+        resume, meta = _newest(valid)
         if resume is None:
             if tune_ckpt is not None:
                 log.warning("trial %s: no readable checkpoint to resume from; starting over",
@@ -235,8 +236,8 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
             result = fit(cfg, dataset, reporter=reporter, run_dir=trial_dir)
         else:
             history = meta.get("history", [])
-            known = max(_checkpoint_epoch(candidates[0]) if tune_ckpt is not None else 0,
-                        _acknowledged_epoch(trial_dir))
+            tune_meta = valid.get(candidates[0], {}) if tune_ckpt is not None else {}
+            known = max(int(tune_meta.get("epoch", 0)), _acknowledged_epoch(trial_dir))
             reporter = reporter_for(_best_so_far(
                 [r for r in history if int(r["epoch"]) <= known], settings))
             log.info("trial %s resumes from %s (epoch %s; Tune has epochs up to %d)",
@@ -254,35 +255,35 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
                     result.status, "valid_loss", result.best_valid_loss, result.best_epoch)
 
 
-def _newest_valid(candidates: list[Path]) -> tuple[Optional[Path], Optional[dict]]:
-    """The candidate checkpoint with the highest epoch among those passing their checksums
-    (ties: the earlier candidate), with its meta; (None, None) if none does."""
+def _verified(candidates: list[Path]) -> dict[Path, dict]:
+    """The candidate checkpoints that pass their checksums, with their metas, in order."""
     from dcmtune import checkpoint as ckpt
 
-    best: tuple[Optional[Path], Optional[dict]] = (None, None)
+    valid: dict[Path, dict] = {}
     for c in candidates:
         if not (c / ckpt.META_FILE).is_file() and not c.name.startswith("checkpoint_"):
             _io.recover_directory(c)
         if not c.is_dir():
             continue
         try:
-            meta = ckpt.verify_checkpoint(c)
+            valid[c] = ckpt.verify_checkpoint(c)
         except ckpt.CheckpointError as e:
             log.warning("not resuming from a damaged checkpoint: %s", e)
-            continue
-        if best[1] is None or int(meta.get("epoch", 0)) > int(best[1].get("epoch", 0)):
-            best = (c, meta)
-    return best
+    return valid
 
 
-def _checkpoint_epoch(path: Path) -> int:
-    """The epoch of a checkpoint that passes its checksums; 0 if it does not."""
-    from dcmtune import checkpoint as ckpt
+def _newest(valid: dict[Path, dict]) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint with the highest epoch (ties: the earlier one), with its meta; (None,
+    None) if there is none."""
+    if not valid:
+        return None, None
+    newest = max(valid, key=lambda c: int(valid[c].get("epoch", 0)))  # max keeps the first
+    return newest, valid[newest]
 
-    try:
-        return int(ckpt.verify_checkpoint(path).get("epoch", 0))
-    except ckpt.CheckpointError:
-        return 0
+
+def _newest_valid(candidates: list[Path]) -> tuple[Optional[Path], Optional[dict]]:
+    """The newest of the candidates that pass their checksums (`_verified`, `_newest`)."""
+    return _newest(_verified(candidates))
 
 
 def _acknowledged_epoch(run_dir: Path) -> int:
