@@ -11,13 +11,12 @@ import copy
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ray.tune import Callback
 
 from dcmtune._yaml import read_yaml
-from dcmtune.search_space import SpecError, SweepSpec, spec_from_dict
-from dcmtune.sweep import find_spec
+from dcmtune.sweep.spec import SpecError, SweepSpec, find_spec, spec_from_dict
 
 
 def quick_raw() -> tuple[dict, Path]:
@@ -26,8 +25,9 @@ def quick_raw() -> tuple[dict, Path]:
     return dict(read_yaml(path, SpecError, "spec file")), path.parent
 
 
-def derived_spec(changes: dict, storage_path: Path, name: str,
-                 replace: dict | None = None) -> SweepSpec:
+def derived_spec(
+    changes: dict, storage_path: Path, name: str, replace: dict | None = None
+) -> SweepSpec:
     """quick.yaml with `changes` merged per section ({"training": {"num_epochs": 60}, ...})
     and the sections in `replace` replaced whole, stored under `storage_path`/`name`."""
     raw, base_dir = quick_raw()
@@ -47,7 +47,7 @@ def derived_spec(changes: dict, storage_path: Path, name: str,
 class TrialTimes:
     trial_id: str
     start: float  # driver clock (time.time()) when Tune started the trial
-    end: Optional[float] = None  # when Tune marked it terminated
+    end: float | None = None  # when Tune marked it terminated
     time_total_s: float = 0.0  # Tune's own trial time (function start -> last report)
     epochs: int = 0
     epoch_time_s: float = 0.0  # the trainer's own epoch times, summed (updates + validation)
@@ -67,24 +67,31 @@ class TimingCallback(Callback):
 
     def __init__(self, metric: str = "valid_esp_rmse"):
         self.metric = metric
-        self.setup_at: Optional[float] = None
-        self.ended_at: Optional[float] = None
+        self.setup_at: float | None = None
+        self.ended_at: float | None = None
         self.trials: dict[str, TrialTimes] = {}
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
         self.setup_at = time.time()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.trials[trial.trial_id] = TrialTimes(trial.trial_id, time.time(),
-                                                 config=dict(trial.config))
+        self.trials[trial.trial_id] = TrialTimes(
+            trial.trial_id, time.time(), config=dict(trial.config)
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         t = self.trials[trial.trial_id]
         t.time_total_s = float(result.get("time_total_s", t.time_total_s))
         t.epochs = int(result.get("epoch", t.epochs))
         t.epoch_time_s += float(result.get("epoch_time", 0.0))
-        t.results.append((time.time(), int(result.get("epoch", 0)),
-                          float(result.get(self.metric, float("nan"))), t.time_total_s))
+        t.results.append(
+            (
+                time.time(),
+                int(result.get("epoch", 0)),
+                float(result.get(self.metric, float("nan"))),
+                t.time_total_s,
+            )
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.trials[trial.trial_id].end = time.time()
@@ -95,5 +102,5 @@ class TimingCallback(Callback):
     def on_experiment_end(self, trials, **info) -> None:
         self.ended_at = time.time()
 
-    def get_state(self) -> Optional[dict]:
+    def get_state(self) -> dict | None:
         return None  # nothing to restore: the benches never resume

@@ -55,13 +55,19 @@ from pathlib import Path
 import numpy as np
 
 from dcmtune import qm
-from dcmtune.baselines import (RDKIT_METHODS, element_charge_array, element_charges,
-                               esp_rmse_of_atom_charges, mulliken_charges, rdkit_charge_array,
-                               shared_charges_per_molecule)
 from dcmtune.config import config_from_flat
 from dcmtune.data import ESPData, load_dataset, split_dataset
-from dcmtune.qm import fit_esp_charges_shared
-from dcmtune.xla_env import use_compilation_cache
+from dcmtune.data.baselines import (
+    RDKIT_METHODS,
+    element_charge_array,
+    element_charges,
+    esp_rmse_of_atom_charges,
+    fit_esp_charges_shared,
+    mulliken_charges,
+    rdkit_charge_array,
+    shared_charges_per_molecule,
+)
+from dcmtune.train.environment import use_compilation_cache
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -91,7 +97,8 @@ def shared_charges(fit_on: ESPData, apply_to: ESPData) -> np.ndarray:
             [fit_on.R[i, :n].astype(np.float64) for i in src],
             [fit_on.grid[i, : fit_on.n_grid[i]].astype(np.float64) for i in src],
             [fit_on.esp[i, : fit_on.n_grid[i]].astype(np.float64) for i in src],
-            float(fit_on.Q[src[0]]))
+            float(fit_on.Q[src[0]]),
+        )
         dst = np.flatnonzero(apply_to.mol_id == mid)
         out[dst] = 0.0
         out[dst, :n] = q
@@ -111,7 +118,7 @@ def _smiles_of(files: list[str]) -> dict[str, str]:
 
 
 def _train(config):
-    from dcmtune.train import fit
+    from dcmtune.train.loop import fit
 
     t0 = time.perf_counter()
     result = fit(config)
@@ -125,11 +132,17 @@ def _splits(run_dir: Path, data: ESPData) -> dict[str, ESPData]:
 
 def _config(args, seed: int, split_by: str, study: str, **extra):
     """The config of one run of a study (`extra`: more flat config fields)."""
-    return config_from_flat(**{"split_by": split_by, "split_seed": seed,
-                               "output_dir": args.output_dir,
-                               "name": f"{study}_seed{seed}_{int(time.time())}",
-                               **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
-                               **args.overrides, **extra})
+    return config_from_flat(
+        **{
+            "split_by": split_by,
+            "split_seed": seed,
+            "output_dir": args.output_dir,
+            "name": f"{study}_seed{seed}_{int(time.time())}",
+            **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
+            **args.overrides,
+            **extra,
+        }
+    )
 
 
 def _load(cfg) -> ESPData:
@@ -153,30 +166,39 @@ def run_defaults(args) -> list[dict]:
         cfg, result, wall, s = _run_seed(args, seed, "conformer", "defaults")
         train, valid = s["train"], s["valid"]
         last = result.history[-1]
-        rows.append({
-            "split_seed": seed, "epochs": len(result.history), "wall_s": wall,
-            "model": last["valid_esp_rmse"],
-            "model_best": min(r["valid_esp_rmse"] for r in result.history),
-            "train": last["train_esp_rmse"],
-            "mono": esp_rmse_of_atom_charges(valid, valid.mono)
-            if valid.mono is not None else float("nan"),
-            "shared": esp_rmse_of_atom_charges(valid, shared_charges(train, valid)),
-            "element": esp_rmse_of_atom_charges(
-                valid, element_charge_array(valid, element_charges(train))),
-            "run_dir": str(result.run_dir)})
+        rows.append(
+            {
+                "split_seed": seed,
+                "epochs": len(result.history),
+                "wall_s": wall,
+                "model": last["valid_esp_rmse"],
+                "model_best": min(r["valid_esp_rmse"] for r in result.history),
+                "train": last["train_esp_rmse"],
+                "mono": esp_rmse_of_atom_charges(valid, valid.mono)
+                if valid.mono is not None
+                else float("nan"),
+                "shared": esp_rmse_of_atom_charges(valid, shared_charges(train, valid)),
+                "element": esp_rmse_of_atom_charges(
+                    valid, element_charge_array(valid, element_charges(train))
+                ),
+                "run_dir": str(result.run_dir),
+            }
+        )
         _print_row(rows[-1], ("model", "mono", "shared", "element"), args.json)
     return rows
 
 
 def _test_model(cfg, result, test: ESPData) -> dict:
     """Test ESP RMSE of the run's best checkpoint (chosen on validation) and its epoch."""
-    from dcmtune import checkpoint as ckpt
-    from dcmtune.train import evaluate_params
+    from dcmtune.train import checkpoints as ckpt
+    from dcmtune.train.step import evaluate_params
 
     state, meta = ckpt.load_checkpoint(result.run_dir / "checkpoints" / "best")
     params = state["ema_params"] if cfg.training.use_ema else state["params"]
-    return {"best_epoch": int(meta["epoch"]),
-            "model": evaluate_params(params, test, cfg.model)["esp_rmse"]}
+    return {
+        "best_epoch": int(meta["epoch"]),
+        "model": evaluate_params(params, test, cfg.model)["esp_rmse"],
+    }
 
 
 def _test_baselines(args, data: ESPData, test: ESPData, test_idx) -> dict:
@@ -209,12 +231,17 @@ def run_generalise(args) -> list[dict]:
     for seed in args.split_seeds:
         cfg, result, wall, s = _run_seed(args, seed, "molecule", "generalise")
         train, test = s["train"], s["test"]
-        row = {"split_seed": seed, "epochs": len(result.history), "wall_s": wall,
-               "test_molecules": int(len(set(test.mol_id))),
-               "test_conformers": int(test.num_conformers),
-               **_test_model(cfg, result, test), "element": _element(train, test),
-               **_test_baselines(args, s["all"], test, s["indices"]["test"]),
-               "run_dir": str(result.run_dir)}
+        row = {
+            "split_seed": seed,
+            "epochs": len(result.history),
+            "wall_s": wall,
+            "test_molecules": int(len(set(test.mol_id))),
+            "test_conformers": int(test.num_conformers),
+            **_test_model(cfg, result, test),
+            "element": _element(train, test),
+            **_test_baselines(args, s["all"], test, s["indices"]["test"]),
+            "run_dir": str(result.run_dir),
+        }
         rows.append(row)
         _print_row(row, GENERALISE_COLS, args.json)
     return rows
@@ -230,8 +257,10 @@ def _check_curve(args) -> None:
             try:
                 split_dataset(data, cfg.data)
             except ValueError as e:
-                print(f"accuracy.py curve: --train-molecules {n} (split_seed {seed}): {e}",
-                      file=sys.stderr)
+                print(
+                    f"accuracy.py curve: --train-molecules {n} (split_seed {seed}): {e}",
+                    file=sys.stderr,
+                )
                 raise SystemExit(2) from None
 
 
@@ -241,28 +270,43 @@ def run_curve(args) -> list[dict]:
     for seed in args.split_seeds:
         held_out, baselines = None, None
         for n in args.train_molecules:  # None: all of the split's training molecules
-            cfg, result, wall, s = _run_seed(args, seed, "molecule", f"curve{n or 'all'}",
-                                             train_molecules=n)
+            cfg, result, wall, s = _run_seed(
+                args, seed, "molecule", f"curve{n or 'all'}", train_molecules=n
+            )
             train, test = s["train"], s["test"]
             if held_out is None:  # the full split of this seed: every point must share it
-                held_out = split_dataset(s["all"], dataclasses.replace(cfg.data,
-                                                                        train_molecules=None))
+                held_out = split_dataset(
+                    s["all"], dataclasses.replace(cfg.data, train_molecules=None)
+                )
                 baselines = _test_baselines(args, s["all"], test, s["indices"]["test"])
-            if (any(s["indices"][k] != held_out[k].tolist() for k in ("valid", "test"))
-                    or not set(s["indices"]["train"]) <= set(held_out["train"].tolist())):
-                raise SystemExit(f"split_seed {seed}, train_molecules {n}: the run's split is "
-                                 "not the full split's valid/test with a subset of its train")
-            row = {"split_seed": seed, "train_molecules": int(len(set(train.mol_id))),
-                   "train_conformers": int(train.num_conformers),
-                   "test_molecules": int(len(set(test.mol_id))),
-                   "test_conformers": int(test.num_conformers),
-                   "epochs": len(result.history), "wall_s": wall,
-                   **_test_model(cfg, result, test), "element": _element(train, test),
-                   **baselines, "run_dir": str(result.run_dir)}
+            if any(s["indices"][k] != held_out[k].tolist() for k in ("valid", "test")) or not set(
+                s["indices"]["train"]
+            ) <= set(held_out["train"].tolist()):
+                raise SystemExit(
+                    f"split_seed {seed}, train_molecules {n}: the run's split is "
+                    "not the full split's valid/test with a subset of its train"
+                )
+            row = {
+                "split_seed": seed,
+                "train_molecules": int(len(set(train.mol_id))),
+                "train_conformers": int(train.num_conformers),
+                "test_molecules": int(len(set(test.mol_id))),
+                "test_conformers": int(test.num_conformers),
+                "epochs": len(result.history),
+                "wall_s": wall,
+                **_test_model(cfg, result, test),
+                "element": _element(train, test),
+                **baselines,
+                "run_dir": str(result.run_dir),
+            }
             rows.append(row)
-            _print_row(row, CURVE_COLS, args.json,
-                       label=f"{row['train_molecules']} train molecules "
-                             f"({row['train_conformers']} conformers)")
+            _print_row(
+                row,
+                CURVE_COLS,
+                args.json,
+                label=f"{row['train_molecules']} train molecules "
+                f"({row['train_conformers']} conformers)",
+            )
     return rows
 
 
@@ -283,48 +327,83 @@ def _print_row(row: dict, cols, as_json: bool, label: str = "") -> None:
     if as_json:
         return
     vals = "  ".join(f"{c} {row[c]:.3f}" for c in cols if c in row)
-    print(f"split_seed {row['split_seed']}{', ' + label if label else ''}: {vals}  "
-          f"({row['epochs']} epochs, {row['wall_s']:.0f} s)", flush=True)
+    print(
+        f"split_seed {row['split_seed']}{', ' + label if label else ''}: {vals}  "
+        f"({row['epochs']} epochs, {row['wall_s']:.0f} s)",
+        flush=True,
+    )
 
 
 def _summary(rows: list[dict], cols) -> None:
     print(f"\n{'split_seed':>10}" + "".join(f"{c:>10}" for c in cols) + f"{'wall s':>9}")
     for r in rows:
-        print(f"{r['split_seed']:>10}" + "".join(
-            f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols) + f"{r['wall_s']:>9.0f}")
-    print(f"{'median':>10}" + "".join(
-        f"{np.median([r[c] for r in rows if c in r]):>10.3f}"
-        if any(c in r for r in rows) else f"{'-':>10}" for c in cols)
-        + f"{np.median([r['wall_s'] for r in rows]):>9.0f}")
+        print(
+            f"{r['split_seed']:>10}"
+            + "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
+            + f"{r['wall_s']:>9.0f}"
+        )
+    print(
+        f"{'median':>10}"
+        + "".join(
+            f"{np.median([r[c] for r in rows if c in r]):>10.3f}"
+            if any(c in r for r in rows)
+            else f"{'-':>10}"
+            for c in cols
+        )
+        + f"{np.median([r['wall_s'] for r in rows]):>9.0f}"
+    )
 
 
 def _curve_summary(rows: list[dict], cols) -> None:
-    print(f"{'split_seed':>10}{'train mol':>10}{'conf':>6}" + "".join(f"{c:>10}" for c in cols)
-          + f"{'wall s':>9}")
+    print(
+        f"{'split_seed':>10}{'train mol':>10}{'conf':>6}"
+        + "".join(f"{c:>10}" for c in cols)
+        + f"{'wall s':>9}"
+    )
     for r in rows:
-        print(f"{r['split_seed']:>10}{r['train_molecules']:>10}{r['train_conformers']:>6}"
-              + "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
-              + f"{r['wall_s']:>9.0f}")
+        print(
+            f"{r['split_seed']:>10}{r['train_molecules']:>10}{r['train_conformers']:>6}"
+            + "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
+            + f"{r['wall_s']:>9.0f}"
+        )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="study", required=True)
-    for name, helptext in (("defaults", "default model, conformer split, demo set or files"),
-                           ("generalise", "molecule split: test molecules never seen"),
-                           ("curve", "molecule split, test RMSE vs training molecules")):
+    for name, helptext in (
+        ("defaults", "default model, conformer split, demo set or files"),
+        ("generalise", "molecule split: test molecules never seen"),
+        ("curve", "molecule split, test RMSE vs training molecules"),
+    ):
         q = sub.add_parser(name, help=helptext)
-        q.add_argument("--data-files", nargs="+", default=[],
-                       required=(name != "defaults"), help=".npz files (default: demo set)")
+        q.add_argument(
+            "--data-files",
+            nargs="+",
+            default=[],
+            required=(name != "defaults"),
+            help=".npz files (default: demo set)",
+        )
         if name == "curve":
-            q.add_argument("--train-molecules", nargs="+", type=_train_molecules,
-                           default=[25, 50, 100, None], metavar="N|all",
-                           help="training molecules per point (default: 25 50 100 all)")
+            q.add_argument(
+                "--train-molecules",
+                nargs="+",
+                type=_train_molecules,
+                default=[25, 50, 100, None],
+                metavar="N|all",
+                help="training molecules per point (default: 25 50 100 all)",
+            )
         q.add_argument("--split-seeds", nargs="+", type=int, default=[0, 1, 2])
         q.add_argument("--num-epochs", type=int, default=None, help="default: the config's")
         q.add_argument("--output-dir", default="experiments/bench_accuracy")
-        q.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="any flat config field, e.g. features=32")
+        q.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="any flat config field, e.g. features=32",
+        )
         q.add_argument("--json", action="store_true", help="print one JSON document at the end")
     args = p.parse_args(argv)
     args.overrides = _overrides(args.overrides)
@@ -339,11 +418,14 @@ def main(argv=None) -> int:
         title = "test ESP RMSE (kcal/mol/e), molecule split (lsq and mono: fitted to the test ESP)"
     else:
         rows, cols = run_curve(args), CURVE_COLS
-        title = ("test ESP RMSE (kcal/mol/e) vs training molecules, molecule split, same "
-                 "valid/test molecules (element: fitted to each point's training molecules)")
+        title = (
+            "test ESP RMSE (kcal/mol/e) vs training molecules, molecule split, same "
+            "valid/test molecules (element: fitted to each point's training molecules)"
+        )
     if args.json:
-        json.dump({"study": args.study, "overrides": args.overrides, "rows": rows},
-                  sys.stdout, indent=1)
+        json.dump(
+            {"study": args.study, "overrides": args.overrides, "rows": rows}, sys.stdout, indent=1
+        )
         print()
     else:
         print(f"\n{title}")

@@ -18,8 +18,8 @@ import sys
 import numpy as np
 
 from dcmtune.data import bundled_dataset_path, load_npz
-from dcmtune.physics import HARTREE_TO_KCAL
-from dcmtune.qm import esp_design_matrix, fit_esp_charges_shared
+from dcmtune.data.baselines import esp_design_matrix, fit_esp_charges_shared
+from dcmtune.units import HARTREE_TO_KCAL
 
 METHODS = ("mono", "shared", "mulliken")
 
@@ -34,7 +34,7 @@ def molecule_rmse(data, mulliken: np.ndarray | None) -> dict[str, dict[str, floa
         Rs = [data.R[i, :n].astype(np.float64) for i in idx]
         grids = [data.grid[i, : data.n_grid[i]].astype(np.float64) for i in idx]
         esps = [data.esp[i, : data.n_grid[i]].astype(np.float64) for i in idx]
-        Ts = [esp_design_matrix(R, g) for R, g in zip(Rs, grids)]
+        Ts = [esp_design_matrix(R, g) for R, g in zip(Rs, grids, strict=True)]
         shared = fit_esp_charges_shared(Rs, grids, esps, float(data.Q[idx[0]]))
         charges = {"shared": [shared] * len(idx)}
         if data.mono is not None:
@@ -42,9 +42,19 @@ def molecule_rmse(data, mulliken: np.ndarray | None) -> dict[str, dict[str, floa
         if mulliken is not None:
             charges["mulliken"] = [mulliken[i, :n].astype(np.float64) for i in idx]
         out[str(mid)] = {
-            m: float(np.sqrt(np.mean(np.concatenate(
-                [(T @ q - v) ** 2 for T, q, v in zip(Ts, charges[m], esps)]))) * HARTREE_TO_KCAL)
-            for m in METHODS if m in charges}
+            m: float(
+                np.sqrt(
+                    np.mean(
+                        np.concatenate(
+                            [(T @ q - v) ** 2 for T, q, v in zip(Ts, charges[m], esps, strict=True)]
+                        )
+                    )
+                )
+                * HARTREE_TO_KCAL
+            )
+            for m in METHODS
+            if m in charges
+        }
     return out
 
 
@@ -54,8 +64,12 @@ def summary(per_molecule: dict[str, dict[str, float]]) -> dict[str, dict[str, fl
     for m in METHODS:
         vals = np.array([r[m] for r in per_molecule.values() if m in r])
         if len(vals):
-            out[m] = {"mean": float(vals.mean()), "min": float(vals.min()),
-                      "max": float(vals.max()), "molecules": int(len(vals))}
+            out[m] = {
+                "mean": float(vals.mean()),
+                "min": float(vals.min()),
+                "max": float(vals.max()),
+                "molecules": int(len(vals)),
+            }
     return out
 
 
@@ -76,15 +90,13 @@ def main(argv=None) -> int:
     per_mol = molecule_rmse(data, mull)
     summ = summary(per_mol)
     if args.json:
-        json.dump({"files": files, "per_molecule": per_mol, "summary": summ}, sys.stdout,
-                  indent=1)
+        json.dump({"files": files, "per_molecule": per_mol, "summary": summ}, sys.stdout, indent=1)
         print()
         return 0
     print("ESP RMSE (kcal/mol/e) per molecule, pooled over its conformers")
     print(f"{'mol_id':<12}" + "".join(f"{m:>10}" for m in METHODS))
     for mid, r in per_mol.items():
-        print(f"{mid:<12}" + "".join(f"{r[m]:>10.3f}" if m in r else f"{'-':>10}"
-                                     for m in METHODS))
+        print(f"{mid:<12}" + "".join(f"{r[m]:>10.3f}" if m in r else f"{'-':>10}" for m in METHODS))
     print()
     print(f"{'over molecules':<16}{'mean':>8}{'min':>8}{'max':>8}")
     for m, s in summ.items():

@@ -16,20 +16,23 @@ in docs/cluster.md:
 
 import argparse
 import dataclasses
-from importlib import resources
 import json
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from dcmtune.config import ExperimentConfig
 from dcmtune.data import load_dataset
-from dcmtune.train import fit
-from dcmtune.xla_env import use_compilation_cache
+from dcmtune.train.environment import use_compilation_cache
+from dcmtune.train.loop import fit
 
 
 def _data_bytes(data) -> int:
-    return sum(getattr(data, f.name).nbytes for f in dataclasses.fields(data)
-               if hasattr(getattr(data, f.name), "nbytes"))
+    return sum(
+        getattr(data, f.name).nbytes
+        for f in dataclasses.fields(data)
+        if hasattr(getattr(data, f.name), "nbytes")
+    )
 
 
 def main() -> None:
@@ -45,8 +48,10 @@ def main() -> None:
         rows.append(len(json.dumps({k: float(v) for k, v in metrics.items()})))
         metas.append((checkpoint_dir / "meta.json").stat().st_size)
         state = (checkpoint_dir / "state.msgpack").stat().st_size
-        print(f"epoch {epoch}: state.msgpack {state} B, meta.json {metas[-1]} B, "
-              f"result row {rows[-1]} B ({len(metrics)} metrics)")
+        print(
+            f"epoch {epoch}: state.msgpack {state} B, meta.json {metas[-1]} B, "
+            f"result row {rows[-1]} B ({len(metrics)} metrics)"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         changes = {"training.num_epochs": args.epochs, "training.save_every_n_epochs": 0}
@@ -59,17 +64,23 @@ def main() -> None:
         import jax
 
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(res.params))
-        print(f"model: features {m.features}, max_degree {m.max_degree}, num_iterations "
-              f"{m.num_iterations}, n_dcm {m.n_dcm}: {n_params} parameters; {res.status}")
+        print(
+            f"model: features {m.features}, max_degree {m.max_degree}, num_iterations "
+            f"{m.num_iterations}, n_dcm {m.n_dcm}: {n_params} parameters; {res.status}"
+        )
         for name in ("config.json", "split.json", "history.csv"):
             print(f"{name}: {(run / name).stat().st_size} B after {args.epochs} epochs")
         if len(metas) > 1:
             print(f"meta.json grows {(metas[-1] - metas[0]) / (len(metas) - 1):.0f} B per epoch")
-    print(f"demo set in the object store: {_data_bytes(data) / 1e6:.2f} MB "
-          f"({data.num_conformers} conformers)")
+    print(
+        f"demo set in the object store: {_data_bytes(data) / 1e6:.2f} MB "
+        f"({data.num_conformers} conformers)"
+    )
     org = load_dataset([str(resources.files("dcmtune.datasets") / "organic_esp.npz")])
-    print(f"organic set in the object store: {_data_bytes(org) / 1e6:.2f} MB "
-          f"({org.num_conformers} conformers)")
+    print(
+        f"organic set in the object store: {_data_bytes(org) / 1e6:.2f} MB "
+        f"({org.num_conformers} conformers)"
+    )
 
 
 if __name__ == "__main__":

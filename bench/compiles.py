@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------- the trial process
 
+
 def child(out_dir: str) -> None:
     """One trial-like run; prints one JSON line of times and compile counts."""
     t0 = float(os.environ["BENCH_T0"])
@@ -92,8 +93,7 @@ def child(out_dir: str) -> None:
     def reporter(epoch, metrics, checkpoint_dir):
         times.setdefault("first_epoch", time.time() - t0)
 
-    cfg = ExperimentConfig(name="run", output_dir=out_dir).replace(
-        **{"training.num_epochs": 1})
+    cfg = ExperimentConfig(name="run", output_dir=out_dir).replace(**{"training.num_epochs": 1})
     tr.fit(cfg, load_dataset(), reporter=reporter)
     big = sorted(programs.items(), key=lambda kv: -kv[1])[:4]
     print(json.dumps({**times, **stats, "big_programs": {k: round(v, 2) for k, v in big}}))
@@ -101,17 +101,25 @@ def child(out_dir: str) -> None:
 
 # --------------------------------------------------------------------------- the driver
 
+
 def run_process(tree: Path, cache_dir: Path) -> dict:
     """Runs `child` from source tree `tree` with a trial's environment and `cache_dir`."""
-    from dcmtune.xla_env import TrialResources, trial_env_vars
+    from dcmtune.sweep.resources import TrialResources, trial_env_vars
 
-    env = dict(os.environ, PYTHONPATH=str(tree),
-               **trial_env_vars(TrialResources(cpu=1, gpu=0), cache_dir))
+    env = dict(
+        os.environ, PYTHONPATH=str(tree), **trial_env_vars(TrialResources(cpu=1, gpu=0), cache_dir)
+    )
     env.pop("XLA_FLAGS", None)
     with tempfile.TemporaryDirectory() as out:
         env["BENCH_T0"] = repr(time.time())
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", out],
-                           env=env, capture_output=True, text=True, timeout=900, cwd=out)
+        p = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", out],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=out,
+        )
     if p.returncode != 0:
         raise RuntimeError(f"trial process failed ({tree}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -129,13 +137,17 @@ def extract(rev: str, dest: Path) -> Path:
 
 
 def _row(label: str, r: dict) -> str:
-    return (f"{label:<14} {r['import']:>7.2f} {r['first_update']:>8.2f} {r['first_epoch']:>8.2f} "
-            f"{r['compiles']:>8d} {r['compile_s']:>9.2f} {r['cache_hits']:>5d} "
-            f"{r['cache_misses']:>6d}  {r['big_programs']}")
+    return (
+        f"{label:<14} {r['import']:>7.2f} {r['first_update']:>8.2f} {r['first_epoch']:>8.2f} "
+        f"{r['compiles']:>8d} {r['compile_s']:>9.2f} {r['cache_hits']:>5d} "
+        f"{r['cache_misses']:>6d}  {r['big_programs']}"
+    )
 
 
-HEADER = (f"{'process':<14} {'import':>7} {'update1':>8} {'epoch1':>8} {'compiles':>8} "
-          f"{'compile_s':>9} {'hits':>5} {'misses':>6}  largest compiles (s)")
+HEADER = (
+    f"{'process':<14} {'import':>7} {'update1':>8} {'epoch1':>8} {'compiles':>8} "
+    f"{'compile_s':>9} {'hits':>5} {'misses':>6}  largest compiles (s)"
+)
 
 
 def _summary(values: list[float]) -> str:
@@ -144,15 +156,19 @@ def _summary(values: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", default=["cache", "cold", "warm"],
-                   choices=["cache", "cold", "warm"])
+    p.add_argument(
+        "--parts", nargs="+", default=["cache", "cold", "warm"], choices=["cache", "cold", "warm"]
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--processes", type=int, default=3)
-    p.add_argument("--before", default="c822047",
-                   help="git revision of the 'before' tree (default: the branch point of #14 "
-                        "item 2)")
-    p.add_argument("--after", default="",
-                   help="git revision of the 'after' tree (default: this working tree)")
+    p.add_argument(
+        "--before",
+        default="c822047",
+        help="git revision of the 'before' tree (default: the branch point of #14 item 2)",
+    )
+    p.add_argument(
+        "--after", default="", help="git revision of the 'after' tree (default: this working tree)"
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -185,9 +201,11 @@ def main() -> None:
             for key in ("first_update", "first_epoch"):
                 b = [r[key] for r in res["before"]]
                 a = [r[key] for r in res["after"]]
-                print(f"{key}: before {_summary(b)}; after {_summary(a)}; "
-                      f"ratio after/before {statistics.median(a) / statistics.median(b):.2f} "
-                      f"(per pair: {', '.join(f'{x / y:.2f}' for x, y in zip(a, b))})")
+                print(
+                    f"{key}: before {_summary(b)}; after {_summary(a)}; "
+                    f"ratio after/before {statistics.median(a) / statistics.median(b):.2f} "
+                    f"(per pair: {', '.join(f'{x / y:.2f}' for x, y in zip(a, b, strict=True))})"
+                )
             for key in ("compiles", "compile_s"):
                 b = statistics.median(r[key] for r in res["before"])
                 a = statistics.median(r[key] for r in res["after"])
@@ -200,8 +218,7 @@ def main() -> None:
             rows = [run_process(after, warm_cache) for _ in range(args.repeats)]
             for i, r in enumerate(rows):
                 print(_row(f"warm {i + 1}", r))
-            print(f"first_update: {_summary([r['first_update'] for r in rows])} "
-                  "(target <= 2 s)")
+            print(f"first_update: {_summary([r['first_update'] for r in rows])} (target <= 2 s)")
             print(f"import: {_summary([r['import'] for r in rows])}")
     print(f"load average at end: {os.getloadavg()}")
 

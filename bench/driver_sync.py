@@ -30,14 +30,21 @@ def _staging(root: Path, trials: int, rows: int) -> Path:
     d = root / "staging"
     d.mkdir()
     (d / "experiment_state-x.json").write_bytes(os.urandom(35_000 * trials))
-    for name, size in (("tuner.pkl", 14_400), ("searcher-state-x.pkl", 13_200),
-                       ("search_gen_state-x.json", 2_900)):
+    for name, size in (
+        ("tuner.pkl", 14_400),
+        ("searcher-state-x.pkl", 13_200),
+        ("search_gen_state-x.json", 2_900),
+    ):
         (d / name).write_bytes(os.urandom(size))
     for i in range(trials):
         t = d / f"trial_{i:08x}"
         t.mkdir()
-        for name, size in (("params.json", 53), ("params.pkl", 49),
-                           ("result.json", 1_300 * rows), ("progress.csv", 730 * rows)):
+        for name, size in (
+            ("params.json", 53),
+            ("params.pkl", 49),
+            ("result.json", 1_300 * rows),
+            ("progress.csv", 730 * rows),
+        ):
             (t / name).write_bytes(os.urandom(size))
     return d
 
@@ -56,17 +63,24 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=27, help="result rows per trial (1700 / 64)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(k, v)
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                   "-p", str(port)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                                   allow_bucket_creation=True)
+            fs = pafs.S3FileSystem(
+                endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True
+            )
             _wait(fs)
             staging, ckpt = _staging(Path(tmp), args.trials, args.rows), _checkpoint(Path(tmp))
             n_files = sum(1 for f in staging.rglob("*") if f.is_file())
@@ -84,10 +98,14 @@ def main() -> None:
             server.terminate()
             server.wait(10)
     s, c = min(sync), min(one)
-    print(f"driver sync: {n_files} files, {size / 1e6:.2f} MB; one checkpoint: 2 files, "
-          f"{ckpt_size / 1e6:.2f} MB")
-    print(f"best of {args.repeats}: driver sync {s:.2f} s, one checkpoint {c:.3f} s, "
-          f"ratio {s / c:.0f}")
+    print(
+        f"driver sync: {n_files} files, {size / 1e6:.2f} MB; one checkpoint: 2 files, "
+        f"{ckpt_size / 1e6:.2f} MB"
+    )
+    print(
+        f"best of {args.repeats}: driver sync {s:.2f} s, one checkpoint {c:.3f} s, "
+        f"ratio {s / c:.0f}"
+    )
 
 
 def _free_port() -> int:

@@ -19,18 +19,24 @@ import pstats
 import time
 from pathlib import Path
 
-from dcmtune.xla_env import use_compilation_cache
+from dcmtune.train.environment import use_compilation_cache
 
-POINT = {"training.learning_rate": 5e-3, "training.chg_w": 1.0, "model.n_dcm": 2,
-         "model.features": 16}
+POINT = {
+    "training.learning_rate": 5e-3,
+    "training.chg_w": 1.0,
+    "model.n_dcm": 2,
+    "model.features": 16,
+}
 # (label, pstats function-name match): cumulative seconds of the first matching function.
-PARTS = (("save_checkpoint", ("checkpoint.py", "save_checkpoint")),
-         ("  fsync (all files)", ("~", "<built-in method posix.fsync>")),
-         ("  json.dumps", ("json/__init__.py", "dumps")),
-         ("  _io.jsonable", ("_io.py", "jsonable")),
-         ("  package_versions", ("checkpoint.py", "package_versions")),
-         ("history.csv", ("_io.py", "write_csv")),
-         ("TensorBoard events", ("tensorboard.py", "__call__")))
+PARTS = (
+    ("save_checkpoint", ("checkpoint.py", "save_checkpoint")),
+    ("  fsync (all files)", ("~", "<built-in method posix.fsync>")),
+    ("  json.dumps", ("json/__init__.py", "dumps")),
+    ("  _io.jsonable", ("_io.py", "jsonable")),
+    ("  package_versions", ("checkpoint.py", "package_versions")),
+    ("history.csv", ("_io.py", "write_csv")),
+    ("TensorBoard events", ("tensorboard.py", "__call__")),
+)
 
 
 def cumulative(stats: pstats.Stats, file_part: str, name: str) -> float:
@@ -47,15 +53,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.output_dir).resolve()
     use_compilation_cache(out / ".jax_cache")
-    from dcmtune.search_space import load_spec
-    from dcmtune.sweep import find_spec
-    from dcmtune.tensorboard import EventReporter
-    from dcmtune.train import fit
+    from dcmtune.sweep.spec import find_spec, load_spec
+    from dcmtune.train.loop import fit
+    from dcmtune.train.tensorboard import EventReporter
 
     spec = load_spec(find_spec("quick"), storage_path=out)
     name = f"bookkeeping_{int(time.time())}"
-    cfg = spec.config_for(POINT, **{"training.num_epochs": args.epochs, "name": name,
-                                    "output_dir": str(out)})
+    cfg = spec.config_for(
+        POINT, **{"training.num_epochs": args.epochs, "name": name, "output_dir": str(out)}
+    )
     run_dir = out / name
     events = EventReporter(run_dir, hparams=POINT)
     prof = cProfile.Profile()
@@ -68,8 +74,10 @@ def main(argv=None) -> int:
     stats = pstats.Stats(prof)
     epochs = sum(r["epoch_time"] for r in result.history)
     n = len(result.history)
-    print(f"{n} epochs: wall {wall:.2f} s, epochs (updates + validation) {epochs:.2f} s, "
-          f"first epoch {result.history[0]['epoch_time']:.2f} s (compiles)")
+    print(
+        f"{n} epochs: wall {wall:.2f} s, epochs (updates + validation) {epochs:.2f} s, "
+        f"first epoch {result.history[0]['epoch_time']:.2f} s (compiles)"
+    )
     print(f"{'part':<22}{'total s':>9}{'ms/epoch':>10}{'of wall':>9}")
     for label, (file_part, func) in PARTS:
         s = cumulative(stats, file_part, func)

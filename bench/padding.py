@@ -22,7 +22,7 @@ import numpy as np
 
 from dcmtune.config import DataConfig, ExperimentConfig, ModelConfig, TrainingConfig
 from dcmtune.data import bundled_dataset_path, load_npz, pad_to, to_arrays
-from dcmtune.train import fit
+from dcmtune.train.loop import fit
 
 TINY = ModelConfig(n_dcm=1, features=8, max_degree=1, num_iterations=1, num_basis_functions=8)
 
@@ -38,7 +38,7 @@ def write_files(directory: Path) -> tuple[Path, Path]:
     mmml["esp_grid"] = mmml.pop("vdw_surface")
     del mmml["mol_id"]
     paths = directory / "compact.npz", directory / "mmml.npz"
-    for path, arrays in zip(paths, (compact, mmml)):
+    for path, arrays in zip(paths, (compact, mmml), strict=True):
         np.savez(path, **arrays)
     return paths
 
@@ -46,10 +46,15 @@ def write_files(directory: Path) -> tuple[Path, Path]:
 def epoch_time(path: Path, units: str, epochs: int, out: Path, name: str, data=None) -> float:
     """Median seconds per epoch after the first, training the tiny model on `path`."""
     cfg = ExperimentConfig(
-        name=name, output_dir=str(out), random_seed=0, model=TINY,
+        name=name,
+        output_dir=str(out),
+        random_seed=0,
+        model=TINY,
         data=DataConfig(data_files=[str(path)], dipole_units=units),
-        training=TrainingConfig(num_epochs=epochs, batch_size=16, warmup_epochs=1,
-                                save_every_n_epochs=0))
+        training=TrainingConfig(
+            num_epochs=epochs, batch_size=16, warmup_epochs=1, save_every_n_epochs=0
+        ),
+    )
     hist = fit(cfg, data).history
     return statistics.median(r["epoch_time"] for r in hist[1:])
 
@@ -58,8 +63,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=5, help="epochs per run (>= 2)")
     p.add_argument("--repeats", type=int, default=1, help="pairs of runs (median ratio)")
-    p.add_argument("--stored-padding", action="store_true",
-                   help="also time the padding as stored (60 x 3,200; slow)")
+    p.add_argument(
+        "--stored-padding",
+        action="store_true",
+        help="also time the padding as stored (60 x 3,200; slow)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -67,26 +75,36 @@ def main() -> None:
         for path, units in ((compact, "debye"), (mmml, "e_bohr")):
             t0 = time.perf_counter()
             d = load_npz(path, dipole_units=units)
-            print(f"load {path.name}: {time.perf_counter() - t0:.2f} s -> {d.num_conformers} "
-                  f"conformers, {d.num_atoms} atoms x {d.num_grid} grid points, "
-                  f"{len(set(d.mol_id))} molecules ({d.mol_id_source})")
+            print(
+                f"load {path.name}: {time.perf_counter() - t0:.2f} s -> {d.num_conformers} "
+                f"conformers, {d.num_atoms} atoms x {d.num_grid} grid points, "
+                f"{len(set(d.mol_id))} molecules ({d.mol_id_source})"
+            )
         ratios = []
         for r in range(args.repeats):
             # Alternate which layout runs first: the second run reuses the compiled program.
             runs = [("compact", compact, "debye"), ("mmml", mmml, "e_bohr")][:: 1 - 2 * (r % 2)]
-            times = {name: epoch_time(path, units, args.epochs, tmp, f"{name}{r}")
-                     for name, path, units in runs}
+            times = {
+                name: epoch_time(path, units, args.epochs, tmp, f"{name}{r}")
+                for name, path, units in runs
+            }
             tc, tm = times["compact"], times["mmml"]
             ratios.append(tm / tc)
-            print(f"epoch time: compact {tc * 1e3:.0f} ms, mmml layout {tm * 1e3:.0f} ms, "
-                  f"ratio {tm / tc:.3f}")
-        print(f"ratio mmml layout / compact (median of {args.repeats}): "
-              f"{statistics.median(ratios):.3f}  (acceptance: <= 1.2)")
+            print(
+                f"epoch time: compact {tc * 1e3:.0f} ms, mmml layout {tm * 1e3:.0f} ms, "
+                f"ratio {tm / tc:.3f}"
+            )
+        print(
+            f"ratio mmml layout / compact (median of {args.repeats}): "
+            f"{statistics.median(ratios):.3f}  (acceptance: <= 1.2)"
+        )
         if args.stored_padding:
             padded = pad_to(load_npz(mmml, dipole_units="e_bohr"), 60, 3200)
             ts = epoch_time(mmml, "e_bohr", args.epochs, tmp, "stored", data=padded)
-            print(f"padding as stored (60 x 3,200): {ts * 1e3:.0f} ms per epoch, "
-                  f"{ts / tc:.1f}x the compact file")
+            print(
+                f"padding as stored (60 x 3,200): {ts * 1e3:.0f} ms per epoch, "
+                f"{ts / tc:.1f}x the compact file"
+            )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 
 from dcmtune.config import ExperimentConfig
 from dcmtune.data import load_dataset
-from dcmtune.model import build_model, init_params
+from dcmtune.model.dcmnet import build_model, init_params
 from dcmtune.predict import Predictor, load_model
 
 
@@ -49,16 +49,20 @@ def main() -> None:
     predictor = _predictor(args.model)
     data = load_dataset(max_atomic_number=predictor.max_atomic_number)
     m = predictor.config.model
-    print(f"model: {args.model or 'untrained default'} (n_dcm {m.n_dcm}, features "
-          f"{m.features}, max_degree {m.max_degree}, iterations {m.num_iterations}); "
-          f"{data.num_conformers} demo conformers, {jax.devices()[0].platform}")
+    print(
+        f"model: {args.model or 'untrained default'} (n_dcm {m.n_dcm}, features "
+        f"{m.features}, max_degree {m.max_degree}, iterations {m.num_iterations}); "
+        f"{data.num_conformers} demo conformers, {jax.devices()[0].platform}"
+    )
     print(f"{'input':<22}{'batch':>6}{'conformers/s':>14}{'ratio':>8}")
-    for label, inputs in (("charges + dipole", (data.Z, data.R)),
-                          ("+ ESP on data grid", data)):
+    for label, inputs in (("charges + dipole", (data.Z, data.R)), ("+ ESP on data grid", data)):
         base = None
         for bs in args.batch_sizes:
-            rate = _rate(lambda: predictor.predict(inputs, batch_size=bs), data.num_conformers,
-                         args.repeats)
+            rate = _rate(
+                lambda inputs=inputs, bs=bs: predictor.predict(inputs, batch_size=bs),
+                data.num_conformers,
+                args.repeats,
+            )
             base = base or rate
             print(f"{label:<22}{bs:>6}{rate:>14.1f}{rate / base:>8.1f}")
 

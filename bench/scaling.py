@@ -49,14 +49,24 @@ import numpy as np
 
 from dcmtune.config import DataConfig, ExperimentConfig, TrainingConfig
 from dcmtune.data import ESPData, load_dataset, make_batch, to_arrays, validate_arrays
-from dcmtune.synthetic import make_synthetic
+from dcmtune.data.synthetic import make_synthetic
+from dcmtune.train.environment import use_compilation_cache
 from dcmtune.units import BOHR
-from dcmtune.xla_env import use_compilation_cache
 
 SWEEPS = {"conformers": (1, 4, 16), "atoms": (10, 20, 40, 60), "grid": (600, 1200, 2400, 3200)}
 NUM_CONFORMERS = 240  # as many as the demo set
-COLUMNS = ("epoch_s", "ms_update", "conf_per_s", "model_ms", "esp_ms", "full_ms", "esp_share",
-           "edge_frac", "gflop", "gflop_s")
+COLUMNS = (
+    "epoch_s",
+    "ms_update",
+    "conf_per_s",
+    "model_ms",
+    "esp_ms",
+    "full_ms",
+    "esp_share",
+    "edge_frac",
+    "gflop",
+    "gflop_s",
+)
 
 
 # --------------------------------------------------------------------------- data
@@ -82,9 +92,16 @@ def synthetic_set(num_atoms: int, num_grid: int, seed: int = 0) -> ESPData:
     points per conformer, each 1.8-3.0 A from a random atom, with the exact ESP of the reference
     charges (a timing set: points may lie inside other atoms)."""
     rng = np.random.default_rng(seed)
-    base = to_arrays(make_synthetic(num_molecules=NUM_CONFORMERS // 10, conformers=10,
-                                    min_atoms=num_atoms, max_atoms=num_atoms, num_grid=8,
-                                    seed=seed))
+    base = to_arrays(
+        make_synthetic(
+            num_molecules=NUM_CONFORMERS // 10,
+            conformers=10,
+            min_atoms=num_atoms,
+            max_atoms=num_atoms,
+            num_grid=8,
+            seed=seed,
+        )
+    )
     M = len(base["R"])
     grid = np.zeros((M, num_grid, 3))
     esp = np.zeros((M, num_grid))
@@ -94,7 +111,8 @@ def synthetic_set(num_atoms: int, num_grid: int, seed: int = 0) -> ESPData:
         atom = rng.integers(0, n, size=num_grid)
         u = rng.normal(size=(num_grid, 3))
         g = R[atom] + rng.uniform(1.8, 3.0, size=(num_grid, 1)) * u / np.linalg.norm(
-            u, axis=1, keepdims=True)
+            u, axis=1, keepdims=True
+        )
         d = np.linalg.norm(g[:, None] - R[None], axis=-1) / BOHR  # Shape (G, A), Bohr.
         grid[i], esp[i] = g, (q[None] / d).sum(1)
     base.update(vdw_surface=grid, esp=esp, n_grid=np.full(M, num_grid, np.int32))
@@ -106,16 +124,23 @@ def synthetic_set(num_atoms: int, num_grid: int, seed: int = 0) -> ESPData:
 
 def epoch_times(data: ESPData, epochs: int, out: Path, name: str) -> dict:
     """Median epoch time and time per update of `fit` with the default model on `data`."""
-    from dcmtune.train import fit
+    from dcmtune.train.loop import fit
 
-    cfg = ExperimentConfig(name=name, output_dir=str(out), random_seed=0,
-                           data=DataConfig(split_by="molecule"),
-                           training=TrainingConfig(num_epochs=epochs, save_every_n_epochs=0))
+    cfg = ExperimentConfig(
+        name=name,
+        output_dir=str(out),
+        random_seed=0,
+        data=DataConfig(split_by="molecule"),
+        training=TrainingConfig(num_epochs=epochs, save_every_n_epochs=0),
+    )
     hist = fit(cfg, data).history[1:]
     bs = cfg.training.batch_size
     ms_update = statistics.median(r["batch_time"] for r in hist) * 1e3
-    return {"epoch_s": statistics.median(r["epoch_time"] for r in hist),
-            "ms_update": ms_update, "conf_per_s": bs / ms_update * 1e3}
+    return {
+        "epoch_s": statistics.median(r["epoch_time"] for r in hist),
+        "ms_update": ms_update,
+        "conf_per_s": bs / ms_update * 1e3,
+    }
 
 
 def _median_ms(fns: dict, repeats: int) -> dict:
@@ -139,8 +164,8 @@ def profile(data: ESPData, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from dcmtune.loss import LossWeights, loss_and_sums
-    from dcmtune.model import build_model, init_params
+    from dcmtune.model.dcmnet import build_model, init_params
+    from dcmtune.model.loss import LossWeights, loss_and_sums
 
     cfg = ExperimentConfig()
     model = build_model(cfg.model)
@@ -161,16 +186,26 @@ def profile(data: ESPData, repeats: int) -> dict:
 
     model_fn = jax.jit(jax.value_and_grad(readout))
     # 2. ESP, observables and loss, w.r.t. charges and positions. Shapes (B, A, n), (B, A, n, 3).
-    esp_fn = jax.jit(jax.value_and_grad(
-        lambda q, pos: loss_and_sums(q, pos, batch, w)[0], argnums=(0, 1)))
+    esp_fn = jax.jit(
+        jax.value_and_grad(lambda q, pos: loss_and_sums(q, pos, batch, w)[0], argnums=(0, 1))
+    )
     # 3. Everything, w.r.t. the parameters (what an update differentiates).
     full_fn = jax.jit(jax.value_and_grad(lambda p: loss_and_sums(*apply(p), batch, w)[0]))
 
-    out = _median_ms({"model_ms": (model_fn, (params,)), "esp_ms": (esp_fn, (q0, pos0)),
-                      "full_ms": (full_fn, (params,))}, repeats)
+    out = _median_ms(
+        {
+            "model_ms": (model_fn, (params,)),
+            "esp_ms": (esp_fn, (q0, pos0)),
+            "full_ms": (full_fn, (params,)),
+        },
+        repeats,
+    )
     out["esp_share"] = out["esp_ms"] / (out["model_ms"] + out["esp_ms"])
-    for key, fn, args in (("", full_fn, (params,)), ("model_", model_fn, (params,)),
-                          ("esp_", esp_fn, (q0, pos0))):
+    for key, fn, args in (
+        ("", full_fn, (params,)),
+        ("model_", model_fn, (params,)),
+        ("esp_", esp_fn, (q0, pos0)),
+    ):
         compiled = fn.lower(*args).compile()
         out[f"{key}kernels"] = kernel_count(compiled.as_text())
         cost = compiled.cost_analysis()
@@ -194,11 +229,14 @@ def kernel_count(hlo: str) -> int:
     """Operations of a compiled program's entry computation that run as kernels (fusions,
     dots, custom calls, ...; not parameters, constants, tuples, bitcasts): on a GPU, roughly
     the kernel launches of one call."""
-    entry = hlo[hlo.index("\nENTRY"):]
-    body = entry[entry.index("{") + 1: entry.index("\n}")]
+    entry = hlo[hlo.index("\nENTRY") :]
+    body = entry[entry.index("{") + 1 : entry.index("\n}")]
     skip = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
-    ops = (re.search(r" ([a-z][a-z0-9-]*)\(", line.split(" = ", 1)[1])
-           for line in body.splitlines() if " = " in line)
+    ops = (
+        re.search(r" ([a-z][a-z0-9-]*)\(", line.split(" = ", 1)[1])
+        for line in body.splitlines()
+        if " = " in line
+    )
     return sum(1 for m in ops if m and m.group(1) not in skip)
 
 
@@ -207,8 +245,18 @@ def points(only) -> list[tuple[str, int, str]]:
     for sweep, values in SWEEPS.items():
         if only and sweep not in only:
             continue
-        rows += [(sweep, v, f"{v}x demo" if sweep == "conformers" else
-                  f"{v} atoms" if sweep == "atoms" else f"{v} grid") for v in values]
+        rows += [
+            (
+                sweep,
+                v,
+                f"{v}x demo"
+                if sweep == "conformers"
+                else f"{v} atoms"
+                if sweep == "atoms"
+                else f"{v} grid",
+            )
+            for v in values
+        ]
     return rows
 
 
@@ -234,24 +282,35 @@ def main(argv=None) -> int:
     use_compilation_cache(out / ".jax_cache")
     import jax
 
-    print(f"default model, batch 8, {jax.devices()[0].platform}; epochs 2..{args.epochs}",
-          flush=True)
-    print(f"{'point':<14}{'conformers':>11}{'A':>4}{'G':>6}" + "".join(f"{c:>11}" for c in COLUMNS),
-          flush=True)
+    print(
+        f"default model, batch 8, {jax.devices()[0].platform}; epochs 2..{args.epochs}", flush=True
+    )
+    print(
+        f"{'point':<14}{'conformers':>11}{'A':>4}{'G':>6}" + "".join(f"{c:>11}" for c in COLUMNS),
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         for sweep, value, label in points(args.only):
             data = dataset(sweep, value)
-            row = {"sweep": sweep, "value": value, "label": label,
-                   "conformers": int(data.num_conformers), "atoms": int(data.num_atoms),
-                   "grid": int(data.num_grid),
-                   "edge_frac": edge_fraction(data, ExperimentConfig().model.cutoff)}
+            row = {
+                "sweep": sweep,
+                "value": value,
+                "label": label,
+                "conformers": int(data.num_conformers),
+                "atoms": int(data.num_atoms),
+                "grid": int(data.num_grid),
+                "edge_frac": edge_fraction(data, ExperimentConfig().model.cutoff),
+            }
             if not args.profile_only:
                 row.update(epoch_times(data, args.epochs, Path(tmp), f"{sweep}_{value}"))
             row.update(profile(data, args.repeats))
             rows.append(row)
-            print(f"{label:<14}{row['conformers']:>11}{row['atoms']:>4}{row['grid']:>6}"
-                  + "".join(f"{row.get(c, float('nan')):>11.3f}" for c in COLUMNS), flush=True)
+            print(
+                f"{label:<14}{row['conformers']:>11}{row['atoms']:>4}{row['grid']:>6}"
+                + "".join(f"{row.get(c, float('nan')):>11.3f}" for c in COLUMNS),
+                flush=True,
+            )
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()

@@ -31,19 +31,24 @@ import statistics
 import time
 from pathlib import Path
 
-from dcmtune import local_ray
+from dcmtune.sweep import local_ray
+from dcmtune.sweep.driver import run_sweep
 
 local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
 
 from _sweeps import TimingCallback, derived_spec  # noqa: E402
 
-from dcmtune.sweep import run_sweep  # noqa: E402
-
 TOLERANCE = 1.05
 
 
-def arm_spec(arm: str, seed: int, storage: Path, cache: Path, gpu: float | None = None,
-             concurrency: int | None = None):
+def arm_spec(
+    arm: str,
+    seed: int,
+    storage: Path,
+    cache: Path,
+    gpu: float | None = None,
+    concurrency: int | None = None,
+):
     run = {"jax_cache_dir": str(cache)}
     if gpu is not None:
         run["resources"] = {"cpu": 1, "gpu": gpu}
@@ -52,8 +57,12 @@ def arm_spec(arm: str, seed: int, storage: Path, cache: Path, gpu: float | None 
     name = f"{arm}_seed{seed}_{int(time.time())}"
     if arm == "tpe_asha":
         return derived_spec({"searcher": {"seed": seed}, "run": run}, storage, name)
-    return derived_spec({"searcher": {"seed": seed, "sampler": "random"}, "run": run}, storage,
-                        name, replace={"scheduler": {"name": "fifo"}})
+    return derived_spec(
+        {"searcher": {"seed": seed, "sampler": "random"}, "run": run},
+        storage,
+        name,
+        replace={"scheduler": {"name": "fifo"}},
+    )
 
 
 def run_arm(arm: str, seed: int, storage: Path, cache: Path, **resources) -> dict:
@@ -62,17 +71,24 @@ def run_arm(arm: str, seed: int, storage: Path, cache: Path, **resources) -> dic
     cb = TimingCallback(spec.run.metric)
     t0 = time.time()
     run_sweep(spec, callbacks=[cb], verbose=0, echo=lambda s: None)
-    events = sorted((at, t.trial_id, epoch, value) for t in cb.trials.values()
-                    for at, epoch, value, _ in t.results)
-    return {"arm": arm, "seed": seed, "wall_s": time.time() - t0,
-            "trials": len(cb.trials), "epochs_total": len(events),
-            "events": [{"trial": tid, "epoch": e, "metric": v} for _, tid, e, v in events],
-            "configs": {t.trial_id: t.config for t in cb.trials.values()}}
+    events = sorted(
+        (at, t.trial_id, epoch, value)
+        for t in cb.trials.values()
+        for at, epoch, value, _ in t.results
+    )
+    return {
+        "arm": arm,
+        "seed": seed,
+        "wall_s": time.time() - t0,
+        "trials": len(cb.trials),
+        "epochs_total": len(events),
+        "events": [{"trial": tid, "epoch": e, "metric": v} for _, tid, e, v in events],
+        "configs": {t.trial_id: t.config for t in cb.trials.values()},
+    }
 
 
 def best_of(run: dict) -> float:
-    return min((e["metric"] for e in run["events"] if math.isfinite(e["metric"])),
-               default=math.inf)
+    return min((e["metric"] for e in run["events"] if math.isfinite(e["metric"])), default=math.inf)
 
 
 def epochs_to(run: dict, target: float) -> tuple[int, bool]:
@@ -87,11 +103,20 @@ def compare(random: dict, tpe: dict) -> dict:
     target = TOLERANCE * best_of(random)
     n_rand, _ = epochs_to(random, target)  # random always reaches its own target
     n_tpe, reached = epochs_to(tpe, target)
-    return {"seed": random["seed"], "random_best": best_of(random), "tpe_best": best_of(tpe),
-            "target": target, "random_epochs": n_rand, "tpe_epochs": n_tpe,
-            "tpe_reached": reached, "ratio": n_tpe / n_rand,
-            "random_total": random["epochs_total"], "tpe_total": tpe["epochs_total"],
-            "random_wall_s": random["wall_s"], "tpe_wall_s": tpe["wall_s"]}
+    return {
+        "seed": random["seed"],
+        "random_best": best_of(random),
+        "tpe_best": best_of(tpe),
+        "target": target,
+        "random_epochs": n_rand,
+        "tpe_epochs": n_tpe,
+        "tpe_reached": reached,
+        "ratio": n_tpe / n_rand,
+        "random_total": random["epochs_total"],
+        "tpe_total": tpe["epochs_total"],
+        "random_wall_s": random["wall_s"],
+        "tpe_wall_s": tpe["wall_s"],
+    }
 
 
 def _cell(row: dict, col: str) -> str:
@@ -106,16 +131,29 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--output-dir", default="experiments/bench_search_efficiency")
     p.add_argument("--json", action="store_true", help="write every curve to the output dir")
-    p.add_argument("--gpu", type=float, help="GPU share per trial (default: quick.yaml's "
-                                             "gpu: auto, a CPU trial without GPUs)")
+    p.add_argument(
+        "--gpu",
+        type=float,
+        help="GPU share per trial (default: quick.yaml's gpu: auto, a CPU trial without GPUs)",
+    )
     p.add_argument("--concurrency", type=int, help="trials at once (default: quick.yaml's 2)")
     args = p.parse_args(argv)
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / ".jax_cache"
     runs, rows = [], []
-    cols = ("seed", "random_best", "tpe_best", "random_epochs", "tpe_epochs", "ratio",
-            "random_total", "tpe_total", "random_wall_s", "tpe_wall_s")
+    cols = (
+        "seed",
+        "random_best",
+        "tpe_best",
+        "random_epochs",
+        "tpe_epochs",
+        "ratio",
+        "random_total",
+        "tpe_total",
+        "random_wall_s",
+        "tpe_wall_s",
+    )
     print("".join(f"{c:>14}" for c in cols), flush=True)
     for i, seed in enumerate(args.seeds):
         # Alternate which arm runs first, so machine load and a warming compile cache
@@ -123,25 +161,32 @@ def main(argv=None) -> int:
         order = ("random", "tpe_asha") if i % 2 == 0 else ("tpe_asha", "random")
         done = {}
         for arm in order:
-            done[arm] = run_arm(arm, seed, out, cache, gpu=args.gpu,
-                                concurrency=args.concurrency)
+            done[arm] = run_arm(arm, seed, out, cache, gpu=args.gpu, concurrency=args.concurrency)
             runs.append(done[arm])
             if args.json:
-                (out / "search_efficiency.json").write_text(json.dumps(
-                    {"rows": rows, "runs": runs}, indent=1))
+                (out / "search_efficiency.json").write_text(
+                    json.dumps({"rows": rows, "runs": runs}, indent=1)
+                )
         row = compare(done["random"], done["tpe_asha"])
         rows.append(row)
         if args.json:
-            (out / "search_efficiency.json").write_text(json.dumps(
-                {"rows": rows, "runs": runs}, indent=1))
+            (out / "search_efficiency.json").write_text(
+                json.dumps({"rows": rows, "runs": runs}, indent=1)
+            )
         print("".join(f"{_cell(row, c):>14}" for c in cols), flush=True)
     ratios = [r["ratio"] for r in rows]
     censored = sum(not r["tpe_reached"] for r in rows)
-    print(f"\nratio tpe_asha/random epochs to within {TOLERANCE - 1:.0%} of random's best: "
-          f"median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f} "
-          f"over {len(rows)} seeds (target <= 0.333)"
-          + (f"; {censored} seed(s) where tpe_asha never got within the target "
-             "(ratio is a lower bound)" if censored else ""))
+    print(
+        f"\nratio tpe_asha/random epochs to within {TOLERANCE - 1:.0%} of random's best: "
+        f"median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f} "
+        f"over {len(rows)} seeds (target <= 0.333)"
+        + (
+            f"; {censored} seed(s) where tpe_asha never got within the target "
+            "(ratio is a lower bound)"
+            if censored
+            else ""
+        )
+    )
     return 0
 
 

@@ -40,26 +40,43 @@ import sys
 import time
 from pathlib import Path
 
-from dcmtune import local_ray
+from dcmtune.sweep import local_ray
+from dcmtune.sweep.driver import run_sweep
 
 local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
 
 from _sweeps import TimingCallback, derived_spec  # noqa: E402
 
-from dcmtune.sweep import run_sweep  # noqa: E402
-
-COLUMNS = ("ratio", "ratio_sched", "wall_s", "trial_mean_s", "to_first_s", "in_epochs",
-           "outside_s", "pre_s", "post_s", "gap_s", "startup_s", "ranking_s")
+COLUMNS = (
+    "ratio",
+    "ratio_sched",
+    "wall_s",
+    "trial_mean_s",
+    "to_first_s",
+    "in_epochs",
+    "outside_s",
+    "pre_s",
+    "post_s",
+    "gap_s",
+    "startup_s",
+    "ranking_s",
+)
 
 
 def overhead_spec(args, name: str):
-    run = {"num_samples": args.trials, "max_concurrent_trials": args.concurrency,
-           "jax_cache_dir": str(Path(args.output_dir).resolve() / ".jax_cache")}
+    run = {
+        "num_samples": args.trials,
+        "max_concurrent_trials": args.concurrency,
+        "jax_cache_dir": str(Path(args.output_dir).resolve() / ".jax_cache"),
+    }
     if args.gpu is not None:
         run["resources"] = {"cpu": 1, "gpu": args.gpu}
     return derived_spec(
         {"training": {"num_epochs": args.epochs}, "run": run},
-        Path(args.output_dir).resolve(), name, replace={"scheduler": {"name": "fifo"}})
+        Path(args.output_dir).resolve(),
+        name,
+        replace={"scheduler": {"name": "fifo"}},
+    )
 
 
 def figures(cb: TimingCallback, concurrency: int, t_call: float, t_return: float) -> dict:
@@ -75,23 +92,32 @@ def figures(cb: TimingCallback, concurrency: int, t_call: float, t_return: float
     ends = sorted(t.end for t in ended)
     gaps = [t.start - ends[i] for i, t in enumerate(trials[concurrency:]) if i < len(ends)]
     return {
-        "trials": len(trials), "wall_s": wall,
+        "trials": len(trials),
+        "wall_s": wall,
         "ratio": wall / (total / concurrency),
         "ratio_sched": wall / (driver / concurrency),
         "trial_mean_s": total / len(trials),
         "to_first_s": statistics.mean(t.results[0][0] - t.start for t in trials if t.results),
         "in_epochs": sum(t.epoch_time_s for t in trials) / total,
         "outside_s": statistics.mean(t.end - t.start - t.time_total_s for t in ended),
-        "pre_s": statistics.mean(t.results[0][0] - t.start - t.results[0][3]
-                                 for t in trials if t.results),
+        "pre_s": statistics.mean(
+            t.results[0][0] - t.start - t.results[0][3] for t in trials if t.results
+        ),
         "post_s": statistics.mean(t.end - t.results[-1][0] for t in ended if t.results),
         "gap_s": statistics.mean(gaps) if gaps else 0.0,
         "startup_s": cb.setup_at - t_call,
         "ranking_s": t_return - cb.ended_at,
-        "per_trial": [{"trial_id": t.trial_id, "epoch_time_s": t.epoch_time_s, "start": t.start - first,
-                       "end": (t.end - first) if t.end else None,
-                       "time_total_s": t.time_total_s, "epochs": t.epochs}
-                      for t in trials],
+        "per_trial": [
+            {
+                "trial_id": t.trial_id,
+                "epoch_time_s": t.epoch_time_s,
+                "start": t.start - first,
+                "end": (t.end - first) if t.end else None,
+                "time_total_s": t.time_total_s,
+                "epochs": t.epochs,
+            }
+            for t in trials
+        ],
     }
 
 
@@ -113,8 +139,12 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=100, help="epochs per trial (~30 s on 2 cores)")
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--gpu", type=float, help="GPU share per trial, e.g. 0.25 (default: "
-                                             "quick.yaml's gpu: auto, a CPU trial without GPUs)")
+    p.add_argument(
+        "--gpu",
+        type=float,
+        help="GPU share per trial, e.g. 0.25 (default: "
+        "quick.yaml's gpu: auto, a CPU trial without GPUs)",
+    )
     p.add_argument("--output-dir", default="experiments/bench_sweep_overhead")
     p.add_argument("--json", action="store_true", help="also print every run as JSON")
     args = p.parse_args(argv)

@@ -47,6 +47,8 @@ DEFAULT_RUN_EPOCHS = 200
 
 class _Stop(Exception):
     """Raised by the worker's reporter to end a run after the measured epochs."""
+
+
 MODEL = dict(features=16, n_dcm=2, max_degree=2, num_iterations=2)
 BATCH = 8
 
@@ -63,30 +65,41 @@ def worker(data_file: str, mode: str, epochs: int, out: str) -> dict:
     if mode != BASE_COMMIT:
         data["batching"] = mode.split("-")[0]
     cfg = ExperimentConfig(
-        name=f"{mode}", output_dir=out, random_seed=0, model=ModelConfig(**MODEL),
+        name=f"{mode}",
+        output_dir=out,
+        random_seed=0,
+        model=ModelConfig(**MODEL),
         data=DataConfig(**data),
-        training=TrainingConfig(num_epochs=RUN_EPOCHS.get(mode, DEFAULT_RUN_EPOCHS),
-                                batch_size=BATCH, warmup_epochs=1, save_every_n_epochs=0))
+        training=TrainingConfig(
+            num_epochs=RUN_EPOCHS.get(mode, DEFAULT_RUN_EPOCHS),
+            batch_size=BATCH,
+            warmup_epochs=1,
+            save_every_n_epochs=0,
+        ),
+    )
     hist, cpu = train_epochs(cfg, epochs)
     n_train = len(json.loads((Path(out) / mode / "split.json").read_text())["indices"]["train"])
     rates, cpu_rates = [], []  # per epoch after the first (median: robust to load spikes)
-    for e, (prev, row) in enumerate(zip(hist, hist[1:]), start=1):
+    for e, (prev, row) in enumerate(zip(hist, hist[1:], strict=True), start=1):
         updates = row["step"] - prev["step"]
         conformers = n_train if mode.startswith("bucketed") else updates * BATCH
         rates.append(conformers / (row["batch_time"] * updates))
         cpu_rates.append(conformers / (cpu[e + 1] - cpu[e]))
-    return {"library": str(Path(dcmtune.__file__).parent),
-            "conformers_per_s": statistics.median(rates),
-            "conformers_per_cpu_s": statistics.median(cpu_rates),
-            "first_epoch_s": hist[0]["epoch_time"],
-            "epoch_s": statistics.median(r["epoch_time"] for r in hist[1:]),
-            "updates_per_epoch": int(hist[1]["step"] - hist[0]["step"]), "n_train": n_train}
+    return {
+        "library": str(Path(dcmtune.__file__).parent),
+        "conformers_per_s": statistics.median(rates),
+        "conformers_per_cpu_s": statistics.median(cpu_rates),
+        "first_epoch_s": hist[0]["epoch_time"],
+        "epoch_s": statistics.median(r["epoch_time"] for r in hist[1:]),
+        "updates_per_epoch": int(hist[1]["step"] - hist[0]["step"]),
+        "n_train": n_train,
+    }
 
 
 def train_epochs(cfg, epochs: int) -> tuple[list[dict], list[float]]:
     """`fit(cfg)` stopped after `epochs` epochs: its history rows (step, batch_time,
     epoch_time) and the process CPU time at the start and after each epoch."""
-    from dcmtune.train import fit
+    from dcmtune.train.loop import fit
 
     cpu = [time.process_time()]
 
@@ -104,15 +117,27 @@ def train_epochs(cfg, epochs: int) -> tuple[list[dict], list[float]]:
         return [{k: float(row[k]) for k in keys} for row in csv.DictReader(fh)], cpu
 
 
-def run_variant(variant: str, data_file: Path, epochs: int, base_tree: Path, out: Path,
-                cache: Path) -> dict:
+def run_variant(
+    variant: str, data_file: Path, epochs: int, base_tree: Path, out: Path, cache: Path
+) -> dict:
     """`worker` in a subprocess with the variant's library on PYTHONPATH."""
     root = base_tree if variant == BASE_COMMIT else REPO
-    env = dict(os.environ, PYTHONPATH=str(root), JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(data_file), variant,
-           str(epochs), str(out)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(root),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(data_file),
+        variant,
+        str(epochs),
+        str(out),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:
         sys.exit(f"{variant} failed:\n{res.stderr[-3000:]}")
@@ -122,39 +147,57 @@ def run_variant(variant: str, data_file: Path, epochs: int, base_tree: Path, out
     return got
 
 
-def throughput(name: str, data_file: Path, epochs: int, repeats: int, base_tree: Path,
-               tmp: Path) -> None:
+def throughput(
+    name: str, data_file: Path, epochs: int, repeats: int, base_tree: Path, tmp: Path
+) -> None:
     cache = tmp / f"jax-cache-{name}"
     runs = {v: [] for v in VARIANTS}
     for r in range(repeats):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
             got = run_variant(v, data_file, epochs, base_tree, tmp / f"{name}-{v}-{r}", cache)
             runs[v].append(got)
-            print(f"  [{name}] repeat {r + 1} {v:>9}: {got['conformers_per_s']:7.1f} "
-                  f"conformers/s, epoch {got['epoch_s']:.2f} s, first epoch "
-                  f"{got['first_epoch_s']:.1f} s, {got['conformers_per_cpu_s']:.1f} conformers "
-                  f"per CPU-s, {got['updates_per_epoch']} updates of "
-                  f"{got['n_train']} training conformers", flush=True)
+            print(
+                f"  [{name}] repeat {r + 1} {v:>9}: {got['conformers_per_s']:7.1f} "
+                f"conformers/s, epoch {got['epoch_s']:.2f} s, first epoch "
+                f"{got['first_epoch_s']:.1f} s, {got['conformers_per_cpu_s']:.1f} conformers "
+                f"per CPU-s, {got['updates_per_epoch']} updates of "
+                f"{got['n_train']} training conformers",
+                flush=True,
+            )
     med = {v: statistics.median(x["conformers_per_s"] for x in runs[v]) for v in VARIANTS}
-    rng = {v: (min(x["conformers_per_s"] for x in runs[v]),
-               max(x["conformers_per_s"] for x in runs[v])) for v in VARIANTS}
+    rng = {
+        v: (
+            min(x["conformers_per_s"] for x in runs[v]),
+            max(x["conformers_per_s"] for x in runs[v]),
+        )
+        for v in VARIANTS
+    }
     print(f"{name}: training conformers/s, median of {repeats} (range)")
     for v in VARIANTS:
         print(f"  {v:>9}: {med[v]:8.1f}  ({rng[v][0]:.1f}-{rng[v][1]:.1f})")
-    ratios = [b["conformers_per_s"] / a["conformers_per_s"]
-              for a, b in zip(runs[BASE_COMMIT], runs["bucketed"])]
+    ratios = [
+        b["conformers_per_s"] / a["conformers_per_s"]
+        for a, b in zip(runs[BASE_COMMIT], runs["bucketed"], strict=True)
+    ]
     cpu = {v: statistics.median(x["conformers_per_cpu_s"] for x in runs[v]) for v in VARIANTS}
-    print("  (conformers per CPU-second of whole epochs, load-independent: "
-          + ", ".join(f"{v} {cpu[v]:.1f}" for v in VARIANTS)
-          + f"; bucketed / dd26223 {cpu['bucketed'] / cpu[BASE_COMMIT]:.2f})")
-    print(f"  bucketed / dd26223: {med['bucketed'] / med[BASE_COMMIT]:.2f}  (per repeat "
-          f"{', '.join(f'{x:.2f}' for x in ratios)}; target >= 2)")
+    print(
+        "  (conformers per CPU-second of whole epochs, load-independent: "
+        + ", ".join(f"{v} {cpu[v]:.1f}" for v in VARIANTS)
+        + f"; bucketed / dd26223 {cpu['bucketed'] / cpu[BASE_COMMIT]:.2f})"
+    )
+    print(
+        f"  bucketed / dd26223: {med['bucketed'] / med[BASE_COMMIT]:.2f}  (per repeat "
+        f"{', '.join(f'{x:.2f}' for x in ratios)}; target >= 2)"
+    )
     print(f"  bucketed-long / dd26223: {med['bucketed-long'] / med[BASE_COMMIT]:.2f}")
     print(f"  bucketed / padded:  {med['bucketed'] / med['padded']:.2f}")
     print(f"  padded / dd26223:   {med['padded'] / med[BASE_COMMIT]:.2f}")
-    print("  first epoch (compiles; repeat 1 cold): "
-          + ", ".join(f"{v} {runs[v][0]['first_epoch_s']:.1f} s" for v in VARIANTS), flush=True)
+    print(
+        "  first epoch (compiles; repeat 1 cold): "
+        + ", ".join(f"{v} {runs[v][0]['first_epoch_s']:.1f} s" for v in VARIANTS),
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- streaming
@@ -169,20 +212,30 @@ def streaming(epochs: int, repeats: int, tmp: Path) -> None:
         order = ("resident", "streamed") if r % 2 == 0 else ("streamed", "resident")
         for how in order:
             cfg = ExperimentConfig(
-                name=f"{how}{r}", output_dir=str(tmp), random_seed=0, model=ModelConfig(**MODEL),
+                name=f"{how}{r}",
+                output_dir=str(tmp),
+                random_seed=0,
+                model=ModelConfig(**MODEL),
                 data=DataConfig(device_data_budget_mb=0.0 if how == "streamed" else 1024.0),
-                training=TrainingConfig(num_epochs=DEFAULT_RUN_EPOCHS, batch_size=BATCH,
-                                        warmup_epochs=1, save_every_n_epochs=0))
+                training=TrainingConfig(
+                    num_epochs=DEFAULT_RUN_EPOCHS,
+                    batch_size=BATCH,
+                    warmup_epochs=1,
+                    save_every_n_epochs=0,
+                ),
+            )
             hist, _ = train_epochs(cfg, epochs)
             t = statistics.median(row["epoch_time"] for row in hist[1:])
             times[how].append(t)
             print(f"  repeat {r + 1} {how:>8}: epoch {t * 1e3:.0f} ms", flush=True)
-    ratios = [s / d for s, d in zip(times["streamed"], times["resident"])]
+    ratios = [s / d for s, d in zip(times["streamed"], times["resident"], strict=True)]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"streaming: epoch time streamed {med['streamed'] * 1e3:.0f} ms, resident "
-          f"{med['resident'] * 1e3:.0f} ms (medians of {repeats}); ratio "
-          f"{med['streamed'] / med['resident']:.3f} (per repeat "
-          f"{', '.join(f'{x:.3f}' for x in ratios)}; target <= 1.10)")
+    print(
+        f"streaming: epoch time streamed {med['streamed'] * 1e3:.0f} ms, resident "
+        f"{med['resident'] * 1e3:.0f} ms (medians of {repeats}); ratio "
+        f"{med['streamed'] / med['resident']:.3f} (per repeat "
+        f"{', '.join(f'{x:.3f}' for x in ratios)}; target <= 1.10)"
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -191,10 +244,17 @@ def streaming(epochs: int, repeats: int, tmp: Path) -> None:
 def qm9_like(path: Path, molecules: int, seed: int = 0) -> Path:
     """A QM9-like synthetic set: 5-29 atoms, 200 grid points per atom up to 3,200."""
     from dcmtune.data import to_arrays
-    from dcmtune.synthetic import make_synthetic
+    from dcmtune.data.synthetic import make_synthetic
 
-    data = make_synthetic(num_molecules=molecules, conformers=4, min_atoms=5, max_atoms=29,
-                          num_grid=3200, grid_per_atom=200, seed=seed)
+    data = make_synthetic(
+        num_molecules=molecules,
+        conformers=4,
+        min_atoms=5,
+        max_atoms=29,
+        num_grid=3200,
+        grid_per_atom=200,
+        seed=seed,
+    )
     np.savez(path, **to_arrays(data))
     return path
 
@@ -212,16 +272,18 @@ def main() -> None:
     p.add_argument("--qm9-molecules", type=int, default=60, help="molecules (4 conformers each)")
     p.add_argument("--streaming", action="store_true", help="also streamed vs resident")
     p.add_argument("--only-streaming", action="store_true")
-    p.add_argument("--git-dir", default=str(REPO),
-                   help="the repository holding dd26223 (default: this tree's)")
+    p.add_argument(
+        "--git-dir", default=str(REPO), help="the repository holding dd26223 (default: this tree's)"
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if not args.only_streaming:
             base = tmp / BASE_COMMIT
             base.mkdir()
-            archive = subprocess.run(["git", "-C", args.git_dir, "archive", BASE_COMMIT],
-                                     capture_output=True, check=True).stdout
+            archive = subprocess.run(
+                ["git", "-C", args.git_dir, "archive", BASE_COMMIT], capture_output=True, check=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
             from dcmtune.data import bundled_dataset_path
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from dcmtune.config import ExperimentConfig
 from dcmtune.data import load_dataset, make_batch
-from dcmtune.train import StepConfig, _update, hparams_of, init_state
+from dcmtune.train.step import StepConfig, _update, hparams_of, init_state
 
 
 def main() -> None:

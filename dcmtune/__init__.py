@@ -1,64 +1,57 @@
 """dcmtune: train and hyper-parameter-sweep DCMNet models (JAX/e3x, Ray Tune + Optuna).
 
-The path of the data, with the module of each stage:
+The package is a small kit and seven wings in the order the data flows (docs/architecture.md):
 
-  data      .npz files -> validated, compact `ESPData`, grouped splits  data.py (layout.py,
-                                                                         molgraph.py, grids.py,
-                                                                         synthetic.py, qm.py)
-  batch     masked batches in size buckets; device-resident or streamed data.py (make_batch,
-                                                                         group_by_bucket),
-                                                                         batching.py
-  model     DCMNet: n_dcm charges and their positions per atom          model.py
-  loss      ESP/dipole of the charges, per-molecule terms, metric sums  physics.py, loss.py,
-                                                                         metrics.py (the registry)
-  step      pure jitted train_step / predict_step on one TrainState     train.py, schedules.py,
-                                                                         programs.py (traces kept
-                                                                         across processes)
-  epoch     fit(): epochs, EMA evaluation, checkpoints, a Reporter      train.py, checkpoint.py,
-                                                                         _io.py, train_cli.py
-  trial     one Ray Tune trial around fit()                              trainable.py, xla_env.py
-  sweep     Tuner: Optuna TPE + ASHA over a YAML search space           search_space.py, sweep.py,
-                                                                         experiment_store.py
-  storage   local, shared or object storage (s3://, gs://) of sweeps    storage.py
-  rank      re-evaluate the best checkpoints on held-out molecules     rank.py, analysis.py,
-                                                                         baselines.py, report.py
+  kit        cli, config, metrics, units, storage, provenance, _io, _yaml   (imports no wing)
+  data/      .npz -> validated `ESPData` (load), splits, batches and size buckets, grids,
+             molecular graphs, synthetic sets, classical baselines     python -m dcmtune.data
+  qm/        molecule specs, SMILES conformers, the PySCF generator, verify
+  model/     DCMNet (e3x), physics (ESP, dipole), loss terms and metric sums
+  train/     Hparams, step (TrainState, pure jitted steps), feed, loop (fit), checkpoints,
+             restarts, kept programs, environment, TensorBoard/tracking  python -m dcmtune.train
+  analysis/  checkpoints re-evaluated, history, ranking of a sweep, report
+                                         python -m dcmtune.analysis, python -m dcmtune.rank
+  sweep/     spec (space, sections), driver (Tuner: Optuna + ASHA), trainable, resources,
+             experiment store, Optuna study, local Ray, Tune extensions   python -m dcmtune.sweep
+  predict/   the predictor, its outputs and plot                        python -m dcmtune.predict
 
-Commands: `python -m dcmtune.{train,data,sweep,rank,analysis}`; each is a thin front end on the
-kit in cli.py. The public API is small; names load lazily, so `import dcmtune` is cheap and the
-sweep driver can use the numpy-only parts (configs, data) without importing JAX.
+The public API is small; names load lazily, so `import dcmtune` is cheap and the sweep driver
+can use the numpy-only parts (configs, data) without importing JAX.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
+# Public name -> "module" (the same name there) or "module:name".
 _API = {
     "ExperimentConfig": "dcmtune.config",
     "ModelConfig": "dcmtune.config",
     "DataConfig": "dcmtune.config",
     "TrainingConfig": "dcmtune.config",
     "ConfigError": "dcmtune.config",
-    "ESPData": "dcmtune.data",
-    "DataError": "dcmtune.data",
-    "load_dataset": "dcmtune.data",
-    "make_synthetic": "dcmtune.synthetic",
-    "DCMNet": "dcmtune.model",
-    "fit": "dcmtune.train",
-    "run_training": "dcmtune.train",
-    "FitResult": "dcmtune.train",
-    "CheckpointError": "dcmtune.checkpoint",
-    "load_checkpoint": "dcmtune.analysis",
-    "analyze_checkpoint": "dcmtune.analysis",
-    "compare_checkpoints": "dcmtune.analysis",
-    "analyze_training_history": "dcmtune.analysis",
-    "load_spec": "dcmtune.search_space",
-    "SweepSpec": "dcmtune.search_space",
-    "SpecError": "dcmtune.search_space",
-    "run_sweep": "dcmtune.sweep",
-    "rank_experiment": "dcmtune.rank",
-    "load_model": "dcmtune.predict",
-    "Predictor": "dcmtune.predict",
-    "PredictError": "dcmtune.predict",
+    "ESPData": "dcmtune.data.dataset",
+    "DataError": "dcmtune.data.file_format",
+    "load_dataset": "dcmtune.data.load",
+    "make_synthetic": "dcmtune.data.synthetic",
+    "DCMNet": "dcmtune.model.dcmnet",
+    "Hparams": "dcmtune.train.hparams",
+    "fit": "dcmtune.train.loop",
+    "run_training": "dcmtune.train.loop",
+    "FitResult": "dcmtune.train.loop",
+    "CheckpointError": "dcmtune.train.checkpoints",
+    "load_checkpoint": "dcmtune.analysis.checkpoints:open_checkpoint",
+    "analyze_checkpoint": "dcmtune.analysis.evaluate",
+    "compare_checkpoints": "dcmtune.analysis.evaluate",
+    "analyze_training_history": "dcmtune.analysis.history",
+    "load_spec": "dcmtune.sweep.spec",
+    "SweepSpec": "dcmtune.sweep.spec",
+    "SpecError": "dcmtune.sweep.space",
+    "run_sweep": "dcmtune.sweep.driver",
+    "rank_experiment": "dcmtune.analysis.rank",
+    "load_model": "dcmtune.predict.predictor",
+    "Predictor": "dcmtune.predict.predictor",
+    "PredictError": "dcmtune.predict.predictor",
 }
 
 __all__ = sorted(_API)
@@ -66,7 +59,8 @@ __all__ = sorted(_API)
 
 def __getattr__(name):
     if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
+        module, _, attr = _API[name].partition(":")
+        return getattr(importlib.import_module(module), attr or name)
     raise AttributeError(f"module 'dcmtune' has no attribute {name!r}")
 
 

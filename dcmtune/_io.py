@@ -16,14 +16,25 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, IO
+from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_csv",
-           "atomic_directory", "recover_directory", "jsonable", "move_aside", "copy_tree",
-           "writable_problem"]
+__all__ = [
+    "atomic_write",
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "write_csv",
+    "atomic_directory",
+    "recover_directory",
+    "jsonable",
+    "plain",
+    "move_aside",
+    "writable_problem",
+]
 
 
 def _tmp_name(target: Path, suffix: str) -> Path:
@@ -44,8 +55,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], durable: bool = True
-                 ) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], durable: bool = True) -> Path:
     """Calls `write(f)` on a binary temp file next to `path`, then renames it over `path`.
 
     Raises whatever `write` raises; `path` then keeps its old content and no temp is left.
@@ -103,24 +113,36 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+def plain(x: Any) -> Any:
+    """A numpy scalar (as some samplers and pandas hand out) as the Python scalar; anything
+    else unchanged."""
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:
+        return x.item()
+    return x
+
+
 def write_json(path: str | Path, obj: Any, durable: bool = True) -> Path:
     """Pretty, key-sorted JSON (NaN as null), written atomically (`atomic_write`)."""
     text = json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")), durable=durable)
 
 
-def write_csv(path: str | Path, rows: Any, columns: Optional[Sequence[str]] = None) -> Path:
+def write_csv(path: str | Path, rows: Any, columns: Sequence[str] | None = None) -> Path:
     """A CSV from a pandas DataFrame (index dropped) or from an iterable of dict rows (columns:
     the union of their keys in first-seen order, unless given)."""
     path = Path(path)
     if hasattr(rows, "to_csv"):
         return write_text(path, rows.to_csv(index=False))
     rows = list(rows)
-    keys = list(columns) if columns is not None else list(
-        dict.fromkeys(k for row in rows for k in row))
+    keys = (
+        list(columns)
+        if columns is not None
+        else list(dict.fromkeys(k for row in rows for k in row))
+    )
 
     def write(f):
         import io
+
         text = io.StringIO(newline="")
         w = csv.DictWriter(text, fieldnames=keys)
         w.writeheader()
@@ -167,7 +189,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def recover_directory(target: str | Path) -> Optional[Path]:
+def recover_directory(target: str | Path) -> Path | None:
     """Puts back the previous copy of `target` left by an `atomic_directory` swap that was
     interrupted between its two renames (no `target`, a `.<name>.<id>.old` sibling).
 
@@ -194,7 +216,7 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def writable_problem(directory: str | Path) -> Optional[str]:
+def writable_problem(directory: str | Path) -> str | None:
     """Why `directory` (created later, with its parents) could not be written, or None.
 
     Probes the nearest existing ancestor with a temporary file that is removed at once, so the
@@ -223,12 +245,3 @@ def move_aside(path: str | Path, new_name: str) -> Path:
     os.replace(path, target)
     _fsync_dir(path.parent)
     return target
-
-
-def copy_tree(src: str | Path, target: str | Path,
-              ignore: Optional[Iterable[str]] = None) -> Path:
-    """Copies directory `src` to `target` atomically (replacing an old `target`)."""
-    with atomic_directory(target) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(*ignore) if ignore else None)
-    return Path(target)

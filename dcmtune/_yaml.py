@@ -27,12 +27,16 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                     |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+                    |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
@@ -60,8 +64,9 @@ def read_yaml(path: str | Path, error: type[ValueError], what: str = "YAML file"
     try:
         return yaml.load(path.read_bytes().decode("utf-8"), Loader=_Loader)
     except UnicodeDecodeError as e:
-        raise error(f"{path}: not a text (UTF-8) YAML file (byte {e.start}); expected a "
-                    f"{what}") from None
+        raise error(
+            f"{path}: not a text (UTF-8) YAML file (byte {e.start}); expected a {what}"
+        ) from None
     except OSError as e:
         raise error(f"{path}: cannot be read ({e.strerror})") from None
     except _DuplicateKey as e:

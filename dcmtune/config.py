@@ -12,8 +12,9 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar
 
 from dcmtune import _io
 
@@ -113,7 +114,8 @@ class _Config:
         if unknown:
             where = f"{cls._section}." if cls._section else ""
             raise ConfigError(
-                f"{where}{unknown[0]}: unknown key; expected one of {', '.join(names)}")
+                f"{where}{unknown[0]}: unknown key; expected one of {', '.join(names)}"
+            )
         return cls(**dict(d))
 
 
@@ -149,20 +151,42 @@ class ModelConfig(_Config):
         self._validate_types()
         s = self._section
         _check(f"{s}.n_dcm", 1 <= self.n_dcm <= 64, "an integer in [1, 64]", self.n_dcm)
-        _check(f"{s}.features", 1 <= self.features <= 4096, "an integer in [1, 4096]",
-               self.features)
-        _check(f"{s}.max_degree", 1 <= self.max_degree <= 6, "an integer in [1, 6]",
-               self.max_degree)
-        _check(f"{s}.num_iterations", 1 <= self.num_iterations <= 16, "an integer in [1, 16]",
-               self.num_iterations)
-        _check(f"{s}.num_basis_functions", 1 <= self.num_basis_functions <= 256,
-               "an integer in [1, 256]", self.num_basis_functions)
-        _check(f"{s}.cutoff", math.isfinite(self.cutoff) and self.cutoff > 0,
-               "a positive cutoff in Angstrom", self.cutoff)
-        _check(f"{s}.max_atomic_number", 1 <= self.max_atomic_number <= 118,
-               "an integer in [1, 118]", self.max_atomic_number)
-        _check(f"{s}.d_max", math.isfinite(self.d_max) and self.d_max > 0,
-               "a positive displacement bound in Angstrom", self.d_max)
+        _check(
+            f"{s}.features", 1 <= self.features <= 4096, "an integer in [1, 4096]", self.features
+        )
+        _check(
+            f"{s}.max_degree", 1 <= self.max_degree <= 6, "an integer in [1, 6]", self.max_degree
+        )
+        _check(
+            f"{s}.num_iterations",
+            1 <= self.num_iterations <= 16,
+            "an integer in [1, 16]",
+            self.num_iterations,
+        )
+        _check(
+            f"{s}.num_basis_functions",
+            1 <= self.num_basis_functions <= 256,
+            "an integer in [1, 256]",
+            self.num_basis_functions,
+        )
+        _check(
+            f"{s}.cutoff",
+            math.isfinite(self.cutoff) and self.cutoff > 0,
+            "a positive cutoff in Angstrom",
+            self.cutoff,
+        )
+        _check(
+            f"{s}.max_atomic_number",
+            1 <= self.max_atomic_number <= 118,
+            "an integer in [1, 118]",
+            self.max_atomic_number,
+        )
+        _check(
+            f"{s}.d_max",
+            math.isfinite(self.d_max) and self.d_max > 0,
+            "a positive displacement bound in Angstrom",
+            self.d_max,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +217,10 @@ class DataConfig(_Config):
     split_by: str = "molecule"
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
-    num_train: Optional[int] = None
-    num_valid: Optional[int] = None
-    num_test: Optional[int] = None
-    train_molecules: Optional[int] = None
+    num_train: int | None = None
+    num_valid: int | None = None
+    num_test: int | None = None
+    train_molecules: int | None = None
     split_seed: int = 0
     dipole_units: str = "debye"
     batching: str = "bucketed"
@@ -207,26 +231,49 @@ class DataConfig(_Config):
         self._validate_types()
         s = self._section
         _check(f"{s}.split_by", self.split_by in SPLIT_BY, " or ".join(SPLIT_BY), self.split_by)
-        _check(f"{s}.dipole_units", self.dipole_units in DIPOLE_UNITS, ", ".join(DIPOLE_UNITS),
-               self.dipole_units)
+        _check(
+            f"{s}.dipole_units",
+            self.dipole_units in DIPOLE_UNITS,
+            ", ".join(DIPOLE_UNITS),
+            self.dipole_units,
+        )
         for name in ("valid_fraction", "test_fraction"):
             v = getattr(self, name)
             _check(f"{s}.{name}", 0.0 <= v < 1.0, "a fraction in [0, 1)", v)
-        _check(f"{s}.valid_fraction", self.valid_fraction + self.test_fraction < 1.0,
-               "valid_fraction + test_fraction < 1", self.valid_fraction + self.test_fraction)
+        _check(
+            f"{s}.valid_fraction",
+            self.valid_fraction + self.test_fraction < 1.0,
+            "valid_fraction + test_fraction < 1",
+            self.valid_fraction + self.test_fraction,
+        )
         for name in ("num_train", "num_valid", "num_test"):
             v = getattr(self, name)
             _check(f"{s}.{name}", v is None or v >= 0, "a non-negative count", v)
-        _check(f"{s}.num_train", self.num_train is None or self.num_train >= 1,
-               "at least 1 training conformer", self.num_train)
-        _check(f"{s}.train_molecules", self.train_molecules is None or self.train_molecules >= 1,
-               "at least 1 training molecule, or None (all)", self.train_molecules)
+        _check(
+            f"{s}.num_train",
+            self.num_train is None or self.num_train >= 1,
+            "at least 1 training conformer",
+            self.num_train,
+        )
+        _check(
+            f"{s}.train_molecules",
+            self.train_molecules is None or self.train_molecules >= 1,
+            "at least 1 training molecule, or None (all)",
+            self.train_molecules,
+        )
         _check(f"{s}.batching", self.batching in BATCHING, " or ".join(BATCHING), self.batching)
-        _check(f"{s}.max_buckets", 1 <= self.max_buckets <= 64, "an integer in [1, 64]",
-               self.max_buckets)
-        _check(f"{s}.device_data_budget_mb", math.isfinite(self.device_data_budget_mb)
-               and self.device_data_budget_mb >= 0, "a size in MB >= 0",
-               self.device_data_budget_mb)
+        _check(
+            f"{s}.max_buckets",
+            1 <= self.max_buckets <= 64,
+            "an integer in [1, 64]",
+            self.max_buckets,
+        )
+        _check(
+            f"{s}.device_data_budget_mb",
+            math.isfinite(self.device_data_budget_mb) and self.device_data_budget_mb >= 0,
+            "a size in MB >= 0",
+            self.device_data_budget_mb,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +315,7 @@ class TrainingConfig(_Config):
     gradient_accumulation_steps: int = 1
     use_lr_schedule: bool = True
     lr_schedule_type: str = "cosine"
-    warmup_epochs: Optional[int] = None
+    warmup_epochs: int | None = None
     min_lr_factor: float = 0.01
     step_every_epochs: int = 30
     step_factor: float = 0.5
@@ -287,37 +334,76 @@ class TrainingConfig(_Config):
         s = self._section
         _check(f"{s}.num_epochs", self.num_epochs >= 1, "at least 1", self.num_epochs)
         _check(f"{s}.batch_size", self.batch_size >= 1, "at least 1", self.batch_size)
-        _check(f"{s}.gradient_accumulation_steps", self.gradient_accumulation_steps >= 1,
-               "at least 1", self.gradient_accumulation_steps)
-        _check(f"{s}.learning_rate", 0 < self.learning_rate < 1, "a value in (0, 1)",
-               self.learning_rate)
+        _check(
+            f"{s}.gradient_accumulation_steps",
+            self.gradient_accumulation_steps >= 1,
+            "at least 1",
+            self.gradient_accumulation_steps,
+        )
+        _check(
+            f"{s}.learning_rate",
+            0 < self.learning_rate < 1,
+            "a value in (0, 1)",
+            self.learning_rate,
+        )
         for name in ("esp_w", "chg_w", "dip_w"):
             v = getattr(self, name)
             _check(f"{s}.{name}", math.isfinite(v) and v >= 0, "a finite weight >= 0", v)
-        _check(f"{s}.esp_w", self.esp_w + self.chg_w + self.dip_w > 0,
-               "at least one positive loss weight", self.esp_w)
-        _check(f"{s}.grad_clip_norm", self.grad_clip_norm > 0, "a positive norm",
-               self.grad_clip_norm)
+        _check(
+            f"{s}.esp_w",
+            self.esp_w + self.chg_w + self.dip_w > 0,
+            "at least one positive loss weight",
+            self.esp_w,
+        )
+        _check(
+            f"{s}.grad_clip_norm", self.grad_clip_norm > 0, "a positive norm", self.grad_clip_norm
+        )
         _check(f"{s}.ema_decay", 0 <= self.ema_decay < 1, "a decay in [0, 1)", self.ema_decay)
-        _check(f"{s}.lr_schedule_type", self.lr_schedule_type in SCHEDULE_TYPES,
-               " or ".join(SCHEDULE_TYPES), self.lr_schedule_type)
-        _check(f"{s}.warmup_epochs", self.warmup_epochs is None
-               or 0 <= self.warmup_epochs < self.num_epochs,
-               f"an integer in [0, num_epochs={self.num_epochs}) or None (automatic)",
-               self.warmup_epochs)
-        _check(f"{s}.min_lr_factor", 0 <= self.min_lr_factor <= 1, "a fraction in [0, 1]",
-               self.min_lr_factor)
-        _check(f"{s}.min_lr_factor",
-               self.lr_schedule_type != "exponential" or self.min_lr_factor > 0,
-               "a factor > 0 for the exponential schedule", self.min_lr_factor)
-        _check(f"{s}.step_every_epochs", self.step_every_epochs >= 1, "at least 1",
-               self.step_every_epochs)
-        _check(f"{s}.step_factor", 0 < self.step_factor <= 1, "a factor in (0, 1]",
-               self.step_factor)
-        _check(f"{s}.save_every_n_epochs", self.save_every_n_epochs >= 0, "0 (off) or more",
-               self.save_every_n_epochs)
-        _check(f"{s}.keep_top_k_checkpoints", self.keep_top_k_checkpoints >= 0,
-               "0 or more", self.keep_top_k_checkpoints)
+        _check(
+            f"{s}.lr_schedule_type",
+            self.lr_schedule_type in SCHEDULE_TYPES,
+            " or ".join(SCHEDULE_TYPES),
+            self.lr_schedule_type,
+        )
+        _check(
+            f"{s}.warmup_epochs",
+            self.warmup_epochs is None or 0 <= self.warmup_epochs < self.num_epochs,
+            f"an integer in [0, num_epochs={self.num_epochs}) or None (automatic)",
+            self.warmup_epochs,
+        )
+        _check(
+            f"{s}.min_lr_factor",
+            0 <= self.min_lr_factor <= 1,
+            "a fraction in [0, 1]",
+            self.min_lr_factor,
+        )
+        _check(
+            f"{s}.min_lr_factor",
+            self.lr_schedule_type != "exponential" or self.min_lr_factor > 0,
+            "a factor > 0 for the exponential schedule",
+            self.min_lr_factor,
+        )
+        _check(
+            f"{s}.step_every_epochs",
+            self.step_every_epochs >= 1,
+            "at least 1",
+            self.step_every_epochs,
+        )
+        _check(
+            f"{s}.step_factor", 0 < self.step_factor <= 1, "a factor in (0, 1]", self.step_factor
+        )
+        _check(
+            f"{s}.save_every_n_epochs",
+            self.save_every_n_epochs >= 0,
+            "0 (off) or more",
+            self.save_every_n_epochs,
+        )
+        _check(
+            f"{s}.keep_top_k_checkpoints",
+            self.keep_top_k_checkpoints >= 0,
+            "0 or more",
+            self.keep_top_k_checkpoints,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,15 +424,27 @@ class ExperimentConfig(_Config):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
 
-    _SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig}
+    _SECTIONS: ClassVar[dict[str, type[_Config]]] = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "training": TrainingConfig,
+    }
 
     def __post_init__(self) -> None:
         for key in ("name", "description", "output_dir", "created_at", "git_commit", "notes"):
             _check(key, isinstance(getattr(self, key), str), "a string", getattr(self, key))
-        _check("random_seed", isinstance(self.random_seed, int)
-               and not isinstance(self.random_seed, bool), "an integer", self.random_seed)
-        _check("name", bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
-               "a non-empty name without '/'", self.name)
+        _check(
+            "random_seed",
+            isinstance(self.random_seed, int) and not isinstance(self.random_seed, bool),
+            "an integer",
+            self.random_seed,
+        )
+        _check(
+            "name",
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            "a non-empty name without '/'",
+            self.name,
+        )
         for key, cls in self._SECTIONS.items():
             _check(key, isinstance(getattr(self, key), cls), cls.__name__, getattr(self, key))
 
@@ -355,7 +453,7 @@ class ExperimentConfig(_Config):
         return Path(self.output_dir) / self.name
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"config: expected a mapping, got {d!r}")
         names = [f.name for f in dataclasses.fields(cls)]
@@ -368,7 +466,7 @@ class ExperimentConfig(_Config):
                 kwargs[key] = section.from_dict(kwargs[key])
         return cls(**kwargs)
 
-    def replace(self, **dotted: Any) -> "ExperimentConfig":
+    def replace(self, **dotted: Any) -> ExperimentConfig:
         """Returns a copy with dotted keys overridden, e.g. `replace(**{"model.n_dcm": 3})`."""
         d = self.to_dict()
         for key, value in dotted.items():
@@ -385,7 +483,7 @@ class ExperimentConfig(_Config):
         _io.write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "ExperimentConfig":
+    def load(cls, path: str | Path) -> ExperimentConfig:
         p = Path(path)
         try:
             d = json.loads(p.read_text())
@@ -398,17 +496,24 @@ class ExperimentConfig(_Config):
 
 # --------------------------------------------------------------------------- flat keys
 
+
 def flat_fields() -> dict[str, str]:
     """{field name: section} for every config field ("" for top-level ones)."""
-    out = {f.name: "" for f in dataclasses.fields(ExperimentConfig)
-           if f.name not in ("model", "data", "training")}
-    for section, cls in (("model", ModelConfig), ("data", DataConfig),
-                         ("training", TrainingConfig)):
+    out = {
+        f.name: ""
+        for f in dataclasses.fields(ExperimentConfig)
+        if f.name not in ("model", "data", "training")
+    }
+    for section, cls in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("training", TrainingConfig),
+    ):
         out.update({f.name: section for f in dataclasses.fields(cls)})
     return out
 
 
-def config_from_flat(base: Optional[ExperimentConfig] = None, **kwargs) -> ExperimentConfig:
+def config_from_flat(base: ExperimentConfig | None = None, **kwargs) -> ExperimentConfig:
     """`base` (default: the defaults) with flat keyword overrides, e.g. n_dcm=3, esp_w=1e3."""
     sections = flat_fields()
     dotted = {}

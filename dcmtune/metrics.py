@@ -8,10 +8,22 @@ driver reads it without importing JAX.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
-__all__ = ["Metric", "METRICS", "TRAINED", "TABLE_ROWS", "SWEEP_METRICS", "EVAL_METRICS",
-           "SPLITS", "unit", "label", "axis_label", "table_rows", "split_of", "base_name"]
+__all__ = [
+    "Metric",
+    "METRICS",
+    "TRAINED",
+    "TABLE_ROWS",
+    "SWEEP_METRICS",
+    "EVAL_METRICS",
+    "SPLITS",
+    "unit",
+    "label",
+    "axis_label",
+    "table_rows",
+    "split_of",
+    "base_name",
+]
 
 SPLITS = ("train", "valid", "test")
 
@@ -42,43 +54,72 @@ class Metric:
 _KCAL = "kcal/mol/e"
 _PERCENTILES = (50, 90, 95, 99)
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("loss", "", "loss", trained=True, in_table=True, sweepable=True),
-    Metric("esp_rmse", _KCAL, "ESP RMSE", trained=True, in_table=True, sweepable=True,
-           ranked=True),
-    Metric("esp_mae", _KCAL, "ESP MAE", trained=True, in_table=True, sweepable=True,
-           ranked=True),
-    Metric("mono_mae", "e", "monopole MAE", trained=True, in_table=True, sweepable=True,
-           ranked=True),
-    Metric("mono_rmse", "e", "monopole RMSE", trained=True, in_table=True, sweepable=True,
-           ranked=True),
-    Metric("mono_mean", "e", "mean monopole", trained=True, in_table=True),
-    Metric("mono_std", "e", "monopole std", trained=True, in_table=True),
-    Metric("dipole_mae", "D", "dipole MAE", trained=True, in_table=True, sweepable=True,
-           ranked=True),
-    # Analysis-only (re-evaluation of a checkpoint on a split).
-    Metric("esp_max_abs_error", _KCAL, "ESP max |error|", ranked=True),
-    *(Metric(f"esp_abs_error_p{p}", _KCAL, f"ESP |error| p{p}", ranked=p == 95)
-      for p in _PERCENTILES),
-    Metric("esp_r2", "", "ESP R²", ranked=True),
-    Metric("esp_pearson_r", "", "ESP Pearson r"),
-    Metric("total_charge_max_error", "e", "max total-charge error"),
-    Metric("dipole_magnitude_mae", "D", "dipole magnitude MAE"),
-    Metric("dipole_error_norm_mean", "D", "mean |dipole error|"),
-    Metric("n_conformers", "", "conformers", ranked=True),
-    Metric("n_molecules", "", "molecules", ranked=True),
-    Metric("n_grid_points", "", "grid points"),
-    Metric("n_params", "", "parameters"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("loss", "", "loss", trained=True, in_table=True, sweepable=True),
+        Metric(
+            "esp_rmse", _KCAL, "ESP RMSE", trained=True, in_table=True, sweepable=True, ranked=True
+        ),
+        Metric(
+            "esp_mae", _KCAL, "ESP MAE", trained=True, in_table=True, sweepable=True, ranked=True
+        ),
+        Metric(
+            "mono_mae",
+            "e",
+            "monopole MAE",
+            trained=True,
+            in_table=True,
+            sweepable=True,
+            ranked=True,
+        ),
+        Metric(
+            "mono_rmse",
+            "e",
+            "monopole RMSE",
+            trained=True,
+            in_table=True,
+            sweepable=True,
+            ranked=True,
+        ),
+        Metric("mono_mean", "e", "mean monopole", trained=True, in_table=True),
+        Metric("mono_std", "e", "monopole std", trained=True, in_table=True),
+        Metric(
+            "dipole_mae",
+            "D",
+            "dipole MAE",
+            trained=True,
+            in_table=True,
+            sweepable=True,
+            ranked=True,
+        ),
+        # Analysis-only (re-evaluation of a checkpoint on a split).
+        Metric("esp_max_abs_error", _KCAL, "ESP max |error|", ranked=True),
+        *(
+            Metric(f"esp_abs_error_p{p}", _KCAL, f"ESP |error| p{p}", ranked=p == 95)
+            for p in _PERCENTILES
+        ),
+        Metric("esp_r2", "", "ESP R²", ranked=True),
+        Metric("esp_pearson_r", "", "ESP Pearson r"),
+        Metric("total_charge_max_error", "e", "max total-charge error"),
+        Metric("dipole_magnitude_mae", "D", "dipole magnitude MAE"),
+        Metric("dipole_error_norm_mean", "D", "mean |dipole error|"),
+        Metric("n_conformers", "", "conformers", ranked=True),
+        Metric("n_molecules", "", "molecules", ranked=True),
+        Metric("n_grid_points", "", "grid points"),
+        Metric("n_params", "", "parameters"),
+    )
+}
 
 TRAINED = tuple(n for n, m in METRICS.items() if m.trained)
 TABLE_ROWS = tuple(n for n, m in METRICS.items() if m.in_table)
-SWEEP_METRICS = tuple(f"{split}_{n}" for split in ("valid", "train")
-                      for n, m in METRICS.items() if m.sweepable)
+SWEEP_METRICS = tuple(
+    f"{split}_{n}" for split in ("valid", "train") for n, m in METRICS.items() if m.sweepable
+)
 EVAL_METRICS = tuple(n for n, m in METRICS.items() if m.ranked)
 
 
-def split_of(name: str) -> Optional[str]:
+def split_of(name: str) -> str | None:
     """`valid_esp_rmse` -> `valid`; a split-free name -> None."""
     head = name.split("_", 1)[0]
     return head if head in SPLITS and "_" in name else None

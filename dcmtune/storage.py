@@ -29,12 +29,22 @@ import posixpath
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["StorageError", "Location", "is_uri", "is_remote", "join", "resolve", "probe",
-           "local_copy_dir", "PROBE_TIMEOUT_S"]
+__all__ = [
+    "StorageError",
+    "Location",
+    "is_uri",
+    "is_remote",
+    "join",
+    "resolve",
+    "probe",
+    "local_copy_dir",
+    "PROBE_TIMEOUT_S",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +67,7 @@ def is_uri(path: str) -> bool:
 def is_remote(path: str) -> bool:
     """Whether `path` is an object store (a URI other than file://), not a POSIX directory."""
     m = _SCHEME.match(str(path))
-    return bool(m) and m.group(1).lower() != "file"
+    return m is not None and m.group(1).lower() != "file"
 
 
 def join(base: str, *parts: str) -> str:
@@ -72,8 +82,7 @@ def join(base: str, *parts: str) -> str:
 def _check_syntax(uri: str, key: str) -> None:
     parts = urlsplit(uri)
     if parts.scheme.lower() in ("s3", "gs", "gcs") and not parts.netloc:
-        raise StorageError(f"{key}: {uri!r} names no bucket; expected "
-                           f"{parts.scheme}://BUCKET/PATH")
+        raise StorageError(f"{key}: {uri!r} names no bucket; expected {parts.scheme}://BUCKET/PATH")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +99,7 @@ class Location:
 
         return not isinstance(self.fs, pafs.LocalFileSystem)
 
-    def child(self, *parts: str) -> "Location":
+    def child(self, *parts: str) -> Location:
         return Location(join(self.uri, *parts), self.fs, posixpath.join(self.path, *parts))
 
     def _p(self, rel: str) -> str:
@@ -130,13 +139,15 @@ class Location:
         if local.is_dir():
             for p in sorted(local.rglob("*")):
                 if p.is_file():
-                    self.write_bytes(posixpath.join(rel, p.relative_to(local).as_posix()),
-                                     p.read_bytes())
+                    self.write_bytes(
+                        posixpath.join(rel, p.relative_to(local).as_posix()), p.read_bytes()
+                    )
         else:
             self.write_bytes(rel, local.read_bytes())
 
-    def download(self, rel: str, target: Path,
-                 skip: Callable[[str], bool] = lambda name: False) -> list[Path]:
+    def download(
+        self, rel: str, target: Path, skip: Callable[[str], bool] = lambda name: False
+    ) -> list[Path]:
         """The file or directory `rel` to `target` (files whose relative path `skip` accepts
         are left out); returns the local files written."""
         import pyarrow.fs as pafs
@@ -151,8 +162,11 @@ class Location:
             items = [(root, Path(target))]
         else:
             sel = pafs.FileSelector(root, recursive=True)
-            items = [(i.path, Path(target) / posixpath.relpath(i.path, root))
-                     for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+            items = [
+                (i.path, Path(target) / posixpath.relpath(i.path, root))
+                for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File
+            ]
         written = []
         for src, dst in items:
             if skip(posixpath.relpath(src, root)):
@@ -198,9 +212,11 @@ def resolve(path: str, key: str = "run.storage_path") -> Location:
         fs, fs_path = pafs.FileSystem.from_uri(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ValueError ... for bad URIs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StorageError(f"{key}: {path!r} is not a storage URI Ray Tune can use ({first}); "
-                           "expected a directory, file://, s3:// or gs:// (options as "
-                           "?endpoint_override=HOST:PORT&scheme=http)") from None
+        raise StorageError(
+            f"{key}: {path!r} is not a storage URI Ray Tune can use ({first}); "
+            "expected a directory, file://, s3:// or gs:// (options as "
+            "?endpoint_override=HOST:PORT&scheme=http)"
+        ) from None
     return Location(path, fs, fs_path.rstrip("/"))
 
 
@@ -233,8 +249,7 @@ except Exception as e:
 """
 
 
-def probe(loc: Location, key: str = "storage_path",
-          timeout: float = PROBE_TIMEOUT_S) -> None:
+def probe(loc: Location, key: str = "storage_path", timeout: float = PROBE_TIMEOUT_S) -> None:
     """Checks that an object store answers, and that its bucket exists, within `timeout` s
     (in a child process, killed at the timeout). Local locations are not probed here.
 
@@ -244,18 +259,21 @@ def probe(loc: Location, key: str = "storage_path",
     if not loc.remote:
         return
     try:
-        out = subprocess.run([sys.executable, "-c", _PROBE, loc.uri], capture_output=True,
-                             text=True, timeout=timeout)
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, loc.uri], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
-        raise StorageError(f"{key}: {loc.uri} did not answer within {timeout:g} s (endpoint "
-                           "unreachable?)") from None
+        raise StorageError(
+            f"{key}: {loc.uri} did not answer within {timeout:g} s (endpoint unreachable?)"
+        ) from None
     if out.returncode == 0:
         return
     first = (out.stdout.strip() or out.stderr.strip() or "no answer").splitlines()[-1]
     if "NO_SUCH_BUCKET" in first or "does not exist" in first:
         bucket = loc.path.split("/", 1)[0]
-        raise StorageError(f"{key}: bucket {bucket!r} of {loc.uri} does not exist (create it "
-                           "first)")
+        raise StorageError(
+            f"{key}: bucket {bucket!r} of {loc.uri} does not exist (create it first)"
+        )
     raise StorageError(f"{key}: cannot use {loc.uri} ({first})")
 
 

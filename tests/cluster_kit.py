@@ -15,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import psutil
 
@@ -27,9 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 # Every process of the cluster, the driver and the S3 server get dummy credentials; no
 # process may ask an EC2 metadata endpoint for real ones.
 S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing", "AWS_SECURITY_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
 }
 
 
@@ -39,8 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str,
-             every: float = 0.25) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.25) -> None:
     """Polls `condition` until it holds; AssertionError naming `what` after `timeout` s."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -54,16 +56,23 @@ def base_env(tmp: Path) -> dict:
     """The environment of every process the tests start (no RAY_TMPDIR of the pytest Ray)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env.update(S3_ENV)
-    env.update({"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
-                "RAY_USAGE_STATS_ENABLED": "0", "JAX_PLATFORMS": "cpu",
-                # Node death noticed within a few seconds (default: tens of seconds).
-                "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
-                "RAY_health_check_failure_threshold": "3",
-                "TMPDIR": str(tmp)})
+    env.update(
+        {
+            "RAY_AUTH_MODE": "disabled",
+            "PYTHONPATH": str(REPO),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "JAX_PLATFORMS": "cpu",
+            # Node death noticed within a few seconds (default: tens of seconds).
+            "RAY_health_check_period_ms": "500",
+            "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+            "TMPDIR": str(tmp),
+        }
+    )
     return env
 
 
-def stop(proc: Optional[subprocess.Popen], grace: float = 20.0) -> None:
+def stop(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
     """SIGTERM to a process this module started, then SIGKILL of it and its descendants."""
     if proc is None or proc.poll() is not None:
         return
@@ -91,9 +100,12 @@ class MotoServer:
     def __init__(self, workdir: Path, bucket: str = "sweeps"):
         self.port, self.bucket = free_port(), bucket
         self.log = open(workdir / "moto.log", "w")
-        self.proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                      str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=base_env(workdir))
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=base_env(workdir),
+        )
         self.fs = self._fs()
         wait_for(self._up, 30, "the moto server")
         self.fs.create_dir(bucket)
@@ -103,9 +115,14 @@ class MotoServer:
 
         for k, v in S3_ENV.items():  # the test process reads the bucket too
             os.environ.setdefault(k, v)
-        return pafs.S3FileSystem(access_key="testing", secret_key="testing",
-                                 endpoint_override=f"127.0.0.1:{self.port}", scheme="http",
-                                 region="us-east-1", allow_bucket_creation=True)
+        return pafs.S3FileSystem(
+            access_key="testing",
+            secret_key="testing",
+            endpoint_override=f"127.0.0.1:{self.port}",
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
 
     def _up(self) -> bool:
         try:
@@ -115,16 +132,18 @@ class MotoServer:
             return False
 
     def uri(self, path: str) -> str:
-        return (f"s3://{self.bucket}/{path}?endpoint_override=127.0.0.1:{self.port}"
-                "&scheme=http")
+        return f"s3://{self.bucket}/{path}?endpoint_override=127.0.0.1:{self.port}&scheme=http"
 
     def files(self, prefix: str) -> list[str]:
         """Paths (relative to the bucket) of every object under `prefix`."""
         import pyarrow.fs as pafs
 
         sel = pafs.FileSelector(f"{self.bucket}/{prefix}", recursive=True, allow_not_found=True)
-        return sorted(i.path[len(self.bucket) + 1:] for i in self.fs.get_file_info(sel)
-                      if i.type == pafs.FileType.File)
+        return sorted(
+            i.path[len(self.bucket) + 1 :]
+            for i in self.fs.get_file_info(sel)
+            if i.type == pafs.FileType.File
+        )
 
     def read(self, key: str) -> bytes:
         with self.fs.open_input_stream(f"{self.bucket}/{key}") as f:
@@ -141,22 +160,48 @@ class Node:
     def __init__(self, workdir: Path, name: str, num_cpus: int, head_address: str = ""):
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"c{name[0]}"))  # short: socket paths
         self.log = open(workdir / f"ray-{name}.log", "w")
-        ports = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
-                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                 "--runtime-env-agent-port"]
-        cmd = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus",
-               str(num_cpus), "--num-gpus", "0", "--temp-dir", str(self.temp_dir),
-               "--disable-usage-stats", "--object-store-memory", str(100 * 2**20)]
+        ports = [
+            "--node-manager-port",
+            "--object-manager-port",
+            "--metrics-export-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+        ]
+        cmd = [
+            RAY,
+            "start",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            str(num_cpus),
+            "--num-gpus",
+            "0",
+            "--temp-dir",
+            str(self.temp_dir),
+            "--disable-usage-stats",
+            "--object-store-memory",
+            str(100 * 2**20),
+        ]
         for p in ports:
             cmd += [p, str(free_port())]
         if head_address:
             cmd += ["--address", head_address]
         else:
             self.port = free_port()
-            cmd += ["--head", "--port", str(self.port), "--include-dashboard", "false",
-                    "--ray-client-server-port", str(free_port())]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=base_env(workdir), cwd=workdir)
+            cmd += [
+                "--head",
+                "--port",
+                str(self.port),
+                "--include-dashboard",
+                "false",
+                "--ray-client-server-port",
+                str(free_port()),
+            ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=base_env(workdir), cwd=workdir
+        )
 
     def started(self) -> bool:
         """Whether `ray start` reports the node up (its log line; no Ray client needed)."""

@@ -1,16 +1,28 @@
 """Shared fixtures: one small model and one synthetic dataset for the whole session."""
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dcmtune.config import TrainingConfig
 from dcmtune.data import make_batch
-from dcmtune.synthetic import make_synthetic
-from dcmtune.model import DCMNet, init_params
+from dcmtune.data.synthetic import make_synthetic
+from dcmtune.model.dcmnet import DCMNet, init_params
+from dcmtune.train.hparams import Hparams
 
-SMALL = dict(n_dcm=2, features=8, max_degree=2, num_iterations=2, num_basis_functions=8,
-             cutoff=4.0, max_atomic_number=36, d_max=0.5)
+SMALL = dict(
+    n_dcm=2,
+    features=8,
+    max_degree=2,
+    num_iterations=2,
+    num_basis_functions=8,
+    cutoff=4.0,
+    max_atomic_number=36,
+    d_max=0.5,
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +42,14 @@ def small_model():
 @pytest.fixture(scope="session")
 def apply_fn(small_model):
     model, _ = small_model
-    return jax.jit(lambda p, b: model.apply({"params": p}, b["Z"], b["R"], b["atom_mask"],
-                                            b["Q"]))
+    return jax.jit(lambda p, b: model.apply({"params": p}, b["Z"], b["R"], b["atom_mask"], b["Q"]))
+
+
+def loss_weights(
+    esp_w=TrainingConfig.esp_w, chg_w=TrainingConfig.chg_w, dip_w=TrainingConfig.dip_w
+) -> Hparams:
+    """The traced hyper-parameters with these loss weights (the defaults elsewhere)."""
+    return Hparams.of(TrainingConfig(esp_w=esp_w, chg_w=chg_w, dip_w=dip_w))
 
 
 def to_device(batch):
@@ -48,7 +66,6 @@ def batch_of(data, idx=None, batch_size=None):
 # AF_UNIX socket paths must stay under 107 bytes), one JAX compilation cache shared by all
 # trials, and one tiny sweep that several test modules inspect.
 
-import typing  # noqa: E402  (this section was appended to the file)
 
 TINY_MODEL = dict(features=4, max_degree=1, num_iterations=1, n_dcm=1, num_basis_functions=4)
 # The deliberately bad point of the tiny sweep: a learning rate so small that the model has
@@ -86,8 +103,20 @@ def tiny_data_file(tmp_path_factory):
     """A small synthetic ESP file (12 molecules x 3 conformers) in its own directory."""
     d = make_synthetic(num_molecules=12, conformers=3, max_atoms=6, num_grid=48, seed=0)
     path = tmp_path_factory.mktemp("tiny_data") / "tiny.npz"
-    np.savez(path, R=d.R, Z=d.Z, N=d.N, esp=d.esp, vdw_surface=d.grid, n_grid=d.n_grid,
-             mono=d.mono, Dxyz=d.dipole, com=d.com, Q=d.Q, mol_id=d.mol_id)
+    np.savez(
+        path,
+        R=d.R,
+        Z=d.Z,
+        N=d.N,
+        esp=d.esp,
+        vdw_surface=d.grid,
+        n_grid=d.n_grid,
+        mono=d.mono,
+        Dxyz=d.dipole,
+        com=d.com,
+        Q=d.Q,
+        mol_id=d.mol_id,
+    )
     return path
 
 
@@ -105,13 +134,22 @@ def tiny_spec(tiny_data_file, jax_cache_dir):
             "data": {"data_files": [str(tiny_data_file)], "num_valid": 6, "num_test": 6},
             "model": dict(TINY_MODEL),
             "training": {"num_epochs": 4, "batch_size": 4, "warmup_epochs": 0},
-            "search": {"training.learning_rate": {"loguniform": [TINY_BAD_LR, 3e-2]},
-                       "training.chg_w": {"uniform": [0.5, 2.0]}},
+            "search": {
+                "training.learning_rate": {"loguniform": [TINY_BAD_LR, 3e-2]},
+                "training.chg_w": {"uniform": [0.5, 2.0]},
+            },
             "searcher": {"seed": 0, "n_startup_trials": 3},
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
-            "run": {"num_samples": 5, "max_concurrent_trials": 1, "checkpoint_every": 2,
-                    "num_to_keep": 2, "resources": {"cpu": 1, "gpu": "auto"},
-                    "storage_path": "results", "jax_cache_dir": str(jax_cache_dir), **run},
+            "run": {
+                "num_samples": 5,
+                "max_concurrent_trials": 1,
+                "checkpoint_every": 2,
+                "num_to_keep": 2,
+                "resources": {"cpu": 1, "gpu": "auto"},
+                "storage_path": "results",
+                "jax_cache_dir": str(jax_cache_dir),
+                **run,
+            },
         }
         if edit is not None:
             edit(raw)
@@ -143,14 +181,15 @@ def tiny_sweep(ray_session, tiny_spec, tmp_path_factory):
     """
     import time
 
-    from dcmtune.search_space import load_spec
-    from dcmtune.sweep import run_sweep
+    from dcmtune.sweep.driver import run_sweep
+    from dcmtune.sweep.spec import load_spec
 
     def edit(raw):
         raw["searcher"]["storage"] = "sqlite:///study.db"  # in the experiment directory
         raw["searcher"]["points_to_evaluate"] = [
             {"training.learning_rate": TINY_GOOD_LR, "training.chg_w": 1.0},
-            {"training.learning_rate": TINY_BAD_LR, "training.chg_w": 1.0}]
+            {"training.learning_rate": TINY_BAD_LR, "training.chg_w": 1.0},
+        ]
 
     spec = load_spec(tiny_spec("tiny", tmp_path_factory.mktemp("tiny_sweep"), edit=edit))
     t0 = time.perf_counter()

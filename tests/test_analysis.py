@@ -8,13 +8,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dcmtune import analysis
-from dcmtune import checkpoint as ckpt
-from dcmtune.analysis import (AnalysisError, analyze_checkpoint, analyze_training_history,
-                              batch_analysis_summary, checkpoint_data, compare_checkpoints,
-                              load_checkpoint, print_analysis_summary)
+from dcmtune.analysis import commands as analysis
+from dcmtune.analysis.checkpoints import AnalysisError, checkpoint_data
+from dcmtune.analysis.checkpoints import open_checkpoint as load_checkpoint
+from dcmtune.analysis.evaluate import (
+    analyze_checkpoint,
+    batch_analysis_summary,
+    compare_checkpoints,
+    print_analysis_summary,
+)
+from dcmtune.analysis.history import analyze_training_history
 from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
 from dcmtune.data import load_dataset, pad_to
+from dcmtune.train import checkpoints as ckpt
 
 TINY = dict(n_dcm=2, features=4, max_degree=1, num_iterations=1, num_basis_functions=4)
 EPOCHS = 12
@@ -26,16 +32,23 @@ A0, KCAL = 0.529177210903, 627.509474
 def run_dir(tiny_data_file, tmp_path_factory):
     """A 12-epoch run of a tiny model on the tiny synthetic file, with a checkpoint every
     epoch (epoch_1 ... epoch_12 kept)."""
-    from dcmtune.train import fit
+    from dcmtune.train.loop import fit
 
     out = tmp_path_factory.mktemp("analysis_runs")
     cfg = ExperimentConfig(
-        name="tiny", output_dir=str(out), random_seed=1, model=ModelConfig(**TINY),
-        training=TrainingConfig(num_epochs=EPOCHS, batch_size=4, learning_rate=1e-2,
-                                warmup_epochs=1, save_every_n_epochs=1,
-                                keep_top_k_checkpoints=EPOCHS),
-    ).replace(**{"data.data_files": [str(tiny_data_file)], "data.num_valid": 6,
-                 "data.num_test": 6})
+        name="tiny",
+        output_dir=str(out),
+        random_seed=1,
+        model=ModelConfig(**TINY),
+        training=TrainingConfig(
+            num_epochs=EPOCHS,
+            batch_size=4,
+            learning_rate=1e-2,
+            warmup_epochs=1,
+            save_every_n_epochs=1,
+            keep_top_k_checkpoints=EPOCHS,
+        ),
+    ).replace(**{"data.data_files": [str(tiny_data_file)], "data.num_valid": 6, "data.num_test": 6})
     result = fit(cfg)
     assert result.status == "completed"
     return result.run_dir
@@ -69,23 +82,22 @@ def test_esp_rmse_matches_an_independent_float64_evaluation(analysis_on_test):
     assert a.charges.shape == (d.num_conformers, d.num_atoms, TINY["n_dcm"])
     esp = _numpy_esp(a.charges, a.positions, d.R, d.N, d.grid, d.n_grid)
     errors = [v - d.esp[i, : d.n_grid[i]].astype(np.float64) for i, v in enumerate(esp)]
-    per_conf_mse = np.array([np.mean(e ** 2) for e in errors])
+    per_conf_mse = np.array([np.mean(e**2) for e in errors])
     pooled = np.abs(np.concatenate(errors)) * KCAL
-    np.testing.assert_allclose(a.metrics["esp_rmse"], np.sqrt(per_conf_mse.mean()) * KCAL,
-                               rtol=1e-5)
-    np.testing.assert_allclose(a.metrics["esp_mae"],
-                               np.mean([np.mean(np.abs(e)) for e in errors]) * KCAL, rtol=1e-5)
+    np.testing.assert_allclose(
+        a.metrics["esp_rmse"], np.sqrt(per_conf_mse.mean()) * KCAL, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        a.metrics["esp_mae"], np.mean([np.mean(np.abs(e)) for e in errors]) * KCAL, rtol=1e-5
+    )
     np.testing.assert_allclose(a.metrics["esp_max_abs_error"], pooled.max(), rtol=1e-5)
-    np.testing.assert_allclose(a.metrics["esp_abs_error_p95"], np.percentile(pooled, 95),
-                               rtol=1e-5)
+    np.testing.assert_allclose(a.metrics["esp_abs_error_p95"], np.percentile(pooled, 95), rtol=1e-5)
     ref = np.concatenate([d.esp[i, : d.n_grid[i]] for i in range(d.num_conformers)]) * KCAL
     pred = np.concatenate(esp) * KCAL
     r2 = 1 - np.sum((pred - ref) ** 2) / np.sum((ref - ref.mean()) ** 2)
     np.testing.assert_allclose(a.metrics["esp_r2"], r2, rtol=1e-5)
-    np.testing.assert_allclose(a.metrics["esp_pearson_r"], np.corrcoef(pred, ref)[0, 1],
-                               rtol=1e-5)
-    np.testing.assert_allclose(a.per_conformer["esp_rmse"], np.sqrt(per_conf_mse) * KCAL,
-                               rtol=1e-5)
+    np.testing.assert_allclose(a.metrics["esp_pearson_r"], np.corrcoef(pred, ref)[0, 1], rtol=1e-5)
+    np.testing.assert_allclose(a.per_conformer["esp_rmse"], np.sqrt(per_conf_mse) * KCAL, rtol=1e-5)
 
 
 def test_monopole_and_dipole_metrics_count_real_atoms_only(analysis_on_test):
@@ -94,25 +106,34 @@ def test_monopole_and_dipole_metrics_count_real_atoms_only(analysis_on_test):
     real = d.Z > 0
     assert np.all(a.charges[~real] == 0) and np.all(a.mono_pred[~real] == 0)
     q = a.charges.astype(np.float64).sum(axis=-1)
-    per_mol_mae = [np.mean(np.abs(q[i, real[i]] - d.mono[i, real[i]]))
-                   for i in range(d.num_conformers)]
+    per_mol_mae = [
+        np.mean(np.abs(q[i, real[i]] - d.mono[i, real[i]])) for i in range(d.num_conformers)
+    ]
     np.testing.assert_allclose(a.metrics["mono_mae"], np.mean(per_mol_mae), rtol=1e-5)
     np.testing.assert_allclose(a.metrics["mono_std"], np.std(q[real]), rtol=1e-4)
     np.testing.assert_allclose(q.sum(axis=1), d.Q, atol=1e-5)
-    dip = np.stack([
-        (a.charges[i, : d.N[i]].astype(np.float64)[..., None]
-         * (a.positions[i, : d.N[i]].astype(np.float64) - d.com[i])).sum(axis=(0, 1))
-        for i in range(d.num_conformers)]) * 4.80320471
-    np.testing.assert_allclose(a.metrics["dipole_mae"], np.mean(np.abs(dip - d.dipole)),
-                               rtol=1e-4)
+    dip = (
+        np.stack(
+            [
+                (
+                    a.charges[i, : d.N[i]].astype(np.float64)[..., None]
+                    * (a.positions[i, : d.N[i]].astype(np.float64) - d.com[i])
+                ).sum(axis=(0, 1))
+                for i in range(d.num_conformers)
+            ]
+        )
+        * 4.80320471
+    )
+    np.testing.assert_allclose(a.metrics["dipole_mae"], np.mean(np.abs(dip - d.dipole)), rtol=1e-4)
 
 
 def test_metrics_equal_the_trainers_on_the_validation_split(best):
     a = analyze_checkpoint(best, "valid")
     recorded = best.meta["metrics"]
     for name in ("loss", "esp_rmse", "esp_mae", "mono_mae", "mono_rmse", "dipole_mae"):
-        np.testing.assert_allclose(a.metrics[name], recorded[f"valid_{name}"], rtol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            a.metrics[name], recorded[f"valid_{name}"], rtol=1e-5, err_msg=name
+        )
     assert a.epoch == best.meta["epoch"]
 
 
@@ -143,7 +164,7 @@ def test_history_is_numeric_and_reads_no_parameters(run_dir, tmp_path, monkeypat
         raise AssertionError("reading a history must not load parameters")
 
     monkeypatch.setattr(ckpt, "load_checkpoint", no_params)
-    monkeypatch.setattr(analysis, "load_checkpoint", no_params)
+    monkeypatch.setattr("dcmtune.analysis.evaluate.open_checkpoint", no_params)
     expected = list(range(1, EPOCHS + 1))
 
     h = analyze_training_history(run_dir)
@@ -182,8 +203,9 @@ def test_compare_checkpoints(run_dir, analysis_on_test):
     df = compare_checkpoints(paths, "test", labels=["best", "last", "first"])
     assert df["label"].tolist() == ["best", "last", "first"]
     assert df["epoch"].tolist()[2] == 1
-    np.testing.assert_allclose(df.loc[0, "esp_rmse"], analysis_on_test.metrics["esp_rmse"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        df.loc[0, "esp_rmse"], analysis_on_test.metrics["esp_rmse"], rtol=1e-5
+    )
     with pytest.raises(ValueError, match="labels"):
         compare_checkpoints(paths, "test", labels=["a"])
 
@@ -191,15 +213,15 @@ def test_compare_checkpoints(run_dir, analysis_on_test):
 def test_batch_analysis_summary_writes_its_files(run_dir, tmp_path, analysis_on_test):
     res = batch_analysis_summary(run_dir, "test", tmp_path / "out")
     report = json.loads((tmp_path / "out" / "best_analysis.json").read_text())
-    assert report["metrics"]["esp_rmse"] == pytest.approx(analysis_on_test.metrics["esp_rmse"],
-                                                          rel=1e-5)
+    assert report["metrics"]["esp_rmse"] == pytest.approx(
+        analysis_on_test.metrics["esp_rmse"], rel=1e-5
+    )
     assert report["units"]["esp_rmse"] == "kcal/mol/e"
     pred = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert len(pred) == analysis_on_test.data.num_conformers
     hist = pd.read_csv(tmp_path / "out" / "training_history.csv")
     assert hist["epoch"].tolist() == list(range(1, EPOCHS + 1))
-    assert set(res["files"]) == {"best_analysis.json", "predictions.csv",
-                                 "training_history.csv"}
+    assert set(res["files"]) == {"best_analysis.json", "predictions.csv", "training_history.csv"}
 
 
 def test_summary_text(analysis_on_test):

@@ -7,14 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcmtune import batching
-from dcmtune import checkpoint as ckpt
 from dcmtune.config import DataConfig, ExperimentConfig, ModelConfig, TrainingConfig
-from dcmtune.loss import LossWeights, finalize_metrics
-from dcmtune.model import build_model, init_params
+from dcmtune.data import batches as batching
 from dcmtune.data import bucket_bounds, concatenate, group_by_bucket, make_batch, size_bucket
-from dcmtune.synthetic import make_synthetic
-from dcmtune.train import _check_resume_config, accumulated_grads, fit, hparams_of
+from dcmtune.data.synthetic import make_synthetic
+from dcmtune.model.dcmnet import build_model, init_params
+from dcmtune.model.loss import finalize_metrics
+from dcmtune.train import checkpoints as ckpt
+from dcmtune.train.loop import fit
+from dcmtune.train.restart import check_resume_config as _check_resume_config
+from dcmtune.train.step import accumulated_grads, hparams_of
 
 TINY = ModelConfig(n_dcm=2, features=4, max_degree=1, num_iterations=1, num_basis_functions=4)
 
@@ -22,18 +24,21 @@ TINY = ModelConfig(n_dcm=2, features=4, max_degree=1, num_iterations=1, num_basi
 @pytest.fixture(scope="module")
 def mixed():
     """Small (3-4 atoms, <= 30 grid points) and larger (8-9 atoms, <= 60) molecules."""
-    small = make_synthetic(num_molecules=6, conformers=4, min_atoms=3, max_atoms=4,
-                           num_grid=30, seed=1)
-    large = make_synthetic(num_molecules=5, conformers=4, min_atoms=8, max_atoms=9,
-                           num_grid=60, seed=2)
+    small = make_synthetic(
+        num_molecules=6, conformers=4, min_atoms=3, max_atoms=4, num_grid=30, seed=1
+    )
+    large = make_synthetic(
+        num_molecules=5, conformers=4, min_atoms=8, max_atoms=9, num_grid=60, seed=2
+    )
     return concatenate([small, large])
 
 
 def test_bounds_follow_the_data_and_group_by_bucket_uses_them():
     # Two size clusters: two buckets, each bound the largest size in it.
     sizes = np.array([3] * 40 + [4] * 40 + [11] * 40 + [12] * 40)
-    bounds = bucket_bounds(sizes, sizes * 10, lambda a, g: a * a, slots=8, max_buckets=4,
-                           min_members=32)
+    bounds = bucket_bounds(
+        sizes, sizes * 10, lambda a, g: a * a, slots=8, max_buckets=4, min_members=32
+    )
     assert bounds[-1] == 12 and 4 in bounds and len(bounds) <= 4
     assert bucket_bounds(sizes, sizes, lambda a, g: a * a, 8, max_buckets=1) == [12]
     assert size_bucket(5, bounds=[4, 9, 12]) == 9
@@ -84,11 +89,11 @@ def test_bucketed_batch_has_the_loss_and_gradients_of_the_padded_batch(mixed):
     grads = jax.jit(accumulated_grads, static_argnums=3)
     g_b, s_b = grads(params, bucketed, hp, TINY)
     g_p, s_p = grads(params, padded, hp, TINY)
-    for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_p)):
+    for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_p), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
     for k in s_p:  # q_sum of neutral molecules is ~0: an absolute floor
         np.testing.assert_allclose(float(s_b[k]), float(s_p[k]), rtol=1e-5, atol=1e-6, err_msg=k)
-    w = LossWeights(*(hp[k] for k in ("esp_w", "chg_w", "dip_w")))
+    w = hp
     loss_b, loss_p = finalize_metrics(s_b, w)["loss"], finalize_metrics(s_p, w)["loss"]
     assert loss_b > 0
     np.testing.assert_allclose(loss_b, loss_p, rtol=1e-5)
@@ -97,11 +102,17 @@ def test_bucketed_batch_has_the_loss_and_gradients_of_the_padded_batch(mixed):
 
 def _config(tmp_path, name, budget):
     return ExperimentConfig(
-        name=name, output_dir=str(tmp_path), random_seed=5, model=TINY,
-        data=DataConfig(valid_fraction=0.2, test_fraction=0.0, max_buckets=2,
-                        device_data_budget_mb=budget),
-        training=TrainingConfig(num_epochs=2, batch_size=2, learning_rate=3e-3,
-                                warmup_epochs=0, save_every_n_epochs=0))
+        name=name,
+        output_dir=str(tmp_path),
+        random_seed=5,
+        model=TINY,
+        data=DataConfig(
+            valid_fraction=0.2, test_fraction=0.0, max_buckets=2, device_data_budget_mb=budget
+        ),
+        training=TrainingConfig(
+            num_epochs=2, batch_size=2, learning_rate=3e-3, warmup_epochs=0, save_every_n_epochs=0
+        ),
+    )
 
 
 def test_streamed_data_trains_like_device_resident_data(mixed, tmp_path, caplog, monkeypatch):
@@ -113,10 +124,12 @@ def test_streamed_data_trains_like_device_resident_data(mixed, tmp_path, caplog,
     assert "streamed from host memory" in caplog.text
     assert len(streamed.history) == 2
     # The same batches through the same compiled programs: equal to the last bit.
-    for a, b in zip(jax.tree.leaves(resident.params), jax.tree.leaves(streamed.params)):
+    for a, b in zip(
+        jax.tree.leaves(resident.params), jax.tree.leaves(streamed.params), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len(resident.history) == len(streamed.history) == 2
-    for ra, rb in zip(resident.history, streamed.history):
+    for ra, rb in zip(resident.history, streamed.history, strict=True):
         for k in ("step", "train_loss", "valid_loss", "valid_esp_rmse", "train_esp_rmse"):
             assert rb[k] == ra[k], k
 
@@ -127,9 +140,12 @@ def test_restart_names_batching_of_checkpoints_from_before_buckets(tmp_path):
     for key in ("batching", "max_buckets", "device_data_budget_mb"):
         del old["data"][key]  # a checkpoint written before these keys existed
     meta = {"config": old}
-    with pytest.raises(ckpt.CheckpointError, match="data.batching = 'bucketed' differs from "
-                                                   "the checkpoint's 'padded'"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match="data.batching = 'bucketed' differs from the checkpoint's 'padded'",
+    ):
         _check_resume_config(meta, now, tmp_path)
     padded = now.replace(**{"data.batching": "padded", "data.device_data_budget_mb": 5.0})
     assert _check_resume_config(meta, padded, tmp_path) == {
-        "data.device_data_budget_mb": [1024.0, 5.0]}
+        "data.device_data_budget_mb": [1024.0, 5.0]
+    }

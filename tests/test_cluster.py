@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cluster_kit import PYTHON, MotoServer, Node, base_env, stop, wait_for
 
 NAME = "nodeloss"
@@ -41,8 +40,14 @@ class Cluster(typing.NamedTuple):
 
     def run(self, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
         cwd.mkdir(parents=True, exist_ok=True)
-        return subprocess.run([PYTHON, "-m", *args], cwd=cwd, env=self.env, text=True,
-                              capture_output=True, timeout=timeout)
+        return subprocess.run(
+            [PYTHON, "-m", *args],
+            cwd=cwd,
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +72,25 @@ def _spec(directory: Path, data_file: Path) -> Path:
     raw = {
         "name": NAME,
         "data": {"data_files": [str(data_file)], "num_valid": 6, "num_test": 6},
-        "model": {"features": 8, "max_degree": 1, "num_iterations": 1, "n_dcm": 1,
-                  "num_basis_functions": 4},
+        "model": {
+            "features": 8,
+            "max_degree": 1,
+            "num_iterations": 1,
+            "n_dcm": 1,
+            "num_basis_functions": 4,
+        },
         "training": {"num_epochs": EPOCHS, "batch_size": 4, "warmup_epochs": 0},
         "search": {"training.learning_rate": {"loguniform": [1e-3, 3e-2]}},
         "searcher": {"seed": 0, "n_startup_trials": 2},
         "scheduler": {"name": "fifo"},
-        "run": {"num_samples": 2, "max_concurrent_trials": 1, "checkpoint_every": 1,
-                "num_to_keep": 2, "max_failures": 2, "resources": {"cpu": 1, "gpu": 0}},
+        "run": {
+            "num_samples": 2,
+            "max_concurrent_trials": 1,
+            "checkpoint_every": 1,
+            "num_to_keep": 2,
+            "max_failures": 2,
+            "resources": {"cpu": 1, "gpu": 0},
+        },
         "rank": {"top_k": 1},
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -102,13 +118,32 @@ def lost_node_sweep(cluster, tiny_data_file):
     first = cluster.add_worker()
     log = open(wd / "driver.log", "w")
     driver = subprocess.Popen(
-        [PYTHON, "-m", "dcmtune.sweep", str(spec), "--address", cluster.head.address,
-         "--storage-path", storage_uri, "-q"], cwd=wd / "spec", env=cluster.env, text=True,
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            PYTHON,
+            "-m",
+            "dcmtune.sweep",
+            str(spec),
+            "--address",
+            cluster.head.address,
+            "--storage-path",
+            storage_uri,
+            "-q",
+        ],
+        cwd=wd / "spec",
+        env=cluster.env,
+        text=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        wait_for(lambda: any(f.endswith("/checkpoint_000001/state.msgpack")
-                             for f in moto.files(f"exp/{NAME}")), 300,
-                 "the first trial's second checkpoint in the bucket", every=0.1)
+        wait_for(
+            lambda: any(
+                f.endswith("/checkpoint_000001/state.msgpack") for f in moto.files(f"exp/{NAME}")
+            ),
+            300,
+            "the first trial's second checkpoint in the bucket",
+            every=0.1,
+        )
         raylet = first.raylet()
         raylet.kill()  # the node is lost mid-trial
         raylet.wait(10)
@@ -118,15 +153,16 @@ def lost_node_sweep(cluster, tiny_data_file):
     finally:
         stop(driver)
         log.close()
-    out = subprocess.CompletedProcess(driver.args, driver.returncode,
-                                      (wd / "driver.log").read_text(errors="replace"), "")
+    out = subprocess.CompletedProcess(
+        driver.args, driver.returncode, (wd / "driver.log").read_text(errors="replace"), ""
+    )
     return Lost(spec, moto.uri(f"exp/{NAME}"), f"exp/{NAME}", out, first, replacement)
 
 
 def _trials(moto: MotoServer, prefix: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for f in moto.files(prefix):
-        parts = f[len(prefix) + 1:].split("/")
+        parts = f[len(prefix) + 1 :].split("/")
         if parts[0].startswith("trial_"):
             out.setdefault(parts[0], []).append("/".join(parts[1:]))
     return out
@@ -154,8 +190,11 @@ def test_node_loss_resumes_the_trial_on_a_new_worker(cluster, lost_node_sweep):
     # restart Tune replaces its copy with the bucket's (JsonLoggerCallback._restore_from_remote),
     # losing the lines it logged after its last upload. The trainer's history.csv is the record
     # (below: every epoch once).
-    rows = [json.loads(line) for line in moto.read(
-        f"{run.prefix}/trial_{lost}/result.json").decode().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in moto.read(f"{run.prefix}/trial_{lost}/result.json").decode().splitlines()
+        if line.strip()
+    ]
     epochs = [r["epoch"] for r in rows]
     assert epochs[0] == 1 and epochs.count(1) == 1 and epochs[-1] == EPOCHS, epochs
     assert epochs == sorted(epochs) and len(epochs) - len(set(epochs)) <= 1, epochs
@@ -166,14 +205,16 @@ def test_node_loss_resumes_the_trial_on_a_new_worker(cluster, lost_node_sweep):
         assert {"config.json", "split.json", "history.csv"} <= set(files)
         states = [f for f in files if f.endswith("state.msgpack")]
         assert states and all(f.startswith("checkpoint_") for f in states)
-        lines = [ln for ln in moto.read(f"{run.prefix}/{trial}/history.csv")
-                 .decode().splitlines() if ln.strip()]
+        lines = [
+            ln
+            for ln in moto.read(f"{run.prefix}/{trial}/history.csv").decode().splitlines()
+            if ln.strip()
+        ]
         column = lines[0].split(",").index("epoch")
         assert [int(ln.split(",")[column]) for ln in lines[1:]] == list(range(1, EPOCHS + 1))
 
 
-def test_ranking_best_model_and_resume_need_only_the_bucket(cluster, lost_node_sweep,
-                                                             tmp_path):
+def test_ranking_best_model_and_resume_need_only_the_bucket(cluster, lost_node_sweep, tmp_path):
     run, moto = lost_node_sweep, cluster.moto
     assert run.driver.returncode == 0, run.driver.stdout[-3000:]
     # No worker is left, and their temp dirs (trial working dirs, scratch) are gone.
@@ -181,8 +222,12 @@ def test_ranking_best_model_and_resume_need_only_the_bucket(cluster, lost_node_s
         node.stop()
         node.remove()
         assert not node.temp_dir.exists()
-    for key in [f for f in moto.files(run.prefix) if f.startswith(f"{run.prefix}/best_model/")
-                or f.endswith(("ranking.csv", "ranking.json", "report.md"))]:
+    for key in [
+        f
+        for f in moto.files(run.prefix)
+        if f.startswith(f"{run.prefix}/best_model/")
+        or f.endswith(("ranking.csv", "ranking.json", "report.md"))
+    ]:
         moto.fs.delete_file(f"{moto.bucket}/{key}")
 
     # The ranking reads the bucket, fetches only the top-k (1) checkpoint, writes back.
@@ -194,16 +239,30 @@ def test_ranking_best_model_and_resume_need_only_the_bucket(cluster, lost_node_s
     assert len([f for f in fetched if f.startswith("trial_")]) == 1, fetched
     assert (copy / "best_model" / "state.msgpack").is_file()
     in_bucket = moto.files(run.prefix)
-    for name in ("ranking.csv", "ranking.json", "report.md", "best_model/state.msgpack",
-                 "best_model/config.json", "best_model/evaluation.json"):
+    for name in (
+        "ranking.csv",
+        "ranking.json",
+        "report.md",
+        "best_model/state.msgpack",
+        "best_model/config.json",
+        "best_model/evaluation.json",
+    ):
         assert f"{run.prefix}/{name}" in in_bucket, name
     evaluation = json.loads(moto.read(f"{run.prefix}/best_model/evaluation.json"))
     assert evaluation["metrics"]["test_esp_rmse"] > 0
 
     # --resume of the finished experiment, from another directory (a new local copy).
-    out = cluster.run("dcmtune.sweep", str(run.spec), "--resume", "--address",
-                      cluster.head.address, "--storage-path", moto.uri("exp"), "-q",
-                      cwd=tmp_path / "resume")
+    out = cluster.run(
+        "dcmtune.sweep",
+        str(run.spec),
+        "--resume",
+        "--address",
+        cluster.head.address,
+        "--storage-path",
+        moto.uri("exp"),
+        "-q",
+        cwd=tmp_path / "resume",
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "completed: 2 trials (0 errors)" in out.stdout
     assert "winner: trial" in out.stdout
@@ -211,14 +270,15 @@ def test_ranking_best_model_and_resume_need_only_the_bucket(cluster, lost_node_s
 
 def test_specs_keep_object_storage_uris_and_resolve_paths(tmp_path, monkeypatch):
     from dcmtune import storage
-    from dcmtune.search_space import spec_from_dict
+    from dcmtune.sweep.spec import spec_from_dict
 
     monkeypatch.chdir(tmp_path)
     uri = "s3://bucket/sweeps?endpoint_override=127.0.0.1:9000&scheme=http"
     spec = spec_from_dict({"name": "n", "run": {"storage_path": uri}}, base_dir=tmp_path)
     assert spec.remote and spec.run.storage_path == uri
-    assert spec.experiment_uri == ("s3://bucket/sweeps/n?endpoint_override=127.0.0.1:9000"
-                                   "&scheme=http")
+    assert spec.experiment_uri == (
+        "s3://bucket/sweeps/n?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
     # The driver's local copy, its Optuna journal and a node-local compile cache.
     assert tmp_path / "ray_results" in spec.experiment_dir.parents
     assert spec.experiment_dir.parts[-3:] == ("bucket", "sweeps", "n")
@@ -242,34 +302,54 @@ def silent_endpoint():
         yield s.getsockname()[1]
 
 
-def test_bad_storage_exits_2_with_one_line_before_anything_starts(cluster, silent_endpoint,
-                                                                   tiny_data_file, tmp_path):
+def test_bad_storage_exits_2_with_one_line_before_anything_starts(
+    cluster, silent_endpoint, tiny_data_file, tmp_path
+):
     moto, port = cluster.moto, cluster.moto.port
     bad = {
         "foo://bucket/x": "not a storage URI",
         "s3://": "names no bucket",
         f"s3://{moto.bucket}/x?endpoint_override=127.0.0.1:{port}&bogus=1": "bogus",
-        f"s3://missing-bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http":
-            "does not exist",
+        f"s3://missing-bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http": "does not exist",
         f"s3://{moto.bucket}/x?endpoint_override=127.0.0.1:1&scheme=http": "cannot use",
-        f"s3://{moto.bucket}/x?endpoint_override=127.0.0.1:{silent_endpoint}&scheme=http":
-            "did not answer",
+        f"s3://{moto.bucket}/x?endpoint_override=127.0.0.1:{silent_endpoint}&scheme=http": (
+            "did not answer"
+        ),
     }
     spec = _spec(tmp_path / "spec", tiny_data_file)
     before = moto.files("")
     for uri, words in bad.items():
-        out = cluster.run("dcmtune.sweep", str(spec), "--address", cluster.head.address,
-                          "--storage-path", uri, cwd=tmp_path / "run", timeout=30)
+        out = cluster.run(
+            "dcmtune.sweep",
+            str(spec),
+            "--address",
+            cluster.head.address,
+            "--storage-path",
+            uri,
+            cwd=tmp_path / "run",
+            timeout=30,
+        )
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2, (uri, out.stderr[-2000:])
         assert len(lines) == 1 and words in lines[0] and "storage" in lines[0], (uri, lines)
-    out = cluster.run("dcmtune.sweep", str(spec), "--resume", "--address",
-                      cluster.head.address, "--storage-path", moto.uri("empty"),
-                      cwd=tmp_path / "run", timeout=30)
+    out = cluster.run(
+        "dcmtune.sweep",
+        str(spec),
+        "--resume",
+        "--address",
+        cluster.head.address,
+        "--storage-path",
+        moto.uri("empty"),
+        cwd=tmp_path / "run",
+        timeout=30,
+    )
     assert out.returncode == 2 and "no experiment to resume" in out.stderr, out.stderr
-    out = cluster.run("dcmtune.rank", f"s3://missing-bucket/x?endpoint_override=127.0.0.1:"
-                      f"{port}&scheme=http", cwd=tmp_path / "run", timeout=30)
+    out = cluster.run(
+        "dcmtune.rank",
+        f"s3://missing-bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http",
+        cwd=tmp_path / "run",
+        timeout=30,
+    )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert moto.files("") == before  # nothing written to the bucket
     assert not (tmp_path / "run" / "ray_results").exists()  # nor locally
-

@@ -14,24 +14,77 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dcmtune import conformers as cf
 from dcmtune import qm
 from dcmtune.data import load_dataset
-from dcmtune.data_cli import main
+from dcmtune.data.__main__ import main
+from dcmtune.qm import conformers as cf
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO / "dcmtune" / "datasets"
 SHIPPED = DATASETS / "organic_esp.npz"
 SMILES_CSV = DATASETS / "organic_smiles.csv"
-SHARED_RESERVED = REPO.parent / "shared" / "reserved_molecules.txt"
+# The project's reserved list: the package copy (nothing outside the repository is read).
+RESERVED = DATASETS / "reserved_molecules.txt"
+# The seven larger molecules the list gained in the third step.
+RESERVED_LARGE = [
+    "paracetamol",
+    "aspirin",
+    "caffeine",
+    "ala_dipeptide",
+    "benzocaine",
+    "chlorobenzamide",
+    "fluorobiphenyl",
+]
 ELEMENTS = {1, 6, 7, 8, 9, 16, 17}  # H C N O F S Cl
 # The reserved molecules as ASE g2 names (the reserved file's name column).
-RESERVED_G2 = ["CH3CHO", "OCHCHO", "CH3COF", "HCCl3", "SH2", "CH3SCH3", "H3CNH2", "H2CCHCl",
-               "H2CCHCN", "butadiene", "CH3OCH3", "CH3CH2SH", "isobutane", "H2CCHF", "HCN",
-               "C3H8", "CH3CH2Cl", "HCOOCH3", "CH3COCH3", "CH3CH2NH2"]
-DEMO_G2 = ["H2O", "NH3", "CH4", "CH3OH", "HCOOH", "H2CO", "C2H2", "C2H4", "C2H6", "CH3CN",
-           "CH3Cl", "CH3SH", "CH3NO2", "CH3COOH", "CH3CONH2", "CH3CH2OH", "C6H6", "C5H5N",
-           "C4H4O", "C4H4S", "C4H4NH", "HCF3", "CO2", "H2CF2"]
+RESERVED_G2 = [
+    "CH3CHO",
+    "OCHCHO",
+    "CH3COF",
+    "HCCl3",
+    "SH2",
+    "CH3SCH3",
+    "H3CNH2",
+    "H2CCHCl",
+    "H2CCHCN",
+    "butadiene",
+    "CH3OCH3",
+    "CH3CH2SH",
+    "isobutane",
+    "H2CCHF",
+    "HCN",
+    "C3H8",
+    "CH3CH2Cl",
+    "HCOOCH3",
+    "CH3COCH3",
+    "CH3CH2NH2",
+]
+DEMO_G2 = [
+    "H2O",
+    "NH3",
+    "CH4",
+    "CH3OH",
+    "HCOOH",
+    "H2CO",
+    "C2H2",
+    "C2H4",
+    "C2H6",
+    "CH3CN",
+    "CH3Cl",
+    "CH3SH",
+    "CH3NO2",
+    "CH3COOH",
+    "CH3CONH2",
+    "CH3CH2OH",
+    "C6H6",
+    "C5H5N",
+    "C4H4O",
+    "C4H4S",
+    "C4H4NH",
+    "HCF3",
+    "CO2",
+    "H2CF2",
+]
 
 
 def _rmsd(a, b):
@@ -46,21 +99,27 @@ def test_smiles_gets_explicit_hydrogens_and_a_canonical_identity():
     assert [a.GetSymbol() for a in mol.GetAtoms()] == ["C", "C", "O"] + ["H"] * 6
     assert cf.canonical_smiles(mol) == cf.canonical_smiles("OCC") == "CCO"
     # Stereo is ignored: both enantiomers and the flat SMILES are one molecule.
-    assert cf.canonical_smiles("C[C@H](O)CC") == cf.canonical_smiles("C[C@@H](O)CC") == \
-        cf.canonical_smiles("CCC(C)O")
+    assert (
+        cf.canonical_smiles("C[C@H](O)CC")
+        == cf.canonical_smiles("C[C@@H](O)CC")
+        == cf.canonical_smiles("CCC(C)O")
+    )
     assert cf.canonical_smiles("C/C=C/C") == cf.canonical_smiles("CC=CC")
 
 
-@pytest.mark.parametrize("smiles, match", [
-    ("C1CC", "not a valid SMILES"),
-    ("CX", "not a valid SMILES"),
-    ("C(C)(C)(C)(C)C", "not a valid SMILES"),  # pentavalent carbon fails sanitisation
-    ("", "empty"),
-    ("[NH4+]", "total charge +1"),
-    ("CC(=O)[O-]", "total charge -1"),
-    ("C[CH2]", "unpaired"),
-    ("CC.O", "2 fragments"),
-])
+@pytest.mark.parametrize(
+    "smiles, match",
+    [
+        ("C1CC", "not a valid SMILES"),
+        ("CX", "not a valid SMILES"),
+        ("C(C)(C)(C)(C)C", "not a valid SMILES"),  # pentavalent carbon fails sanitisation
+        ("", "empty"),
+        ("[NH4+]", "total charge +1"),
+        ("CC(=O)[O-]", "total charge -1"),
+        ("C[CH2]", "unpaired"),
+        ("CC.O", "2 fragments"),
+    ],
+)
 def test_bad_smiles_is_a_one_line_error(smiles, match):
     with pytest.raises(qm.QMError, match=re.escape(match)) as e:
         cf.parse_smiles(smiles)
@@ -69,19 +128,42 @@ def test_bad_smiles_is_a_one_line_error(smiles, match):
 
 def test_functional_classes_by_smarts():
     expect = {
-        "CCO": {"alcohols"}, "CCOCC": {"ethers"}, "c1ccoc1": {"heterocycles"},
-        "CCC=O": {"aldehydes_ketones"}, "CC(C)=O": {"aldehydes_ketones"},
-        "CC(=O)O": {"acids"}, "CC(=O)OC": {"esters"}, "CC(N)=O": {"amides"},
-        "CCN": {"amines"}, "Nc1ccccc1": {"amines", "aromatics"}, "CC#N": {"nitriles"},
-        "CCl": {"halides"}, "Cc1ccccc1": {"aromatics"}, "C1CCNC1": {"amines", "heterocycles"},
-        "NCC(=O)O": {"amines", "acids"}, "O=C1CCCN1": {"amides", "heterocycles"},
-        "C[N+](=O)[O-]": set(), "C": set(), "O": set(), "CC(N)=S": set(),
+        "CCO": {"alcohols"},
+        "CCOCC": {"ethers"},
+        "c1ccoc1": {"heterocycles"},
+        "CCC=O": {"aldehydes_ketones"},
+        "CC(C)=O": {"aldehydes_ketones"},
+        "CC(=O)O": {"acids"},
+        "CC(=O)OC": {"esters"},
+        "CC(N)=O": {"amides"},
+        "CCN": {"amines"},
+        "Nc1ccccc1": {"amines", "aromatics"},
+        "CC#N": {"nitriles"},
+        "CCl": {"halides"},
+        "Cc1ccccc1": {"aromatics"},
+        "C1CCNC1": {"amines", "heterocycles"},
+        "NCC(=O)O": {"amines", "acids"},
+        "O=C1CCCN1": {"amides", "heterocycles"},
+        "C[N+](=O)[O-]": set(),
+        "C": set(),
+        "O": set(),
+        "CC(N)=S": set(),
     }
     for smiles, classes in expect.items():
         assert cf.functional_classes(smiles) == classes, smiles
     assert set(cf.FUNCTIONAL_CLASSES) == {
-        "alcohols", "ethers", "aldehydes_ketones", "acids", "esters", "amides", "amines",
-        "nitriles", "halides", "aromatics", "heterocycles"}
+        "alcohols",
+        "ethers",
+        "aldehydes_ketones",
+        "acids",
+        "esters",
+        "amides",
+        "amines",
+        "nitriles",
+        "halides",
+        "aromatics",
+        "heterocycles",
+    }
 
 
 # --------------------------------------------------------------------------- geometry
@@ -118,27 +200,34 @@ def test_smiles_file_rows_and_errors(tmp_path):
     good = tmp_path / "good.csv"
     good.write_text("# a comment\nname,smiles,class\nethanol,CCO,alcohols\n\nwater, O ,other\n")
     rows = cf.read_smiles_file(good)
-    assert [(r["name"], r["smiles"], r["line"]) for r in rows] == [("ethanol", "CCO", 3),
-                                                                    ("water", "O", 5)]
-    bad = {"nohead.csv": ("ethanol,CCO\n", "missing column"),
-           "dup.csv": ("name,smiles\nx,CCO\nx,O\n", "line 3: name 'x' already on line 2"),
-           "same.csv": ("name,smiles\nethanol,CCO\nethanol2,OCC\n", "same molecule"),
-           "invalid.csv": ("name,smiles\n# c\nfoo,C1CC\n", "line 3: SMILES foo ('C1CC')")}
+    assert [(r["name"], r["smiles"], r["line"]) for r in rows] == [
+        ("ethanol", "CCO", 3),
+        ("water", "O", 5),
+    ]
+    bad = {
+        "nohead.csv": ("ethanol,CCO\n", "missing column"),
+        "dup.csv": ("name,smiles\nx,CCO\nx,O\n", "line 3: name 'x' already on line 2"),
+        "same.csv": ("name,smiles\nethanol,CCO\nethanol2,OCC\n", "same molecule"),
+        "invalid.csv": ("name,smiles\n# c\nfoo,C1CC\n", "line 3: SMILES foo ('C1CC')"),
+    }
     for fname, (text, match) in bad.items():
         (tmp_path / fname).write_text(text)
         with pytest.raises(qm.QMError, match=match.replace("(", r"\(").replace(")", r"\)")):
             cf.load_smiles(smiles_files=[tmp_path / fname])
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--smiles", "C1CC"], "SMILES 'C1CC': not a valid SMILES"),
-    (["--smiles", "CC=O"], "CH3CHO (CC=O), reserved"),
-    (["--smiles", "O=CC"], "CH3CHO (CC=O), reserved"),
-    (["--smiles", "CCO", "OCC"], "same molecule"),
-    (["--molecules", "CH3CHO"], "reserved"),
-    (["--smiles", "CCO", "--charge", "1"], "neutral closed-shell"),
-    (["--smiles-file", "{tmp}/missing.csv"], "SMILES file not found"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--smiles", "C1CC"], "SMILES 'C1CC': not a valid SMILES"),
+        (["--smiles", "CC=O"], "CH3CHO (CC=O), reserved"),
+        (["--smiles", "O=CC"], "CH3CHO (CC=O), reserved"),
+        (["--smiles", "CCO", "OCC"], "same molecule"),
+        (["--molecules", "CH3CHO"], "reserved"),
+        (["--smiles", "CCO", "--charge", "1"], "neutral closed-shell"),
+        (["--smiles-file", "{tmp}/missing.csv"], "SMILES file not found"),
+    ],
+)
 def test_cli_refuses_bad_or_reserved_smiles_exit_2_one_line(tmp_path, capsys, args, match):
     args = [s.format(tmp=tmp_path) for s in args]
     assert main(["generate", *args, "--out", str(tmp_path / "out.npz")]) == 2
@@ -150,13 +239,18 @@ def test_cli_refuses_bad_or_reserved_smiles_exit_2_one_line(tmp_path, capsys, ar
 # --------------------------------------------------------------------------- reserved set
 
 
-def test_package_reserved_list_is_the_shared_one():
-    """The package copy (shipped, used by the generator) matches the project's list."""
-    assert SHARED_RESERVED.is_file(), f"{SHARED_RESERVED} (the repo is cloned beside shared/)"
-    package = DATASETS / cf.RESERVED_FILE
-    assert cf.read_reserved(package) == cf.read_reserved(SHARED_RESERVED)
-    assert package.read_bytes() == SHARED_RESERVED.read_bytes()
-    assert len(cf.reserved_molecules()) == 20
+def test_package_reserved_list_is_the_project_list():
+    """The package copy (shipped, used by the generator) is the project's list: 27 distinct
+    molecules, the 20 small g2 ones and the seven larger ones."""
+    assert DATASETS / cf.RESERVED_FILE == RESERVED
+    names = [
+        line.split()[0]
+        for line in RESERVED.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert names == RESERVED_G2 + RESERVED_LARGE
+    assert cf.reserved_molecules() == cf.read_reserved(RESERVED)
+    assert len(cf.reserved_molecules()) == 27  # distinct bond graphs
 
 
 def test_reserved_molecules_are_refused_in_every_input_form():
@@ -170,8 +264,9 @@ def test_reserved_molecules_are_refused_in_every_input_form():
             cf.check_not_reserved(qm.load_molecules([name]))
     cf.check_not_reserved(qm.load_molecules(DEMO_G2))
     # Tautomers and isomers of reserved molecules are different molecules.
-    cf.check_not_reserved([cf.smiles_spec("vinyl_alcohol", "C=CO"),
-                           cf.smiles_spec("ethylene_oxide", "C1CO1")])
+    cf.check_not_reserved(
+        [cf.smiles_spec("vinyl_alcohol", "C=CO"), cf.smiles_spec("ethylene_oxide", "C1CO1")]
+    )
 
 
 # --------------------------------------------------------------------------- one tiny SCF
@@ -180,8 +275,26 @@ def test_reserved_molecules_are_refused_in_every_input_form():
 def test_smiles_generate_and_verify_water(tmp_path, capsys):
     """The CLI from a SMILES (H2O, STO-3G), then `verify` regenerates it within tolerance."""
     out = tmp_path / "w.npz"
-    assert main(["generate", "--smiles", "O", "--conformers", "2", "--basis", "sto-3g",
-                 "--max-grid", "40", "--workers", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--smiles",
+                "O",
+                "--conformers",
+                "2",
+                "--basis",
+                "sto-3g",
+                "--max-grid",
+                "40",
+                "--workers",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     prov = json.loads(qm.provenance_path(out).read_text())
     assert "--smiles O " in prov["command"] and prov["versions"]["rdkit"]
     rec = prov["molecules"][0]
@@ -232,10 +345,13 @@ def test_shipped_molecule_list(shipped):
 
 def test_shipped_set_holds_no_reserved_molecule(shipped):
     _, mols, _ = shipped
-    reserved = [line.split()[1] for line in SHARED_RESERVED.read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    reserved = [
+        line.split()[1]
+        for line in RESERVED.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     reserved_canon = {cf.canonical_smiles(s) for s in reserved}
-    assert len(reserved_canon) == 20
+    assert len(reserved_canon) == 27
     shipped_canon = {cf.canonical_smiles(m) for m in mols.values()}
     assert not shipped_canon & reserved_canon
     keys = cf.reserved_molecules()
@@ -284,7 +400,7 @@ def test_shipped_provenance(shipped):
 
 
 def test_rdkit_baseline_charges_follow_the_generated_atom_order():
-    from dcmtune.baselines import rdkit_charges
+    from dcmtune.data.baselines import rdkit_charges
 
     water = rdkit_charges("O", [8, 1, 1], "gasteiger")
     assert water.shape == (3,) and abs(water.sum()) < 1e-6 and water[0] < 0 < water[1]

@@ -7,18 +7,42 @@ import numpy as np
 import pytest
 
 from dcmtune.config import DataConfig
-from dcmtune.data import (DataError, limit_train_molecules, load_npz, make_batch, split_dataset,
-                          split_indices, split_record)
-from dcmtune.synthetic import make_synthetic
+from dcmtune.data import (
+    DataError,
+    limit_train_molecules,
+    load_npz,
+    make_batch,
+    split_dataset,
+    split_indices,
+    split_record,
+)
+from dcmtune.data.synthetic import make_synthetic
 
 
 def _arrays(M=3, A=5, G=20, seed=0):
     """A valid file's arrays (the mmml spellings: esp_grid, N as (M, 1))."""
-    d = make_synthetic(num_molecules=M, conformers=1, min_atoms=3, max_atoms=A, num_grid=G,
-                       grid_per_atom=4, seed=seed)
-    return {"R": d.R, "Z": d.Z, "N": d.N[:, None], "esp": d.esp, "esp_grid": d.grid,
-            "n_grid": d.n_grid, "mono": d.mono, "Dxyz": d.dipole, "com": d.com, "Q": d.Q,
-            "mol_id": d.mol_id}
+    d = make_synthetic(
+        num_molecules=M,
+        conformers=1,
+        min_atoms=3,
+        max_atoms=A,
+        num_grid=G,
+        grid_per_atom=4,
+        seed=seed,
+    )
+    return {
+        "R": d.R,
+        "Z": d.Z,
+        "N": d.N[:, None],
+        "esp": d.esp,
+        "esp_grid": d.grid,
+        "n_grid": d.n_grid,
+        "mono": d.mono,
+        "Dxyz": d.dipole,
+        "com": d.com,
+        "Q": d.Q,
+        "mol_id": d.mol_id,
+    }
 
 
 def _save(tmp_path, arrays, name="d.npz"):
@@ -51,44 +75,120 @@ def _bad(key, fn):
     return pytest.param(fn, key, id=key + ":" + fn.__name__)
 
 
-def drop_R(a): del a["R"]
-def drop_grid(a): del a["esp_grid"]
-def drop_esp(a): del a["esp"]
-def R_2d(a): a["R"] = a["R"][..., 0]
-def Z_shape(a): a["Z"] = a["Z"][:, :-1]
-def Z_float_frac(a): a["Z"] = a["Z"] + 0.5
-def N_mismatch(a): a["N"] = a["N"] + 1
-def N_shape(a): a["N"] = np.zeros((3, 2), int)
-def esp_rows(a): a["esp"] = a["esp"][:-1]
-def grid_shape(a): a["esp_grid"] = a["esp_grid"][:, :-1]
-def R_nan(a): a["R"][0, 0, 0] = np.nan
-def esp_inf(a): a["esp"][1, 0] = np.inf
-def n_grid_big(a): a["n_grid"] = a["n_grid"] + 100
-def Z_too_big(a): a["Z"][0, 0] = 37
-def mono_shape(a): a["mono"] = a["mono"][:, :2]
-def dxyz_shape(a): a["Dxyz"] = a["Dxyz"][:, :2]
-def Q_shape(a): a["Q"] = np.zeros(5)
-def mol_id_shape(a): a["mol_id"] = a["mol_id"][:2]
+def drop_R(a):
+    del a["R"]
+
+
+def drop_grid(a):
+    del a["esp_grid"]
+
+
+def drop_esp(a):
+    del a["esp"]
+
+
+def R_2d(a):
+    a["R"] = a["R"][..., 0]
+
+
+def Z_shape(a):
+    a["Z"] = a["Z"][:, :-1]
+
+
+def Z_float_frac(a):
+    a["Z"] = a["Z"] + 0.5
+
+
+def N_mismatch(a):
+    a["N"] = a["N"] + 1
+
+
+def N_shape(a):
+    a["N"] = np.zeros((3, 2), int)
+
+
+def esp_rows(a):
+    a["esp"] = a["esp"][:-1]
+
+
+def grid_shape(a):
+    a["esp_grid"] = a["esp_grid"][:, :-1]
+
+
+def R_nan(a):
+    a["R"][0, 0, 0] = np.nan
+
+
+def esp_inf(a):
+    a["esp"][1, 0] = np.inf
+
+
+def n_grid_big(a):
+    a["n_grid"] = a["n_grid"] + 100
+
+
+def Z_too_big(a):
+    a["Z"][0, 0] = 37
+
+
+def mono_shape(a):
+    a["mono"] = a["mono"][:, :2]
+
+
+def dxyz_shape(a):
+    a["Dxyz"] = a["Dxyz"][:, :2]
+
+
+def Q_shape(a):
+    a["Q"] = np.zeros(5)
+
+
+def mol_id_shape(a):
+    a["mol_id"] = a["mol_id"][:2]
+
+
 def empty(a):
     for k in list(a):
         a[k] = a[k][:0]
+
+
 def padding_first(a):
     i = int(np.argmin(a["N"][:, 0]))
     n = int(a["N"][i, 0])
     assert n < a["Z"].shape[1]
     a["Z"][i, 0], a["Z"][i, n] = 0, a["Z"][i, 0]
-def object_array(a): a["mol_id"] = np.array([{"x": 1}] * 3, dtype=object)
 
 
-@pytest.mark.parametrize("mutate,key", [
-    _bad("R", drop_R), _bad("vdw_surface", drop_grid), _bad("esp", drop_esp), _bad("R", R_2d),
-    _bad("Z", Z_shape), _bad("Z", Z_float_frac), _bad("N", N_mismatch), _bad("N", N_shape),
-    _bad("esp", esp_rows), _bad("vdw_surface", grid_shape), _bad("R", R_nan),
-    _bad("esp", esp_inf), _bad("n_grid", n_grid_big), _bad("Z", Z_too_big),
-    _bad("mono", mono_shape), _bad("Dxyz", dxyz_shape), _bad("Q", Q_shape),
-    _bad("mol_id", mol_id_shape), _bad("R", empty), _bad("Z", padding_first),
-    _bad("object", object_array),
-])
+def object_array(a):
+    a["mol_id"] = np.array([{"x": 1}] * 3, dtype=object)
+
+
+@pytest.mark.parametrize(
+    "mutate,key",
+    [
+        _bad("R", drop_R),
+        _bad("vdw_surface", drop_grid),
+        _bad("esp", drop_esp),
+        _bad("R", R_2d),
+        _bad("Z", Z_shape),
+        _bad("Z", Z_float_frac),
+        _bad("N", N_mismatch),
+        _bad("N", N_shape),
+        _bad("esp", esp_rows),
+        _bad("vdw_surface", grid_shape),
+        _bad("R", R_nan),
+        _bad("esp", esp_inf),
+        _bad("n_grid", n_grid_big),
+        _bad("Z", Z_too_big),
+        _bad("mono", mono_shape),
+        _bad("Dxyz", dxyz_shape),
+        _bad("Q", Q_shape),
+        _bad("mol_id", mol_id_shape),
+        _bad("R", empty),
+        _bad("Z", padding_first),
+        _bad("object", object_array),
+    ],
+)
 def test_malformed_files_raise_one_clear_error(tmp_path, mutate, key):
     a = _arrays()
     mutate(a)
@@ -183,13 +283,24 @@ def test_train_molecules_subsamples_train_only_and_nests():
         assert set(np.unique(d.Z[s["train"]])) == set(np.unique(d.Z[full["train"]]))
         kept.append(mols)
     assert kept[0] < kept[1] < kept[2] < kept[3]  # nested: 3 of the 7, 7 of the 12, ...
-    assert np.array_equal(split_dataset(d, dataclasses.replace(cfg, train_molecules=n_all))
-                          ["train"], full["train"])
+    assert np.array_equal(
+        split_dataset(d, dataclasses.replace(cfg, train_molecules=n_all))["train"], full["train"]
+    )
     again = split_dataset(d, dataclasses.replace(cfg, train_molecules=7))["train"]
     assert set(d.mol_id[again]) == kept[1]  # seeded: the same choice every time
-    other = [set(d.mol_id[split_dataset(d, DataConfig(valid_fraction=0.2, test_fraction=0.2,
-                                                      split_seed=seed, train_molecules=7))
-                          ["train"]]) for seed in (6, 7, 8)]
+    other = [
+        set(
+            d.mol_id[
+                split_dataset(
+                    d,
+                    DataConfig(
+                        valid_fraction=0.2, test_fraction=0.2, split_seed=seed, train_molecules=7
+                    ),
+                )["train"]
+            ]
+        )
+        for seed in (6, 7, 8)
+    ]
     assert any(o != kept[1] for o in other)  # and the seed changes it
 
 
@@ -206,8 +317,11 @@ def test_train_molecules_keeps_every_element_and_refuses_bad_counts():
     with pytest.raises(ValueError, match=r"^train_molecules: expected at least 3 .*got 2"):
         limit_train_molecules(mol_id, train, 2, 0, Z)
     assert len(set(mol_id[limit_train_molecules(mol_id, train, 2, 0)])) == 2  # no Z: no rule
-    with pytest.raises(ValueError, match=r"^train_molecules: expected an integer in \[1, 10\] "
-                                         r"\(the training split's molecules\), got 11"):
+    with pytest.raises(
+        ValueError,
+        match=r"^train_molecules: expected an integer in \[1, 10\] "
+        r"\(the training split's molecules\), got 11",
+    ):
         limit_train_molecules(mol_id, train, 11, 0, Z)
     with pytest.raises(ValueError, match=r"^train_molecules: .*got 0"):
         limit_train_molecules(mol_id, train, 0, 0)

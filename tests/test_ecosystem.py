@@ -17,17 +17,44 @@ import pandas as pd
 import pytest
 import yaml
 
-from dcmtune import metrics, study, sweep
-from dcmtune.search_space import SpecError, spec_from_dict
-from dcmtune.train_cli import main as train_main
+from dcmtune import metrics
+from dcmtune.analysis.importances import param_importances
+from dcmtune.sweep import commands as sweep
+from dcmtune.sweep import driver, study
+from dcmtune.sweep.spec import SpecError, spec_from_dict
+from dcmtune.train.commands import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
 # Every epoch's curves: each trained metric on both splits, the learning rate, the timings.
-CURVES = ({f"{split}_{name}" for split in ("train", "valid") for name in metrics.TRAINED}
-          | {"lr", "epoch_time", "batch_time", "step", "best_valid_loss"})
-TINY_TRAIN = ["--n-dcm", "1", "--features", "4", "--max-degree", "1", "--num-iterations", "1",
-              "--num-basis-functions", "4", "--batch-size", "4", "--warmup-epochs", "0",
-              "--num-valid", "6", "--num-test", "6", "--save-every-n-epochs", "0"]
+CURVES = {f"{split}_{name}" for split in ("train", "valid") for name in metrics.TRAINED} | {
+    "lr",
+    "epoch_time",
+    "batch_time",
+    "step",
+    "best_valid_loss",
+}
+TINY_TRAIN = [
+    "--n-dcm",
+    "1",
+    "--features",
+    "4",
+    "--max-degree",
+    "1",
+    "--num-iterations",
+    "1",
+    "--num-basis-functions",
+    "4",
+    "--batch-size",
+    "4",
+    "--warmup-epochs",
+    "0",
+    "--num-valid",
+    "6",
+    "--num-test",
+    "6",
+    "--save-every-n-epochs",
+    "0",
+]
 
 
 # --------------------------------------------------------------------------- readers
@@ -61,18 +88,22 @@ def _wandb_history(directory: Path, run_id: str = "*") -> list[dict]:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        length, kind = struct.unpack("<HB", buf[pos + 4:pos + 7])
+        length, kind = struct.unpack("<HB", buf[pos + 4 : pos + 7])
         if kind == 0 and length == 0:
             break
-        pending += buf[pos + 7:pos + 7 + length]
+        pending += buf[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST fragment
             rec = pb.Record()
             rec.ParseFromString(pending)
             pending = b""
             if rec.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                             for i in rec.history.item})
+                rows.append(
+                    {
+                        i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                        for i in rec.history.item
+                    }
+                )
     return rows
 
 
@@ -87,7 +118,8 @@ def _mlflow_runs(uri: str, experiment: str) -> dict:
     for run in client.search_runs([exp.experiment_id]):
         out[run.info.run_name] = {
             k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
-            for k in run.data.metrics}
+            for k in run.data.metrics
+        }
     return out
 
 
@@ -104,15 +136,36 @@ def mlflow_uri(tmp_path_factory):
 # --------------------------------------------------------------------------- train CLI, debug
 
 
-def test_train_cli_writes_one_event_stream_and_tracks_every_epoch(tiny_data_file, tmp_path,
-                                                                   mlflow_uri, capsys):
+def test_train_cli_writes_one_event_stream_and_tracks_every_epoch(
+    tiny_data_file, tmp_path, mlflow_uri, capsys
+):
     tracking = tmp_path / "tracking.yaml"
-    tracking.write_text(yaml.safe_dump({"tracking": {
-        "mlflow": {"tracking_uri": mlflow_uri, "experiment_name": "train-cli"},
-        "wandb": {"project": "dcmtune-test", "mode": "offline"}}}))
-    rc = train_main(TINY_TRAIN + ["--data-files", str(tiny_data_file), "--output-dir",
-                                  str(tmp_path), "--name", "run", "--num-epochs", "2",
-                                  "--quiet", "--tracking", str(tracking)])
+    tracking.write_text(
+        yaml.safe_dump(
+            {
+                "tracking": {
+                    "mlflow": {"tracking_uri": mlflow_uri, "experiment_name": "train-cli"},
+                    "wandb": {"project": "dcmtune-test", "mode": "offline"},
+                }
+            }
+        )
+    )
+    rc = train_main(
+        TINY_TRAIN
+        + [
+            "--data-files",
+            str(tiny_data_file),
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "run",
+            "--num-epochs",
+            "2",
+            "--quiet",
+            "--tracking",
+            str(tracking),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     run_dir = tmp_path / "run"
     history = pd.read_csv(run_dir / "history.csv")
@@ -123,7 +176,7 @@ def test_train_cli_writes_one_event_stream_and_tracks_every_epoch(tiny_data_file
         assert [s for s, _ in scalars[tag]] == [1, 2], tag
         np.testing.assert_allclose([v for _, v in scalars[tag]], history[tag], rtol=1e-5)
     # MLflow: one run, every epoch of every metric, the config as parameters.
-    (name, logged), = _mlflow_runs(mlflow_uri, "train-cli").items()
+    ((name, logged),) = _mlflow_runs(mlflow_uri, "train-cli").items()
     assert name == "run"
     for tag in CURVES:
         assert [s for s, _ in logged[tag]] == [1, 2], tag
@@ -138,20 +191,29 @@ def test_train_cli_writes_one_event_stream_and_tracks_every_epoch(tiny_data_file
 def test_train_cli_refuses_a_bad_tracking_file_before_writing(tiny_data_file, tmp_path, capsys):
     bad = tmp_path / "t.yaml"
     bad.write_text("tracking:\n  wandb: {project: p, mode: sometimes}\n")
-    args = TINY_TRAIN + ["--data-files", str(tiny_data_file), "--output-dir", str(tmp_path),
-                         "--name", "bad", "--quiet", "--tracking", str(bad)]
+    args = TINY_TRAIN + [
+        "--data-files",
+        str(tiny_data_file),
+        "--output-dir",
+        str(tmp_path),
+        "--name",
+        "bad",
+        "--quiet",
+        "--tracking",
+        str(bad),
+    ]
     assert train_main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: tracking.wandb.mode: expected online or offline or disabled, got "
-                   "'sometimes'")
+    assert err == (
+        "error: tracking.wandb.mode: expected online or offline or disabled, got 'sometimes'"
+    )
     assert not (tmp_path / "bad").exists()
 
 
 def test_debug_writes_one_event_stream(tiny_spec, tmp_path, capsys):
-    path = tiny_spec("dbg", tmp_path, edit=lambda raw: raw.update(
-        debug={"training.num_epochs": 2}))
+    path = tiny_spec("dbg", tmp_path, edit=lambda raw: raw.update(debug={"training.num_epochs": 2}))
     assert sweep.main([str(path), "--debug"]) == 0
-    run_dir, = (tmp_path / "results" / "dbg-debug").iterdir()
+    (run_dir,) = (tmp_path / "results" / "dbg-debug").iterdir()
     assert len(_event_files(run_dir)) == 1
     scalars = _scalars(run_dir)
     assert CURVES <= set(scalars)
@@ -170,8 +232,9 @@ def test_every_trial_writes_one_event_stream(tiny_sweep):
         assert CURVES <= set(scalars), CURVES - set(scalars)
         epochs = r.metrics_dataframe["epoch"].tolist()
         assert [s for s, _ in scalars["valid_esp_rmse"]][: len(epochs)] == epochs
-        np.testing.assert_allclose([v for _, v in scalars["lr"]][: len(epochs)],
-                                   r.metrics_dataframe["lr"], rtol=1e-6)
+        np.testing.assert_allclose(
+            [v for _, v in scalars["lr"]][: len(epochs)], r.metrics_dataframe["lr"], rtol=1e-6
+        )
 
 
 @pytest.mark.ray
@@ -191,19 +254,26 @@ def test_report_has_parameter_importances(tiny_sweep):
 
 def test_importance_finds_the_one_parameter_that_matters():
     rng = np.random.default_rng(0)
-    search = {"training.learning_rate": {"loguniform": [1e-4, 1e-1]},
-              "training.chg_w": {"uniform": [0.0, 2.0]},
-              "model.features": {"choice": [8, 16, 32]},
-              "model.num_iterations": {"randint": [1, 3]}}
-    points = [{"training.learning_rate": float(10 ** rng.uniform(-4, -1)),
-               "training.chg_w": float(rng.uniform(0, 2)),
-               "model.features": int(rng.choice([8, 16, 32])),
-               "model.num_iterations": int(rng.integers(1, 4))} for _ in range(40)]
+    search = {
+        "training.learning_rate": {"loguniform": [1e-4, 1e-1]},
+        "training.chg_w": {"uniform": [0.0, 2.0]},
+        "model.features": {"choice": [8, 16, 32]},
+        "model.num_iterations": {"randint": [1, 3]},
+    }
+    points = [
+        {
+            "training.learning_rate": float(10 ** rng.uniform(-4, -1)),
+            "training.chg_w": float(rng.uniform(0, 2)),
+            "model.features": int(rng.choice([8, 16, 32])),
+            "model.num_iterations": int(rng.integers(1, 4)),
+        }
+        for _ in range(40)
+    ]
     values = [(np.log10(p["training.learning_rate"]) + 2.5) ** 2 for p in points]
-    imp = study.param_importances(points, values, search, "min")
+    imp = param_importances(points, values, search)
     assert list(imp)[0] == "training.learning_rate"
     assert imp["training.learning_rate"] >= 0.8, imp
-    assert study.param_importances(points[:2], values[:2], search) == {}  # too few trials
+    assert param_importances(points[:2], values[:2], search) == {}  # too few trials
 
 
 def _listening(pid: int) -> set:
@@ -218,8 +288,11 @@ def _listening(pid: int) -> set:
     out = set()
     for p in procs:
         try:
-            out |= {(c.laddr.ip, c.laddr.port, p.name()) for c in p.net_connections("inet")
-                    if c.status == psutil.CONN_LISTEN}
+            out |= {
+                (c.laddr.ip, c.laddr.port, p.name())
+                for c in p.net_connections("inet")
+                if c.status == psutil.CONN_LISTEN
+            }
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out
@@ -230,21 +303,33 @@ def test_local_sweep_on_loopback_with_mlflow_and_wandb(tiny_spec, tmp_path, mlfl
     """`python -m dcmtune.sweep SPEC` as a user runs it: local Ray listening on 127.0.0.1 only,
     the default Optuna journal in the experiment, one MLflow and one W&B run per trial with
     every epoch, one event stream per trial."""
+
     def edit(raw):
         raw["scheduler"] = {"name": "fifo"}
         raw["training"]["num_epochs"] = 2
-        raw["tracking"] = {"mlflow": {"tracking_uri": mlflow_uri, "experiment_name": "loop"},
-                           "wandb": {"project": "dcmtune-test", "mode": "offline"}}
+        raw["tracking"] = {
+            "mlflow": {"tracking_uri": mlflow_uri, "experiment_name": "loop"},
+            "wandb": {"project": "dcmtune-test", "mode": "offline"},
+        }
 
     path = tiny_spec("loop", tmp_path, edit=edit, num_samples=2)
     ray_tmp = tempfile.mkdtemp(prefix="r")  # AF_UNIX paths must stay short
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "dcmtune.sweep", str(path), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path, env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    }
+    env.update(
+        RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcmtune.sweep", str(path), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     seen, t0 = set(), time.monotonic()
     try:
         while proc.poll() is None and time.monotonic() - t0 < 600:
@@ -267,8 +352,9 @@ def test_local_sweep_on_loopback_with_mlflow_and_wandb(tiny_spec, tmp_path, mlfl
     assert f"optuna-dashboard {exp / 'optuna.log'}" in out
     import optuna
 
-    trials = optuna.load_study(study_name="loop", storage=study.open_storage(
-        str(exp / "optuna.log"))).trials
+    trials = optuna.load_study(
+        study_name="loop", storage=study.open_storage(str(exp / "optuna.log"))
+    ).trials
     assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
     runs = _mlflow_runs(mlflow_uri, "loop")
     trial_dirs = sorted(exp.glob("trial_*"))
@@ -276,11 +362,12 @@ def test_local_sweep_on_loopback_with_mlflow_and_wandb(tiny_spec, tmp_path, mlfl
     for trial_dir in trial_dirs:
         history = pd.read_csv(trial_dir / "history.csv")
         assert len(_event_files(trial_dir)) == 1
-        logged = next(m for name, m in runs.items() if trial_dir.name[len("trial_"):] in name)
+        logged = next(m for name, m in runs.items() if trial_dir.name[len("trial_") :] in name)
         for tag in CURVES:
             np.testing.assert_allclose([v for _, v in logged[tag]], history[tag], rtol=1e-6)
-        rows = [r for r in _wandb_history(exp, trial_dir.name[len("trial_"):])
-                if "valid_esp_rmse" in r]
+        rows = [
+            r for r in _wandb_history(exp, trial_dir.name[len("trial_") :]) if "valid_esp_rmse" in r
+        ]
         assert [r["epoch"] for r in rows] == [1, 2]
         assert all(CURVES <= set(r) for r in rows)
 
@@ -291,21 +378,29 @@ def test_local_sweep_on_loopback_with_mlflow_and_wandb(tiny_spec, tmp_path, mlfl
 def test_tracking_section_is_validated(tmp_path):
     base = {"name": "x"}
     cases = [
-        ({"tracking": {"neptune": {}}}, r"^tracking\.neptune: unknown key; expected one of "
-                                        r"mlflow, wandb$"),
+        (
+            {"tracking": {"neptune": {}}},
+            r"^tracking\.neptune: unknown key; expected one of "
+            r"mlflow, wandb$",
+        ),
         ({"tracking": {"mlflow": {"uri": "x"}}}, r"^tracking\.mlflow\.uri: unknown key"),
-        ({"tracking": {"mlflow": {"experiment_name": 3}}},
-         r"^tracking\.mlflow\.experiment_name: expected a non-empty string, got 3$"),
+        (
+            {"tracking": {"mlflow": {"experiment_name": 3}}},
+            r"^tracking\.mlflow\.experiment_name: expected a non-empty string, got 3$",
+        ),
         ({"tracking": {"wandb": {"mode": "offline"}}}, r"^tracking\.wandb\.project: required"),
-        ({"tracking": {"wandb": {"project": "p", "tags": "a"}}},
-         r"^tracking\.wandb\.tags: expected a list of strings"),
+        (
+            {"tracking": {"wandb": {"project": "p", "tags": "a"}}},
+            r"^tracking\.wandb\.tags: expected a list of strings",
+        ),
         ({"tracking": []}, r"^tracking: expected a mapping"),
     ]
     for extra, pattern in cases:
         with pytest.raises(SpecError, match=pattern):
             spec_from_dict({**base, **extra}, base_dir=tmp_path)
-    spec = spec_from_dict({**base, "tracking": {"mlflow": {"tracking_uri": "sqlite:///m.db"}}},
-                          base_dir=tmp_path)
+    spec = spec_from_dict(
+        {**base, "tracking": {"mlflow": {"tracking_uri": "sqlite:///m.db"}}}, base_dir=tmp_path
+    )
     assert spec.tracking.mlflow.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'm.db'}"
     assert spec.to_dict()["tracking"]["mlflow"]["tracking_uri"].endswith("m.db")
 
@@ -348,13 +443,17 @@ def test_missing_dashboard_extra_is_one_line_exit_2(tiny_spec, tmp_path, monkeyp
 
 
 def test_missing_tracking_library_is_one_line_exit_2(tiny_spec, tmp_path, monkeypatch, capsys):
-    path = tiny_spec("trk", tmp_path, edit=lambda raw: raw.update(
-        tracking={"mlflow": {"tracking_uri": "sqlite:///m.db"}}))
+    path = tiny_spec(
+        "trk",
+        tmp_path,
+        edit=lambda raw: raw.update(tracking={"mlflow": {"tracking_uri": "sqlite:///m.db"}}),
+    )
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as without the track extra
     assert sweep.main([str(path)]) == 2
     assert capsys.readouterr().err == (
         "error: tracking.mlflow: needs the mlflow package; install the track extra: "
-        "pip install 'dcmtune[track]'\n")
+        "pip install 'dcmtune[track]'\n"
+    )
 
 
 def test_dashboard_port_and_loopback_reach_ray_init(monkeypatch):
@@ -363,7 +462,7 @@ def test_dashboard_port_and_loopback_reach_ray_init(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or object())
-    assert sweep._connect(None, True, "127.0.0.1", {}, print, dashboard_port=8299)
+    assert driver._connect(None, True, "127.0.0.1", {}, print, dashboard_port=8299)
     assert calls[0]["dashboard_port"] == 8299 and calls[0]["include_dashboard"]
     assert calls[0]["dashboard_host"] == "127.0.0.1"
 
@@ -377,25 +476,41 @@ def test_wheel_ships_the_specs(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "dcmtune", src / "dcmtune",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "dcmtune", src / "dcmtune", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "search_spaces", src / "search_spaces", ignore=shutil.ignore_patterns("__pycache__")
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "-w",
-                          str(tmp_path / "dist"), str(src)], check=True, timeout=300,
-                   capture_output=True)
-    wheel, = (tmp_path / "dist").glob("dcmtune-*.whl")
-    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"),
-                          str(wheel)], check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        pip + ["wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("dcmtune-*.whl")
+    subprocess.run(
+        pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import dcmtune.sweep as s; from dcmtune.search_space import load_spec; "
-            "p = s.find_spec('quick'); print(p); print(s.find_spec('search_spaces/quick.yaml')); "
-            "print(load_spec(p).name); print(s.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=elsewhere, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    code = (
+        "import dcmtune.sweep.spec as s; from dcmtune.sweep.spec import load_spec; "
+        "p = s.find_spec('quick'); print(p); print(s.find_spec('search_spaces/quick.yaml')); "
+        "print(load_spec(p).name); print(s.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     quick, again, name, module = out.stdout.split()
     site = tmp_path / "site" / "dcmtune"
     assert quick == again == str(site / "search_spaces" / "quick.yaml")
-    assert name == "quick" and module == str(site / "sweep.py")
+    assert name == "quick" and module == str(site / "sweep" / "spec.py")

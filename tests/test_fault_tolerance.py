@@ -25,10 +25,12 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from dcmtune import sweep
 from dcmtune.config import DataConfig
 from dcmtune.data import load_dataset, split_dataset
-from dcmtune.search_space import load_spec
+from dcmtune.sweep import commands as sweep
+from dcmtune.sweep import driver
+from dcmtune.sweep.experiment_store import driver_lock
+from dcmtune.sweep.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_W, BAD_W = 1e-3, 1e30  # esp_w: the outlier's gradient stays finite / overflows float32
@@ -86,11 +88,14 @@ def killed_and_diverged(ray_session, tiny_spec, tmp_path_factory):
         raw["data"]["data_files"] = [str(directory / "outlier.npz")]
         raw["search"] = {"training.esp_w": {"choice": [GOOD_W, BAD_W]}}
         raw["scheduler"] = {"name": "fifo"}
-        raw["searcher"].update(storage="sqlite:///ft.db", points_to_evaluate=[
-            {"training.esp_w": GOOD_W}, {"training.esp_w": BAD_W}])
+        raw["searcher"].update(
+            storage="sqlite:///ft.db",
+            points_to_evaluate=[{"training.esp_w": GOOD_W}, {"training.esp_w": BAD_W}],
+        )
 
-    spec = load_spec(tiny_spec("ft", directory, edit=edit, num_samples=2, max_failures=2,
-                               checkpoint_every=0))
+    spec = load_spec(
+        tiny_spec("ft", directory, edit=edit, num_samples=2, max_failures=2, checkpoint_every=0)
+    )
     cb = _KillTrialOnce()
     outcome = sweep.run_sweep(spec, verbose=0, callbacks=[cb])
     return spec, outcome, cb
@@ -147,33 +152,46 @@ def _study_states(db: Path) -> list[str]:
 
 def _snapshot_finished(spec) -> dict:
     study = optuna.load_study(study_name=spec.name, storage=spec.study_storage)
-    return {t.number: (t.state.name, t.value, t.intermediate_values, t.params)
-            for t in study.trials if t.state.is_finished()}
+    return {
+        t.number: (t.state.name, t.value, t.intermediate_values, t.params)
+        for t in study.trials
+        if t.state.is_finished()
+    }
 
 
 def _kill_driver_mid_sweep(ray_session, tiny_spec, directory, name, sig):
     """Starts `python -m dcmtune.sweep` on the session's cluster, sends `sig` once a trial has
     finished and another runs, and returns (spec, exit code, finished trials at that time)."""
+
     def edit(raw):
         raw["training"]["num_epochs"] = 3
         raw["scheduler"]["grace_period"] = 2  # trials run 2-3 epochs: a wide window
-        raw["searcher"].update(storage=f"sqlite:///{name}.db", points_to_evaluate=[
-            {"training.learning_rate": 1e-2, "training.chg_w": 1.0},
-            {"training.learning_rate": 2e-3, "training.chg_w": 1.5}])
+        raw["searcher"].update(
+            storage=f"sqlite:///{name}.db",
+            points_to_evaluate=[
+                {"training.learning_rate": 1e-2, "training.chg_w": 1.0},
+                {"training.learning_rate": 2e-3, "training.chg_w": 1.5},
+            ],
+        )
 
     path = tiny_spec(name, directory, edit=edit, num_samples=3)
     spec = load_spec(path)
     db = Path(spec.study_storage.removeprefix("sqlite:///"))  # in the experiment directory
     env = dict(os.environ, PYTHONPATH=str(REPO), TUNE_GLOBAL_CHECKPOINT_S="30")
     address = ray_session.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "dcmtune.sweep", str(path), "--address",
-                             address, "--quiet"], cwd=directory, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcmtune.sweep", str(path), "--address", address, "--quiet"],
+        cwd=directory,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         def window():
             states = _study_states(db)
-            return (states.count("COMPLETE") + states.count("PRUNED") >= 1
-                    and "RUNNING" in states)
+            return states.count("COMPLETE") + states.count("PRUNED") >= 1 and "RUNNING" in states
 
         _wait(window, 300, "one trial finished and another running", poll=0.05)
         proc.send_signal(sig)
@@ -195,8 +213,7 @@ def _check_exactly_once(spec, finished, outcome):
     assert not {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING} & set(states)
     evaluated = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
     for point in spec.searcher.points_to_evaluate:
-        same = [t for t in evaluated if all(np.isclose(t.params[k], v) for k, v in
-                                            point.items())]
+        same = [t for t in evaluated if all(np.isclose(t.params[k], v) for k, v in point.items())]
         assert len(same) == 1, (point, [t.number for t in same])
     after = _snapshot_finished(spec)
     for number, record in finished.items():  # finished results unchanged
@@ -206,23 +223,26 @@ def _check_exactly_once(spec, finished, outcome):
     assert ranked is not None and set(ranked["trial_id"]) <= set(ids)
 
 
-def test_driver_sigkilled_mid_sweep_resumes_exactly_once(ray_session, tiny_spec, tmp_path,
-                                                         caplog):
-    spec, rc, finished, out = _kill_driver_mid_sweep(ray_session, tiny_spec, tmp_path, "kill",
-                                                     signal.SIGKILL)
+def test_driver_sigkilled_mid_sweep_resumes_exactly_once(ray_session, tiny_spec, tmp_path, caplog):
+    spec, rc, finished, out = _kill_driver_mid_sweep(
+        ray_session, tiny_spec, tmp_path, "kill", signal.SIGKILL
+    )
     assert rc == -signal.SIGKILL, out[-3000:]
     caplog.set_level("INFO", logger="dcmtune")
     outcome = sweep.run_sweep(spec, resume=True, verbose=0)
     _check_exactly_once(spec, finished, outcome)
-    windows = [r.getMessage() for r in caplog.records
-               if "after the last" in r.getMessage() or "snapshot" in r.getMessage()]
+    windows = [
+        r.getMessage()
+        for r in caplog.records
+        if "after the last" in r.getMessage() or "snapshot" in r.getMessage()
+    ]
     print("post-snapshot windows hit:", windows)
 
 
-def test_driver_sigtermed_mid_sweep_stops_gracefully_and_resumes(ray_session, tiny_spec,
-                                                                  tmp_path):
-    spec, rc, finished, out = _kill_driver_mid_sweep(ray_session, tiny_spec, tmp_path, "term",
-                                                     signal.SIGTERM)
+def test_driver_sigtermed_mid_sweep_stops_gracefully_and_resumes(ray_session, tiny_spec, tmp_path):
+    spec, rc, finished, out = _kill_driver_mid_sweep(
+        ray_session, tiny_spec, tmp_path, "term", signal.SIGTERM
+    )
     assert rc == 130, out[-3000:]  # Tune's graceful stop, not a kill
     assert "--resume" in out
     outcome = sweep.run_sweep(spec, resume=True, verbose=0)
@@ -232,15 +252,16 @@ def test_driver_sigtermed_mid_sweep_stops_gracefully_and_resumes(ray_session, ti
 # --------------------------------------------------------------------------- guards
 
 
-def test_a_second_driver_on_the_same_experiment_is_refused(tiny_spec, tmp_path, capsys,
-                                                           monkeypatch):
-    monkeypatch.setattr("dcmtune.xla_env.detect_local_gpus", lambda *a, **k: 0)
+def test_a_second_driver_on_the_same_experiment_is_refused(
+    tiny_spec, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("dcmtune.sweep.driver.detect_local_gpus", lambda *a, **k: 0)
     spec = load_spec(tiny_spec("lock", tmp_path))
     exp = spec.experiment_dir
     exp.mkdir(parents=True)
     (exp / "tuner.pkl").write_bytes(b"")
     (exp / "sweep_spec.json").write_text(json.dumps(spec.to_dict()))
-    with sweep._driver_lock(exp):
+    with driver_lock(exp):
         rc = sweep.main([str(spec.path), "--resume"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
@@ -252,11 +273,11 @@ def test_a_restore_that_fails_inside_tune_is_refused(caplog):
     guard turns that into an error before any new trial starts."""
     import logging
 
-    guard = sweep._RefuseSilentRestart()
+    guard = driver._RefuseSilentRestart()
     logger = logging.getLogger("ray.tune.execution.tune_controller")
     logger.addHandler(guard)
     try:
-        with pytest.raises(sweep._RestoreFailed, match="corrupt experiment state"):
+        with pytest.raises(driver._RestoreFailed, match="corrupt experiment state"):
             try:
                 raise ValueError("corrupt experiment state")
             except ValueError:
@@ -270,20 +291,23 @@ def test_dashboard_listens_on_loopback_by_default_and_auth_stays_on():
     assert args.dashboard_host in ("127.0.0.1", "localhost", "::1")
     import inspect
 
-    assert inspect.signature(sweep._run_sweep).parameters["dashboard_host"].default == \
-        "127.0.0.1"
+    assert inspect.signature(driver._run_sweep).parameters["dashboard_host"].default == "127.0.0.1"
     # No dcmtune module turns Ray's token authentication off (reading it is fine).
     for path in (REPO / "dcmtune").glob("*.py"):
         text = path.read_text()
-        for bad in ('RAY_AUTH_MODE"] =', "RAY_AUTH_MODE=disabled", 'setdefault("RAY_AUTH_MODE"',
-                    '"RAY_AUTH_MODE": "disabled"'):
+        for bad in (
+            'RAY_AUTH_MODE"] =',
+            "RAY_AUTH_MODE=disabled",
+            'setdefault("RAY_AUTH_MODE"',
+            '"RAY_AUTH_MODE": "disabled"',
+        ):
             assert bad not in text, (path.name, bad)
 
 
 def test_files_without_mol_id_warn_and_the_split_says_so(tmp_path, caplog):
     from dcmtune.config import DataConfig
     from dcmtune.data import split_record
-    from dcmtune.synthetic import make_synthetic
+    from dcmtune.data.synthetic import make_synthetic
 
     d = make_synthetic(num_molecules=4, conformers=2, max_atoms=5, num_grid=16, seed=2)
     path = tmp_path / "noid.npz"
@@ -292,16 +316,23 @@ def test_files_without_mol_id_warn_and_the_split_says_so(tmp_path, caplog):
         data = load_dataset([path])
     assert any("no mol_id" in r.getMessage() for r in caplog.records)
     cfg = DataConfig(split_by="molecule", valid_fraction=0.25, test_fraction=0.25)
-    rec = split_record(data, split_dataset(data, cfg), split_by="molecule",
-                       data_files=[str(path)])
+    rec = split_record(data, split_dataset(data, cfg), split_by="molecule", data_files=[str(path)])
     assert rec["mol_id_source"] == "graph" and rec["guarantee"].startswith("molecules")
     assert "bond graph" in rec["guarantee"]
-    rec = split_record(data, split_dataset(data, DataConfig(split_by="conformer")),
-                       split_by="conformer", data_files=[str(path)])
+    rec = split_record(
+        data,
+        split_dataset(data, DataConfig(split_by="conformer")),
+        split_by="conformer",
+        data_files=[str(path)],
+    )
     assert rec["guarantee"].startswith("conformers")
     with_ids = load_dataset([_with_ids(d, tmp_path)])
-    rec = split_record(with_ids, split_dataset(with_ids, cfg), split_by="molecule",
-                       data_files=[str(tmp_path / "ids.npz")])
+    rec = split_record(
+        with_ids,
+        split_dataset(with_ids, cfg),
+        split_by="molecule",
+        data_files=[str(tmp_path / "ids.npz")],
+    )
     assert rec["mol_id_source"] == "file" and rec["guarantee"].startswith("molecules")
 
 

@@ -15,10 +15,16 @@ def _leftovers(directory):
 
 
 def test_write_json_text_csv_round_trip(tmp_path):
-    _io.write_json(tmp_path / "a.json", {"x": np.float32(1.5), "n": np.int64(3),
-                                         "nan": math.nan, "arr": np.arange(3)})
-    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1.5, "n": 3, "nan": None,
-                                                              "arr": [0, 1, 2]}
+    _io.write_json(
+        tmp_path / "a.json",
+        {"x": np.float32(1.5), "n": np.int64(3), "nan": math.nan, "arr": np.arange(3)},
+    )
+    assert json.loads((tmp_path / "a.json").read_text()) == {
+        "x": 1.5,
+        "n": 3,
+        "nan": None,
+        "arr": [0, 1, 2],
+    }
     _io.write_text(tmp_path / "b.txt", "héllo\n")
     assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "héllo\n"
     _io.write_csv(tmp_path / "c.csv", [{"a": 1}, {"a": 2, "b": 3}])
@@ -29,12 +35,18 @@ def test_write_json_text_csv_round_trip(tmp_path):
 
 
 def test_jsonable_maps_every_leaf_kind():
-    x = {"f": [1.0, math.nan, math.inf, -math.inf, np.float32(2.5), np.float64(-math.inf)],
-         "i": [3, np.int64(4), True, np.bool_(False), None, "s"], 5: (1, 2),
-         "nested": {"arr": np.array([1.0, np.nan]), "p": _io.Path("a/b")}}
+    x = {
+        "f": [1.0, math.nan, math.inf, -math.inf, np.float32(2.5), np.float64(-math.inf)],
+        "i": [3, np.int64(4), True, np.bool_(False), None, "s"],
+        5: (1, 2),
+        "nested": {"arr": np.array([1.0, np.nan]), "p": _io.Path("a/b")},
+    }
     assert _io.jsonable(x) == {
-        "f": [1.0, None, 1e308, -1e308, 2.5, -1e308], "i": [3, 4, True, False, None, "s"],
-        "5": [1, 2], "nested": {"arr": [1.0, None], "p": "a/b"}}
+        "f": [1.0, None, 1e308, -1e308, 2.5, -1e308],
+        "i": [3, 4, True, False, None, "s"],
+        "5": [1, 2],
+        "nested": {"arr": [1.0, None], "p": "a/b"},
+    }
     out = _io.jsonable(x)
     assert type(out["i"][2]) is bool and type(out["i"][3]) is bool and type(out["i"][1]) is int
     json.dumps(out, allow_nan=False)  # strictly valid JSON

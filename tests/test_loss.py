@@ -3,11 +3,12 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import batch_of
-from dcmtune.synthetic import make_synthetic
-from dcmtune.loss import LossWeights, finalize_metrics, loss_and_sums
-from dcmtune.physics import HARTREE_TO_KCAL
+from conftest import loss_weights as LossWeights
+
+from dcmtune.data.synthetic import make_synthetic
+from dcmtune.model.loss import finalize_metrics, loss_and_sums
+from dcmtune.units import HARTREE_TO_KCAL
 
 W = LossWeights(1000.0, 1.0, 0.5)
 
@@ -38,11 +39,13 @@ def test_values_beyond_n_grid_and_padding_atoms_change_nothing(synthetic):
     gm, am = np.asarray(b["grid_mask"]), np.asarray(b["atom_mask"])
     assert (~gm).any() and (~am).any()  # the fixture really has padding
     rng = np.random.default_rng(0)
-    b2 = dict(b,
-              esp=jnp.where(gm, b["esp"], rng.normal(size=gm.shape) * 1e3),
-              grid=jnp.where(gm[..., None], b["grid"], rng.normal(size=gm.shape + (3,))),
-              R=jnp.where(am[..., None], b["R"], 0.0),  # padding atoms at the origin
-              mono=jnp.where(am, b["mono"], 7.0))
+    b2 = dict(
+        b,
+        esp=jnp.where(gm, b["esp"], rng.normal(size=gm.shape) * 1e3),
+        grid=jnp.where(gm[..., None], b["grid"], rng.normal(size=gm.shape + (3,))),
+        R=jnp.where(am[..., None], b["R"], 0.0),  # padding atoms at the origin
+        mono=jnp.where(am, b["mono"], 7.0),
+    )
     pos2 = jnp.where(am[..., None, None], pos, rng.normal(size=pos.shape))
     q2 = jnp.where(am[..., None], q, 3.0)
     loss2, sums2 = loss_and_sums(q2, pos2, b2, W)
@@ -54,13 +57,15 @@ def test_values_beyond_n_grid_and_padding_atoms_change_nothing(synthetic):
 def test_every_molecule_weighs_the_same():
     # Two molecules with very different atom and grid counts: the loss is the plain mean of
     # their per-molecule terms, not a mean over pooled grid points or atoms.
-    data = make_synthetic(num_molecules=2, conformers=1, min_atoms=3, max_atoms=8, num_grid=64,
-                          seed=5)
+    data = make_synthetic(
+        num_molecules=2, conformers=1, min_atoms=3, max_atoms=8, num_grid=64, seed=5
+    )
     b = batch_of(data)
     q, pos = _reference_charges(b)
     loss, _ = loss_and_sums(q, pos, b, W)
-    singles = [loss_and_sums(q[i:i + 1], pos[i:i + 1], batch_of(data, [i]), W)[0]
-               for i in range(2)]
+    singles = [
+        loss_and_sums(q[i : i + 1], pos[i : i + 1], batch_of(data, [i]), W)[0] for i in range(2)
+    ]
     assert data.N[0] != data.N[1]
     np.testing.assert_allclose(loss, np.mean(singles), rtol=1e-6)
 
@@ -69,8 +74,10 @@ def test_metric_sums_are_batching_invariant(synthetic):
     b = batch_of(synthetic)
     q, pos = _reference_charges(b)
     _, whole = loss_and_sums(q, pos, b, W)
-    parts = [loss_and_sums(q[s], pos[s], batch_of(synthetic, np.arange(16)[s]), W)[1]
-             for s in (slice(0, 5), slice(5, 16))]
+    parts = [
+        loss_and_sums(q[s], pos[s], batch_of(synthetic, np.arange(16)[s]), W)[1]
+        for s in (slice(0, 5), slice(5, 16))
+    ]
     summed = {k: sum(p[k] for p in parts) for k in whole}
     m1, m2 = finalize_metrics(whole, W), finalize_metrics(summed, W)
     for k in m1:
@@ -90,9 +97,20 @@ def test_padding_molecules_are_ignored(synthetic):
 
 def test_metric_units():
     # One molecule, one grid point, error of exactly 0.001 Hartree/e -> 0.6275 kcal/mol/e.
-    sums = {"n_mol": 1.0, "n_mono": 0.0, "n_dip": 0.0, "esp_mse": 1e-6, "esp_mae": 1e-3,
-            "mono_mse": 0.0, "mono_mae": 0.0, "dip_mse": 0.0, "dip_mae": 0.0, "n_atoms": 2.0,
-            "q_sum": 0.0, "q2_sum": 0.5}
+    sums = {
+        "n_mol": 1.0,
+        "n_mono": 0.0,
+        "n_dip": 0.0,
+        "esp_mse": 1e-6,
+        "esp_mae": 1e-3,
+        "mono_mse": 0.0,
+        "mono_mae": 0.0,
+        "dip_mse": 0.0,
+        "dip_mae": 0.0,
+        "n_atoms": 2.0,
+        "q_sum": 0.0,
+        "q2_sum": 0.5,
+    }
     m = finalize_metrics(sums, LossWeights(1000.0, 1.0, 0.0))
     np.testing.assert_allclose(m["esp_rmse"], 1e-3 * HARTREE_TO_KCAL)
     np.testing.assert_allclose(m["esp_mae"], 1e-3 * HARTREE_TO_KCAL)

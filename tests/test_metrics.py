@@ -1,11 +1,12 @@
 """The one metric registry: the table, the sweep, analysis and ranking all derive from it."""
 
 import numpy as np
+from conftest import loss_weights as LossWeights
 
 from dcmtune import metrics
 from dcmtune.cli import format_epoch_table
-from dcmtune.loss import METRIC_NAMES, LossWeights, SUM_KEYS, finalize_metrics
-from dcmtune.search_space import SWEEP_METRICS
+from dcmtune.model.loss import METRIC_NAMES, SUM_KEYS, finalize_metrics
+from dcmtune.sweep.spec import SWEEP_METRICS
 
 
 def test_trainer_reports_exactly_the_registry_trained_metrics():
@@ -25,8 +26,10 @@ def test_table_rows_and_units_come_from_the_registry():
     for split in ("train", "valid"):
         m.update({f"{split}_{n}": 1.0 for n in metrics.TRAINED})
     table = format_epoch_table(1, 1, m, metrics.table_rows())
-    labels = [line.split()[0] + (" " + line.split()[1] if "[" in line else "")
-              for line in table.splitlines()[2:-1]]
+    labels = [
+        line.split()[0] + (" " + line.split()[1] if "[" in line else "")
+        for line in table.splitlines()[2:-1]
+    ]
     assert labels == [metrics.label(n) for n in metrics.TABLE_ROWS]
     assert "esp_rmse [kcal/mol/e]" in table and "dipole_mae [D]" in table
 

@@ -13,12 +13,20 @@ import pytest
 from ase.build import molecule
 
 from dcmtune.config import DataConfig, ExperimentConfig, ModelConfig, TrainingConfig
-from dcmtune.data import (DataError, bundled_dataset_path, check_dipole_units, load_npz, pad_to,
-                          split_dataset, split_record, to_arrays)
-from dcmtune.data_cli import main as data_main
-from dcmtune.molgraph import graph_keys
-from dcmtune.train import TIMING_KEYS, fit
-from dcmtune.train_cli import main as train_main
+from dcmtune.data import (
+    DataError,
+    bundled_dataset_path,
+    check_dipole_units,
+    load_npz,
+    pad_to,
+    split_dataset,
+    split_record,
+    to_arrays,
+)
+from dcmtune.data.__main__ import main as data_main
+from dcmtune.data.molgraph import graph_keys
+from dcmtune.train.commands import main as train_main
+from dcmtune.train.loop import TIMING_KEYS, fit
 
 TINY = ModelConfig(n_dcm=1, features=8, max_degree=1, num_iterations=1, num_basis_functions=8)
 ARRAYS = ("R", "Z", "N", "esp", "grid", "n_grid", "mono", "com", "Q")
@@ -59,7 +67,7 @@ def assert_same_data(d, ref):
 
 def same_partition(a, b) -> bool:
     """Whether two labelings group the conformers identically (whatever the names)."""
-    pairs = set(zip(a.tolist(), b.tolist()))
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
@@ -83,14 +91,19 @@ def test_training_on_mmml_layout_equals_compact(demo, mmml_file, tmp_path):
 
     def run(name, path, units):
         cfg = ExperimentConfig(
-            name=name, output_dir=str(tmp_path), random_seed=0, model=TINY,
+            name=name,
+            output_dir=str(tmp_path),
+            random_seed=0,
+            model=TINY,
             data=DataConfig(data_files=[str(path)], dipole_units=units),
-            training=TrainingConfig(num_epochs=2, batch_size=16, warmup_epochs=1,
-                                    save_every_n_epochs=0))
+            training=TrainingConfig(
+                num_epochs=2, batch_size=16, warmup_epochs=1, save_every_n_epochs=0
+            ),
+        )
         return fit(cfg)
 
     a, b = run("compact", compact_file, "debye"), run("mmml", mmml_file, "e_bohr")
-    for ra, rb in zip(a.history, b.history):
+    for ra, rb in zip(a.history, b.history, strict=True):
         for k in ra:
             if k not in TIMING_KEYS:
                 np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, err_msg=k)
@@ -141,19 +154,41 @@ def test_dipole_unit_decision_rule():
     assert check_dipole_units(float("nan"), 2, "debye").startswith("not checked")
 
 
-@pytest.mark.parametrize("stored,declared,likely", [
-    ("e_bohr", "debye", "e_bohr"), ("e_angstrom", "debye", "e_angstrom"),
-    ("debye", "e_bohr", "debye")])
-def test_wrong_dipole_units_exit_2_through_both_commands(demo, tmp_path, capsys, stored,
-                                                        declared, likely):
+@pytest.mark.parametrize(
+    "stored,declared,likely",
+    [
+        ("e_bohr", "debye", "e_bohr"),
+        ("e_angstrom", "debye", "e_angstrom"),
+        ("debye", "e_bohr", "debye"),
+    ],
+)
+def test_wrong_dipole_units_exit_2_through_both_commands(
+    demo, tmp_path, capsys, stored, declared, likely
+):
     path = save(tmp_path / "d.npz", mmml_arrays(demo, units=stored))
     assert data_main(["validate", str(path), "--dipole-units", declared]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(path) in err and f"look like {likely}" in err
     assert f"--dipole-units {likely}" in err and "data.dipole_units" in err
     out = tmp_path / "runs"
-    assert train_main(["--data-files", str(path), "--dipole-units", declared, "--output-dir",
-                       str(out), "--num-epochs", "2", "--warmup-epochs", "0", "--quiet"]) == 2
+    assert (
+        train_main(
+            [
+                "--data-files",
+                str(path),
+                "--dipole-units",
+                declared,
+                "--output-dir",
+                str(out),
+                "--num-epochs",
+                "2",
+                "--warmup-epochs",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"--dipole-units {likely}" in err
     assert not out.exists()  # nothing written
@@ -195,8 +230,11 @@ def test_missing_n_grid_inferred_from_trailing_zero_rows(demo, tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="dcmtune.data"):
         d = load_npz(save(tmp_path / "no_n_grid.npz", a))
     assert_same_data(d, demo)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING
-                and "no mol_id" not in r.getMessage()]
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "no mol_id" not in r.getMessage()
+    ]
     assert len(warnings) == 1 and "n_grid missing" in warnings[0].message
     a["esp"][3], a["esp_grid"][3] = 0.0, 0.0
     with pytest.raises(DataError, match="conformer 3: every grid row is zero"):
@@ -231,8 +269,7 @@ def test_inspect_reports_padding_and_grouping(mmml_file, capsys):
     assert "N (240, 1)" in out and "median |Dxyz| / |dipole of mono about com| = 0.99" in out
 
 
-def test_convert_writes_a_compact_file_and_refuses_to_overwrite(demo, mmml_file, tmp_path,
-                                                              capsys):
+def test_convert_writes_a_compact_file_and_refuses_to_overwrite(demo, mmml_file, tmp_path, capsys):
     out = tmp_path / "compact.npz"
     args = ["convert", str(mmml_file), "--out", str(out), "--dipole-units", "e_bohr"]
     assert data_main(args) == 0
@@ -258,5 +295,4 @@ def test_convert_writes_a_compact_file_and_refuses_to_overwrite(demo, mmml_file,
     bad = tmp_path / "bad.npz"
     assert data_main(["convert", str(mmml_file), "--out", str(bad)]) == 2  # units: e_bohr
     assert not bad.exists() and not bad.with_name("bad.provenance.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["compact.npz",
-                                                          "compact.provenance.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compact.npz", "compact.provenance.json"]

@@ -4,13 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMALL, batch_of
+from conftest import loss_weights as LossWeights
 from scipy.spatial.transform import Rotation
 
-from conftest import SMALL, batch_of
 from dcmtune.data import pad_to
-from dcmtune.synthetic import make_synthetic
-from dcmtune.loss import LossWeights, loss_and_sums, predict_observables
-from dcmtune.model import DCMNet, init_params
+from dcmtune.data.synthetic import make_synthetic
+from dcmtune.model.dcmnet import DCMNet, init_params
+from dcmtune.model.loss import loss_and_sums, predict_observables
 
 CHG = dict(rtol=1e-5, atol=1e-6)
 ESP = dict(rtol=1e-5, atol=1e-7)
@@ -35,13 +36,16 @@ def _outputs64(model, params, batch):
     """Outputs computed in float64, for comparisons at the ESP tolerance (rtol 1e-5, atol 1e-7)
     after moves of 10 Angstrom, where float32 rounding of coordinates alone is ~1e-6 A."""
     with jax.enable_x64(True):
+
         def f64(x):
             x = jnp.asarray(x)
             return x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
         p64 = jax.tree.map(f64, params)
         b64 = {k: f64(v) for k, v in batch.items()}
-        fn = jax.jit(lambda p, b: model.apply({"params": p}, b["Z"], b["R"], b["atom_mask"],
-                                              b["Q"]))
+        fn = jax.jit(
+            lambda p, b: model.apply({"params": p}, b["Z"], b["R"], b["atom_mask"], b["Q"])
+        )
         return [np.asarray(o) for o in _outputs(fn, p64, b64)]
 
 
@@ -65,12 +69,19 @@ def test_padding_atoms_and_grid_points_change_nothing(small_model):
 def _transform(batch, M, t):
     """Rotates/reflects by M and translates by t, in float64 numpy (exact inputs for
     `_outputs64`)."""
-    batch = {k: (np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v))
-             for k, v in batch.items()}
+    batch = {
+        k: (np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v))
+        for k, v in batch.items()
+    }
     M, t = np.asarray(M, np.float64), np.asarray(t, np.float64)
     R = np.where(batch["atom_mask"][..., None], batch["R"] @ M.T + t, 0.0)
-    return dict(batch, R=R, grid=batch["grid"] @ M.T + t, com=batch["com"] @ M.T + t,
-                dipole=batch["dipole"] @ M.T)
+    return dict(
+        batch,
+        R=R,
+        grid=batch["grid"] @ M.T + t,
+        com=batch["com"] @ M.T + t,
+        dipole=batch["dipole"] @ M.T,
+    )
 
 
 @pytest.mark.parametrize("pseudo", [False, True], ids=["tensors", "pseudotensors"])
@@ -110,8 +121,13 @@ def test_permuting_atoms_permutes_outputs(synthetic, small_model):
     b = batch_of(synthetic, [0])
     n = int(b["atom_mask"].sum())
     perm = np.concatenate([np.random.default_rng(0).permutation(n), np.arange(n, b["Z"].shape[1])])
-    b2 = dict(b, R=b["R"][:, perm], Z=b["Z"][:, perm], atom_mask=b["atom_mask"][:, perm],
-              mono=b["mono"][:, perm])
+    b2 = dict(
+        b,
+        R=b["R"][:, perm],
+        Z=b["Z"][:, perm],
+        atom_mask=b["atom_mask"][:, perm],
+        mono=b["mono"][:, perm],
+    )
     q, pos, esp, loss = _outputs64(model, params, b)
     q2, pos2, esp2, loss2 = _outputs64(model, params, b2)
     np.testing.assert_allclose(q2, q[:, perm], **CHG)
@@ -136,8 +152,9 @@ def test_cutoff_locality_on_uncorrected_charges(small_model, apply_fn):
 
     def charges(R):
         Z = jnp.asarray([[6, 8, 1, 1]])
-        q, _ = apply_fn(params, {"Z": Z, "R": jnp.asarray([R]), "atom_mask": Z > 0,
-                                 "Q": jnp.zeros(1)})
+        q, _ = apply_fn(
+            params, {"Z": Z, "R": jnp.asarray([R]), "atom_mask": Z > 0, "Q": jnp.zeros(1)}
+        )
         return q[0, 0] - q[0, 0].mean()  # atom 0's charges minus their mean: shift-free
 
     base = [[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [20.0, 0.0, 0.0], [20.0, 1.0, 0.0]]

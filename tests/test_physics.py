@@ -4,12 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcmtune.physics import BOHR, HARTREE_TO_KCAL, dipole_from_charges, esp_from_charges
+from dcmtune.model.physics import dipole_from_charges, esp_from_charges
+from dcmtune.units import BOHR, HARTREE_TO_KCAL
 
 
 def test_unit_charge_at_one_angstrom():
-    v = esp_from_charges(jnp.ones((1, 1)), jnp.zeros((1, 1, 3)), jnp.ones((1, 1), bool),
-                         jnp.asarray([[[1.0, 0.0, 0.0]]]), jnp.ones((1, 1), bool))
+    v = esp_from_charges(
+        jnp.ones((1, 1)),
+        jnp.zeros((1, 1, 3)),
+        jnp.ones((1, 1), bool),
+        jnp.asarray([[[1.0, 0.0, 0.0]]]),
+        jnp.ones((1, 1), bool),
+    )
     np.testing.assert_allclose(v[0, 0], 0.529177, rtol=1e-5)
     np.testing.assert_allclose(v[0, 0] * HARTREE_TO_KCAL, 332.06, rtol=1e-4)
     assert abs(BOHR - 0.529177210903) < 1e-12
@@ -30,8 +36,13 @@ def test_superposition_against_numpy_float64():
     rng = np.random.default_rng(0)
     q, p, g = rng.normal(size=(2, 5)), rng.normal(size=(2, 5, 3)), 4 * rng.normal(size=(2, 7, 3))
     ref = (q[:, None, :] / (np.linalg.norm(g[:, :, None] - p[:, None], axis=-1) / BOHR)).sum(-1)
-    v = esp_from_charges(jnp.asarray(q, jnp.float32), jnp.asarray(p, jnp.float32),
-                         jnp.ones((2, 5), bool), jnp.asarray(g, jnp.float32), jnp.ones((2, 7), bool))
+    v = esp_from_charges(
+        jnp.asarray(q, jnp.float32),
+        jnp.asarray(p, jnp.float32),
+        jnp.ones((2, 5), bool),
+        jnp.asarray(g, jnp.float32),
+        jnp.ones((2, 7), bool),
+    )
     np.testing.assert_allclose(v, ref, rtol=1e-5, atol=1e-7)
 
 

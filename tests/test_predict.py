@@ -21,12 +21,13 @@ from ase.build import molecule
 import dcmtune
 from dcmtune.analysis import analyze_checkpoint
 from dcmtune.data import group_by_bucket, size_bucket
+from dcmtune.data.synthetic import make_synthetic
 from dcmtune.predict import PredictError, Predictor, load_model
-from dcmtune.predict_cli import main as cli_main
-from dcmtune.synthetic import make_synthetic
+from dcmtune.predict.commands import main as cli_main
 
-TINY = dict(n_dcm=2, features=8, max_degree=1, num_iterations=1, num_basis_functions=8,
-            max_atomic_number=10)  # knows H..Ne: chlorine is refused
+TINY = dict(
+    n_dcm=2, features=8, max_degree=1, num_iterations=1, num_basis_functions=8, max_atomic_number=10
+)  # knows H..Ne: chlorine is refused
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -34,12 +35,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def run_dir(synthetic, tmp_path_factory):
     """One epoch of a tiny model on the synthetic set (EMA evaluation parameters)."""
     from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
-    from dcmtune.train import fit
+    from dcmtune.train.loop import fit
 
     cfg = ExperimentConfig(
-        name="tiny", random_seed=0, model=ModelConfig(**TINY),
-        training=TrainingConfig(num_epochs=1, batch_size=4, learning_rate=1e-2,
-                                warmup_epochs=0, save_every_n_epochs=0))
+        name="tiny",
+        random_seed=0,
+        model=ModelConfig(**TINY),
+        training=TrainingConfig(
+            num_epochs=1, batch_size=4, learning_rate=1e-2, warmup_epochs=0, save_every_n_epochs=0
+        ),
+    )
     result = fit(cfg, synthetic, run_dir=tmp_path_factory.mktemp("predict") / "tiny")
     assert result.status == "completed"
     return result.run_dir
@@ -55,8 +60,20 @@ def synthetic_file(synthetic, tmp_path_factory):
     """The synthetic set as a dcmtune .npz data file."""
     d = synthetic
     path = tmp_path_factory.mktemp("predict_data") / "syn.npz"
-    np.savez(path, R=d.R, Z=d.Z, N=d.N, esp=d.esp, vdw_surface=d.grid, n_grid=d.n_grid,
-             mono=d.mono, Dxyz=d.dipole, com=d.com, Q=d.Q, mol_id=d.mol_id)
+    np.savez(
+        path,
+        R=d.R,
+        Z=d.Z,
+        N=d.N,
+        esp=d.esp,
+        vdw_surface=d.grid,
+        n_grid=d.n_grid,
+        mono=d.mono,
+        Dxyz=d.dipole,
+        com=d.com,
+        Q=d.Q,
+        mol_id=d.mol_id,
+    )
     return path
 
 
@@ -85,8 +102,7 @@ def test_size_buckets_are_powers_of_two_at_least_the_minimum():
 
 def test_load_model_keeps_config_and_evaluation_params_only(predictor, run_dir, tmp_path):
     assert isinstance(predictor, dcmtune.Predictor) and dcmtune.load_model is load_model
-    assert {f.name for f in dataclasses.fields(Predictor)} == {"path", "config", "params",
-                                                                "epoch"}
+    assert {f.name for f in dataclasses.fields(Predictor)} == {"path", "config", "params", "epoch"}
     assert predictor.path == run_dir / "checkpoints" / "best" and predictor.n_dcm == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         predictor.epoch = 5
@@ -104,8 +120,7 @@ def test_predict_matches_analyze_checkpoint(predictor, run_dir, synthetic):
     for i, p in enumerate(preds):
         n, g = synthetic.N[i], synthetic.n_grid[i]
         np.testing.assert_allclose(p.charges, a.charges[i, :n], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(p.charge_positions, a.positions[i, :n], rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(p.charge_positions, a.positions[i, :n], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(p.monopoles, a.mono_pred[i, :n], rtol=1e-5, atol=1e-6)
         # Both about the data's com (the origin of its reference dipole).
         np.testing.assert_allclose(p.dipole, a.dipole_pred[i], rtol=1e-5, atol=1e-5)
@@ -117,13 +132,17 @@ def test_rotation_and_translation_move_charges_and_dipole_only(predictor, synthe
     rot, shift = _rotation(), np.array([1.5, -2.0, 0.7])
     Z, R, grids = synthetic.Z, synthetic.R.astype(np.float64), _grids(synthetic)
     base = predictor.predict((Z, R), esp_points=grids, batch_size=4)
-    moved = predictor.predict((Z, np.where(Z[..., None] > 0, R @ rot.T + shift, 0.0)),
-                              esp_points=[g @ rot.T + shift for g in grids], batch_size=4)
-    for p, q in zip(base, moved):
+    moved = predictor.predict(
+        (Z, np.where(Z[..., None] > 0, R @ rot.T + shift, 0.0)),
+        esp_points=[g @ rot.T + shift for g in grids],
+        batch_size=4,
+    )
+    for p, q in zip(base, moved, strict=True):
         np.testing.assert_allclose(q.monopoles, p.monopoles, atol=2e-5)
         np.testing.assert_allclose(q.charges, p.charges, atol=2e-5)
-        np.testing.assert_allclose(q.charge_positions, p.charge_positions @ rot.T + shift,
-                                   atol=2e-5)
+        np.testing.assert_allclose(
+            q.charge_positions, p.charge_positions @ rot.T + shift, atol=2e-5
+        )
         np.testing.assert_allclose(q.dipole_origin, p.dipole_origin @ rot.T + shift, atol=1e-5)
         np.testing.assert_allclose(q.dipole, p.dipole @ rot.T, atol=1e-4)
         np.testing.assert_allclose(q.esp, p.esp, rtol=1e-4, atol=2e-6)
@@ -138,15 +157,18 @@ def test_charges_sum_to_the_requested_total(predictor, synthetic, total):
 
 
 def test_mixed_sizes_and_a_long_trajectory_need_few_programs(predictor, tmp_path):
-    from dcmtune.train import predict_batch
+    from dcmtune.train.step import predict_batch
 
     rng = np.random.default_rng(0)
     water = molecule("H2O")
-    frames = [Atoms(water.numbers, water.positions + rng.normal(scale=0.02, size=(3, 3)))
-              for _ in range(1000)]
+    frames = [
+        Atoms(water.numbers, water.positions + rng.normal(scale=0.02, size=(3, 3)))
+        for _ in range(1000)
+    ]
     ase.io.write(tmp_path / "traj.xyz", frames)
-    big = make_synthetic(num_molecules=1, conformers=1, min_atoms=20, max_atoms=20,
-                         num_grid=8, seed=1)
+    big = make_synthetic(
+        num_molecules=1, conformers=1, min_atoms=20, max_atoms=20, num_grid=8, seed=1
+    )
     mixed = [water, molecule("C6H6"), Atoms(big.Z[0], big.R[0])]
     before = predict_batch._cache_size()
     preds = predictor.predict(mixed + [tmp_path / "traj.xyz"], batch_size=256)
@@ -175,11 +197,13 @@ def bad_inputs(tmp_path_factory, run_dir):
     shutil.copytree(run_dir / "checkpoints" / "best", future)
     meta = json.loads((future / "meta.json").read_text())
     (future / "meta.json").write_text(json.dumps(dict(meta, format="dcmtune-checkpoint-99")))
-    return {"element": (run_dir, d / "hcl.xyz", "max_atomic_number"),
-            "unreadable": (run_dir, d / "garbage.xyz", "ASE cannot read"),
-            "empty": (run_dir, d / "empty.xyz", "empty"),
-            "missing_model": (d / "no_such_model", d / "water.xyz", "not found"),
-            "format": (future, d / "water.xyz", "dcmtune-checkpoint-99")}
+    return {
+        "element": (run_dir, d / "hcl.xyz", "max_atomic_number"),
+        "unreadable": (run_dir, d / "garbage.xyz", "ASE cannot read"),
+        "empty": (run_dir, d / "empty.xyz", "empty"),
+        "missing_model": (d / "no_such_model", d / "water.xyz", "not found"),
+        "format": (future, d / "water.xyz", "dcmtune-checkpoint-99"),
+    }
 
 
 @pytest.mark.parametrize("case", ["element", "unreadable", "empty", "missing_model", "format"])
@@ -215,17 +239,29 @@ def test_api_refuses_bad_arguments(predictor):
 def test_cli_never_overwrites_its_input(run_dir, tmp_path, capsys):
     ase.io.write(tmp_path / "water.xyz", molecule("H2O"))
     before = (tmp_path / "water.xyz").read_bytes()
-    assert cli_main([str(run_dir), str(tmp_path / "water.xyz"), "--out",
-                     str(tmp_path / "water.npz")]) == 2
+    assert (
+        cli_main([str(run_dir), str(tmp_path / "water.xyz"), "--out", str(tmp_path / "water.npz")])
+        == 2
+    )
     assert "overwrite the input" in capsys.readouterr().err
     assert (tmp_path / "water.xyz").read_bytes() == before
     assert not (tmp_path / "water.npz").exists()
 
 
 def test_module_entry_point_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dcmtune.predict", str(tmp_path / "nothing"),
-                           str(tmp_path / "x.xyz")], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dcmtune.predict",
+            str(tmp_path / "nothing"),
+            str(tmp_path / "x.xyz"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
 
 
@@ -236,8 +272,17 @@ def test_cli_writes_npz_extxyz_and_plot(predictor, run_dir, tmp_path, capsys):
     water = molecule("H2O")
     ase.io.write(tmp_path / "water.xyz", water)
     out = tmp_path / "water_dcm.npz"
-    code = cli_main([str(run_dir), str(tmp_path / "water.xyz"), "--esp-grid", "shell",
-                     "--out", str(out), "--plot"])
+    code = cli_main(
+        [
+            str(run_dir),
+            str(tmp_path / "water.xyz"),
+            "--esp-grid",
+            "shell",
+            "--out",
+            str(out),
+            "--plot",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0 and "H2O" in stdout and "|mu| (D)" in stdout
     with np.load(out, allow_pickle=False) as f:
@@ -261,8 +306,10 @@ def test_cli_writes_npz_extxyz_and_plot(predictor, run_dir, tmp_path, capsys):
 def test_cli_json_with_charge(run_dir, tmp_path, capsys):
     ase.io.write(tmp_path / "c6h6.xyz", molecule("C6H6"))
     out = tmp_path / "benzene.json"
-    assert cli_main([str(run_dir), str(tmp_path / "c6h6.xyz"), "--charge", "1",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main([str(run_dir), str(tmp_path / "c6h6.xyz"), "--charge", "1", "--out", str(out)])
+        == 0
+    )
     capsys.readouterr()
     doc = json.loads(out.read_text())
     assert doc["format"] == "dcmtune-predictions-1" and doc["units"]["charges"] == "e"
@@ -272,11 +319,11 @@ def test_cli_json_with_charge(run_dir, tmp_path, capsys):
     assert len(ase.io.read(out.with_suffix(".xyz"))) == 12 + 12 * 2
 
 
-def test_cli_on_a_data_file_reports_esp_rmse(run_dir, synthetic_file, synthetic, tmp_path,
-                                             capsys):
+def test_cli_on_a_data_file_reports_esp_rmse(run_dir, synthetic_file, synthetic, tmp_path, capsys):
     out = tmp_path / "syn.npz"
-    assert cli_main([str(run_dir), str(synthetic_file), "--out", str(out),
-                     "--batch-size", "4"]) == 0
+    assert (
+        cli_main([str(run_dir), str(synthetic_file), "--out", str(out), "--batch-size", "4"]) == 0
+    )
     stdout = capsys.readouterr().out
     assert "ESP RMSE" in stdout and "syn000" in stdout
     a = analyze_checkpoint(run_dir, synthetic, batch_size=4)

@@ -12,8 +12,8 @@ from pyscf.data import nist
 
 from dcmtune import qm
 from dcmtune.data import bundled_dataset_path, load_npz
-from dcmtune.grids import VDW_RADII, shell_grid
-from dcmtune.data_cli import main
+from dcmtune.data.__main__ import main
+from dcmtune.data.grids import VDW_RADII, shell_grid
 from dcmtune.units import BOHR
 
 SMALL = dict(conformers=2, basis="sto-3g", max_grid=60, seed=0)
@@ -32,8 +32,23 @@ def one_pyscf_thread():
 def generated(tmp_path_factory):
     """H2O, two conformers, STO-3G, made by the CLI with one worker process."""
     out = tmp_path_factory.mktemp("qm") / "h2o.npz"
-    rc = main(["generate", "--molecules", "H2O", "--conformers", "2", "--basis", "sto-3g",
-               "--max-grid", "60", "--workers", "1", "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--molecules",
+            "H2O",
+            "--conformers",
+            "2",
+            "--basis",
+            "sto-3g",
+            "--max-grid",
+            "60",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     with np.load(out, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
@@ -116,8 +131,9 @@ def test_mono_are_esp_fitted_and_sum_to_q(generated):
     _, a = generated
     np.testing.assert_allclose(a["mono"].sum(axis=1), a["Q"], atol=1e-5)
     n = a["n_grid"][0]
-    q = qm.fit_esp_charges(a["R"][0].astype(np.float64), a["vdw_surface"][0, :n],
-                           a["esp"][0, :n], 0.0)
+    q = qm.fit_esp_charges(
+        a["R"][0].astype(np.float64), a["vdw_surface"][0, :n], a["esp"][0, :n], 0.0
+    )
     np.testing.assert_allclose(a["mono"][0], q, atol=1e-5)
     assert a["mono"][0, 0] < -0.3 and np.all(a["mono"][0, 1:] > 0.15)  # O negative, H positive
 
@@ -129,7 +145,7 @@ def test_fits_recover_known_charges_with_total_constraint():
     q_true += (1.0 - q_true.sum()) / len(q_true)  # total charge +1
     Rs = qm.make_conformers(spec.positions, 3, 0.05, rng)
     grids = [shell_grid(R, spec.numbers, rng, max_grid=200) for R in Rs]
-    esps = [qm.esp_design_matrix(R, g) @ q_true for R, g in zip(Rs, grids)]
+    esps = [qm.esp_design_matrix(R, g) @ q_true for R, g in zip(Rs, grids, strict=True)]
     q = qm.fit_esp_charges(Rs[1], grids[1], esps[1], Q=1.0)
     np.testing.assert_allclose(q, q_true, atol=1e-8)
     q_shared = qm.fit_esp_charges_shared(Rs, grids, esps, Q=1.0)
@@ -157,8 +173,7 @@ def test_in_process_run_reproduces_the_worker_run(generated, tmp_path):
     specs = qm.load_molecules(["H2O"])
     qm.generate_dataset(tmp_path / "w0.npz", specs, qm.GenerationSettings(**SMALL), workers=0)
     with np.load(tmp_path / "w0.npz") as b:
-        assert np.array_equal(a["R"], b["R"]) and np.array_equal(a["vdw_surface"],
-                                                                 b["vdw_surface"])
+        assert np.array_equal(a["R"], b["R"]) and np.array_equal(a["vdw_surface"], b["vdw_surface"])
         np.testing.assert_allclose(a["esp"], b["esp"], atol=1e-7)
 
 
@@ -191,20 +206,23 @@ def test_xyz_input(tmp_path):
     assert spec.source == str(xyz)
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--molecules", "H2O", "NOPE"], "unknown molecule name 'NOPE'"),
-    (["--molecules", "h2o"], "did you mean H2O"),
-    (["--xyz", "{tmp}/missing.xyz"], "not found"),
-    (["--xyz", "{tmp}/garbage.xyz"], "not a readable .xyz"),
-    (["--molecules", "H2O", "--charge", "1"], "odd electron count 9"),
-    (["--molecules", "H2O", "--spin", "1"], "cannot have spin"),
-    (["--molecules", "H2O", "--basis", "no-such-basis"], "basis 'no-such-basis'"),
-    (["--molecules", "H2O", "--method", "NOT-A-XC"], "method"),
-    (["--molecules", "H2O", "--conformers", "0"], "conformers"),
-    (["--molecules", "H2O", "--out", "{tmp}/no/such/dir.npz"], "does not exist"),
-    (["--molecules", "H2O", "--out", "{tmp}/x.npy"], "must end in .npz"),
-    ([], "no molecules"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--molecules", "H2O", "NOPE"], "unknown molecule name 'NOPE'"),
+        (["--molecules", "h2o"], "did you mean H2O"),
+        (["--xyz", "{tmp}/missing.xyz"], "not found"),
+        (["--xyz", "{tmp}/garbage.xyz"], "not a readable .xyz"),
+        (["--molecules", "H2O", "--charge", "1"], "odd electron count 9"),
+        (["--molecules", "H2O", "--spin", "1"], "cannot have spin"),
+        (["--molecules", "H2O", "--basis", "no-such-basis"], "basis 'no-such-basis'"),
+        (["--molecules", "H2O", "--method", "NOT-A-XC"], "method"),
+        (["--molecules", "H2O", "--conformers", "0"], "conformers"),
+        (["--molecules", "H2O", "--out", "{tmp}/no/such/dir.npz"], "does not exist"),
+        (["--molecules", "H2O", "--out", "{tmp}/x.npy"], "must end in .npz"),
+        ([], "no molecules"),
+    ],
+)
 def test_generate_bad_inputs_exit_2_one_line_nothing_written(tmp_path, capsys, args, match):
     (tmp_path / "garbage.xyz").write_text("three\nnot a molecule\nX 1 2\n")
     args = [s.format(tmp=tmp_path) for s in args]
@@ -219,9 +237,23 @@ def test_generate_bad_inputs_exit_2_one_line_nothing_written(tmp_path, capsys, a
 def test_cli_process_prints_exactly_one_line(tmp_path):
     """The real entry point: no warning, progress bar or traceback beside the error line."""
     out = tmp_path / "x.npz"
-    proc = subprocess.run([sys.executable, "-m", "dcmtune.data", "generate", "--molecules",
-                           "H2O", "--basis", "no-such-basis", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dcmtune.data",
+            "generate",
+            "--molecules",
+            "H2O",
+            "--basis",
+            "no-such-basis",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert not out.exists()

@@ -12,9 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dcmtune import metrics, rank, report
+from dcmtune import metrics
+from dcmtune.analysis import rank, report
+from dcmtune.analysis.commands import rank_main
+from dcmtune.analysis.rank import rank_experiment
+from dcmtune.analysis.ranking import RankError
+from dcmtune.analysis.report import PLOT_FILES
 from dcmtune.config import flat_dict
-from dcmtune.rank import PLOT_FILES, RankError, rank_experiment
 
 ray = pytest.mark.ray  # tests on the shared tiny sweep (it needs the session's Ray)
 
@@ -44,7 +48,7 @@ def _best_from_histories(exp, metric="valid_esp_rmse"):
         if h.get("diverged", pd.Series([0])).fillna(0).astype(bool).any():
             continue
         v = pd.to_numeric(h[metric], errors="coerce")
-        out[d.name[len("trial_"):]] = float(v[np.isfinite(v)].min())
+        out[d.name[len("trial_") :]] = float(v[np.isfinite(v)].min())
     return out
 
 
@@ -58,8 +62,16 @@ def test_ranking_csv_has_top_k_rows_ordered_by_the_validation_metric(ranked):
     expected = sorted(best, key=lambda t: (best[t], t))[:TOP_K]
     assert csv["trial_id"].tolist() == expected
     np.testing.assert_allclose(csv["valid_esp_rmse"], [best[t] for t in expected], rtol=1e-9)
-    for col in ("test_esp_rmse", "test_esp_mae", "test_mono_mae", "training.learning_rate",
-                "training.chg_w", "checkpoint_epoch", "epochs", "status"):
+    for col in (
+        "test_esp_rmse",
+        "test_esp_mae",
+        "test_mono_mae",
+        "training.learning_rate",
+        "training.chg_w",
+        "checkpoint_epoch",
+        "epochs",
+        "status",
+    ):
         assert col in csv, col
     assert np.all(np.isfinite(csv["test_esp_rmse"]))
     js = json.loads((exp / "ranking.json").read_text())
@@ -105,7 +117,8 @@ def test_ranking_columns_and_report_units_come_from_the_metric_registry(ranked):
     metric_cols = [c for c in csv if metrics.split_of(c)]
     assert metric_cols and all(metrics.base_name(c) in metrics.METRICS for c in metric_cols)
     assert [c for c in metric_cols if metrics.split_of(c) == "test"] == [
-        f"test_{name}" for name in metrics.EVAL_METRICS]
+        f"test_{name}" for name in metrics.EVAL_METRICS
+    ]
     valid = {c for c in metric_cols if metrics.split_of(c) == "valid"}
     assert valid == {m for m in metrics.SWEEP_METRICS if m.startswith("valid_")}
     lines = (exp / "report.md").read_text().splitlines()
@@ -116,7 +129,7 @@ def test_ranking_columns_and_report_units_come_from_the_metric_registry(ranked):
     assert f"test_esp_rmse [{metrics.unit('esp_rmse')}]" in header
     # The winner's table: the unit column is the registry's unit.
     start = lines.index(next(ln for ln in lines if ln.startswith("| metric | unit |")))
-    rows = [ln.strip("| ").split(" | ") for ln in lines[start + 2:] if ln.startswith("| ")]
+    rows = [ln.strip("| ").split(" | ") for ln in lines[start + 2 :] if ln.startswith("| ")]
     rows = rows[: next((i for i, r in enumerate(rows) if r[0] == "rank"), len(rows))]
     assert rows and all(unit == (metrics.unit(name) or "–") for name, unit, *_ in rows)
 
@@ -133,7 +146,8 @@ def test_plot_axes_are_labelled_from_the_metric_registry(ranked, tmp_path, monke
     assert set(figures) == set(PLOT_FILES)
     assert figures["learning_curves.png"].axes[0].get_ylabel() == metrics.axis_label(metric)
     assert {ax.get_ylabel() for ax in figures["hyperparameters.png"].axes} == {
-        f"best validation {metrics.axis_label(metric)}"}
+        f"best validation {metrics.axis_label(metric)}"
+    }
     unit = f"({metrics.unit('esp_rmse')})"
     parity = figures["esp_parity.png"].axes[0]
     assert parity.get_xlabel().endswith(unit) and parity.get_ylabel().endswith(unit)
@@ -144,22 +158,35 @@ def test_plot_axes_are_labelled_from_the_metric_registry(ranked, tmp_path, monke
 def test_best_model_reproduces_the_reported_test_rmse_in_a_fresh_process(ranked, tmp_path):
     exp, df, _ = ranked
     best = exp / "best_model"
-    for name in ("state.msgpack", "meta.json", "config.json", "split.json", "history.csv",
-                 "evaluation.json"):
+    for name in (
+        "state.msgpack",
+        "meta.json",
+        "config.json",
+        "split.json",
+        "history.csv",
+        "evaluation.json",
+    ):
         assert (best / name).is_file(), name
     code = (
         "import json, sys\n"
-        "from dcmtune.analysis import analyze_checkpoint, checkpoint_data, load_checkpoint\n"
-        "from dcmtune.loss import LossWeights\n"
-        "from dcmtune.train import evaluate_params\n"
+        "from dcmtune.analysis import analyze_checkpoint, checkpoint_data\n"
+        "from dcmtune.analysis import open_checkpoint as load_checkpoint\n"
+        "from dcmtune.train.hparams import Hparams\n"
+        "from dcmtune.train.step import evaluate_params\n"
         "c = load_checkpoint(sys.argv[1])\n"
         "a = analyze_checkpoint(c, 'test')\n"
         "t = c.config.training\n"
         "m = evaluate_params(c.params, checkpoint_data(c, 'test'), c.config.model,\n"
-        "                    LossWeights(t.esp_w, t.chg_w, t.dip_w))\n"
-        "print(json.dumps({'analysis': a.metrics['esp_rmse'], 'trainer': m['esp_rmse']}))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(best)], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=600)
+        "                    Hparams.of(t))\n"
+        "print(json.dumps({'analysis': a.metrics['esp_rmse'], 'trainer': m['esp_rmse']}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(best)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     reported = pd.read_csv(exp / "ranking.csv").loc[0, "test_esp_rmse"]
@@ -210,7 +237,7 @@ def test_bad_directory_exits_2_with_one_line(kind, tmp_path, capsys):
         (path / "some_dir" / "data.txt").write_text("not a trial")
     if kind == "file":
         path.write_text("x")
-    assert rank.main([str(path)]) == 2
+    assert rank_main([str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and "expected" in err[0]
 
@@ -218,22 +245,35 @@ def test_bad_directory_exits_2_with_one_line(kind, tmp_path, capsys):
 @ray
 def test_storage_path_hint_names_the_experiments(ranked, capsys):
     exp, _, _ = ranked
-    assert rank.main([str(exp.parent)]) == 2
+    assert rank_main([str(exp.parent)]) == 2
     err = capsys.readouterr().err.strip()
     assert exp.name in err and "pass one of them" in err
 
 
 def test_cli_module_exit_code_in_a_subprocess(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dcmtune.rank", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "dcmtune.rank", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "not found" in out.stderr
 
 
 def test_flat_dict_joins_nested_keys_and_keeps_leaves():
-    nested = {"model": {"n_dcm": 2, "sizes": [8, 16]}, "training": {"opt": {"lr": 1e-3}},
-              "seed": 0, "empty": {}}
-    assert flat_dict(nested) == {"model.n_dcm": 2, "model.sizes": [8, 16],
-                                 "training.opt.lr": 1e-3, "seed": 0, "empty": {}}
+    nested = {
+        "model": {"n_dcm": 2, "sizes": [8, 16]},
+        "training": {"opt": {"lr": 1e-3}},
+        "seed": 0,
+        "empty": {},
+    }
+    assert flat_dict(nested) == {
+        "model.n_dcm": 2,
+        "model.sizes": [8, 16],
+        "training.opt.lr": 1e-3,
+        "seed": 0,
+        "empty": {},
+    }
     assert flat_dict(nested, sep="/")["training/opt/lr"] == 1e-3
     assert flat_dict({}) == {}

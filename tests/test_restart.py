@@ -19,17 +19,37 @@ import pandas as pd
 import pytest
 
 from dcmtune import _io
-from dcmtune import checkpoint as ckpt
-from dcmtune import trainable
-from dcmtune.synthetic import make_synthetic
-from dcmtune.train import _set_aside_stale
-from dcmtune.train_cli import main as train_main
+from dcmtune.data.synthetic import make_synthetic
+from dcmtune.sweep import trainable
+from dcmtune.train import checkpoints as ckpt
+from dcmtune.train.commands import main as train_main
+from dcmtune.train.restart import set_aside_stale as _set_aside_stale
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--n-dcm", "1", "--features", "4", "--max-degree", "1", "--num-iterations", "1",
-        "--num-basis-functions", "4", "--batch-size", "4", "--warmup-epochs", "0",
-        "--valid-fraction", "0.25", "--test-fraction", "0", "--save-every-n-epochs", "0",
-        "--no-use-lr-schedule", "--quiet"]
+TINY = [
+    "--n-dcm",
+    "1",
+    "--features",
+    "4",
+    "--max-degree",
+    "1",
+    "--num-iterations",
+    "1",
+    "--num-basis-functions",
+    "4",
+    "--batch-size",
+    "4",
+    "--warmup-epochs",
+    "0",
+    "--valid-fraction",
+    "0.25",
+    "--test-fraction",
+    "0",
+    "--save-every-n-epochs",
+    "0",
+    "--no-use-lr-schedule",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +58,33 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("restart")
     d = make_synthetic(num_molecules=8, conformers=2, max_atoms=5, num_grid=24, seed=5)
     data = root / "d.npz"
-    np.savez(data, R=d.R, Z=d.Z, N=d.N, esp=d.esp, vdw_surface=d.grid, n_grid=d.n_grid,
-             mono=d.mono, mol_id=d.mol_id)
-    assert train_main(TINY + ["--data-files", str(data), "--output-dir", str(root / "runs"),
-                              "--name", "run", "--num-epochs", "2"]) == 0
+    np.savez(
+        data,
+        R=d.R,
+        Z=d.Z,
+        N=d.N,
+        esp=d.esp,
+        vdw_surface=d.grid,
+        n_grid=d.n_grid,
+        mono=d.mono,
+        mol_id=d.mol_id,
+    )
+    assert (
+        train_main(
+            TINY
+            + [
+                "--data-files",
+                str(data),
+                "--output-dir",
+                str(root / "runs"),
+                "--name",
+                "run",
+                "--num-epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     return root / "runs" / "run"
 
 
@@ -70,9 +113,21 @@ def test_restart_takes_the_checkpoint_config_and_may_extend_a_constant_schedule(
 
 def test_allowed_config_change_is_recorded(run, tmp_path):
     r = _copy(run, tmp_path)
-    assert train_main(["--restart-checkpoint", str(r / "checkpoints" / "latest"),
-                       "--learning-rate", "0.02", "--num-epochs", "3",
-                       "--allow-config-change", "--quiet"]) == 0
+    assert (
+        train_main(
+            [
+                "--restart-checkpoint",
+                str(r / "checkpoints" / "latest"),
+                "--learning-rate",
+                "0.02",
+                "--num-epochs",
+                "3",
+                "--allow-config-change",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     (entry,) = json.loads((r / "restarts.json").read_text())
     assert entry["allow_config_change"] is True
     assert entry["changes"]["training.learning_rate"][1] == 0.02
@@ -84,8 +139,9 @@ def test_allowed_config_change_is_recorded(run, tmp_path):
 
 
 def _save(directory, epoch):
-    return ckpt.save_checkpoint(directory, {"w": np.full(3, float(epoch))},
-                                {"epoch": epoch, "metrics": {}, "history": []})
+    return ckpt.save_checkpoint(
+        directory, {"w": np.full(3, float(epoch))}, {"epoch": epoch, "metrics": {}, "history": []}
+    )
 
 
 def test_meta_checksum_covers_meta_and_state(tmp_path):
@@ -132,7 +188,7 @@ def test_a_failure_between_the_renames_puts_the_old_copy_back(tmp_path, monkeypa
 KILL_BETWEEN_RENAMES = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
-    from dcmtune import checkpoint as ckpt
+    from dcmtune.train import checkpoints as ckpt
 
     target = sys.argv[1]
     def save(epoch):
@@ -154,9 +210,14 @@ def test_a_kill_between_the_renames_leaves_the_previous_checkpoint_recoverable(t
     script = tmp_path / "kill.py"
     script.write_text(KILL_BETWEEN_RENAMES)
     target = tmp_path / "run" / "checkpoints" / "latest"
-    out = subprocess.run([sys.executable, str(script), str(target)], capture_output=True,
-                         text=True, timeout=120, cwd=REPO,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    out = subprocess.run(
+        [sys.executable, str(script), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     assert not target.exists()  # killed between the renames: only hidden copies remain
     assert [p.name.endswith(".old") for p in target.parent.iterdir()].count(True) == 1
@@ -169,11 +230,11 @@ def test_a_kill_between_the_renames_leaves_the_previous_checkpoint_recoverable(t
 def test_trial_retry_uses_the_newest_valid_checkpoint(tmp_path):
     tune_copy = _save(tmp_path / "checkpoint_000001", 1)
     latest = _save(tmp_path / "checkpoints" / "latest", 3)
-    assert trainable._newest_valid([tune_copy, latest])[0] == latest
+    assert trainable._newest(trainable._verified([tune_copy, latest]))[0] == latest
     (latest / "state.msgpack").write_bytes(b"truncated")
-    assert trainable._newest_valid([tune_copy, latest])[0] == tune_copy
+    assert trainable._newest(trainable._verified([tune_copy, latest]))[0] == tune_copy
     (tune_copy / "meta.json").write_bytes(b"\xff\xfe")
-    assert trainable._newest_valid([tune_copy, latest]) == (None, None)
+    assert trainable._newest(trainable._verified([tune_copy, latest])) == (None, None)
 
 
 def test_a_restart_from_an_older_checkpoint_sets_aside_newer_best_and_periodic(tmp_path):

@@ -12,18 +12,28 @@ import numpy as np
 import pytest
 import yaml
 
-from dcmtune import sweep
-from dcmtune.synthetic import make_synthetic
-from dcmtune.search_space import (SWEEP_METRICS, Distribution, SpecError, load_spec,
-                                  spec_from_dict)
+from dcmtune.data.synthetic import make_synthetic
+from dcmtune.sweep import commands as sweep
+from dcmtune.sweep.experiment_store import write_spec_record
+from dcmtune.sweep.spec import SWEEP_METRICS, Distribution, SpecError, load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _write_npz(path: Path, mono: bool = True) -> Path:
     d = make_synthetic(num_molecules=10, conformers=2, max_atoms=5, num_grid=24, seed=1)
-    arrays = {"R": d.R, "Z": d.Z, "N": d.N, "esp": d.esp, "vdw_surface": d.grid,
-              "n_grid": d.n_grid, "Dxyz": d.dipole, "com": d.com, "Q": d.Q, "mol_id": d.mol_id}
+    arrays = {
+        "R": d.R,
+        "Z": d.Z,
+        "N": d.N,
+        "esp": d.esp,
+        "vdw_surface": d.grid,
+        "n_grid": d.n_grid,
+        "Dxyz": d.dipole,
+        "com": d.com,
+        "Q": d.Q,
+        "mol_id": d.mol_id,
+    }
     if mono:
         arrays["mono"] = d.mono
     np.savez(path, **arrays)
@@ -35,13 +45,14 @@ BASE = {
     "data": {"data_files": ["data/syn.npz"], "valid_fraction": 0.2, "test_fraction": 0.2},
     "model": {"features": 4, "max_degree": 1, "num_iterations": 1, "n_dcm": 1},
     "training": {"num_epochs": 4, "batch_size": 2, "warmup_epochs": 0},
-    "search": {"training.learning_rate": {"loguniform": [1e-4, 1e-2]},
-               "training.chg_w": {"uniform": [0.5, 2.0]},
-               "model.num_basis_functions": {"randint": [4, 8]}},
+    "search": {
+        "training.learning_rate": {"loguniform": [1e-4, 1e-2]},
+        "training.chg_w": {"uniform": [0.5, 2.0]},
+        "model.num_basis_functions": {"randint": [4, 8]},
+    },
     "searcher": {"seed": 0},
     "scheduler": {"grace_period": 1, "reduction_factor": 2},
-    "run": {"num_samples": 4, "resources": {"cpu": 1, "gpu": "auto"},
-            "storage_path": "results"},
+    "run": {"num_samples": 4, "resources": {"cpu": 1, "gpu": "auto"}, "storage_path": "results"},
 }
 
 
@@ -88,8 +99,13 @@ def test_valid_spec_resolves_paths_defaults_and_space(spec_dir, monkeypatch, tmp
     assert spec.num_epochs == 4
     space = spec.param_space()
     assert set(space) == set(BASE["search"])
-    cfg = spec.config_for({"training.learning_rate": 3e-3, "training.chg_w": 1.5,
-                           "model.num_basis_functions": np.int64(6)})
+    cfg = spec.config_for(
+        {
+            "training.learning_rate": 3e-3,
+            "training.chg_w": 1.5,
+            "model.num_basis_functions": np.int64(6),
+        }
+    )
     assert cfg.training.learning_rate == 3e-3 and cfg.model.num_basis_functions == 6
     assert type(cfg.model.num_basis_functions) is int
     assert cfg.model.features == 4 and cfg.training.num_epochs == 4
@@ -101,13 +117,15 @@ def test_default_storage_is_cwd_ray_results(spec_dir, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     spec = load_spec(_write_spec(spec_dir, raw))
     assert spec.run.storage_path == str(tmp_path.resolve() / "ray_results")
-    assert load_spec(spec.path, storage_path="elsewhere").run.storage_path == \
-        str(tmp_path.resolve() / "elsewhere")
+    assert load_spec(spec.path, storage_path="elsewhere").run.storage_path == str(
+        tmp_path.resolve() / "elsewhere"
+    )
 
 
 def test_yaml_exponent_without_dot_is_a_number(spec_dir):
     text = yaml.safe_dump(BASE, sort_keys=False).replace(
-        "loguniform:\n    - 0.0001\n    - 0.01", "loguniform: [1e-4, 1e-2]")
+        "loguniform:\n    - 0.0001\n    - 0.01", "loguniform: [1e-4, 1e-2]"
+    )
     assert "[1e-4, 1e-2]" in text
     spec = load_spec(_write_spec(spec_dir, text))
     assert spec.search["training.learning_rate"].args == (1e-4, 1e-2)
@@ -159,8 +177,7 @@ def test_debug_point_is_the_centre_plus_overrides(spec_dir):
 
 def test_points_to_evaluate_are_validated_and_kept(spec_dir):
     raw = copy.deepcopy(BASE)
-    point = {"training.learning_rate": 1e-4, "training.chg_w": 1.0,
-             "model.num_basis_functions": 8}
+    point = {"training.learning_rate": 1e-4, "training.chg_w": 1.0, "model.num_basis_functions": 8}
     raw["searcher"]["points_to_evaluate"] = [point]
     spec = load_spec(_write_spec(spec_dir, raw))
     assert spec.searcher.points_to_evaluate == (point,)
@@ -170,7 +187,7 @@ def test_points_to_evaluate_are_validated_and_kept(spec_dir):
 def test_shipped_specs_are_valid_from_any_directory(name, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     path = sweep.find_spec(f"search_spaces/{name}.yaml")
-    assert path == REPO / "dcmtune" / "search_spaces" / f"{name}.yaml"
+    assert path == REPO / "search_spaces" / f"{name}.yaml"
     spec = load_spec(path)
     prep = sweep.prepare(spec)  # the bundled data; batch sizes fit the training split
     assert prep.num_train > 0 and spec.run.metric in SWEEP_METRICS
@@ -180,7 +197,7 @@ def test_shipped_specs_are_valid_from_any_directory(name, monkeypatch, tmp_path)
 
 
 def test_quick_spec_is_cpu_sized():
-    spec = load_spec(REPO / "dcmtune" / "search_spaces" / "quick.yaml")
+    spec = load_spec(REPO / "search_spaces" / "quick.yaml")
     assert spec.run.resources.gpu == "auto" and spec.run.max_concurrent_trials == 2
     assert spec.num_epochs <= 15 and spec.run.num_samples <= 12
 
@@ -192,85 +209,192 @@ INVALID = [
     # (id, path in raw ("/"-separated) or raw text, value, expected start of the message)
     ("unknown top-level key", "serach", {}, "serach: unknown key"),
     ("unknown section key", "model/featurs", 8, "model.featurs: unknown key"),
-    ("unknown search key", "search/model.featurs", {"choice": [8]},
-     "search.model.featurs: unknown config field"),
-    ("unknown search section", "search/optim.lr", {"uniform": [0.1, 0.2]},
-     "search.optim.lr: unknown config section"),
-    ("unknown distribution", "search/training.chg_w", {"normal": [1, 2]},
-     "search.training.chg_w: unknown distribution"),
-    ("lo >= hi", "search/training.chg_w", {"uniform": [2.0, 1.0]},
-     "search.training.chg_w: uniform needs lo < hi"),
-    ("loguniform lo <= 0", "search/training.learning_rate", {"loguniform": [0, 1e-2]},
-     "search.training.learning_rate: loguniform needs lo > 0"),
-    ("empty choice", "search/model.features", {"choice": []},
-     "search.model.features: choice needs at least one option"),
-    ("float distribution for an integer field", "search/model.n_dcm", {"uniform": [1, 3]},
-     "search.model.n_dcm: uniform draws floats but the field is an integer"),
-    ("float choice for an integer field", "search/model.n_dcm", {"choice": [1, 2.5]},
-     "search.model.n_dcm: choice option 2.5"),
-    ("randint on a float field", "search/training.esp_w", {"randint": [500, 2000]},
-     "search.training.esp_w: randint draws integers"),
-    ("quniform step not dividing", "search/training.esp_w", {"quniform": [500, 2000, 400]},
-     "search.training.esp_w: quniform needs hi - lo to be a multiple of q"),
-    ("range endpoint invalid for the field", "search/training.learning_rate",
-     {"loguniform": [1e-3, 2.0]}, "search.training.learning_rate: hi = 2.0 is not a valid"),
-    ("data cannot be searched", "search/data.split_seed", {"choice": [0, 1]},
-     "search.data.split_seed: data settings cannot be searched"),
-    ("num_epochs cannot be searched", "search/training.num_epochs", {"choice": [4, 8]},
-     "search.training.num_epochs: cannot be searched"),
-    ("fixed and searched", "training/chg_w", 1.0,
-     "search.training.chg_w: is both fixed"),
-    ("fixed value out of range", "training/learning_rate", 2,
-     "training.learning_rate: expected a value in (0, 1)"),
+    (
+        "unknown search key",
+        "search/model.featurs",
+        {"choice": [8]},
+        "search.model.featurs: unknown config field",
+    ),
+    (
+        "unknown search section",
+        "search/optim.lr",
+        {"uniform": [0.1, 0.2]},
+        "search.optim.lr: unknown config section",
+    ),
+    (
+        "unknown distribution",
+        "search/training.chg_w",
+        {"normal": [1, 2]},
+        "search.training.chg_w: unknown distribution",
+    ),
+    (
+        "lo >= hi",
+        "search/training.chg_w",
+        {"uniform": [2.0, 1.0]},
+        "search.training.chg_w: uniform needs lo < hi",
+    ),
+    (
+        "loguniform lo <= 0",
+        "search/training.learning_rate",
+        {"loguniform": [0, 1e-2]},
+        "search.training.learning_rate: loguniform needs lo > 0",
+    ),
+    (
+        "empty choice",
+        "search/model.features",
+        {"choice": []},
+        "search.model.features: choice needs at least one option",
+    ),
+    (
+        "float distribution for an integer field",
+        "search/model.n_dcm",
+        {"uniform": [1, 3]},
+        "search.model.n_dcm: uniform draws floats but the field is an integer",
+    ),
+    (
+        "float choice for an integer field",
+        "search/model.n_dcm",
+        {"choice": [1, 2.5]},
+        "search.model.n_dcm: choice option 2.5",
+    ),
+    (
+        "randint on a float field",
+        "search/training.esp_w",
+        {"randint": [500, 2000]},
+        "search.training.esp_w: randint draws integers",
+    ),
+    (
+        "quniform step not dividing",
+        "search/training.esp_w",
+        {"quniform": [500, 2000, 400]},
+        "search.training.esp_w: quniform needs hi - lo to be a multiple of q",
+    ),
+    (
+        "range endpoint invalid for the field",
+        "search/training.learning_rate",
+        {"loguniform": [1e-3, 2.0]},
+        "search.training.learning_rate: hi = 2.0 is not a valid",
+    ),
+    (
+        "data cannot be searched",
+        "search/data.split_seed",
+        {"choice": [0, 1]},
+        "search.data.split_seed: data settings cannot be searched",
+    ),
+    (
+        "num_epochs cannot be searched",
+        "search/training.num_epochs",
+        {"choice": [4, 8]},
+        "search.training.num_epochs: cannot be searched",
+    ),
+    ("fixed and searched", "training/chg_w", 1.0, "search.training.chg_w: is both fixed"),
+    (
+        "fixed value out of range",
+        "training/learning_rate",
+        2,
+        "training.learning_rate: expected a value in (0, 1)",
+    ),
     ("negative cpu", "run/resources/cpu", -1, "run.resources.cpu: expected a number > 0"),
     ("negative gpu", "run/resources/gpu", -0.5, "run.resources.gpu: expected auto or a number"),
-    ("fractional gpu above 1", "run/resources/gpu", 1.5,
-     "run.resources.gpu: above 1 a trial needs whole GPUs"),
-    ("explicit gpu without gpus", "run/resources/gpu", 1,
-     "run.resources.gpu: 1 GPU per trial requested, but the cluster has no GPUs"),
-    ("more cpus than the machine", "run/resources/cpu", 4096,
-     "run.resources.cpu: 4096 CPUs per trial requested"),
-    ("missing data file", "data/data_files", ["data/nothere.npz"],
-     "data.data_files[0]: file not found"),
-    ("valid_loss with searched weights", "run/metric", "valid_loss",
-     "run.metric: valid_loss changes scale with the searched loss weight training.chg_w"),
+    (
+        "fractional gpu above 1",
+        "run/resources/gpu",
+        1.5,
+        "run.resources.gpu: above 1 a trial needs whole GPUs",
+    ),
+    (
+        "explicit gpu without gpus",
+        "run/resources/gpu",
+        1,
+        "run.resources.gpu: 1 GPU per trial requested, but the cluster has no GPUs",
+    ),
+    (
+        "more cpus than the machine",
+        "run/resources/cpu",
+        4096,
+        "run.resources.cpu: 4096 CPUs per trial requested",
+    ),
+    (
+        "missing data file",
+        "data/data_files",
+        ["data/nothere.npz"],
+        "data.data_files[0]: file not found",
+    ),
+    (
+        "valid_loss with searched weights",
+        "run/metric",
+        "valid_loss",
+        "run.metric: valid_loss changes scale with the searched loss weight training.chg_w",
+    ),
     ("unknown metric", "run/metric", "valid_rmse", "run.metric: unknown metric 'valid_rmse'"),
-    ("test metric", "run/metric", "test_esp_rmse",
-     "run.metric: unknown metric 'test_esp_rmse' (the test split never chooses"),
+    (
+        "test metric",
+        "run/metric",
+        "test_esp_rmse",
+        "run.metric: unknown metric 'test_esp_rmse' (the test split never chooses",
+    ),
     ("mono metric without mono data", "data/data_files", [NOMONO], None),  # + metric below
     ("bad mode", "run/mode", "minimize", "run.mode: expected min, got"),
     ("zero samples", "run/num_samples", 0, "run.num_samples: expected an integer >= 1"),
-    ("grace period beyond num_epochs", "scheduler/grace_period", 9,
-     "scheduler.grace_period: 9 exceeds training.num_epochs = 4"),
-    ("reduction factor 1", "scheduler/reduction_factor", 1,
-     "scheduler.reduction_factor: expected a number > 1"),
-    ("max_t differs from num_epochs", "scheduler/max_t", 10, "scheduler.max_t: is "
-     "training.num_epochs"),
+    (
+        "grace period beyond num_epochs",
+        "scheduler/grace_period",
+        9,
+        "scheduler.grace_period: 9 exceeds training.num_epochs = 4",
+    ),
+    (
+        "reduction factor 1",
+        "scheduler/reduction_factor",
+        1,
+        "scheduler.reduction_factor: expected a number > 1",
+    ),
+    (
+        "max_t differs from num_epochs",
+        "scheduler/max_t",
+        10,
+        "scheduler.max_t: is training.num_epochs",
+    ),
     ("unknown sampler", "searcher/sampler", "cmaes", "searcher.sampler: expected tpe or random"),
-    ("point outside the space", "searcher/points_to_evaluate",
-     [{"training.learning_rate": 0.5, "training.chg_w": 1.0, "model.num_basis_functions": 4}],
-     "searcher.points_to_evaluate[0].training.learning_rate: 0.5 is outside"),
-    ("point missing a key", "searcher/points_to_evaluate", [{"training.chg_w": 1.0}],
-     "searcher.points_to_evaluate[0]: missing a value for"),
-    ("batch larger than the training split", "search/training.batch_size",
-     {"choice": [2, 64]}, "search.training.batch_size: batch_size x gradient_accumulation_steps"),
+    (
+        "point outside the space",
+        "searcher/points_to_evaluate",
+        [{"training.learning_rate": 0.5, "training.chg_w": 1.0, "model.num_basis_functions": 4}],
+        "searcher.points_to_evaluate[0].training.learning_rate: 0.5 is outside",
+    ),
+    (
+        "point missing a key",
+        "searcher/points_to_evaluate",
+        [{"training.chg_w": 1.0}],
+        "searcher.points_to_evaluate[0]: missing a value for",
+    ),
+    (
+        "batch larger than the training split",
+        "search/training.batch_size",
+        {"choice": [2, 64]},
+        "search.training.batch_size: batch_size x gradient_accumulation_steps",
+    ),
     ("bad experiment name", "name", "a/b", "name: expected letters"),
     ("unknown debug key", "debug/training.epochs", 2, "debug.training.epochs: unknown config"),
-    ("bool choice for a string field", "search/training.lr_schedule_type", {"choice": [True]},
-     "search.training.lr_schedule_type: choice option True"),
+    (
+        "bool choice for a string field",
+        "search/training.lr_schedule_type",
+        {"choice": [True]},
+        "search.training.lr_schedule_type: choice option True",
+    ),
 ]
 
 
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fails the test if the CLI gets as far as running a sweep (which starts Ray)."""
+
     def refuse(*a, **k):
         raise AssertionError("run_sweep reached: the spec was accepted")
 
     monkeypatch.setattr(sweep, "run_sweep", refuse)
-    monkeypatch.setattr(sweep, "_connect", refuse)
+    monkeypatch.setattr("dcmtune.sweep.driver._connect", refuse)
     # The machine running the tests may have GPUs; the spec check must see none here.
-    monkeypatch.setattr("dcmtune.xla_env.detect_local_gpus", lambda *a, **k: 0)
+    monkeypatch.setattr("dcmtune.sweep.driver.detect_local_gpus", lambda *a, **k: 0)
 
 
 @pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])
@@ -331,10 +455,13 @@ def test_spec_errors_import_no_ray(spec_dir):
     raw = copy.deepcopy(BASE)
     raw["run"]["metric"] = "valid_loss"
     path = _write_spec(spec_dir, raw)
-    code = ("import sys; from dcmtune.sweep import main; rc = main([sys.argv[1]]); "
-            "print('RAY' if 'ray' in sys.modules else 'NORAY', rc)")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                         text=True, timeout=120)
+    code = (
+        "import sys; from dcmtune.sweep.commands import main; rc = main([sys.argv[1]]); "
+        "print('RAY' if 'ray' in sys.modules else 'NORAY', rc)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.split() == ["NORAY", "2"], out.stderr
     assert out.stderr.strip().startswith("error: run.metric: valid_loss changes scale")
 
@@ -348,15 +475,16 @@ def test_spec_from_dict_reports_the_key():
 
 def test_resume_refuses_a_changed_spec(spec_dir, no_ray, capsys):
     spec = load_spec(_write_spec(spec_dir, BASE))
-    sweep._write_spec_record(spec)  # as a fresh sweep leaves it
+    write_spec_record(spec)  # as a fresh sweep leaves it
     (spec.experiment_dir / "tuner.pkl").write_bytes(b"")
     raw = copy.deepcopy(BASE)
     raw["search"]["training.learning_rate"] = {"loguniform": [1e-4, 2e-2]}
     path = _write_spec(spec_dir, raw, name="changed.yaml")
     assert sweep.main([str(path), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: search.training.learning_rate.loguniform: differs from the "
-                          "experiment being resumed"), err
+    assert err.startswith(
+        "error: search.training.learning_rate.loguniform: differs from the experiment being resumed"
+    ), err
     assert sweep.main([str(path), "--resume", "--num-samples", "9"]) == 2
     assert "differs from the experiment being resumed" in capsys.readouterr().err
     # The original spec passes the checks (and would then resume).
@@ -377,4 +505,5 @@ def test_fresh_sweep_refuses_an_existing_optuna_study(spec_dir, no_ray, capsys):
     assert sweep.main([str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: searcher.storage: {url} already holds a study 't' with 1 trials; use "
-        "--resume, another name (--name) or another storage")
+        "--resume, another name (--name) or another storage"
+    )

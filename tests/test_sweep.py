@@ -14,17 +14,16 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from dcmtune.checkpoint import load_checkpoint, read_meta
-from dcmtune.search_space import SWEEP_METRICS, load_spec
-from dcmtune.study import open_storage
-from dcmtune.sweep import run_sweep
+from dcmtune.sweep.driver import run_sweep
+from dcmtune.sweep.spec import SWEEP_METRICS, load_spec
+from dcmtune.sweep.study import open_storage
+from dcmtune.train.checkpoints import load_checkpoint, read_meta
 
 pytestmark = pytest.mark.ray
 
 
 def _study(spec):
-    return optuna.load_study(study_name=spec.name,
-                             storage=open_storage(spec.study_storage))
+    return optuna.load_study(study_name=spec.name, storage=open_storage(spec.study_storage))
 
 
 def _trial_frames(outcome):
@@ -49,12 +48,19 @@ def test_tiny_sweep_completes(tiny_sweep):
 
 
 def test_every_trial_reports_every_epoch(tiny_sweep):
-    spec, outcome = tiny_sweep.spec, tiny_sweep.outcome
+    outcome = tiny_sweep.outcome
     for tid, df in _trial_frames(outcome).items():
         epochs = df["epoch"].tolist()
         assert epochs == list(range(1, len(epochs) + 1)), tid
-        for name in SWEEP_METRICS + ("epoch", "step", "lr", "best_valid_loss", "diverged",
-                                     "epoch_time", "fit_status"):
+        for name in SWEEP_METRICS + (
+            "epoch",
+            "step",
+            "lr",
+            "best_valid_loss",
+            "diverged",
+            "epoch_time",
+            "fit_status",
+        ):
             assert name in df.columns, name
         assert df["valid_esp_rmse"].map(math.isfinite).all()
 
@@ -81,7 +87,7 @@ def test_bad_trial_is_stopped_by_asha_and_pruned_in_optuna(tiny_sweep):
     # Every trial that stopped before max_t is PRUNED; all others COMPLETE.
     for r in outcome.results:
         t = states[_lr(r)]
-        want = ("PRUNED" if r.metrics["epoch"] < spec.num_epochs else "COMPLETE")
+        want = "PRUNED" if r.metrics["epoch"] < spec.num_epochs else "COMPLETE"
         assert t.state.name == want
 
 
@@ -123,7 +129,7 @@ def test_trial_config_is_the_spec_plus_the_point(tiny_sweep):
 
 
 def test_best_trial_checkpoint_loads(tiny_sweep):
-    spec, outcome = tiny_sweep.spec, tiny_sweep.outcome
+    outcome = tiny_sweep.outcome
     best = outcome.best
     assert best is not None and best.checkpoint is not None
     state, meta = load_checkpoint(Path(best.checkpoint))
@@ -199,15 +205,14 @@ def test_interrupted_sweep_finishes_with_resume(ray_session, tiny_spec, tmp_path
     assert len(first.results) < 4 or first.results.num_terminated < 4
     assert len(_study(spec).trials) < 4
 
-    caplog.set_level("INFO", logger="dcmtune._tune_ext")
+    caplog.set_level("INFO", logger="dcmtune.sweep.tune_ext")
     second = run_sweep(spec, resume=True, verbose=0)
     assert second.status == "completed"
     ids = [r.metrics["trial_id"] for r in second.results]
     assert len(ids) == len(set(ids)) == spec.run.num_samples
     after = _trial_frames(second)
     for tid, df in finished.items():  # finished trials were not run again
-        pd.testing.assert_frame_equal(df.reset_index(drop=True),
-                                      after[tid].reset_index(drop=True))
+        pd.testing.assert_frame_equal(df.reset_index(drop=True), after[tid].reset_index(drop=True))
     study = _study(spec)
     assert len(study.trials) == spec.run.num_samples
     assert all(t.state.is_finished() for t in study.trials)
@@ -218,14 +223,24 @@ def test_interrupted_sweep_finishes_with_resume(ray_session, tiny_spec, tmp_path
 
 
 def test_debug_runs_one_trial_without_ray(tiny_spec, jax_cache_dir, tmp_path):
-    path = tiny_spec("dbg", tmp_path, edit=lambda raw: raw.update(
-        debug={"training.num_epochs": 2}))
-    code = ("import sys; from dcmtune.sweep import main; rc = main([sys.argv[1], '--debug']); "
-            "print('RAY' if 'ray' in sys.modules else 'NORAY', rc)")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                         text=True, timeout=300, env=env)
+    path = tiny_spec("dbg", tmp_path, edit=lambda raw: raw.update(debug={"training.num_epochs": 2}))
+    code = (
+        "import sys; from dcmtune.sweep.commands import main; rc = main([sys.argv[1], '--debug']); "
+        "print('RAY' if 'ray' in sys.modules else 'NORAY', rc)"
+    )
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[-1] == "NORAY 0", out.stdout[-2000:]
@@ -243,12 +258,17 @@ def test_debug_runs_one_trial_without_ray(tiny_spec, jax_cache_dir, tmp_path):
 def test_cli_sweep_on_a_running_cluster(ray_session, tiny_spec, tmp_path):
     """`python -m dcmtune.sweep SPEC --address ADDR` as a user types it, connecting to the test
     session's Ray (no second Ray is started)."""
-    path = tiny_spec("cli", tmp_path, num_samples=2,
-                     edit=lambda raw: raw["training"].update(num_epochs=2))
+    path = tiny_spec(
+        "cli", tmp_path, num_samples=2, edit=lambda raw: raw["training"].update(num_epochs=2)
+    )
     address = ray_session.get_runtime_context().gcs_address
-    out = subprocess.run([sys.executable, "-m", "dcmtune.sweep", str(path), "--address",
-                          address, "--quiet"], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "dcmtune.sweep", str(path), "--address", address, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert "cluster: 2 CPUs, 0 GPUs; per trial: 1 CPU, 0 GPU (CPU trial)" in text

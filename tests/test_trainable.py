@@ -8,11 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from dcmtune import trainable
-from dcmtune.search_space import ResourceSpec, SpecError
-from dcmtune.trainable import TrialSettings
-from dcmtune.xla_env import (TrialResources, detect_local_gpus, resolve_resources,
-                             trial_env_vars)
+from dcmtune.sweep import trainable
+from dcmtune.sweep.resources import (
+    TrialResources,
+    detect_local_gpus,
+    resolve_resources,
+    trial_env_vars,
+)
+from dcmtune.sweep.sections import ResourceSpec
+from dcmtune.sweep.spec import SpecError
+from dcmtune.sweep.trainable import TrialSettings
 
 GPU_NODE = {"CPU": 16.0, "GPU": 2.0, "memory": 6.4e10}
 CPU_NODE = {"CPU": 2.0, "memory": 8e9}
@@ -39,27 +44,37 @@ def test_explicit_gpu_share_and_whole_gpus():
 
 
 def test_explicit_gpu_on_a_cluster_without_gpus_is_refused():
-    with pytest.raises(SpecError, match=r"^run\.resources\.gpu: 0\.5 GPU per trial requested, "
-                                        r"but the cluster has no GPUs"):
+    with pytest.raises(
+        SpecError,
+        match=r"^run\.resources\.gpu: 0\.5 GPU per trial requested, "
+        r"but the cluster has no GPUs",
+    ):
         resolve_resources(ResourceSpec(1, 0.5), CPU_NODE)
 
 
 def test_more_than_the_cluster_has_is_refused():
-    with pytest.raises(SpecError, match=r"^run\.resources\.gpu: 4 GPUs per trial requested, "
-                                        r"but the cluster has 2"):
+    with pytest.raises(
+        SpecError,
+        match=r"^run\.resources\.gpu: 4 GPUs per trial requested, "
+        r"but the cluster has 2",
+    ):
         resolve_resources(ResourceSpec(1, 4.0), GPU_NODE)
     with pytest.raises(SpecError, match=r"^run\.resources\.gpu_share: 3 GPUs"):
         resolve_resources(ResourceSpec(1, "auto", 3.0), GPU_NODE)
-    with pytest.raises(SpecError, match=r"^run\.resources\.cpu: 4 CPUs per trial requested, "
-                                        r"but the cluster has 2"):
+    with pytest.raises(
+        SpecError,
+        match=r"^run\.resources\.cpu: 4 CPUs per trial requested, "
+        r"but the cluster has 2",
+    ):
         resolve_resources(ResourceSpec(4, "auto"), CPU_NODE)
 
 
 # --------------------------------------------------------------------------- environment
 
 
-@pytest.mark.parametrize("gpu, fraction", [(0.25, "0.225"), (0.5, "0.450"), (1.0, "0.900"),
-                                           (2.0, "0.900")])
+@pytest.mark.parametrize(
+    "gpu, fraction", [(0.25, "0.225"), (0.5, "0.450"), (1.0, "0.900"), (2.0, "0.900")]
+)
 def test_gpu_trial_env(gpu, fraction, tmp_path):
     env = trial_env_vars(TrialResources(cpu=2, gpu=gpu), tmp_path / "cache")
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
@@ -86,7 +101,9 @@ def test_packed_trials_fit_on_one_gpu():
 
 
 def test_detect_local_gpus_follows_ray_rules():
-    none = lambda name: None  # noqa: E731  (no nvidia-smi)
+    def none(name):  # no nvidia-smi
+        return None
+
     assert detect_local_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}, which=none) == 2
     assert detect_local_gpus({"CUDA_VISIBLE_DEVICES": ""}, which=none) == 0
     assert detect_local_gpus({"CUDA_VISIBLE_DEVICES": "-1"}, which=none) == 0
@@ -97,7 +114,10 @@ def test_detect_local_gpus_follows_ray_rules():
         return types.SimpleNamespace(returncode=0, stdout=lines + "\n")
 
     assert detect_local_gpus({}, which=lambda n: "/usr/bin/nvidia-smi", run=smi) == 4
-    failing = lambda args, **kw: types.SimpleNamespace(returncode=9, stdout="")  # noqa: E731
+
+    def failing(args, **kw):
+        return types.SimpleNamespace(returncode=9, stdout="")
+
     assert detect_local_gpus({}, which=lambda n: "/x", run=failing) == 0
 
 
@@ -145,8 +165,10 @@ def test_reporter_resumed_knows_the_best_so_far(monkeypatch, tmp_path):
     fake = _FakeTune()
     monkeypatch.setattr(trainable, "tune", fake)
     settings = TrialSettings(base={}, metric="valid_esp_rmse", mode="min", checkpoint_every=0)
-    best = trainable._best_so_far([{"valid_esp_rmse": 3.0}, {"valid_esp_rmse": float("nan")},
-                                   {"valid_esp_rmse": 2.5}], settings)
+    best = trainable._best_so_far(
+        [{"valid_esp_rmse": 3.0}, {"valid_esp_rmse": float("nan")}, {"valid_esp_rmse": 2.5}],
+        settings,
+    )
     assert best == 2.5
     rep = trainable._TuneReporter(settings, num_epochs=10, best=best)
     rep(4, {"epoch": 4, "valid_esp_rmse": 2.7, "diverged": 0}, tmp_path)  # not better
@@ -159,14 +181,17 @@ def test_reporter_diverged_epoch_reports_status_without_checkpoint(monkeypatch, 
     monkeypatch.setattr(trainable, "tune", fake)
     rep = trainable._TuneReporter(TrialSettings(base={}), num_epochs=5)
     rep(2, {"epoch": 2, "valid_esp_rmse": float("nan"), "diverged": 1}, None)
-    (metrics, ckpt), = fake.reports
+    ((metrics, ckpt),) = fake.reports
     assert metrics["fit_status"] == "diverged" and ckpt is None
 
 
 def test_reporter_acknowledges_only_reports_that_returned(monkeypatch, tmp_path):
     fake = _FakeTune()
     monkeypatch.setattr(trainable, "tune", fake)
-    ack = lambda epoch: trainable._io.write_json(tmp_path / trainable.ACK_FILE, {"epoch": epoch})
+
+    def ack(epoch):
+        trainable._io.write_json(tmp_path / trainable.ACK_FILE, {"epoch": epoch})
+
     rep = trainable._TuneReporter(TrialSettings(base={}), num_epochs=5, acknowledge=ack)
     assert trainable._acknowledged_epoch(tmp_path) == 0
     for epoch in (1, 2):
@@ -188,8 +213,9 @@ def test_resume_replays_the_epochs_tune_may_not_have(monkeypatch, tmp_path):
     settings = TrialSettings(base={}, metric="valid_esp_rmse", mode="min", checkpoint_every=0)
     history = [{"epoch": e, "valid_esp_rmse": 6.0 - e, "diverged": 0} for e in range(1, 6)]
     known = 3  # Tune's checkpoint or the last acknowledged report
-    rep = trainable._TuneReporter(settings, num_epochs=10, best=trainable._best_so_far(
-        history[:known], settings))
+    rep = trainable._TuneReporter(
+        settings, num_epochs=10, best=trainable._best_so_far(history[:known], settings)
+    )
     trainable._replay(rep, history, known, 5, tmp_path / "latest")
     assert [m["epoch"] for m, _ in fake.reports] == [4, 5]
     # Only the resumed epoch has a checkpoint (it is that epoch's state).
@@ -216,25 +242,42 @@ def test_driver_prep_starts_no_jax_backend(tmp_path):
     import numpy as np
     import yaml
 
-    from dcmtune.synthetic import make_synthetic
+    from dcmtune.data.synthetic import make_synthetic
 
     d = make_synthetic(num_molecules=6, conformers=2, max_atoms=5, num_grid=24, seed=1)
-    np.savez(tmp_path / "syn.npz", R=d.R, Z=d.Z, N=d.N, esp=d.esp, vdw_surface=d.grid,
-             n_grid=d.n_grid, mono=d.mono, mol_id=d.mol_id)
+    np.savez(
+        tmp_path / "syn.npz",
+        R=d.R,
+        Z=d.Z,
+        N=d.N,
+        esp=d.esp,
+        vdw_surface=d.grid,
+        n_grid=d.n_grid,
+        mono=d.mono,
+        mol_id=d.mol_id,
+    )
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "t", "data": {"data_files": ["syn.npz"], "num_valid": 2, "num_test": 2},
-        "model": {"features": 4, "max_degree": 1},
-        "training": {"num_epochs": 4, "batch_size": 2, "warmup_epochs": 0},
-        "search": {"training.learning_rate": {"loguniform": [1e-4, 1e-2]},
-                   "model.n_dcm": {"randint": [1, 2]}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "data": {"data_files": ["syn.npz"], "num_valid": 2, "num_test": 2},
+                "model": {"features": 4, "max_degree": 1},
+                "training": {"num_epochs": 4, "batch_size": 2, "warmup_epochs": 0},
+                "search": {
+                    "training.learning_rate": {"loguniform": [1e-4, 1e-2]},
+                    "model.n_dcm": {"randint": [1, 2]},
+                },
+            }
+        )
+    )
     code = f"""
 import json, sys
-from dcmtune.search_space import load_spec
-from dcmtune.sweep import prepare
-from dcmtune.trainable import TrialSettings, make_trainable
-from dcmtune.xla_env import TrialResources, trial_env_vars
-from dcmtune._tune_ext import PruningAwareOptunaSearch
+from dcmtune.sweep.spec import load_spec
+from dcmtune.sweep.driver import prepare
+from dcmtune.sweep.trainable import TrialSettings, make_trainable
+from dcmtune.sweep.resources import TrialResources, trial_env_vars
+from dcmtune.sweep.tune_ext import PruningAwareOptunaSearch
 spec = load_spec({str(path)!r})
 prep = prepare(spec)
 space = spec.param_space()
@@ -248,11 +291,18 @@ if "jax" in sys.modules:
     backends = xla_bridge.backends_are_initialized()
 import ray
 print(json.dumps({{"jax_imported": "jax" in sys.modules, "backends": backends,
-                  "ray_started": ray.is_initialized(), "trainer": "dcmtune.train" in sys.modules,
+                  "ray_started": ray.is_initialized(),
+                  "trainer": any(m in sys.modules for m in ("dcmtune.train.loop",
+                                                             "dcmtune.train.step")),
                   "flax": "flax" in sys.modules}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=180, cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert out.returncode == 0, out.stderr
     state = json.loads(out.stdout.strip().splitlines()[-1])
     assert state["jax_imported"] is False  # numpy only on the driver
@@ -267,7 +317,7 @@ print(json.dumps({{"jax_imported": "jax" in sys.modules, "backends": backends,
 def _searcher(max_t=4):
     from ray import tune
 
-    from dcmtune._tune_ext import PruningAwareOptunaSearch
+    from dcmtune.sweep.tune_ext import PruningAwareOptunaSearch
 
     s = PruningAwareOptunaSearch(metric="valid_esp_rmse", mode="min", max_t=max_t, seed=0)
     s.set_search_properties("valid_esp_rmse", "min", {"lr": tune.loguniform(1e-4, 1e-2)})
@@ -291,11 +341,17 @@ def test_searcher_tells_optuna_the_truth():
     s.suggest("stopped")
     s.on_trial_result("stopped", {"valid_esp_rmse": 9.0, "epoch": 1})
     s.on_trial_complete("stopped", {"valid_esp_rmse": 8.0, "epoch": 2, "diverged": 0})
-    _feed(s, "diverged", [6.0], stop_result={"valid_esp_rmse": float("nan"), "epoch": 2,
-                                             "diverged": 1})
+    _feed(
+        s,
+        "diverged",
+        [6.0],
+        stop_result={"valid_esp_rmse": float("nan"), "epoch": 2, "diverged": 1},
+    )
     _feed(s, "crashed", [7.0], error=True)
-    by_id = {tid: s._ot_study.trials[i] for i, tid in
-             enumerate(["full", "stopped", "diverged", "crashed"])}
+    by_id = {
+        tid: s._ot_study.trials[i]
+        for i, tid in enumerate(["full", "stopped", "diverged", "crashed"])
+    }
     full = by_id["full"]
     assert full.state == optuna.trial.TrialState.COMPLETE and full.value == 3.0  # best epoch
     assert full.intermediate_values == {1: 5.0, 2: 3.0, 3: 3.5, 4: 4.0}
@@ -322,7 +378,7 @@ def test_searcher_ignores_replayed_epochs_and_late_results():
 def test_asha_state_round_trip():
     from ray.tune.schedulers import ASHAScheduler
 
-    from dcmtune._tune_ext import AshaStateCallback
+    from dcmtune.sweep.tune_ext import AshaStateCallback
 
     a = ASHAScheduler(time_attr="epoch", max_t=9, grace_period=1, reduction_factor=3)
     for milestone, recorded in a._brackets[0]._rungs:
@@ -340,12 +396,15 @@ def test_asha_state_round_trip():
 def test_connect_starts_local_ray_with_the_env_and_dashboard_hint(monkeypatch):
     import ray
 
-    from dcmtune import sweep
+    from dcmtune.sweep import driver as sweep
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or types.SimpleNamespace(
-        dashboard_url="127.0.0.1:8265"))
+    monkeypatch.setattr(
+        ray,
+        "init",
+        lambda **kw: calls.append(kw) or types.SimpleNamespace(dashboard_url="127.0.0.1:8265"),
+    )
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     lines = []
     assert sweep._connect(None, False, "127.0.0.1", {"JAX_PLATFORMS": "cpu"}, lines.append)

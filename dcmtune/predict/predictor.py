@@ -1,0 +1,568 @@
+"""Use a trained DCMNet: load it, then predict charges, ESP and dipoles for new molecules.
+
+    predictor = dcmtune.load_model("ray_results/quick/best_model")
+    [p] = predictor.predict(ase.io.read("mol.xyz"), esp_points="shell")
+    p.charges, p.charge_positions, p.monopoles, p.dipole, p.esp_kcal
+
+`load_model` accepts a checkpoint directory, a run or trial directory (its `checkpoints/best`),
+a sweep's `best_model/`, or the sweep's experiment directory (its `best_model/`). It keeps the
+config and the evaluation parameters (the EMA when `training.use_ema`, as the trainer evaluates)
+and nothing of the training state.
+
+`Predictor.predict` takes an `ase.Atoms`, a list of them, a path ASE can read (xyz, extxyz
+trajectories: all frames; sdf, pdb, ...), a dcmtune `.npz` data file or an `ESPData`, or
+`(Z, R)` arrays ((n,) and (n, 3) for one molecule; (M, A) and (M, A, 3), zero-padded, for
+several). The model runs through `dcmtune.train.step.predict_batch`, the one jitted evaluation
+step the trainer and `dcmtune.analysis` use, on batches made by
+`dcmtune.data.batches.make_batch` from an `ESPData` built with
+`dcmtune.data.load.validate_arrays` (so inputs are refused exactly as data files are: Z above
+the model's `max_atomic_number`, non-finite positions, ...).
+
+Batching: molecules are grouped by padded atom count (`dcmtune.data.batches.group_by_bucket`:
+powers of two, at least 8), each group streams through batches of `batch_size` molecules (a
+group smaller than that gets the power of two that holds it), and the last batch is padded
+with masked dummy molecules. So a mixed list compiles one program per size bucket and a
+trajectory of any length one more. Grid points are padded to a power of two per batch.
+
+Units: positions Angstrom, charges e, dipoles Debye, ESP Hartree/e (`esp`) and kcal/mol/e
+(`esp_kcal`). Dipoles are taken about the centre of mass (ASE's standard atomic masses), except
+for `.npz`/`ESPData` input, where they are about the data's `com` (the origin of its reference
+`Dxyz`, the centre of mass in files made by `python -m dcmtune.data`). For a neutral molecule the
+dipole does not depend on the origin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dcmtune.data.batches import group_by_bucket, make_batch, size_bucket
+from dcmtune.data.dataset import ESPData
+from dcmtune.data.file_format import DataError
+from dcmtune.data.grids import shell_grid
+from dcmtune.data.load import load_npz, validate_arrays
+from dcmtune.qm.specs import center_of_mass
+from dcmtune.units import HARTREE_TO_KCAL
+
+__all__ = [
+    "PredictError",
+    "Predictor",
+    "MoleculePrediction",
+    "load_model",
+    "default_batch_size",
+    "SHELL",
+]
+
+log = logging.getLogger(__name__)
+
+SHELL = "shell"  # esp_points: the vdW-shell grid of dcmtune.data.grids (the generator's settings)
+# Default molecules per batch. On CPU the e3x message passing slows down per molecule once a
+# batch's edge tensors outgrow the caches (bench/predict.py, demo set: batch 8 runs 2.6x faster
+# per conformer than batch 1, batch 256 2x slower); accelerators want big batches.
+CPU_BATCH_SIZE = 8
+ACCELERATOR_BATCH_SIZE = 256
+# The generator's grid draws its subsample (only molecules with > max_grid points need one) from
+# a seeded stream; prediction uses one fixed seed per molecule, so a molecule's grid does not
+# depend on what else is in the call.
+_GRID_SEED = 0
+# A molecule without ESP points still needs one (masked-in) grid point in its batch: it sits
+# this far from the first atom (inside the range the Bohr-units check expects).
+_PLACEHOLDER_OFFSET = np.array([1.5, 0.0, 0.0])
+
+
+class PredictError(ValueError):
+    """A model or an input cannot be used; the one-line message names the path or molecule."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class MoleculePrediction:
+    """The model's charges and observables for one molecule (n atoms, K = n_dcm, g points).
+
+    Attributes:
+      source: Where the molecule came from: "mol.xyz:3" (frame 3), "data.npz:3:H2O" (conformer
+        3 of a data file, its mol_id), "molecules[2]" (the third of a list).
+      numbers: (n,) atomic numbers.
+      positions: (n, 3) atom positions as given, Angstrom.
+      total_charge: The total charge asked for (the model's Q), e.
+      charges: (n, K) the distributed charges of each atom, e; they sum to total_charge.
+      charge_positions: (n, K, 3) where they sit, Angstrom.
+      monopoles: (n,) atomic monopoles (each atom's charges summed), e.
+      dipole: (3,) dipole of the charges about dipole_origin, Debye.
+      dipole_origin: (3,) Angstrom: the centre of mass, or a data file's `com`.
+      esp_points: (g, 3) Angstrom, or None when no ESP was asked for.
+      esp: (g,) the charges' ESP at esp_points, Hartree/e, or None.
+      esp_reference: (g,) the data file's reference ESP at the same points, Hartree/e, or None.
+      dipole_reference: (3,) the data file's reference dipole (`Dxyz`) about the same origin,
+        Debye, or None.
+    """
+
+    source: str
+    numbers: np.ndarray
+    positions: np.ndarray
+    total_charge: float
+    charges: np.ndarray
+    charge_positions: np.ndarray
+    monopoles: np.ndarray
+    dipole: np.ndarray
+    dipole_origin: np.ndarray
+    esp_points: np.ndarray | None = None
+    esp: np.ndarray | None = None
+    esp_reference: np.ndarray | None = None
+    dipole_reference: np.ndarray | None = None
+
+    @property
+    def formula(self) -> str:
+        from ase.symbols import Symbols
+
+        return Symbols(self.numbers).get_chemical_formula()
+
+    @property
+    def esp_kcal(self) -> np.ndarray | None:
+        """(g,) the ESP in kcal/mol/e, or None."""
+        return None if self.esp is None else self.esp.astype(np.float64) * HARTREE_TO_KCAL
+
+    @property
+    def esp_rmse(self) -> float | None:
+        """RMSE of the ESP against the reference, kcal/mol/e (float64), or None."""
+        if self.esp is None or self.esp_reference is None:
+            return None
+        err = self.esp.astype(np.float64) - self.esp_reference.astype(np.float64)
+        return float(np.sqrt(np.mean(err * err)) * HARTREE_TO_KCAL)
+
+    @property
+    def dipole_magnitude(self) -> float:
+        """|dipole|, Debye."""
+        return float(np.linalg.norm(self.dipole.astype(np.float64)))
+
+    def to_atoms(self):
+        """The atoms followed by the n*K charge sites (element X, atomic number 0), as one
+        `ase.Atoms`. Per-entry arrays: `charge` (e; the sites carry the model's charges, atoms
+        0, so the frame's charges sum to total_charge), `monopole` (e; atoms only) and `site_of`
+        (the atom a site belongs to; -1 on atoms). `info`: total_charge (e), dipole_debye,
+        dipole_origin (Angstrom), n_dcm, source."""
+        from ase import Atoms
+
+        n, k = self.charges.shape
+        sites = self.charge_positions.reshape(n * k, 3)
+        atoms = Atoms(
+            numbers=np.concatenate([self.numbers, np.zeros(n * k, int)]),
+            positions=np.concatenate([self.positions, sites]),
+        )
+        atoms.new_array(
+            "charge", np.concatenate([np.zeros(n), self.charges.reshape(-1)]).astype(np.float64)
+        )
+        atoms.new_array(
+            "monopole", np.concatenate([self.monopoles, np.zeros(n * k)]).astype(np.float64)
+        )
+        atoms.new_array("site_of", np.concatenate([np.full(n, -1), np.repeat(np.arange(n), k)]))
+        atoms.info.update(
+            total_charge=float(self.total_charge),
+            n_dcm=int(k),
+            dipole_debye=self.dipole.astype(np.float64),
+            dipole_origin=self.dipole_origin.astype(np.float64),
+            source=self.source,
+        )
+        return atoms
+
+
+# --------------------------------------------------------------------------- the predictor
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Predictor:
+    """A trained DCMNet ready to predict: config and evaluation parameters, nothing else.
+
+    Attributes:
+      path: The checkpoint directory it was loaded from (None when built in memory).
+      config: The run's resolved ExperimentConfig (the model is `config.model`).
+      params: The evaluation parameters on the device (EMA when `training.use_ema`).
+      epoch: The checkpoint's epoch.
+    """
+
+    path: Path | None
+    config: Any  # ExperimentConfig
+    params: Any
+    epoch: int = 0
+
+    @property
+    def n_dcm(self) -> int:
+        return self.config.model.n_dcm
+
+    @property
+    def max_atomic_number(self) -> int:
+        return self.config.model.max_atomic_number
+
+    def predict(
+        self, molecules, charge=None, esp_points=None, batch_size: int | None = None
+    ) -> list[MoleculePrediction]:
+        """Charges, charge positions, monopoles, dipole and (optionally) ESP per molecule.
+
+        Args:
+          molecules: An ase.Atoms, a path ASE can read (all frames), a dcmtune `.npz` file or
+            ESPData, (Z, R) arrays, or a list mixing these.
+          charge: Total charge (e) of every molecule, or a sequence with one per molecule.
+            None: the data's `Q` for `.npz`/ESPData input, else 0.
+          esp_points: None (no ESP; a data file's own grid for `.npz`/ESPData input, with its
+            reference ESP), "shell" (the vdW-shell grid of `dcmtune.grids.shell_grid` with the
+            generator's settings), a (G, 3) array in Angstrom for every molecule, or one (g, 3)
+            array per molecule (a list, or an (M, G, 3) array).
+          batch_size: Molecules per compiled call (default: `default_batch_size()`).
+
+        Returns:
+          One MoleculePrediction per molecule, in input order (file frames in file order).
+
+        Raises:
+          PredictError: an input that cannot be read or used (one line naming it).
+        """
+        batch_size = default_batch_size() if batch_size is None else batch_size
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1
+        ):
+            raise PredictError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        mols = _gather(molecules, self.max_atomic_number, "molecules")
+        if not mols:
+            raise PredictError("molecules: no molecules given")
+        totals = _total_charges(charge, mols)
+        points = _point_specs(esp_points, len(mols))
+        return _run(self, mols, totals, points, int(batch_size))
+
+
+def default_batch_size() -> int:
+    """Molecules per batch when none is given: 8 on CPU, 256 on a GPU or TPU."""
+    import jax
+
+    return CPU_BATCH_SIZE if jax.default_backend() == "cpu" else ACCELERATOR_BATCH_SIZE
+
+
+def load_model(path: str | os.PathLike, which: str = "best") -> Predictor:
+    """A Predictor from a checkpoint, run/trial directory, `best_model/` or sweep directory.
+
+    Args:
+      path: See the module docstring.
+      which: "best" or "latest" checkpoint of a run directory.
+
+    Raises:
+      PredictError: missing path, not a dcmtune checkpoint, unknown format version, altered
+        state file, invalid config (one line naming the path).
+    """
+    import jax
+
+    from dcmtune.analysis.checkpoints import AnalysisError, open_checkpoint
+    from dcmtune.train.checkpoints import META_FILE, CheckpointError
+
+    p = Path(path)
+    if not (p / META_FILE).is_file() and (p / "best_model" / META_FILE).is_file():
+        p = p / "best_model"  # a sweep's experiment directory: its winner
+    try:
+        c = open_checkpoint(p, which)
+    except (AnalysisError, CheckpointError) as e:
+        raise PredictError(str(e)) from None
+    log.info("loaded %s (epoch %d, n_dcm %d)", c.path, c.epoch, c.config.model.n_dcm)
+    return Predictor(path=c.path, config=c.config, params=jax.device_put(c.params), epoch=c.epoch)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Molecule:
+    """One input molecule on the host (n real atoms)."""
+
+    source: str
+    numbers: np.ndarray  # (n,) int
+    positions: np.ndarray  # (n, 3) float64, Angstrom
+    charge: float | None = None  # the data's Q; None = not given by the input
+    com: np.ndarray | None = None  # the data's dipole origin; None = centre of mass
+    points: np.ndarray | None = None  # the data's grid (g, 3)
+    reference: np.ndarray | None = None  # the data's ESP (g,)
+    dipole: np.ndarray | None = None  # the data's Dxyz (3,), Debye about com
+
+
+def _molecule(source: str, Z, R, **data) -> _Molecule:
+    Z, R = np.asarray(Z), np.asarray(R)
+    if Z.dtype.kind == "f" and np.all(np.isfinite(Z)) and np.all(Z == np.round(Z)):
+        Z = Z.astype(np.int64)
+    if Z.dtype.kind not in "iu":
+        raise PredictError(f"{source}: Z: expected integer atomic numbers, got dtype {Z.dtype}")
+    if Z.ndim != 1 or len(Z) == 0:
+        raise PredictError(
+            f"{source}: Z: expected a non-empty (n,) array of atomic numbers, got shape {Z.shape}"
+        )
+    if R.dtype.kind not in "fiu" or R.shape != (len(Z), 3):
+        raise PredictError(
+            f"{source}: R: expected ({len(Z)}, 3) positions in Angstrom, got "
+            f"shape {R.shape} dtype {R.dtype}"
+        )
+    if np.any(Z <= 0):
+        k = int(np.argmax(Z <= 0))
+        raise PredictError(
+            f"{source}: atom {k} has atomic number {int(Z[k])} (a dummy or "
+            "charge site 'X'?); expected real elements"
+        )
+    return _Molecule(source, Z.astype(np.int32), R.astype(np.float64), **data)
+
+
+def _from_data(data: ESPData, source: str) -> list[_Molecule]:
+    return [
+        _molecule(
+            f"{source}:{i}:{data.mol_id[i]}",
+            data.Z[i, :n],
+            data.R[i, :n],
+            charge=float(data.Q[i]),
+            com=data.com[i].astype(np.float64),
+            points=data.grid[i, :g],
+            reference=data.esp[i, :g],
+            dipole=None if data.dipole is None else data.dipole[i],
+        )
+        for i, (n, g) in enumerate(zip(data.N, data.n_grid, strict=True))
+    ]
+
+
+def _from_arrays(Z, R, source: str) -> list[_Molecule]:
+    Z, R = np.asarray(Z), np.asarray(R)
+    if Z.ndim == 1:
+        return [_molecule(source, Z, R)]
+    if Z.ndim != 2 or R.shape != Z.shape + (3,):
+        raise PredictError(
+            f"{source}: expected Z (n,) with R (n, 3), or Z (M, A) with R "
+            f"(M, A, 3); got {Z.shape} and {R.shape}"
+        )
+    out = []
+    for i in range(len(Z)):
+        n = int(np.sum(Z[i] > 0))
+        if np.any(Z[i, n:] != 0):
+            raise PredictError(f"{source}[{i}]: Z: real atoms must come first (padding is 0)")
+        out.append(_molecule(f"{source}[{i}]", Z[i, :n], R[i, :n]))
+    return out
+
+
+def _read_file(path: Path, max_atomic_number: int) -> list[_Molecule]:
+    if not path.is_file():
+        raise PredictError(f"{path}: input file not found")
+    if path.stat().st_size == 0:
+        raise PredictError(f"{path}: the file is empty; expected molecules")
+    if path.suffix == ".npz":
+        try:
+            return _from_data(load_npz(path, max_atomic_number=max_atomic_number), path.name)
+        except DataError as e:
+            raise PredictError(str(e)) from None
+    import ase.io
+
+    try:
+        frames = ase.io.read(path, index=":")
+    except Exception as e:  # ASE's readers raise many unrelated types for a bad file
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise PredictError(f"{path}: ASE cannot read it as molecules ({msg})") from None
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise PredictError(f"{path}: holds no molecules")
+    return [_molecule(f"{path.name}:{k}", a.numbers, a.positions) for k, a in enumerate(frames)]
+
+
+def _is_pair(x) -> bool:
+    from ase import Atoms
+
+    return (
+        isinstance(x, tuple)
+        and len(x) == 2
+        and not any(isinstance(v, (Atoms, ESPData, str, os.PathLike, tuple)) for v in x)
+    )
+
+
+def _gather(x, max_atomic_number: int, where: str) -> list[_Molecule]:
+    """The input molecules, flattened, in order."""
+    from ase import Atoms
+
+    if isinstance(x, Atoms):
+        return [_molecule(where, x.numbers, x.positions)]
+    if isinstance(x, (str, os.PathLike)):
+        return _read_file(Path(x), max_atomic_number)
+    if isinstance(x, ESPData):
+        return _from_data(x, where)
+    if _is_pair(x):
+        return _from_arrays(x[0], x[1], where)
+    if isinstance(x, (list, tuple)):
+        return [
+            m for k, item in enumerate(x) for m in _gather(item, max_atomic_number, f"{where}[{k}]")
+        ]
+    raise PredictError(
+        f"{where}: expected ase.Atoms, a file path, ESPData, (Z, R) arrays or a "
+        f"list of these; got {type(x).__name__}"
+    )
+
+
+def _total_charges(charge, mols: Sequence[_Molecule]) -> np.ndarray:
+    """(M,) total charges: as given, else the data's Q, else 0."""
+    if charge is None:
+        q = np.array([0.0 if m.charge is None else m.charge for m in mols])
+    else:
+        q = np.asarray(charge, dtype=np.float64) if not isinstance(charge, bool) else None
+        if q is None or q.ndim > 1 or (q.ndim == 1 and len(q) != len(mols)):
+            raise PredictError(
+                f"charge: expected a number or one per molecule ({len(mols)}), got {charge!r}"
+            )
+        q = np.broadcast_to(q, (len(mols),))
+    if not np.all(np.isfinite(q)):
+        raise PredictError(f"charge: expected finite total charges (e), got {charge!r}")
+    return q
+
+
+def _point_specs(esp_points, num: int) -> list:
+    """One entry per molecule: None (default), SHELL, or a (g, 3) array."""
+    if esp_points is None or (isinstance(esp_points, str) and esp_points == SHELL):
+        return [esp_points] * num
+    if isinstance(esp_points, str):
+        raise PredictError(
+            f"esp_points: expected None, {SHELL!r} or arrays of points, got {esp_points!r}"
+        )
+    if isinstance(esp_points, (list, tuple)):
+        per = [np.asarray(p, dtype=np.float64) for p in esp_points]
+    else:
+        arr = np.asarray(esp_points, dtype=np.float64)
+        per = [arr] * num if arr.ndim == 2 else list(arr) if arr.ndim == 3 else [arr]
+    if len(per) != num:
+        raise PredictError(
+            f"esp_points: expected one point array per molecule ({num}), got {len(per)}"
+        )
+    for k, p in enumerate(per):
+        if p.ndim != 2 or p.shape[1] != 3 or len(p) == 0 or not np.all(np.isfinite(p)):
+            raise PredictError(
+                f"esp_points[{k}]: expected a (g, 3) array of finite points in "
+                f"Angstrom with g >= 1, got shape {p.shape}"
+            )
+    return per
+
+
+def _resolve_points(m: _Molecule, spec) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(points (g, 3), reference (g,) or None) of one molecule, or (None, None)."""
+    if spec is None:
+        return m.points, m.reference
+    if isinstance(spec, str):
+        try:
+            return shell_grid(m.positions, m.numbers, np.random.default_rng(_GRID_SEED)), None
+        except ValueError as e:
+            raise PredictError(f"{m.source}: esp_points='shell': {e}") from None
+    return spec, None
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _center_of_mass(mol: _Molecule) -> np.ndarray:
+    """(3,) centre of mass (Angstrom) with ASE's standard atomic masses; unknown elements
+    (refused later by validation) weigh 1."""
+    from ase.data import atomic_masses
+
+    z = np.asarray(mol.numbers)
+    m = np.where(
+        (z > 0) & (z < len(atomic_masses)),
+        atomic_masses[np.clip(z, 0, len(atomic_masses) - 1)],
+        1.0,
+    )
+    return center_of_mass(mol.positions, m)
+
+
+def _chunk_data(mols, chunk, totals, points, num_atoms: int, max_atomic_number: int):
+    """An ESPData of the molecules `chunk`, padded to `num_atoms` atoms and a power of two of
+    grid points, validated like a data file; and each molecule's (points, reference)."""
+    resolved = [_resolve_points(mols[i], points[i]) for i in chunk]
+    sizes = [len(p) for p, _ in resolved if p is not None]
+    G = size_bucket(max(sizes)) if sizes else 1
+    m = len(chunk)
+    raw = {
+        "R": np.zeros((m, num_atoms, 3)),
+        "Z": np.zeros((m, num_atoms), np.int32),
+        "N": np.zeros(m, np.int32),
+        "esp": np.zeros((m, G)),
+        "vdw_surface": np.zeros((m, G, 3)),
+        "n_grid": np.ones(m, np.int32),
+        "com": np.zeros((m, 3)),
+        "Q": totals[chunk].astype(np.float64),
+        "mol_id": np.array([mols[i].source for i in chunk]),
+    }
+    for j, i in enumerate(chunk):
+        mol, (pts, ref) = mols[i], resolved[j]
+        n = len(mol.numbers)
+        raw["R"][j, :n], raw["Z"][j, :n], raw["N"][j] = mol.positions, mol.numbers, n
+        raw["com"][j] = mol.com if mol.com is not None else _center_of_mass(mol)
+        if pts is None:
+            raw["vdw_surface"][j, 0] = mol.positions[0] + _PLACEHOLDER_OFFSET
+        else:
+            raw["vdw_surface"][j, : len(pts)], raw["n_grid"][j] = pts, len(pts)
+            if ref is not None:
+                raw["esp"][j, : len(ref)] = ref
+    try:
+        data = validate_arrays(
+            raw,
+            source=mols[chunk[0]].source if m == 1 else "molecules",
+            max_atomic_number=max_atomic_number,
+        )
+    except DataError as e:
+        if m == 1:
+            raise PredictError(str(e)) from None
+        for i in chunk:  # name the molecule that fails
+            _chunk_data(mols, [i], totals, points, num_atoms, max_atomic_number)
+        raise PredictError(str(e)) from None
+    return data, resolved
+
+
+def _collect(out: dict, chunk, data: ESPData, resolved, totals, mols, results: list) -> None:
+    """Per-molecule results of one batch (host numpy) into `results`."""
+    for j, i in enumerate(chunk):
+        n = int(data.N[j])
+        pts, ref = resolved[j]
+        results[i] = MoleculePrediction(  # copies: no view keeps a whole batch alive
+            source=mols[i].source,
+            numbers=mols[i].numbers,
+            positions=mols[i].positions,
+            total_charge=float(totals[i]),
+            charges=out["charges"][j, :n].copy(),
+            charge_positions=out["positions"][j, :n].copy(),
+            monopoles=out["mono"][j, :n].copy(),
+            dipole=out["dipole"][j].copy(),
+            dipole_origin=data.com[j].astype(np.float64),
+            esp_points=pts,
+            esp=None if pts is None else out["esp"][j, : len(pts)].copy(),
+            esp_reference=ref,
+            dipole_reference=mols[i].dipole,
+        )
+
+
+def _run(predictor: Predictor, mols, totals, points, batch_size: int) -> list[MoleculePrediction]:
+    """All molecules through `predict_batch`, grouped by size bucket, in fixed-size batches.
+    The next batch is prepared on the host while the device computes the previous one."""
+    import jax
+
+    from dcmtune.train.hparams import Hparams
+    from dcmtune.train.step import predict_batch
+
+    hp = Hparams.of(predictor.config.training)
+    model_config, max_z = predictor.config.model, predictor.max_atomic_number
+    results: list = [None] * len(mols)
+    pending = None
+    for num_atoms, idx in group_by_bucket([len(m.numbers) for m in mols]).items():
+        B = min(batch_size, size_bucket(len(idx), minimum=1))
+        for start in range(0, len(idx), B):
+            chunk = idx[start : start + B]
+            data, resolved = _chunk_data(mols, chunk, totals, points, num_atoms, max_z)
+            batch = make_batch(data, np.arange(len(chunk)), B)
+            out = predict_batch(predictor.params, batch, hp, model_config)  # async
+            if pending is not None:
+                _collect(jax.device_get(pending[0]), *pending[1:], totals, mols, results)
+            pending = (out, chunk, data, resolved)
+    _collect(jax.device_get(pending[0]), *pending[1:], totals, mols, results)
+    return results
+
+
+# --------------------------------------------------------------------------- writers

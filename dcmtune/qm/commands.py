@@ -1,0 +1,179 @@
+"""The generator's commands of `python -m dcmtune.data`: generate and verify ESP files.
+
+  generate  PySCF ESP data for ASE g2 molecules, .xyz files and SMILES (needs the `qm` extra)
+  verify    regenerate a sample of a generated file's molecules and compare within tolerances
+
+`add_commands` registers them on the command's sub-parsers (`dcmtune.data.__main__`). Bad
+inputs raise `QMError` (one line, exit 2) before any SCF runs; nothing is written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dcmtune.data.file_format import provenance_path
+from dcmtune.qm import generator as gen
+from dcmtune.qm.inputs import load_molecules
+from dcmtune.qm.specs import GenerationSettings, QMError
+from dcmtune.qm.verify import TOLERANCES, verify_sample
+
+__all__ = ["add_commands", "COMMANDS"]
+
+
+def add_commands(sub) -> None:
+    """Registers generate and verify on `sub` (argparse sub-parsers)."""
+    g = sub.add_parser("generate", help="PySCF ESP data (needs the qm extra)")
+    g.add_argument(
+        "--molecules",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="ASE g2 molecule names (ase.collections.g2), e.g. H2O NH3 C6H6",
+    )
+    g.add_argument(
+        "--xyz",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help=".xyz files (first frame; mol_id = file stem)",
+    )
+    g.add_argument(
+        "--smiles",
+        nargs="+",
+        default=[],
+        metavar="SMILES",
+        help="neutral closed-shell SMILES (RDKit ETKDG + MMFF geometry; mol_id = canonical SMILES)",
+    )
+    g.add_argument(
+        "--smiles-file",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="CSV molecule lists with columns name,smiles[,class] (mol_id = name; # comments)",
+    )
+    g.add_argument(
+        "--conformers",
+        type=int,
+        default=10,
+        help="conformers per molecule; the first is the input geometry (10)",
+    )
+    g.add_argument("--out", required=True, type=Path, help="output .npz file")
+    g.add_argument("--method", default="HF", help="HF or a DFT functional, e.g. B3LYP (HF)")
+    g.add_argument("--basis", default="6-31G*", help="PySCF basis name (6-31G*)")
+    g.add_argument(
+        "--sigma",
+        type=float,
+        default=0.025,
+        help="Gaussian displacement per coordinate, Angstrom (0.025)",
+    )
+    g.add_argument(
+        "--density",
+        type=float,
+        default=1.0,
+        help="grid points per Angstrom^2 on each vdW shell (1.0)",
+    )
+    g.add_argument(
+        "--max-grid",
+        type=int,
+        default=1200,
+        help="at most this many grid points per conformer (1200)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    g.add_argument("--charge", type=int, default=0, help="total charge of every molecule (0)")
+    g.add_argument(
+        "--spin",
+        type=int,
+        default=None,
+        help="2S = unpaired electrons; required for odd electron counts",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="single-threaded worker processes (2); 0 = in this process",
+    )
+
+    v = sub.add_parser("verify", help="regenerate a sample of molecules and compare (qm extra)")
+    v.add_argument("file", type=Path, help="a generated .npz with its provenance JSON")
+    v.add_argument(
+        "--molecules",
+        nargs="+",
+        default=[],
+        metavar="MOL_ID",
+        help="molecules to regenerate (default: --sample of them, seeded)",
+    )
+    v.add_argument("--sample", type=int, default=3, help="molecules drawn when none given (3)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the draw (0)")
+    v.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+
+
+def _generate(args) -> int:
+    from tqdm import tqdm  # optuna's dependency, so always present.
+
+    settings = GenerationSettings(
+        conformers=args.conformers,
+        method=args.method,
+        basis=args.basis,
+        sigma=args.sigma,
+        density=args.density,
+        max_grid=args.max_grid,
+        seed=args.seed,
+        charge=args.charge,
+        spin=args.spin,
+    )
+    # Every input check first: a bad input leaves one line on stderr and no progress bar.
+    gen.check_output(args.out)
+    specs = load_molecules(args.molecules, args.xyz, args.smiles, args.smiles_file, seed=args.seed)
+    gen.check_inputs(specs, settings, args.workers)
+    with tqdm(
+        total=len(specs) * args.conformers,
+        unit="conf",
+        file=sys.stderr,
+        desc="generate",
+        dynamic_ncols=True,
+    ) as bar:
+
+        def progress(name: str, n: int) -> None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(n)
+
+        prov = gen.generate_dataset(
+            args.out, specs, settings, workers=args.workers, progress=progress
+        )
+    t = prov["timing"]
+    print(
+        f"wrote {args.out} ({t['conformers']} conformers of {len(prov['molecules'])} "
+        f"molecules) and {provenance_path(args.out)}"
+    )
+    print(
+        f"{t['wall_seconds']:.0f} s with {t['workers']} workers: "
+        f"{t['conformers_per_hour']:.0f} conformers/hour"
+    )
+    return 0
+
+
+def _verify(args) -> int:
+    if args.sample < 1:
+        raise QMError(f"--sample: expected >= 1, got {args.sample}")
+    rows = verify_sample(args.file, args.molecules, args.sample, args.seed, args.workers)
+    keys = list(TOLERANCES)
+    print(f"{'mol_id':<24} {'conf':>4} " + " ".join(f"{k:>11}" for k in keys) + "  result")
+    print(f"{'tolerance':<24} {'':>4} " + " ".join(f"{TOLERANCES[k]:>11.0e}" for k in keys))
+    for r in rows:
+        devs = " ".join(f"{r['max_abs'].get(k, float('nan')):>11.1e}" for k in keys)
+        verdict = "ok" if r["ok"] else f"DIFFERS {r.get('problem', '')}".rstrip()
+        print(f"{r['mol_id']:<24} {r['conformers']:>4} {devs}  {verdict}")
+    bad = [r["mol_id"] for r in rows if not r["ok"]]
+    if bad:
+        print(
+            f"error: {args.file}: {len(bad)} of {len(rows)} regenerated molecules differ "
+            f"beyond tolerance: {', '.join(bad)}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"ok: {len(rows)} molecules of {args.file} regenerated within tolerance")
+    return 0
+
+
+COMMANDS = {"generate": _generate, "verify": _verify}

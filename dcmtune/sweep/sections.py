@@ -1,0 +1,300 @@
+"""The sections of a sweep spec besides the config and the space: searcher, scheduler, run
+(with its resources) and rank. Each is a frozen dataclass validated when it is built, like the
+configs; `from_dict` reads one from its YAML mapping (unknown keys refused). Every problem
+raises `SpecError`, one line starting with the offending key. Every key: docs/sweep_spec.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dcmtune import metrics
+from dcmtune import storage as storage_mod
+from dcmtune.sweep import study
+from dcmtune.sweep.space import SpecError, _int, _is_num, _mapping, _num, _str
+
+__all__ = ["SearcherSpec", "SchedulerSpec", "ResourceSpec", "RunSpec", "RankSpec", "SWEEP_METRICS"]
+
+# The per-split metrics the trainer reports every epoch (dcmtune.model.loss.finalize_metrics);
+# the same strings appear in the epoch table, in tune.report and in the ranking. test_* metrics
+# exist only in the ranking: the test split never chooses anything.
+SWEEP_METRICS = metrics.SWEEP_METRICS
+
+
+@dataclasses.dataclass(frozen=True)
+class SearcherSpec:
+    """Optuna searcher settings.
+
+    Attributes:
+      sampler: "tpe" (model-based, default) or "random".
+      seed: Sampler seed.
+      n_startup_trials: Random trials before TPE starts modelling (Optuna's default is 10).
+      storage: The Optuna storage as written (`dcmtune.sweep.study`): a journal file (default
+        optuna.log) or an SQL URL, relative paths in the experiment directory
+        (`SweepSpec.study_storage` resolves them); None keeps the study in memory.
+      points_to_evaluate: Points run first, each giving a value for every searched key
+        (checked against the search space by `SweepSpec`).
+    """
+
+    sampler: str = "tpe"
+    seed: int = 0
+    n_startup_trials: int = 10
+    storage: str | None = study.DEFAULT_STORAGE
+    points_to_evaluate: tuple = ()
+
+    def __post_init__(self) -> None:
+        _str("searcher.sampler", self.sampler, ("tpe", "random"))
+        _int("searcher.seed", self.seed, 0)
+        _int("searcher.n_startup_trials", self.n_startup_trials, 0)
+        # Relative paths are kept as written: they resolve in the experiment directory.
+        study.check_storage(self.storage, error=SpecError)
+        for i, p in enumerate(self.points_to_evaluate):
+            if not isinstance(p, Mapping):
+                raise SpecError(
+                    f"searcher.points_to_evaluate[{i}]: expected a mapping of "
+                    f"searched keys to values, got {p!r}"
+                )
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> SearcherSpec:
+        d = _mapping(
+            "searcher",
+            raw,
+            ("name", "sampler", "seed", "n_startup_trials", "storage", "points_to_evaluate"),
+        )
+        _str("searcher.name", d.pop("name", "optuna"), ("optuna",))
+        points = d.pop("points_to_evaluate", None) or []
+        if not isinstance(points, list):
+            raise SpecError(
+                f"searcher.points_to_evaluate: expected a list of points, got {points!r}"
+            )
+        return cls(
+            **d, points_to_evaluate=tuple(dict(p) if isinstance(p, Mapping) else p for p in points)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSpec:
+    """Trial scheduler. "asha" stops trials early; "fifo" runs every trial to the end.
+
+    Attributes:
+      name: "asha" or "fifo".
+      grace_period: Epochs every trial runs before it can be stopped.
+      reduction_factor: ASHA keeps the best 1/reduction_factor of the trials at each rung.
+      brackets: ASHA brackets (1 = plain successive halving).
+    """
+
+    name: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+    brackets: int = 1
+
+    def __post_init__(self) -> None:
+        _str("scheduler.name", self.name, ("asha", "fifo"))
+        _int("scheduler.grace_period", self.grace_period, 1)
+        rf = _num("scheduler.reduction_factor", self.reduction_factor)
+        if rf is None or rf <= 1:
+            raise SpecError(f"scheduler.reduction_factor: expected a number > 1, got {rf}")
+        object.__setattr__(self, "reduction_factor", rf)
+        _int("scheduler.brackets", self.brackets, 1)
+
+    @classmethod
+    def from_dict(cls, raw: Any, num_epochs: int) -> SchedulerSpec:
+        d = _mapping(
+            "scheduler", raw, ("name", "grace_period", "reduction_factor", "brackets", "max_t")
+        )
+        if "max_t" in d and d.pop("max_t") != num_epochs:
+            raise SpecError(
+                f"scheduler.max_t: is training.num_epochs ({num_epochs}); set that "
+                f"instead of max_t = {raw['max_t']!r}"
+            )
+        if d.get("name", "asha") == "fifo" and d.keys() - {"name"}:
+            raise SpecError(f"scheduler.{sorted(d.keys() - {'name'})[0]}: only used by name: asha")
+        spec = cls(**d)
+        if spec.grace_period > num_epochs:
+            raise SpecError(
+                f"scheduler.grace_period: {spec.grace_period} exceeds "
+                f"training.num_epochs = {num_epochs}"
+            )
+        return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceSpec:
+    """Resources of one trial.
+
+    Attributes:
+      cpu: CPUs per trial.
+      gpu: "auto" (GPU trials with `gpu_share` of a GPU where the cluster has GPUs, CPU trials
+        where it has none), or a number: 0 = CPU only; a fraction packs several trials on one
+        GPU (0.25 = four per GPU); >= 1 must be whole GPUs. Asking for GPUs on a cluster without
+        any is an error.
+      gpu_share: The GPU share used by "auto".
+    """
+
+    cpu: float = 1.0
+    gpu: str | float = "auto"
+    gpu_share: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cpu", _num("run.resources.cpu", self.cpu, gt=0))
+        gpu = self.gpu
+        if gpu != "auto":
+            if not _is_num(gpu) or gpu < 0:
+                raise SpecError(f"run.resources.gpu: expected auto or a number >= 0, got {gpu!r}")
+            if gpu > 1 and not float(gpu).is_integer():
+                raise SpecError(f"run.resources.gpu: above 1 a trial needs whole GPUs, got {gpu}")
+            object.__setattr__(self, "gpu", float(gpu))
+        share = self.gpu_share
+        if not _is_num(share) or not 0 < share or (share > 1 and not float(share).is_integer()):
+            raise SpecError(
+                f"run.resources.gpu_share: expected a fraction in (0, 1] or whole "
+                f"GPUs, got {share!r}"
+            )
+        object.__setattr__(self, "gpu_share", float(share))
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> ResourceSpec:
+        d = _mapping("run.resources", raw, ("cpu", "gpu", "gpu_share"))
+        if "gpu_share" in d and d.get("gpu", "auto") != "auto":
+            raise SpecError(
+                "run.resources.gpu_share: only used with gpu: auto (give the share as gpu: instead)"
+            )
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """How the sweep runs.
+
+    Attributes:
+      num_samples: Trials in total.
+      max_concurrent_trials: At most this many at once (None: as many as resources allow).
+      metric, mode: What the searcher, the scheduler and checkpoint scoring optimise (every
+        metric is lower-is-better: mode is "min").
+      resources: Per trial.
+      max_failures: Retries of a crashed trial (from its last checkpoint).
+      checkpoint_every: A Tune checkpoint every N epochs besides those at improvements and at
+        the end (0 = only those).
+      num_to_keep: Tune checkpoints kept per trial, best by `metric` (the latest is also kept).
+      time_budget_s: Stop starting/continuing trials after this many seconds (None = no limit).
+      storage_path: Where Tune writes the experiments: an absolute directory (default
+        ./ray_results; on a cluster one that every node mounts) or an object-store URI such as
+        s3://bucket/path?endpoint_override=host:port (see `dcmtune.storage`).
+      jax_cache_dir: Persistent JAX compilation cache of the trials (default
+        <storage_path>/.jax_cache, shared by every node that mounts it; with object storage a
+        node-local <tmp>/dcmtune-jax-cache on each node).
+      local_dir: With object storage, the root of the driver's local copy of the experiment
+        (lock, Optuna journal, ranking inputs and outputs); default ./ray_results.
+    """
+
+    num_samples: int = 20
+    max_concurrent_trials: int | None = None
+    metric: str = "valid_esp_rmse"
+    mode: str = "min"
+    resources: ResourceSpec = ResourceSpec()
+    max_failures: int = 1
+    storage_path: str = ""
+    checkpoint_every: int = 5
+    num_to_keep: int | None = 3
+    time_budget_s: float | None = None
+    jax_cache_dir: str = ""
+    local_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _int("run.num_samples", self.num_samples, 1)
+        _int("run.max_concurrent_trials", self.max_concurrent_trials, 1, none_ok=True)
+        _str("run.metric", self.metric)
+        if self.mode == "max":
+            raise SpecError(
+                "run.mode: every sweep metric is lower-is-better, so expected min, got 'max'"
+            )
+        _str("run.mode", self.mode, ("min",))
+        _int("run.max_failures", self.max_failures, 0)
+        _int("run.checkpoint_every", self.checkpoint_every, 0)
+        _int("run.num_to_keep", self.num_to_keep, 1, none_ok=True)
+        object.__setattr__(
+            self, "time_budget_s", _num("run.time_budget_s", self.time_budget_s, gt=0, none_ok=True)
+        )
+        if self.metric not in SWEEP_METRICS:
+            hint = (
+                " (the test split never chooses anything)"
+                if self.metric.startswith("test_")
+                else ""
+            )
+            raise SpecError(
+                f"run.metric: unknown metric {self.metric!r}{hint}; expected one of "
+                f"{', '.join(m for m in SWEEP_METRICS if m.startswith('valid_'))}"
+            )
+        if not self.metric.startswith("valid_"):
+            raise SpecError(
+                f"run.metric: {self.metric} is measured on the training split; "
+                "trials are chosen and ranked on the validation split, so expected "
+                "a valid_* metric"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: Any, base_dir: Path, storage_override=None) -> RunSpec:
+        """The run section with its paths resolved: storage_path, local_dir and jax_cache_dir
+        relative to `base_dir` (the spec's directory); `storage_override` (--storage-path)
+        relative to the working directory."""
+        d = _mapping("run", raw, [f.name for f in dataclasses.fields(cls)])
+        storage = _storage_path(d.pop("storage_path", None), base_dir, storage_override)
+        local_dir = _path("run.local_dir", d.pop("local_dir", None), base_dir)
+        cache = _path("run.jax_cache_dir", d.pop("jax_cache_dir", None), base_dir)
+        if cache is None:
+            # Object storage: each node keeps its own cache (a path every node can create);
+            # a shared file system: one cache for every node that mounts it.
+            cache = (
+                str(Path(tempfile.gettempdir()) / "dcmtune-jax-cache")
+                if storage_mod.is_remote(storage)
+                else str(Path(storage) / ".jax_cache")
+            )
+        return cls(
+            **{**d, "resources": ResourceSpec.from_dict(d.get("resources"))},
+            storage_path=storage,
+            jax_cache_dir=cache,
+            local_dir=local_dir or str((Path.cwd() / "ray_results").resolve()),
+        )
+
+
+def _storage_path(value: Any, base_dir: Path, override) -> str:
+    if override is not None:
+        key, value, where = "--storage-path", str(override), Path.cwd()
+    elif value is not None:
+        key, value, where = "run.storage_path", _str("run.storage_path", value), base_dir
+    else:
+        key, value, where = "run.storage_path", "ray_results", Path.cwd()
+    try:
+        return storage_mod.spec_storage_path(key, value, where)
+    except storage_mod.StorageError as e:
+        raise SpecError(str(e)) from None
+
+
+def _path(key: str, value: Any, base_dir: Path) -> str | None:
+    """A path written in a spec, absolute (relative ones from the spec's directory)."""
+    if value is None:
+        return None
+    p = Path(_str(key, value)).expanduser()
+    return str((p if p.is_absolute() else base_dir / p).resolve())
+
+
+@dataclasses.dataclass(frozen=True)
+class RankSpec:
+    """Ranking of the finished sweep: the best `top_k` trials by the validation metric,
+    re-evaluated on `split` (the test split by default)."""
+
+    top_k: int = 5
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        _int("rank.top_k", self.top_k, 1)
+        _str("rank.split", self.split, ("test", "valid"))
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RankSpec:
+        return cls(**_mapping("rank", raw, ("top_k", "split")))

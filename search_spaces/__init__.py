@@ -1,0 +1,1 @@
+"""The shipped sweep specs (YAML), installed as the package data `dcmtune.search_spaces`."""
