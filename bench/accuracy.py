@@ -40,6 +40,10 @@ Usage:
   ... [--num-epochs N] [--output-dir DIR] [--set features=32 --set n_dcm=3] [--json]
 
 Timings are wall times on whatever machine runs this; on a shared machine report medians.
+
+`--smoke` (any study): the study's whole path for the first `--split-seeds` seed only, 1 epoch
+of a tiny model (4 features, degree 1, 1 iteration, 1 charge per atom, 4 basis functions;
+`--set` still overrides), and for `curve` the first and last `--train-molecules` points only.
 """
 
 from __future__ import annotations
@@ -68,6 +72,15 @@ from dcmtune.data.baselines import (
     shared_charges_per_molecule,
 )
 from dcmtune.train.environment import use_compilation_cache
+
+SMOKE_OVERRIDES = {
+    "num_epochs": 1,
+    "features": 4,
+    "n_dcm": 1,
+    "max_degree": 1,
+    "num_iterations": 1,
+    "num_basis_functions": 4,
+}
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -405,8 +418,18 @@ def main(argv=None) -> int:
             help="any flat config field, e.g. features=32",
         )
         q.add_argument("--json", action="store_true", help="print one JSON document at the end")
+        q.add_argument(
+            "--smoke", action="store_true", help="first split seed, 1 epoch of a tiny model"
+        )
     args = p.parse_args(argv)
     args.overrides = _overrides(args.overrides)
+    if args.smoke:
+        args.split_seeds = args.split_seeds[:1]
+        args.overrides = {**SMOKE_OVERRIDES, **args.overrides}
+        if args.study == "curve":
+            args.train_molecules = list(
+                dict.fromkeys(args.train_molecules[:1] + args.train_molecules[-1:])
+            )
     if args.data_files:
         args.overrides["data_files"] = list(args.data_files)
     use_compilation_cache(Path(args.output_dir).resolve() / ".jax_cache")

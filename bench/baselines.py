@@ -7,6 +7,8 @@ For every molecule, the ESP RMSE (kcal/mol/e) over all its conformers' grid poin
   (c) mulliken   the stored Mulliken charges (extra key `mulliken`).
 
 Usage:  python bench/baselines.py [FILE.npz ...] [--json]   (default: the bundled demo set)
+
+`--smoke`: the same tables for the first 3 molecules only (of the files in order).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="*", help="dataset .npz files (default: bundled demo set)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--smoke", action="store_true", help="the first 3 molecules only")
     args = p.parse_args(argv)
     files = args.files or [str(bundled_dataset_path())]
     data = load_npz(files)
@@ -87,6 +90,10 @@ def main(argv=None) -> int:
     if any(m is None for m in mulliken) or len({m.shape[1] for m in mulliken}) != 1:
         mulliken = [None]  # missing in a file, or files padded differently
     mull = np.concatenate(mulliken) if mulliken[0] is not None else None
+    if args.smoke:
+        ids, first = np.unique(data.mol_id, return_index=True)
+        keep = np.flatnonzero(np.isin(data.mol_id, ids[np.argsort(first)][:3]))
+        data, mull = data.subset(keep), (mull[keep] if mull is not None else None)
     per_mol = molecule_rmse(data, mull)
     summ = summary(per_mol)
     if args.json:

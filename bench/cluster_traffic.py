@@ -12,7 +12,12 @@ in docs/cluster.md:
     the demo set and the organic set.
 
   python bench/cluster_traffic.py [--epochs 3] [--features 16]
+
+`--smoke`: the same measurements after 1 epoch of a tiny model (4 features, degree 1,
+1 iteration, 1 charge per atom).
 """
+
+from __future__ import annotations
 
 import argparse
 import dataclasses
@@ -35,11 +40,23 @@ def _data_bytes(data) -> int:
     )
 
 
-def main() -> None:
+SMOKE_MODEL = {
+    "model.n_dcm": 1,
+    "model.features": 4,
+    "model.max_degree": 1,
+    "model.num_iterations": 1,
+    "model.num_basis_functions": 4,
+}
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--features", type=int, help="model.features (default: the default model's)")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="1 epoch of a tiny model")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
     use_compilation_cache(Path(tempfile.gettempdir()) / "dcmtune-jax-cache")
     data = load_dataset()
     rows, metas = [], []
@@ -55,6 +72,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         changes = {"training.num_epochs": args.epochs, "training.save_every_n_epochs": 0}
+        if args.smoke:
+            changes.update(SMOKE_MODEL)
         if args.features:
             changes["model.features"] = args.features
         cfg = ExperimentConfig().replace(**changes)
@@ -81,7 +100,8 @@ def main() -> None:
         f"organic set in the object store: {_data_bytes(org) / 1e6:.2f} MB "
         f"({org.num_conformers} conformers)"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,11 +2,15 @@
 
 Every measurement is a fresh Python process training the default model (`ExperimentConfig()`,
 one epoch) on the bundled demo set, with the environment a sweep trial gets
-(`dcmtune.xla_env.trial_env_vars`: JAX_PLATFORMS=cpu and the persistent compilation cache).
+(`dcmtune.sweep.resources.trial_env_vars`: JAX_PLATFORMS=cpu and the persistent compilation
+cache).
 Inside, jax.monitoring counts XLA compiles and persistent-cache hits/misses, and the times
 from process start (the parent's clock just before it spawns the process) to
 
-  first_update  the first optimizer update finished (blocked on), and
+  first_update  the first optimizer update finished (blocked on; timed through the fit loop's
+                public `add_sums`, so only in trees that have `dcmtune.train.loop`: a tree
+                before the subpackages, such as c822047, shows '-' and the before/after
+                ratio of first_update is then not measured), and
   first_epoch   the first epoch's report, validation included.
 
 Parts:
@@ -22,6 +26,10 @@ Parts:
 
 `--after REV` measures git revision REV (extracted like `--before`) instead of this working
 tree, so the tree may change while the bench runs.
+
+`--smoke`: part `cache` only, 2 processes of this working tree (no other revision), each
+training a tiny model (4 features, degree 1, 1 iteration, 1 charge per atom) for one epoch;
+`--cache-dir DIR` gives them a cache that may already be warm (the test's shared one).
 """
 
 from __future__ import annotations
@@ -38,13 +46,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SMOKE_MODEL = {
+    "model.n_dcm": 1,
+    "model.features": 4,
+    "model.max_degree": 1,
+    "model.num_iterations": 1,
+    "model.num_basis_functions": 4,
+}
 
 
 # --------------------------------------------------------------------------- the trial process
 
 
-def child(out_dir: str) -> None:
-    """One trial-like run; prints one JSON line of times and compile counts."""
+def child(out_dir: str, smoke: bool = False) -> None:
+    """One trial-like run; prints one JSON line of times and compile counts.
+
+    Runs against whichever dcmtune PYTHONPATH provides (this tree, or an extracted revision).
+    The first update is timed through the public `add_sums` of `dcmtune.train.loop`, which the
+    fit loop calls once per update with the update's sums: where that module does not exist (the
+    trees before the subpackages, c822047 among them) no public name is called once per update,
+    and first_update is left out (null)."""
     t0 = float(os.environ["BENCH_T0"])
     import jax
     from jax import monitoring
@@ -68,33 +89,35 @@ def child(out_dir: str) -> None:
     monitoring.register_event_duration_secs_listener(on_duration)
     monitoring.register_event_listener(on_event)
 
-    import dcmtune.train as tr
+    import dcmtune
     from dcmtune.config import ExperimentConfig
     from dcmtune.data import load_dataset
 
-    times = {"import": time.time() - t0}
+    try:
+        from dcmtune.train import loop
+    except ImportError:  # a tree before the subpackages: dcmtune.train is one module
+        loop = None
+    times: dict[str, float | None] = {"import": time.time() - t0, "first_update": None}
 
-    class FirstUpdate:  # wraps the jitted update; attributes (lower, ...) pass through
-        def __init__(self, fn):
-            self.fn = fn
+    if loop is not None:
+        add_sums = loop.add_sums
 
-        def __call__(self, *args, **kwargs):
-            out = self.fn(*args, **kwargs)
-            if "first_update" not in times:
-                jax.block_until_ready(out)
+        def first_update(sums, s):  # s: the sums of the update just dispatched
+            if times["first_update"] is None:
+                jax.block_until_ready(s)
                 times["first_update"] = time.time() - t0
-            return out
+            return add_sums(sums, s)
 
-        def __getattr__(self, name):
-            return getattr(self.fn, name)
-
-    tr._update = FirstUpdate(tr._update)
+        loop.add_sums = first_update
 
     def reporter(epoch, metrics, checkpoint_dir):
         times.setdefault("first_epoch", time.time() - t0)
 
-    cfg = ExperimentConfig(name="run", output_dir=out_dir).replace(**{"training.num_epochs": 1})
-    tr.fit(cfg, load_dataset(), reporter=reporter)
+    changes: dict = {"training.num_epochs": 1}
+    if smoke:
+        changes.update(SMOKE_MODEL)
+    cfg = ExperimentConfig(name="run", output_dir=out_dir).replace(**changes)
+    dcmtune.fit(cfg, load_dataset(), reporter=reporter)
     big = sorted(programs.items(), key=lambda kv: -kv[1])[:4]
     print(json.dumps({**times, **stats, "big_programs": {k: round(v, 2) for k, v in big}}))
 
@@ -102,7 +125,7 @@ def child(out_dir: str) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
-def run_process(tree: Path, cache_dir: Path) -> dict:
+def run_process(tree: Path, cache_dir: Path, smoke: bool = False) -> dict:
     """Runs `child` from source tree `tree` with a trial's environment and `cache_dir`."""
     from dcmtune.sweep.resources import TrialResources, trial_env_vars
 
@@ -113,7 +136,8 @@ def run_process(tree: Path, cache_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
         env["BENCH_T0"] = repr(time.time())
         p = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", out],
+            [sys.executable, str(Path(__file__).resolve()), "--child", out]
+            + (["--smoke"] if smoke else []),
             env=env,
             capture_output=True,
             text=True,
@@ -136,9 +160,14 @@ def extract(rev: str, dest: Path) -> Path:
     return tree
 
 
+def _seconds(x: float | None, width: int) -> str:
+    return f"{x:>{width}.2f}" if x is not None else f"{'-':>{width}}"
+
+
 def _row(label: str, r: dict) -> str:
     return (
-        f"{label:<14} {r['import']:>7.2f} {r['first_update']:>8.2f} {r['first_epoch']:>8.2f} "
+        f"{label:<14} {r['import']:>7.2f} {_seconds(r['first_update'], 8)} "
+        f"{r['first_epoch']:>8.2f} "
         f"{r['compiles']:>8d} {r['compile_s']:>9.2f} {r['cache_hits']:>5d} "
         f"{r['cache_misses']:>6d}  {r['big_programs']}"
     )
@@ -150,11 +179,23 @@ HEADER = (
 )
 
 
-def _summary(values: list[float]) -> str:
-    return f"median {statistics.median(values):.2f} s (range {min(values):.2f}-{max(values):.2f})"
+def _summary(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
+        return "not measured"
+    return f"median {statistics.median(got):.2f} s (range {min(got):.2f}-{max(got):.2f})"
 
 
-def main() -> None:
+def _ratio(after: list[float | None], before: list[float | None]) -> str:
+    """after/before of the medians and per pair, over the pairs where both were measured."""
+    pairs = [(a, b) for a, b in zip(after, before, strict=True) if a is not None and b is not None]
+    if not pairs:
+        return "not measured in both trees"
+    med = statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs)
+    return f"{med:.2f} (per pair: {', '.join(f'{a / b:.2f}' for a, b in pairs)})"
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--parts", nargs="+", default=["cache", "cold", "warm"], choices=["cache", "cold", "warm"]
@@ -169,22 +210,36 @@ def main() -> None:
     p.add_argument(
         "--after", default="", help="git revision of the 'after' tree (default: this working tree)"
     )
+    p.add_argument(
+        "--cache-dir",
+        help="the compile cache of part `cache` (default: a new empty one); with --smoke",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="part cache only, 2 processes of this tree training a tiny model",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
-        child(args.child)
-        return
+        child(args.child, args.smoke)
+        return 0
+    if args.smoke:
+        args.parts, args.processes, args.after = ["cache"], 2, ""
 
     print(f"load average at start: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         after = extract(args.after, tmp) if args.after else ROOT
         if "cache" in args.parts:
-            print(f"\n## {args.processes} trial processes sharing one empty compile cache")
+            cache = Path(args.cache_dir) if args.cache_dir else tmp / "shared_cache"
+            print(
+                f"\n## {args.processes} trial processes sharing one "
+                f"{'' if args.cache_dir else 'empty '}compile cache"
+            )
             print(HEADER)
-            cache = tmp / "shared_cache"
             for i in range(args.processes):
-                print(_row(f"process {i + 1}", run_process(after, cache)), flush=True)
+                print(_row(f"process {i + 1}", run_process(after, cache, args.smoke)), flush=True)
 
         warm_cache = tmp / "warm_cache"
         if "cold" in args.parts:
@@ -203,8 +258,7 @@ def main() -> None:
                 a = [r[key] for r in res["after"]]
                 print(
                     f"{key}: before {_summary(b)}; after {_summary(a)}; "
-                    f"ratio after/before {statistics.median(a) / statistics.median(b):.2f} "
-                    f"(per pair: {', '.join(f'{x / y:.2f}' for x, y in zip(a, b, strict=True))})"
+                    f"ratio after/before {_ratio(a, b)}"
                 )
             for key in ("compiles", "compile_s"):
                 b = statistics.median(r[key] for r in res["before"])
@@ -221,7 +275,8 @@ def main() -> None:
             print(f"first_update: {_summary([r['first_update'] for r in rows])} (target <= 2 s)")
             print(f"import: {_summary([r['import'] for r in rows])}")
     print(f"load average at end: {os.getloadavg()}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

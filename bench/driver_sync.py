@@ -11,7 +11,16 @@ request also pays the network round trip, which raises the ratio further (the sy
 more requests).
 
   python bench/driver_sync.py [--trials 64] [--rows 27] [--repeats 3]
+
+The upload function is Ray's own (`ray.train._internal.storage._upload_to_fs_path`, a private
+name of Ray, not of dcmtune: it is what Tune's driver sync calls, which no public Ray API
+exposes).
+
+`--smoke`: the same path (moto server, staging directory, interleaved uploads) for a staging
+directory of 2 trials with 2 result rows each, once.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
@@ -57,12 +66,15 @@ def _checkpoint(root: Path) -> Path:
     return d
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=64)
     p.add_argument("--rows", type=int, default=27, help="result rows per trial (1700 / 64)")
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="2 trials of 2 rows, once")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.trials, args.rows, args.repeats = 2, 2, 1
     for k, v in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -106,6 +118,7 @@ def main() -> None:
         f"best of {args.repeats}: driver sync {s:.2f} s, one checkpoint {c:.3f} s, "
         f"ratio {s / c:.0f}"
     )
+    return 0
 
 
 def _free_port() -> int:
@@ -125,4 +138,4 @@ def _wait(fs) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,6 +9,10 @@ TensorBoard events. Tune's own share (tune.report and the checkpoint copy it mak
 improvement) is not in here: `bench/sweep_overhead.py` sees it as trial time.
 
   python bench/epoch_bookkeeping.py [--epochs 100] [--output-dir experiments/bench_bookkeeping]
+
+`--smoke`: the same trial and profile for 2 epochs of a tiny model (4 features, 4 basis
+functions, 1 charge per atom; quick.yaml's degree 1 and 1 iteration) on the default split
+(valid and test 10 %).
 """
 
 from __future__ import annotations
@@ -27,13 +31,20 @@ POINT = {
     "model.n_dcm": 2,
     "model.features": 16,
 }
+SMOKE_POINT = {**POINT, "model.n_dcm": 1, "model.features": 4}
+# The default split (valid and test 10 %): the programs other smoke runs compiled fit it.
+SMOKE_EXTRA = {
+    "model.num_basis_functions": 4,
+    "data.valid_fraction": 0.1,
+    "data.test_fraction": 0.1,
+}
 # (label, pstats function-name match): cumulative seconds of the first matching function.
 PARTS = (
-    ("save_checkpoint", ("checkpoint.py", "save_checkpoint")),
+    ("save_checkpoint", ("checkpoints.py", "save_checkpoint")),
     ("  fsync (all files)", ("~", "<built-in method posix.fsync>")),
     ("  json.dumps", ("json/__init__.py", "dumps")),
     ("  _io.jsonable", ("_io.py", "jsonable")),
-    ("  package_versions", ("checkpoint.py", "package_versions")),
+    ("  package_versions", ("checkpoints.py", "package_versions")),
     ("history.csv", ("_io.py", "write_csv")),
     ("TensorBoard events", ("tensorboard.py", "__call__")),
 )
@@ -50,7 +61,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--output-dir", default="experiments/bench_bookkeeping")
+    p.add_argument("--smoke", action="store_true", help="2 epochs of a tiny model")
     args = p.parse_args(argv)
+    point, extra = (SMOKE_POINT, SMOKE_EXTRA) if args.smoke else (POINT, {})
+    if args.smoke:
+        args.epochs = 2
     out = Path(args.output_dir).resolve()
     use_compilation_cache(out / ".jax_cache")
     from dcmtune.sweep.spec import find_spec, load_spec
@@ -60,10 +75,10 @@ def main(argv=None) -> int:
     spec = load_spec(find_spec("quick"), storage_path=out)
     name = f"bookkeeping_{int(time.time())}"
     cfg = spec.config_for(
-        POINT, **{"training.num_epochs": args.epochs, "name": name, "output_dir": str(out)}
+        point, **{"training.num_epochs": args.epochs, "name": name, "output_dir": str(out), **extra}
     )
     run_dir = out / name
-    events = EventReporter(run_dir, hparams=POINT)
+    events = EventReporter(run_dir, hparams=point)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()

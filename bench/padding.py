@@ -10,7 +10,12 @@ median epoch time over epochs 2.. (epoch 1 includes compilation); repeats altern
 runs first.
 
   python bench/padding.py [--epochs 5] [--repeats 1] [--stored-padding]
+
+`--smoke`: both files written and loaded, one pair of runs of 2 epochs each (the ratio then
+compares one epoch of each); no --stored-padding.
 """
+
+from __future__ import annotations
 
 import argparse
 import statistics
@@ -59,7 +64,7 @@ def epoch_time(path: Path, units: str, epochs: int, out: Path, name: str, data=N
     return statistics.median(r["epoch_time"] for r in hist[1:])
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=5, help="epochs per run (>= 2)")
     p.add_argument("--repeats", type=int, default=1, help="pairs of runs (median ratio)")
@@ -68,7 +73,10 @@ def main() -> None:
         action="store_true",
         help="also time the padding as stored (60 x 3,200; slow)",
     )
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="1 pair of 2-epoch runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.repeats, args.stored_padding = 2, 1, False
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         compact, mmml = write_files(tmp)
@@ -105,7 +113,8 @@ def main() -> None:
                 f"padding as stored (60 x 3,200): {ts * 1e3:.0f} ms per epoch, "
                 f"{ts / tc:.1f}x the compact file"
             )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

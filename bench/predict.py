@@ -10,7 +10,13 @@ Prints the figures and the ratio to batch size 1; nothing is asserted.
 
 Without --model the default-size DCMNet (dcmtune.config.ModelConfig(), untrained) is timed:
 throughput depends on the architecture, not on the weights.
+
+`--smoke`: the same two inputs for the first 2 demo molecules (20 conformers) through an
+untrained tiny model (4 features, degree 1, 1 iteration, 1 charge per atom) at batch sizes 1
+and 8, one timed call each.
 """
+
+from __future__ import annotations
 
 import argparse
 import time
@@ -18,16 +24,20 @@ import time
 import jax
 import numpy as np
 
-from dcmtune.config import ExperimentConfig
+from dcmtune.config import ExperimentConfig, ModelConfig
 from dcmtune.data import load_dataset
 from dcmtune.model.dcmnet import build_model, init_params
 from dcmtune.predict import Predictor, load_model
 
+SMOKE_MODEL = ModelConfig(
+    n_dcm=1, features=4, max_degree=1, num_iterations=1, num_basis_functions=4
+)
 
-def _predictor(path) -> Predictor:
+
+def _predictor(path, smoke: bool = False) -> Predictor:
     if path:
         return load_model(path)
-    cfg = ExperimentConfig()
+    cfg = ExperimentConfig(model=SMOKE_MODEL) if smoke else ExperimentConfig()
     params = jax.jit(lambda k: init_params(build_model(cfg.model), k))(jax.random.PRNGKey(0))
     return Predictor(path=None, config=cfg, params=params)
 
@@ -40,17 +50,26 @@ def _rate(fn, n: int, repeats: int) -> float:
     return n * repeats / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a checkpoint, run dir or best_model/ (default: untrained)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 256])
-    args = p.parse_args()
-    predictor = _predictor(args.model)
+    p.add_argument(
+        "--smoke", action="store_true", help="2 molecules, tiny model, batch sizes 1 8, 1 repeat"
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.batch_sizes = 1, [1, 8]
+    predictor = _predictor(args.model, args.smoke)
     data = load_dataset(max_atomic_number=predictor.max_atomic_number)
+    if args.smoke:
+        ids, first = np.unique(data.mol_id, return_index=True)
+        data = data.subset(np.flatnonzero(np.isin(data.mol_id, ids[np.argsort(first)][:2])))
     m = predictor.config.model
+    name = args.model or ("untrained tiny" if args.smoke else "untrained default")
     print(
-        f"model: {args.model or 'untrained default'} (n_dcm {m.n_dcm}, features "
+        f"model: {name} (n_dcm {m.n_dcm}, features "
         f"{m.features}, max_degree {m.max_degree}, iterations {m.num_iterations}); "
         f"{data.num_conformers} demo conformers, {jax.devices()[0].platform}"
     )
@@ -65,8 +84,9 @@ def main() -> None:
             )
             base = base or rate
             print(f"{label:<22}{bs:>6}{rate:>14.1f}{rate / base:>8.1f}")
+    return 0
 
 
 if __name__ == "__main__":
     np.set_printoptions(precision=4)
-    main()
+    raise SystemExit(main())

@@ -32,6 +32,11 @@ For each point:
   python bench/scaling.py [--epochs 3] [--repeats 30] [--only conformers atoms grid] [--json]
                           [--profile-only]
                           [--output-dir experiments/bench_scaling]
+
+`--smoke`: every column for the first point of each sweep chosen (demo 1x; the synthetic
+points with 10 atoms and with 600 grid points hold 40 conformers instead of 240) with a tiny
+model (4 features, degree 1, 1 iteration, 1 charge per atom, 4 basis functions), 2 epochs and
+one profiled call per function.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcmtune.config import DataConfig, ExperimentConfig, TrainingConfig
+from dcmtune.config import DataConfig, ExperimentConfig, ModelConfig, TrainingConfig
 from dcmtune.data import ESPData, load_dataset, make_batch, to_arrays, validate_arrays
 from dcmtune.data.synthetic import make_synthetic
 from dcmtune.train.environment import use_compilation_cache
@@ -55,6 +60,10 @@ from dcmtune.units import BOHR
 
 SWEEPS = {"conformers": (1, 4, 16), "atoms": (10, 20, 40, 60), "grid": (600, 1200, 2400, 3200)}
 NUM_CONFORMERS = 240  # as many as the demo set
+SMOKE_CONFORMERS = 40
+SMOKE_MODEL = ModelConfig(
+    n_dcm=1, features=4, max_degree=1, num_iterations=1, num_basis_functions=4
+)
 COLUMNS = (
     "epoch_s",
     "ms_update",
@@ -87,14 +96,16 @@ def repeated_demo(times: int, seed: int = 0) -> ESPData:
     return validate_arrays(out, source=f"<demo x{times}>")
 
 
-def synthetic_set(num_atoms: int, num_grid: int, seed: int = 0) -> ESPData:
-    """24 synthetic molecules of exactly `num_atoms` atoms, 10 conformers each, `num_grid` grid
-    points per conformer, each 1.8-3.0 A from a random atom, with the exact ESP of the reference
-    charges (a timing set: points may lie inside other atoms)."""
+def synthetic_set(
+    num_atoms: int, num_grid: int, seed: int = 0, conformers: int = NUM_CONFORMERS
+) -> ESPData:
+    """conformers / 10 (24) synthetic molecules of exactly `num_atoms` atoms, 10 conformers
+    each, `num_grid` grid points per conformer, each 1.8-3.0 A from a random atom, with the exact
+    ESP of the reference charges (a timing set: points may lie inside other atoms)."""
     rng = np.random.default_rng(seed)
     base = to_arrays(
         make_synthetic(
-            num_molecules=NUM_CONFORMERS // 10,
+            num_molecules=conformers // 10,
             conformers=10,
             min_atoms=num_atoms,
             max_atoms=num_atoms,
@@ -122,14 +133,18 @@ def synthetic_set(num_atoms: int, num_grid: int, seed: int = 0) -> ESPData:
 # --------------------------------------------------------------------------- timing
 
 
-def epoch_times(data: ESPData, epochs: int, out: Path, name: str) -> dict:
-    """Median epoch time and time per update of `fit` with the default model on `data`."""
+def epoch_times(
+    data: ESPData, epochs: int, out: Path, name: str, model: ModelConfig | None = None
+) -> dict:
+    """Median epoch time and time per update of `fit` with the default model (or `model`) on
+    `data`."""
     from dcmtune.train.loop import fit
 
     cfg = ExperimentConfig(
         name=name,
         output_dir=str(out),
         random_seed=0,
+        model=model or ModelConfig(),
         data=DataConfig(split_by="molecule"),
         training=TrainingConfig(num_epochs=epochs, save_every_n_epochs=0),
     )
@@ -159,19 +174,21 @@ def _median_ms(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def profile(data: ESPData, repeats: int) -> dict:
-    """Model vs ESP/loss time of one batch of 8 (forward + backward), and the FLOPs of both."""
+def profile(data: ESPData, repeats: int, model_config: ModelConfig | None = None) -> dict:
+    """Model vs ESP/loss time of one batch of 8 (forward + backward), and the FLOPs of both
+    (the default model, or `model_config`)."""
     import jax
     import jax.numpy as jnp
 
     from dcmtune.model.dcmnet import build_model, init_params
-    from dcmtune.model.loss import LossWeights, loss_and_sums
+    from dcmtune.model.loss import loss_and_sums
+    from dcmtune.train.hparams import Hparams
 
-    cfg = ExperimentConfig()
+    cfg = ExperimentConfig(model=model_config or ModelConfig())
     model = build_model(cfg.model)
     params = jax.jit(lambda k: init_params(model, k))(jax.random.PRNGKey(0))
     batch = jax.device_put(make_batch(data, np.arange(cfg.training.batch_size)))
-    w = LossWeights(*(jnp.float32(x) for x in LossWeights()))
+    w = Hparams.of(cfg.training)  # the default loss weights (traced in the trainer)
 
     def apply(p):
         return model.apply({"params": p}, batch["Z"], batch["R"], batch["atom_mask"], batch["Q"])
@@ -240,11 +257,13 @@ def kernel_count(hlo: str) -> int:
     return sum(1 for m in ops if m and m.group(1) not in skip)
 
 
-def points(only) -> list[tuple[str, int, str]]:
+def points(only, smoke: bool = False) -> list[tuple[str, int, str]]:
     rows = []
     for sweep, values in SWEEPS.items():
         if only and sweep not in only:
             continue
+        if smoke:
+            values = values[:1]
         rows += [
             (
                 sweep,
@@ -260,12 +279,12 @@ def points(only) -> list[tuple[str, int, str]]:
     return rows
 
 
-def dataset(sweep: str, value: int) -> ESPData:
+def dataset(sweep: str, value: int, conformers: int = NUM_CONFORMERS) -> ESPData:
     if sweep == "conformers":
         return repeated_demo(value)
     if sweep == "atoms":
-        return synthetic_set(value, 1200)
-    return synthetic_set(12, value)
+        return synthetic_set(value, 1200, conformers=conformers)
+    return synthetic_set(12, value, conformers=conformers)
 
 
 def main(argv=None) -> int:
@@ -276,14 +295,23 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", default="experiments/bench_scaling")
     p.add_argument("--json", action="store_true", help="also print all rows as JSON")
     p.add_argument("--profile-only", action="store_true", help="skip the fit (epoch columns)")
+    p.add_argument(
+        "--smoke", action="store_true", help="first point of each sweep, tiny model, 2 epochs"
+    )
     args = p.parse_args(argv)
+    model, conformers = None, NUM_CONFORMERS
+    if args.smoke:
+        args.epochs, args.repeats = 2, 1
+        model, conformers = SMOKE_MODEL, SMOKE_CONFORMERS
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     use_compilation_cache(out / ".jax_cache")
     import jax
 
     print(
-        f"default model, batch 8, {jax.devices()[0].platform}; epochs 2..{args.epochs}", flush=True
+        f"{'tiny' if args.smoke else 'default'} model, batch 8, {jax.devices()[0].platform}; "
+        f"epochs 2..{args.epochs}",
+        flush=True,
     )
     print(
         f"{'point':<14}{'conformers':>11}{'A':>4}{'G':>6}" + "".join(f"{c:>11}" for c in COLUMNS),
@@ -291,8 +319,8 @@ def main(argv=None) -> int:
     )
     rows = []
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        for sweep, value, label in points(args.only):
-            data = dataset(sweep, value)
+        for sweep, value, label in points(args.only, args.smoke):
+            data = dataset(sweep, value, conformers)
             row = {
                 "sweep": sweep,
                 "value": value,
@@ -303,8 +331,8 @@ def main(argv=None) -> int:
                 "edge_frac": edge_fraction(data, ExperimentConfig().model.cutoff),
             }
             if not args.profile_only:
-                row.update(epoch_times(data, args.epochs, Path(tmp), f"{sweep}_{value}"))
-            row.update(profile(data, args.repeats))
+                row.update(epoch_times(data, args.epochs, Path(tmp), f"{sweep}_{value}", model))
+            row.update(profile(data, args.repeats, model))
             rows.append(row)
             print(
                 f"{label:<14}{row['conformers']:>11}{row['atoms']:>4}{row['grid']:>6}"

@@ -19,7 +19,13 @@ Prints one row per seed, then the median and range of the ratio; `--json` writes
 curve to <output-dir>/search_efficiency.json.
 
   python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--output-dir DIR] [--json]
-                                    [--gpu 0.25 --concurrency 4]
+                                    [--gpu 0.25 --concurrency 4] [--jax-cache-dir DIR]
+
+`--smoke`: both arms for one seed (0), each a real sweep through `run_sweep` on the Ray
+session of this process if there is one (else a local Ray it starts), at its smallest: 2 trials
+of 1 epoch at once, a tiny fixed model (4 features, 1 charge per atom, 4 basis functions;
+quick.yaml's degree 1 and 1 iteration) with only the learning rate and chg_w searched, the
+default split (valid and test 10 %), ASHA's grace period 1; then the row and the ratio line.
 """
 
 from __future__ import annotations
@@ -34,10 +40,6 @@ from pathlib import Path
 from dcmtune.sweep import local_ray
 from dcmtune.sweep.driver import run_sweep
 
-local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
-
-from _sweeps import TimingCallback, derived_spec  # noqa: E402
-
 TOLERANCE = 1.05
 
 
@@ -48,26 +50,35 @@ def arm_spec(
     cache: Path,
     gpu: float | None = None,
     concurrency: int | None = None,
+    smoke: bool = False,
 ):
-    run = {"jax_cache_dir": str(cache)}
+    from _sweeps import SMOKE_CHANGES, derived_spec, merged, smoke_search
+
+    run: dict = {"jax_cache_dir": str(cache)}
     if gpu is not None:
         run["resources"] = {"cpu": 1, "gpu": gpu}
     if concurrency is not None:
         run["max_concurrent_trials"] = concurrency
+    base = merged(SMOKE_CHANGES, {"search": smoke_search()}) if smoke else {}
     name = f"{arm}_seed{seed}_{int(time.time())}"
     if arm == "tpe_asha":
-        return derived_spec({"searcher": {"seed": seed}, "run": run}, storage, name)
+        extra = {"scheduler": {"grace_period": 1}} if smoke else {}
+        return derived_spec(
+            merged(base, {"searcher": {"seed": seed}, "run": run, **extra}), storage, name
+        )
     return derived_spec(
-        {"searcher": {"seed": seed, "sampler": "random"}, "run": run},
+        merged(base, {"searcher": {"seed": seed, "sampler": "random"}, "run": run}),
         storage,
         name,
         replace={"scheduler": {"name": "fifo"}},
     )
 
 
-def run_arm(arm: str, seed: int, storage: Path, cache: Path, **resources) -> dict:
+def run_arm(arm: str, seed: int, storage: Path, cache: Path, **options) -> dict:
     """One sweep; every reported epoch as (arrival time, trial, epoch, metric), arrival order."""
-    spec = arm_spec(arm, seed, storage, cache, **resources)
+    from _sweeps import TimingCallback
+
+    spec = arm_spec(arm, seed, storage, cache, **options)
     cb = TimingCallback(spec.run.metric)
     t0 = time.time()
     run_sweep(spec, callbacks=[cb], verbose=0, echo=lambda s: None)
@@ -137,10 +148,19 @@ def main(argv=None) -> int:
         help="GPU share per trial (default: quick.yaml's gpu: auto, a CPU trial without GPUs)",
     )
     p.add_argument("--concurrency", type=int, help="trials at once (default: quick.yaml's 2)")
+    p.add_argument(
+        "--jax-cache-dir", help="the trials' compile cache (default: <output-dir>/.jax_cache)"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="seed 0 only; 2 trials of 1 epoch of a tiny model"
+    )
     args = p.parse_args(argv)
+    local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
+    if args.smoke:
+        args.seeds = args.seeds[:1]
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / ".jax_cache"
+    cache = Path(args.jax_cache_dir).resolve() if args.jax_cache_dir else out / ".jax_cache"
     runs, rows = [], []
     cols = (
         "seed",
@@ -161,7 +181,9 @@ def main(argv=None) -> int:
         order = ("random", "tpe_asha") if i % 2 == 0 else ("tpe_asha", "random")
         done = {}
         for arm in order:
-            done[arm] = run_arm(arm, seed, out, cache, gpu=args.gpu, concurrency=args.concurrency)
+            done[arm] = run_arm(
+                arm, seed, out, cache, gpu=args.gpu, concurrency=args.concurrency, smoke=args.smoke
+            )
             runs.append(done[arm])
             if args.json:
                 (out / "search_efficiency.json").write_text(

@@ -28,7 +28,15 @@ and the median and range over the runs. The JAX compile cache lives in --output-
 by all runs (the first run of a fresh directory compiles cold, inside its trials' time).
 
   python bench/sweep_overhead.py [--runs 3] [--trials 8] [--epochs 100] [--concurrency 2]
-                                 [--gpu 0.25] [--output-dir DIR] [--json]
+                                 [--gpu 0.25] [--output-dir DIR] [--json] [--jax-cache-dir DIR]
+
+A run uses the Ray session of this process if there is one (and leaves it running); otherwise
+each run starts a fresh local Ray and shuts it down.
+
+`--smoke`: one run of 2 trials of 1 epoch at once through `run_sweep` (a real sweep, on the
+Ray session of this process if there is one), with a tiny fixed model (4 features, 1 charge per
+atom, 4 basis functions; quick.yaml's degree 1 and 1 iteration), only the learning rate and
+chg_w searched and the default split (valid and test 10 %); then every column of the table.
 """
 
 from __future__ import annotations
@@ -39,13 +47,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dcmtune.sweep import local_ray
 from dcmtune.sweep.driver import run_sweep
 
-local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
-
-from _sweeps import TimingCallback, derived_spec  # noqa: E402
+if TYPE_CHECKING:
+    from _sweeps import TimingCallback
 
 COLUMNS = (
     "ratio",
@@ -64,15 +72,19 @@ COLUMNS = (
 
 
 def overhead_spec(args, name: str):
+    from _sweeps import SMOKE_CHANGES, derived_spec, merged, smoke_search
+
+    cache = args.jax_cache_dir or Path(args.output_dir) / ".jax_cache"
     run = {
         "num_samples": args.trials,
         "max_concurrent_trials": args.concurrency,
-        "jax_cache_dir": str(Path(args.output_dir).resolve() / ".jax_cache"),
+        "jax_cache_dir": str(Path(cache).resolve()),
     }
     if args.gpu is not None:
         run["resources"] = {"cpu": 1, "gpu": args.gpu}
+    base = merged(SMOKE_CHANGES, {"search": smoke_search()}) if args.smoke else {}
     return derived_spec(
-        {"training": {"num_epochs": args.epochs}, "run": run},
+        merged(base, {"training": {"num_epochs": args.epochs}, "run": run}),
         Path(args.output_dir).resolve(),
         name,
         replace={"scheduler": {"name": "fifo"}},
@@ -123,13 +135,16 @@ def figures(cb: TimingCallback, concurrency: int, t_call: float, t_return: float
 
 def one_run(args, i: int) -> dict:
     import ray
+    from _sweeps import TimingCallback
 
     spec = overhead_spec(args, f"overhead_{int(time.time())}_{i}")
     cb = TimingCallback(spec.run.metric)
+    fresh = not ray.is_initialized()  # else: the session's Ray, left running
     t_call = time.time()
     run_sweep(spec, callbacks=[cb], verbose=0, echo=lambda s: None)
     t_return = time.time()
-    ray.shutdown()
+    if fresh:
+        ray.shutdown()
     return figures(cb, args.concurrency, t_call, t_return)
 
 
@@ -147,7 +162,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--output-dir", default="experiments/bench_sweep_overhead")
     p.add_argument("--json", action="store_true", help="also print every run as JSON")
+    p.add_argument(
+        "--jax-cache-dir", help="the trials' compile cache (default: <output-dir>/.jax_cache)"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="1 run of 2 trials of 1 epoch of a tiny model"
+    )
     args = p.parse_args(argv)
+    local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
+    if args.smoke:
+        args.runs, args.trials, args.epochs, args.concurrency = 1, 2, 1, 2
     rows = []
     print(f"{'run':>6}" + "".join(f"{c:>12}" for c in COLUMNS), flush=True)
     for i in range(args.runs):

@@ -21,7 +21,15 @@ Streaming (`--streaming`): epoch time of the bucketed path with data streamed fr
 (device_data_budget_mb = 0) vs device-resident, in one process, interleaved.
 
   python bench/throughput.py [--epochs 4] [--repeats 3] [--qm9] [--streaming] [--only-streaming]
+
+`--smoke`: no other commit (dd26223 is not extracted, its lines are left out): the padded and
+bucketed variants of this tree on the demo set with a tiny model (4 features, degree 1,
+1 iteration, 1 charge per atom, 4 basis functions), 2 epochs (the ratios compare epoch 2), one
+repeat, each variant's worker run in this process (the same `worker` a variant process runs) and
+the buckets planned for a 2-epoch run (one bucket shape); then streaming vs resident, once.
 """
+
+from __future__ import annotations
 
 import argparse
 import csv
@@ -50,14 +58,17 @@ class _Stop(Exception):
 
 
 MODEL = dict(features=16, n_dcm=2, max_degree=2, num_iterations=2)
+SMOKE_MODEL = dict(features=4, n_dcm=1, max_degree=1, num_iterations=1, num_basis_functions=4)
+SMOKE_VARIANTS = ("padded", "bucketed")
 BATCH = 8
 
 
 # --------------------------------------------------------------------------- worker
 
 
-def worker(data_file: str, mode: str, epochs: int, out: str) -> dict:
-    """One training run in this process (whichever dcmtune PYTHONPATH provides)."""
+def worker(data_file: str, mode: str, epochs: int, out: str, smoke: bool = False) -> dict:
+    """One training run in this process (whichever dcmtune PYTHONPATH provides); `smoke`: the
+    tiny model, buckets planned for a run of `epochs` epochs."""
     import dcmtune
     from dcmtune.config import DataConfig, ExperimentConfig, ModelConfig, TrainingConfig
 
@@ -68,10 +79,10 @@ def worker(data_file: str, mode: str, epochs: int, out: str) -> dict:
         name=f"{mode}",
         output_dir=out,
         random_seed=0,
-        model=ModelConfig(**MODEL),
+        model=ModelConfig(**(SMOKE_MODEL if smoke else MODEL)),
         data=DataConfig(**data),
         training=TrainingConfig(
-            num_epochs=RUN_EPOCHS.get(mode, DEFAULT_RUN_EPOCHS),
+            num_epochs=epochs if smoke else RUN_EPOCHS.get(mode, DEFAULT_RUN_EPOCHS),
             batch_size=BATCH,
             warmup_epochs=1,
             save_every_n_epochs=0,
@@ -80,7 +91,7 @@ def worker(data_file: str, mode: str, epochs: int, out: str) -> dict:
     hist, cpu = train_epochs(cfg, epochs)
     n_train = len(json.loads((Path(out) / mode / "split.json").read_text())["indices"]["train"])
     rates, cpu_rates = [], []  # per epoch after the first (median: robust to load spikes)
-    for e, (prev, row) in enumerate(zip(hist, hist[1:], strict=True), start=1):
+    for e, (prev, row) in enumerate(zip(hist[:-1], hist[1:], strict=True), start=1):
         updates = row["step"] - prev["step"]
         conformers = n_train if mode.startswith("bucketed") else updates * BATCH
         rates.append(conformers / (row["batch_time"] * updates))
@@ -118,10 +129,22 @@ def train_epochs(cfg, epochs: int) -> tuple[list[dict], list[float]]:
 
 
 def run_variant(
-    variant: str, data_file: Path, epochs: int, base_tree: Path, out: Path, cache: Path
+    variant: str,
+    data_file: Path,
+    epochs: int,
+    base_tree: Path | None,
+    out: Path,
+    cache: Path,
+    smoke: bool = False,
 ) -> dict:
-    """`worker` in a subprocess with the variant's library on PYTHONPATH."""
-    root = base_tree if variant == BASE_COMMIT else REPO
+    """`worker` in a subprocess with the variant's library on PYTHONPATH (`smoke`: in this
+    process, this tree's library)."""
+    root = base_tree if variant == BASE_COMMIT and base_tree is not None else REPO
+    if smoke:
+        got = worker(str(data_file), variant, epochs, str(out), smoke=True)
+        if not got["library"].startswith(str(root)):
+            sys.exit(f"{variant}: ran the library at {got['library']}, expected {root}")
+        return got
     env = dict(
         os.environ,
         PYTHONPATH=str(root),
@@ -148,14 +171,23 @@ def run_variant(
 
 
 def throughput(
-    name: str, data_file: Path, epochs: int, repeats: int, base_tree: Path, tmp: Path
+    name: str,
+    data_file: Path,
+    epochs: int,
+    repeats: int,
+    base_tree: Path | None,
+    tmp: Path,
+    smoke: bool = False,
 ) -> None:
     cache = tmp / f"jax-cache-{name}"
-    runs = {v: [] for v in VARIANTS}
+    variants = SMOKE_VARIANTS if smoke else VARIANTS
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(repeats):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in order:
-            got = run_variant(v, data_file, epochs, base_tree, tmp / f"{name}-{v}-{r}", cache)
+            got = run_variant(
+                v, data_file, epochs, base_tree, tmp / f"{name}-{v}-{r}", cache, smoke
+            )
             runs[v].append(got)
             print(
                 f"  [{name}] repeat {r + 1} {v:>9}: {got['conformers_per_s']:7.1f} "
@@ -165,37 +197,40 @@ def throughput(
                 f"{got['n_train']} training conformers",
                 flush=True,
             )
-    med = {v: statistics.median(x["conformers_per_s"] for x in runs[v]) for v in VARIANTS}
+    med = {v: statistics.median(x["conformers_per_s"] for x in runs[v]) for v in variants}
     rng = {
         v: (
             min(x["conformers_per_s"] for x in runs[v]),
             max(x["conformers_per_s"] for x in runs[v]),
         )
-        for v in VARIANTS
+        for v in variants
     }
     print(f"{name}: training conformers/s, median of {repeats} (range)")
-    for v in VARIANTS:
+    for v in variants:
         print(f"  {v:>9}: {med[v]:8.1f}  ({rng[v][0]:.1f}-{rng[v][1]:.1f})")
-    ratios = [
-        b["conformers_per_s"] / a["conformers_per_s"]
-        for a, b in zip(runs[BASE_COMMIT], runs["bucketed"], strict=True)
-    ]
-    cpu = {v: statistics.median(x["conformers_per_cpu_s"] for x in runs[v]) for v in VARIANTS}
+    cpu = {v: statistics.median(x["conformers_per_cpu_s"] for x in runs[v]) for v in variants}
+    base = BASE_COMMIT in variants  # left out by --smoke
     print(
         "  (conformers per CPU-second of whole epochs, load-independent: "
-        + ", ".join(f"{v} {cpu[v]:.1f}" for v in VARIANTS)
-        + f"; bucketed / dd26223 {cpu['bucketed'] / cpu[BASE_COMMIT]:.2f})"
+        + ", ".join(f"{v} {cpu[v]:.1f}" for v in variants)
+        + (f"; bucketed / dd26223 {cpu['bucketed'] / cpu[BASE_COMMIT]:.2f})" if base else ")")
     )
-    print(
-        f"  bucketed / dd26223: {med['bucketed'] / med[BASE_COMMIT]:.2f}  (per repeat "
-        f"{', '.join(f'{x:.2f}' for x in ratios)}; target >= 2)"
-    )
-    print(f"  bucketed-long / dd26223: {med['bucketed-long'] / med[BASE_COMMIT]:.2f}")
+    if base:
+        ratios = [
+            b["conformers_per_s"] / a["conformers_per_s"]
+            for a, b in zip(runs[BASE_COMMIT], runs["bucketed"], strict=True)
+        ]
+        print(
+            f"  bucketed / dd26223: {med['bucketed'] / med[BASE_COMMIT]:.2f}  (per repeat "
+            f"{', '.join(f'{x:.2f}' for x in ratios)}; target >= 2)"
+        )
+        print(f"  bucketed-long / dd26223: {med['bucketed-long'] / med[BASE_COMMIT]:.2f}")
     print(f"  bucketed / padded:  {med['bucketed'] / med['padded']:.2f}")
-    print(f"  padded / dd26223:   {med['padded'] / med[BASE_COMMIT]:.2f}")
+    if base:
+        print(f"  padded / dd26223:   {med['padded'] / med[BASE_COMMIT]:.2f}")
     print(
         "  first epoch (compiles; repeat 1 cold): "
-        + ", ".join(f"{v} {runs[v][0]['first_epoch_s']:.1f} s" for v in VARIANTS),
+        + ", ".join(f"{v} {runs[v][0]['first_epoch_s']:.1f} s" for v in variants),
         flush=True,
     )
 
@@ -203,8 +238,9 @@ def throughput(
 # --------------------------------------------------------------------------- streaming
 
 
-def streaming(epochs: int, repeats: int, tmp: Path) -> None:
-    """Epoch time of streamed vs device-resident data (bucketed path, demo set)."""
+def streaming(epochs: int, repeats: int, tmp: Path, smoke: bool = False) -> None:
+    """Epoch time of streamed vs device-resident data (bucketed path, demo set); `smoke`: the
+    tiny model, buckets planned for a run of `epochs` epochs."""
     from dcmtune.config import DataConfig, ExperimentConfig, ModelConfig, TrainingConfig
 
     times = {"resident": [], "streamed": []}
@@ -215,10 +251,10 @@ def streaming(epochs: int, repeats: int, tmp: Path) -> None:
                 name=f"{how}{r}",
                 output_dir=str(tmp),
                 random_seed=0,
-                model=ModelConfig(**MODEL),
+                model=ModelConfig(**(SMOKE_MODEL if smoke else MODEL)),
                 data=DataConfig(device_data_budget_mb=0.0 if how == "streamed" else 1024.0),
                 training=TrainingConfig(
-                    num_epochs=DEFAULT_RUN_EPOCHS,
+                    num_epochs=epochs if smoke else DEFAULT_RUN_EPOCHS,
                     batch_size=BATCH,
                     warmup_epochs=1,
                     save_every_n_epochs=0,
@@ -259,11 +295,12 @@ def qm9_like(path: Path, molecules: int, seed: int = 0) -> Path:
     return path
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        data_file, mode, epochs, out = sys.argv[2:6]
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--worker":
+        data_file, mode, epochs, out = argv[1:5]
         print(json.dumps(worker(data_file, mode, int(epochs), out)))
-        return
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=4, help="epochs per run (>= 2)")
     p.add_argument("--repeats", type=int, default=3)
@@ -275,26 +312,40 @@ def main() -> None:
     p.add_argument(
         "--git-dir", default=str(REPO), help="the repository holding dd26223 (default: this tree's)"
     )
-    args = p.parse_args()
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="this tree only, tiny model, 2 epochs, 1 repeat, in this process; and streaming",
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.repeats, args.streaming = 2, 1, True
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if not args.only_streaming:
-            base = tmp / BASE_COMMIT
-            base.mkdir()
-            archive = subprocess.run(
-                ["git", "-C", args.git_dir, "archive", BASE_COMMIT], capture_output=True, check=True
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+            base = None
+            if not args.smoke:
+                base = tmp / BASE_COMMIT
+                base.mkdir()
+                archive = subprocess.run(
+                    ["git", "-C", args.git_dir, "archive", BASE_COMMIT],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+                subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
             from dcmtune.data import bundled_dataset_path
 
             if not args.no_demo:
-                throughput("demo", bundled_dataset_path(), args.epochs, args.repeats, base, tmp)
+                throughput(
+                    "demo", bundled_dataset_path(), args.epochs, args.repeats, base, tmp, args.smoke
+                )
             if args.qm9:
                 path = qm9_like(tmp / "qm9_like.npz", args.qm9_molecules)
-                throughput("qm9-like", path, args.epochs, args.repeats, base, tmp)
+                throughput("qm9-like", path, args.epochs, args.repeats, base, tmp, args.smoke)
         if args.streaming or args.only_streaming:
-            streaming(args.epochs, args.repeats, tmp)
+            streaming(args.epochs, args.repeats, tmp, args.smoke)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["read_yaml"]
+__all__ = ["read_yaml", "read_yaml_value"]
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -76,3 +76,19 @@ def read_yaml(path: str | Path, error: type[ValueError], what: str = "YAML file"
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise error(f"{path}: not valid YAML{where} ({problem})") from None
+
+
+def read_yaml_value(text: str, error: type[ValueError], what: str) -> Any:
+    """One YAML value given on a command line (`300`, `1e-2`, `true`, `[16, 32]`, `null`), read
+    with the same rules as a file.
+
+    Raises:
+      error: one line naming `what` and the text.
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as e:
+        raise error(f"{what}: {e}") from None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{what}: {text!r} is not a YAML value ({problem})") from None

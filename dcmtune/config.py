@@ -102,6 +102,11 @@ class _Config:
             key = f"{self._section}.{f.name}" if self._section else f.name
             object.__setattr__(self, f.name, _coerce(key, getattr(self, f.name), hints[f.name]))
 
+    def _require(self, name: str, ok: bool, expected: str) -> None:
+        """ConfigError naming `<section>.<name>` and its value unless `ok`."""
+        key = f"{self._section}.{name}" if self._section else name
+        _check(key, ok, expected, getattr(self, name))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -209,7 +214,7 @@ class DataConfig(_Config):
         drops the remainder (the trainer before buckets; checkpoints without this key).
       max_buckets: At most this many bucket shapes (compiled steps); 1 = one shape.
       device_data_budget_mb: Above this size of the padded train + validation batches, data
-        stays in host memory and batches are streamed to the device (dcmtune.batching).
+        stays in host memory and batches are streamed to the device (dcmtune.train.feed).
     """
 
     _section = "data"
@@ -299,6 +304,9 @@ class TrainingConfig(_Config):
         step_factor every step_every_epochs epochs.
       save_every_n_epochs: Periodic checkpoint interval (0 = none).
       keep_top_k_checkpoints: Periodic checkpoints kept, best by validation loss.
+      report_test_metrics: Also evaluate the test split every epoch and report its metrics as
+        test_* (for benchmark tables of learning curves, bench/learning_curves.py). Nothing is
+        chosen on them: sweeps select and rank on valid_* metrics only.
     """
 
     _section = "training"
@@ -321,6 +329,7 @@ class TrainingConfig(_Config):
     step_factor: float = 0.5
     save_every_n_epochs: int = 10
     keep_top_k_checkpoints: int = 5
+    report_test_metrics: bool = False
 
     @property
     def effective_warmup_epochs(self) -> int:
@@ -331,79 +340,41 @@ class TrainingConfig(_Config):
 
     def __post_init__(self) -> None:
         self._validate_types()
-        s = self._section
-        _check(f"{s}.num_epochs", self.num_epochs >= 1, "at least 1", self.num_epochs)
-        _check(f"{s}.batch_size", self.batch_size >= 1, "at least 1", self.batch_size)
-        _check(
-            f"{s}.gradient_accumulation_steps",
-            self.gradient_accumulation_steps >= 1,
-            "at least 1",
-            self.gradient_accumulation_steps,
-        )
-        _check(
-            f"{s}.learning_rate",
-            0 < self.learning_rate < 1,
-            "a value in (0, 1)",
-            self.learning_rate,
-        )
+        need = self._require
+        need("num_epochs", self.num_epochs >= 1, "at least 1")
+        need("batch_size", self.batch_size >= 1, "at least 1")
+        need("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "at least 1")
+        need("learning_rate", 0 < self.learning_rate < 1, "a value in (0, 1)")
         for name in ("esp_w", "chg_w", "dip_w"):
             v = getattr(self, name)
-            _check(f"{s}.{name}", math.isfinite(v) and v >= 0, "a finite weight >= 0", v)
-        _check(
-            f"{s}.esp_w",
-            self.esp_w + self.chg_w + self.dip_w > 0,
-            "at least one positive loss weight",
-            self.esp_w,
+            need(name, math.isfinite(v) and v >= 0, "a finite weight >= 0")
+        positive = self.esp_w + self.chg_w + self.dip_w > 0
+        need("esp_w", positive, "at least one positive loss weight")
+        need("grad_clip_norm", self.grad_clip_norm > 0, "a positive norm")
+        need("ema_decay", 0 <= self.ema_decay < 1, "a decay in [0, 1)")
+        self._check_schedule()
+        need("save_every_n_epochs", self.save_every_n_epochs >= 0, "0 (off) or more")
+        need("keep_top_k_checkpoints", self.keep_top_k_checkpoints >= 0, "0 or more")
+
+    def _check_schedule(self) -> None:
+        need = self._require
+        need(
+            "lr_schedule_type", self.lr_schedule_type in SCHEDULE_TYPES, " or ".join(SCHEDULE_TYPES)
         )
-        _check(
-            f"{s}.grad_clip_norm", self.grad_clip_norm > 0, "a positive norm", self.grad_clip_norm
-        )
-        _check(f"{s}.ema_decay", 0 <= self.ema_decay < 1, "a decay in [0, 1)", self.ema_decay)
-        _check(
-            f"{s}.lr_schedule_type",
-            self.lr_schedule_type in SCHEDULE_TYPES,
-            " or ".join(SCHEDULE_TYPES),
-            self.lr_schedule_type,
-        )
-        _check(
-            f"{s}.warmup_epochs",
-            self.warmup_epochs is None or 0 <= self.warmup_epochs < self.num_epochs,
+        warmup = self.warmup_epochs
+        need(
+            "warmup_epochs",
+            warmup is None or 0 <= warmup < self.num_epochs,
             f"an integer in [0, num_epochs={self.num_epochs}) or None (automatic)",
-            self.warmup_epochs,
         )
-        _check(
-            f"{s}.min_lr_factor",
-            0 <= self.min_lr_factor <= 1,
-            "a fraction in [0, 1]",
-            self.min_lr_factor,
-        )
-        _check(
-            f"{s}.min_lr_factor",
+        need("min_lr_factor", 0 <= self.min_lr_factor <= 1, "a fraction in [0, 1]")
+        need(
+            "min_lr_factor",
             self.lr_schedule_type != "exponential" or self.min_lr_factor > 0,
             "a factor > 0 for the exponential schedule",
-            self.min_lr_factor,
         )
-        _check(
-            f"{s}.step_every_epochs",
-            self.step_every_epochs >= 1,
-            "at least 1",
-            self.step_every_epochs,
-        )
-        _check(
-            f"{s}.step_factor", 0 < self.step_factor <= 1, "a factor in (0, 1]", self.step_factor
-        )
-        _check(
-            f"{s}.save_every_n_epochs",
-            self.save_every_n_epochs >= 0,
-            "0 (off) or more",
-            self.save_every_n_epochs,
-        )
-        _check(
-            f"{s}.keep_top_k_checkpoints",
-            self.keep_top_k_checkpoints >= 0,
-            "0 or more",
-            self.keep_top_k_checkpoints,
-        )
+        need("step_every_epochs", self.step_every_epochs >= 1, "at least 1")
+        need("step_factor", 0 < self.step_factor <= 1, "a factor in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_kit import PYTHON, MotoServer, Node, base_env, stop, wait_for
+from cluster_kit import (
+    PYTHON,
+    CpuMeter,
+    MotoServer,
+    Node,
+    base_env,
+    exited,
+    file_size,
+    files_state,
+    processes,
+    ray_workers,
+    run,
+    stop,
+    wait_for,
+)
 
 NAME = "nodeloss"
 EPOCHS = 16
@@ -35,19 +49,35 @@ class Cluster(typing.NamedTuple):
     def add_worker(self) -> Node:
         node = Node(self.workdir, f"worker{len(self.workers) + 1}", 1, self.head.address)
         self.workers.append(node)
-        wait_for(node.started, 120, f"worker {len(self.workers)} to join")
+        node.wait_registered()
         return node
 
-    def run(self, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(self, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+        """`python -m <args>` to its end, bounded by its progress (its output, its CPU time,
+        what the cluster does for it)."""
         cwd.mkdir(parents=True, exist_ok=True)
-        return subprocess.run(
+        return run(
             [PYTHON, "-m", *args],
+            f"python -m {' '.join(args)}",
             cwd=cwd,
             env=self.env,
-            text=True,
-            capture_output=True,
-            timeout=timeout,
+            progress=self.progress(),
         )
+
+    def progress(self) -> typing.Callable[[], tuple]:
+        """A snapshot of what a sweep on the cluster leaves behind: objects in the bucket, the
+        driver's results on the head (Tune's driver artifacts), CPU time of the workers' Ray
+        worker processes (the trials)."""
+        cpu = CpuMeter(lambda: [p for n in self.workers for p in ray_workers(n.proc.pid)])
+
+        def snapshot() -> tuple:
+            return (
+                self.moto.state(""),
+                files_state(*self.head.temp_dir.glob("session_*/artifacts")),
+                cpu(),
+            )
+
+        return snapshot
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +87,7 @@ def cluster(tmp_path_factory):
     head = Node(wd, "head", 0)
     c = Cluster(wd, moto, head, [], base_env(wd))
     try:
-        wait_for(head.started, 120, "the head node")
+        head.wait_registered()
         yield c
     finally:
         for node in c.workers:
@@ -110,8 +140,10 @@ class Lost(typing.NamedTuple):
 
 @pytest.fixture(scope="module")
 def lost_node_sweep(cluster, tiny_data_file):
-    """A sweep whose worker's raylet is killed after the first trial's second checkpoint
-    reached the bucket; a new worker joins and the sweep finishes there."""
+    """A sweep whose worker's raylet is killed once a trial's second checkpoint (or a later one
+    before its last) reached the bucket; once the head's GCS reports that node dead, a new
+    worker joins and the sweep finishes there. Every wait is bounded by the sweep's progress
+    (the driver's log, the bucket, Tune's results on the head, CPU time of the trial)."""
     wd, moto = cluster.workdir, cluster.moto
     spec = _spec(wd / "spec", tiny_data_file)
     storage_uri = moto.uri("exp")
@@ -135,28 +167,57 @@ def lost_node_sweep(cluster, tiny_data_file):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+
+    driver_cpu, cluster_progress = CpuMeter(lambda: processes(driver.pid)), cluster.progress()
+
+    def progress():
+        return file_size(wd / "driver.log"), driver_cpu(), cluster_progress()
+
+    def running() -> bool:
+        if driver.poll() is not None:
+            raise AssertionError(
+                f"the driver exited with {driver.returncode}: "
+                + (wd / "driver.log").read_text(errors="replace")[-3000:]
+            )
+        return True
+
     try:
         wait_for(
-            lambda: any(
-                f.endswith("/checkpoint_000001/state.msgpack") for f in moto.files(f"exp/{NAME}")
-            ),
-            300,
-            "the first trial's second checkpoint in the bucket",
+            lambda: running() and _mid_trial(moto.files(f"exp/{NAME}")),
+            "a trial's second checkpoint in the bucket",
+            progress,
             every=0.1,
         )
         raylet = first.raylet()
         raylet.kill()  # the node is lost mid-trial
-        raylet.wait(10)
-        stop(first.proc)
+        wait_for(lambda: exited(raylet), "the killed raylet to exit")
+        stop(first.proc, "ray start of the lost worker")
+        first.wait_dead_in_gcs()
         replacement = cluster.add_worker()
-        driver.wait(420)
+        wait_for(
+            lambda: driver.poll() is not None, "the sweep to finish on the new worker", progress
+        )
     finally:
-        stop(driver)
+        stop(driver, "the driver")
         log.close()
     out = subprocess.CompletedProcess(
         driver.args, driver.returncode, (wd / "driver.log").read_text(errors="replace"), ""
     )
     return Lost(spec, moto.uri(f"exp/{NAME}"), f"exp/{NAME}", out, first, replacement)
+
+
+def _mid_trial(files: list[str]) -> bool:
+    """Whether a trial's newest checkpoint in the bucket is its second or a later one, but not
+    its last: the trial has a checkpoint to resume from and epochs left. (Not just
+    checkpoint_000001: with num_to_keep=2 it is gone two epochs later, and a slow listing
+    may not see it.)"""
+    newest: dict[str, int] = {}
+    for f in files:
+        parts = f.split("/")
+        if f.endswith("/state.msgpack") and len(parts) >= 3 and parts[-2].startswith("checkpoint_"):
+            trial = parts[-3]
+            newest[trial] = max(newest.get(trial, -1), int(parts[-2].split("_")[1]))
+    return any(1 <= n <= EPOCHS - 2 for n in newest.values())
 
 
 def _trials(moto: MotoServer, prefix: str) -> dict[str, list[str]]:
@@ -327,7 +388,6 @@ def test_bad_storage_exits_2_with_one_line_before_anything_starts(
             "--storage-path",
             uri,
             cwd=tmp_path / "run",
-            timeout=30,
         )
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2, (uri, out.stderr[-2000:])
@@ -341,14 +401,12 @@ def test_bad_storage_exits_2_with_one_line_before_anything_starts(
         "--storage-path",
         moto.uri("empty"),
         cwd=tmp_path / "run",
-        timeout=30,
     )
     assert out.returncode == 2 and "no experiment to resume" in out.stderr, out.stderr
     out = cluster.run(
         "dcmtune.rank",
         f"s3://missing-bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http",
         cwd=tmp_path / "run",
-        timeout=30,
     )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert moto.files("") == before  # nothing written to the bucket

@@ -1,4 +1,5 @@
-"""Fault-tolerant sweeps, proven by killing them (real processes, every wait bounded).
+"""Fault-tolerant sweeps, proven by killing them (real processes, every wait bounded by the
+work's progress, not by a guess of the machine's speed: cluster_kit.wait_for).
 
 * a trial process SIGKILLed mid-epoch is retried from its last checkpoint;
 * a trial whose loss turns non-finite on accepted input is FAIL in Optuna, excluded from the
@@ -16,13 +17,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from cluster_kit import CpuMeter, file_size, files_state, processes, ray_workers, stop, wait_for
 from ray import tune
 
 from dcmtune.config import DataConfig
@@ -38,30 +39,23 @@ GOOD_W, BAD_W = 1e-3, 1e30  # esp_w: the outlier's gradient stays finite / overf
 pytestmark = pytest.mark.ray
 
 
-def _wait(predicate, timeout, what, poll=0.2):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 # --------------------------------------------------------------------------- trial killed,
 # trial diverged: one sweep, two trials
 
 
 class _KillTrialOnce(tune.Callback):
-    """SIGKILLs the worker process of the first trial halfway through its epoch 3 (by the pid
-    Tune reports; a Ray worker this test session started), once; records failures."""
+    """SIGKILLs the worker process of the first trial as the driver handles its epoch 2 (by the
+    pid Tune reports; a Ray worker this test session started), once; records failures.
+
+    The trial's training thread waits at each report until the driver asks for the next
+    result, so the kill lands after epoch 2's checkpoint and before epoch 3 ends, however fast
+    or loaded the machine is (no sleep aiming at mid-epoch)."""
 
     def __init__(self):
         self.killed, self.failures = None, {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.killed is None and result.get("epoch") == 2 and not result.get("diverged"):
-            time.sleep(0.5 * float(result.get("epoch_time", 0.2)))  # mid-epoch 3
             os.kill(int(result["pid"]), signal.SIGKILL)
             self.killed = trial.trial_id
 
@@ -179,29 +173,48 @@ def _kill_driver_mid_sweep(ray_session, tiny_spec, directory, name, sig):
     db = Path(spec.study_storage.removeprefix("sqlite:///"))  # in the experiment directory
     env = dict(os.environ, PYTHONPATH=str(REPO), TUNE_GLOBAL_CHECKPOINT_S="30")
     address = ray_session.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcmtune.sweep", str(path), "--address", address, "--quiet"],
-        cwd=directory,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = directory / f"{name}-driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dcmtune.sweep", str(path), "--address", address, "--quiet"],
+            cwd=directory,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    driver_cpu = CpuMeter(lambda: processes(proc.pid))
+    trials_cpu = CpuMeter(lambda: ray_workers(os.getpid()))  # the session's Ray workers
+
+    def progress():
+        """What the sweep leaves behind: the driver's output, the study, the experiment's
+        files, CPU time of the driver and of the trials."""
+        return (
+            file_size(log),
+            _study_states(db),
+            files_state(spec.experiment_dir),
+            driver_cpu(),
+            trials_cpu(),
+        )
+
+    def window():
+        if proc.poll() is not None:
+            raise AssertionError(f"the driver exited with {proc.returncode}: {_tail(log)}")
+        states = _study_states(db)
+        return states.count("COMPLETE") + states.count("PRUNED") >= 1 and "RUNNING" in states
+
     try:
-
-        def window():
-            states = _study_states(db)
-            return states.count("COMPLETE") + states.count("PRUNED") >= 1 and "RUNNING" in states
-
-        _wait(window, 300, "one trial finished and another running", poll=0.05)
+        wait_for(window, "one trial finished and another running", progress, every=0.05)
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=120)
+        wait_for(lambda: proc.poll() is not None, f"the driver to exit on {sig.name}", progress)
         finished = _snapshot_finished(spec)  # what was finished when the driver stopped
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    return spec, proc.returncode, finished, out
+        stop(proc, "the driver")
+    return spec, proc.returncode, finished, log.read_text(errors="replace")
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:]
 
 
 def _check_exactly_once(spec, finished, outcome):

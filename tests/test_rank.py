@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 
 from dcmtune import metrics
-from dcmtune.analysis import rank, report
+from dcmtune.analysis import plots as report
+from dcmtune.analysis import rank
 from dcmtune.analysis.commands import rank_main
+from dcmtune.analysis.plots import PLOT_FILES
 from dcmtune.analysis.rank import rank_experiment
 from dcmtune.analysis.ranking import RankError
-from dcmtune.analysis.report import PLOT_FILES
 from dcmtune.config import flat_dict
 
 ray = pytest.mark.ray  # tests on the shared tiny sweep (it needs the session's Ray)

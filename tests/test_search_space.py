@@ -354,7 +354,7 @@ INVALID = [
         10,
         "scheduler.max_t: is training.num_epochs",
     ),
-    ("unknown sampler", "searcher/sampler", "cmaes", "searcher.sampler: expected tpe or random"),
+    ("unknown sampler", "searcher/sampler", "bayes", "searcher.sampler: expected tpe or random"),
     (
         "point outside the space",
         "searcher/points_to_evaluate",
@@ -485,8 +485,11 @@ def test_resume_refuses_a_changed_spec(spec_dir, no_ray, capsys):
     assert err.startswith(
         "error: search.training.learning_rate.loguniform: differs from the experiment being resumed"
     ), err
-    assert sweep.main([str(path), "--resume", "--num-samples", "9"]) == 2
-    assert "differs from the experiment being resumed" in capsys.readouterr().err
+    assert sweep.main([str(spec.path), "--resume", "--num-samples", "9"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --set: the experiment being resumed was started with overrides none, not "
+        "run.num_samples=9; resume with the same --set/--data/--num-samples flags"
+    )
     # The original spec passes the checks (and would then resume).
     with pytest.raises(AssertionError, match="run_sweep reached"):
         sweep.main([str(spec.path), "--resume"])

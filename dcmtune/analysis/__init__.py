@@ -26,6 +26,7 @@ from dcmtune.analysis.evaluate import (
 )
 from dcmtune.analysis.history import TrainingHistory, analyze_training_history
 from dcmtune.analysis.importances import distributions, param_importances
+from dcmtune.analysis.plots import PLOT_FILES, write_plots
 from dcmtune.analysis.rank import OUTPUT_FILES, rank_experiment
 from dcmtune.analysis.ranking import (
     BEST_MODEL,
@@ -39,7 +40,7 @@ from dcmtune.analysis.ranking import (
     TrialRecord,
     discover_trials,
 )
-from dcmtune.analysis.report import PLOT_FILES, format_ranking, markdown, write_plots
+from dcmtune.analysis.report import format_ranking, markdown
 
 __all__ = [
     "AnalysisError",

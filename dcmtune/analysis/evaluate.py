@@ -182,39 +182,12 @@ def analyze_checkpoint(
       A CheckpointAnalysis.
     """
     c = _as_loaded(checkpoint)
-    split = "data"
-    if isinstance(data, str):
-        split = data
-        sub = checkpoint_data(c, split, data_files=data_files)
-        indices = (
-            np.asarray(c.split_record["indices"][split], dtype=np.int64)
-            if split != "all" and c.split_record is not None
-            else None
-        )
-        data = sub
-    if not isinstance(data, ESPData):
-        raise TypeError(f"data: expected an ESPData or a split name, got {type(data).__name__}")
-    if data.num_atoms and int(data.Z.max()) > c.config.model.max_atomic_number:
-        raise AnalysisError(
-            f"{c.path}: the data holds atomic number {int(data.Z.max())}, above "
-            f"this model's max_atomic_number {c.config.model.max_atomic_number}"
-        )
+    split, data, indices = _evaluated(c, data, data_files, indices)
     if batch_size < 1:
         raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
     out = _predict(c, data, batch_size)
-    from dcmtune.model.loss import finalize_metrics
-    from dcmtune.train.hparams import Hparams
-
     mono_pred = np.where(data.Z > 0, out["mono"], 0.0)
-    metrics = finalize_metrics(out["sums"], Hparams.of(c.config.training))
-    metrics.update(_pooled_esp_metrics(data, out["esp"]))
-    metrics.update(_charge_and_dipole_metrics(data, mono_pred, out["dipole"]))
-    metrics.update(
-        n_conformers=data.num_conformers,
-        n_molecules=int(len(np.unique(data.mol_id))),
-        n_grid_points=int(_grid_mask(data).sum()),
-        n_params=c.num_params,
-    )
+    metrics = _metrics(c, data, out, mono_pred)
     per_conf = _per_conformer(data, out, mono_pred, indices)
     return CheckpointAnalysis(
         checkpoint=c.path,
@@ -231,6 +204,44 @@ def analyze_checkpoint(
         mono_pred=mono_pred,
         dipole_pred=out["dipole"],
     )
+
+
+def _evaluated(
+    c: LoadedCheckpoint, data: ESPData | str, data_files, indices
+) -> tuple[str, ESPData, np.ndarray | None]:
+    """(split name or "data", the conformers, their dataset indices) to evaluate."""
+    split = "data"
+    if isinstance(data, str):
+        split = data
+        data = checkpoint_data(c, split, data_files=data_files)
+        record = c.split_record
+        has = split != "all" and record is not None
+        indices = np.asarray(record["indices"][split], dtype=np.int64) if has else None
+    if not isinstance(data, ESPData):
+        raise TypeError(f"data: expected an ESPData or a split name, got {type(data).__name__}")
+    if data.num_atoms and int(data.Z.max()) > c.config.model.max_atomic_number:
+        raise AnalysisError(
+            f"{c.path}: the data holds atomic number {int(data.Z.max())}, above "
+            f"this model's max_atomic_number {c.config.model.max_atomic_number}"
+        )
+    return split, data, indices
+
+
+def _metrics(c: LoadedCheckpoint, data: ESPData, out: dict, mono_pred: np.ndarray) -> dict:
+    """The trainer's metrics (same definitions) and the pooled, charge, dipole and count ones."""
+    from dcmtune.model.loss import finalize_metrics
+    from dcmtune.train.hparams import Hparams
+
+    metrics = finalize_metrics(out["sums"], Hparams.of(c.config.training))
+    metrics.update(_pooled_esp_metrics(data, out["esp"]))
+    metrics.update(_charge_and_dipole_metrics(data, mono_pred, out["dipole"]))
+    metrics.update(
+        n_conformers=data.num_conformers,
+        n_molecules=int(len(np.unique(data.mol_id))),
+        n_grid_points=int(_grid_mask(data).sum()),
+        n_params=c.num_params,
+    )
+    return metrics
 
 
 def _pooled_esp_metrics(data: ESPData, esp_pred: np.ndarray) -> dict[str, float]:

@@ -115,53 +115,53 @@ def analyze_training_history(exp_dir: str | Path) -> TrainingHistory:
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     if df.empty or "epoch" not in df:
         raise AnalysisError(f"{source}: no epochs recorded (expected rows with an 'epoch' column)")
-    df = df.copy()
-    df["epoch"] = pd.to_numeric(df["epoch"], errors="coerce")
-    df = df[df["epoch"].notna()]
-    df["epoch"] = df["epoch"].astype(int)
-    df = (
-        df.drop_duplicates("epoch", keep="last")
-        .sort_values("epoch", kind="stable")
-        .reset_index(drop=True)
-    )
-    for col in df.columns:
-        if col != "epoch" and df[col].dtype == object:
-            converted = pd.to_numeric(df[col], errors="coerce")
-            if converted.notna().sum() == df[col].notna().sum():
-                df[col] = converted
+    df = _numeric_epochs(df)
     last = df.iloc[-1]
-
-    def num(row, key):
-        v = row.get(key) if hasattr(row, "get") else None
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return float("nan")
-
-    diverged = bool(
-        "diverged" in df
-        and pd.to_numeric(df["diverged"], errors="coerce").fillna(0).astype(bool).any()
-    )
-    for col in ("train_loss", "valid_loss"):
-        if col in df:
-            diverged |= bool(
-                (~np.isfinite(pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64))).any()
-            )
     h = TrainingHistory(
         history_df=df,
         best_epoch=0,
         best_valid_loss=float("nan"),
-        final_train_loss=num(last, "train_loss"),
-        final_valid_loss=num(last, "valid_loss"),
+        final_train_loss=_number(last, "train_loss"),
+        final_valid_loss=_number(last, "valid_loss"),
         num_epochs=int(last["epoch"]),
-        diverged=diverged,
+        diverged=_diverged(df),
         source=source,
     )
     best_epoch, best_loss = h.best("valid_loss")
     return dataclasses.replace(h, best_epoch=best_epoch, best_valid_loss=best_loss)
 
 
-# --------------------------------------------------------------------------- summaries
+def _numeric_epochs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per epoch (the last of repeats), in numeric epoch order, number columns as
+    numbers."""
+    df = df.copy()
+    df["epoch"] = pd.to_numeric(df["epoch"], errors="coerce")
+    df = df[df["epoch"].notna()]
+    df["epoch"] = df["epoch"].astype(int)
+    df = df.drop_duplicates("epoch", keep="last").sort_values("epoch", kind="stable")
+    df = df.reset_index(drop=True)
+    for col in df.columns:
+        if col != "epoch" and df[col].dtype == object:
+            converted = pd.to_numeric(df[col], errors="coerce")
+            if converted.notna().sum() == df[col].notna().sum():
+                df[col] = converted
+    return df
 
 
-# --------------------------------------------------------------------------- CLI
+def _number(row, key: str) -> float:
+    v = row.get(key) if hasattr(row, "get") else None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _diverged(df: pd.DataFrame) -> bool:
+    """Whether an epoch was flagged diverged or reported a non-finite loss."""
+    flags = "diverged" in df and pd.to_numeric(df["diverged"], errors="coerce").fillna(0)
+    diverged = bool(flags is not False and flags.astype(bool).any())
+    for col in ("train_loss", "valid_loss"):
+        if col in df:
+            values = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
+            diverged |= bool((~np.isfinite(values)).any())
+    return diverged

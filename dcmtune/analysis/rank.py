@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from dcmtune import _io, metrics, storage
-from dcmtune.analysis import report
+from dcmtune.analysis import plots, report
 from dcmtune.analysis.checkpoints import (
     AnalysisError,
     DataCache,
@@ -82,7 +82,7 @@ __all__ = ["rank_experiment", "OUTPUT_FILES"]
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("ranking.csv", "ranking.json", "report.md") + report.PLOT_FILES
+OUTPUT_FILES = ("ranking.csv", "ranking.json", "report.md") + plots.PLOT_FILES
 
 
 def _competitors(
@@ -225,50 +225,15 @@ def _rank(
         if winner.split_record is None
         else split_baselines(full, winner.split_record["indices"], s.split, files)
     )
-    splits_differ = (
-        len(
-            {
-                json.dumps(
-                    e.checkpoint.split_record.get("indices") if e.checkpoint.split_record else None
-                )
-                for e in evaluated
-            }
-        )
-        > 1
-    )
-    if splits_differ:
-        log.warning(
-            "%s: the ranked trials were evaluated on different %s splits; their %s "
-            "metrics are not directly comparable",
-            s.experiment,
-            s.split,
-            s.split,
-        )
     info = {
-        "experiment": str(s.experiment.resolve()),
-        "name": s.name,
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "metric": s.metric,
-        "mode": s.mode,
-        "split": s.split,
-        "top_k": s.top_k,
+        **_info(s, trials, keys, rows),
         "data": {
             "files": files if files is not None else "(passed in memory)",
             **split_summary(winner, full),
         },
-        "winner": {**rows[0], "best_model": str(s.experiment / BEST_MODEL)},
-        "trials": [_trial_summary(t, keys) for t in trials],
-        "excluded": [
-            {"trial_id": t.trial_id, "status": t.status, "reason": t.reason}
-            for t in trials
-            if not t.eligible
-        ],
-        "skipped_checkpoints": [s_ for t in trials for s_ in t.skipped],
         "baselines": baselines,
         "checks": checks,
-        "searched": keys,
-        "splits_differ": splits_differ,
-        "importances": _importances(s, trials, keys),
+        "splits_differ": _splits_differ(s, evaluated),
     }
     df = pd.DataFrame(rows)
     df.attrs.update({k: info[k] for k in ("winner", "excluded", "baselines", "metric", "split")})
@@ -282,6 +247,47 @@ def _rank(
         df=df,
         best_model=s.experiment.resolve() / BEST_MODEL,
     )
+
+
+def _info(s: RankSettings, trials: list[TrialRecord], keys: list[str], rows: list[dict]) -> dict:
+    """The parts of ranking.json that describe the experiment, its trials and the winner."""
+    return {
+        "experiment": str(s.experiment.resolve()),
+        "name": s.name,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "metric": s.metric,
+        "mode": s.mode,
+        "split": s.split,
+        "top_k": s.top_k,
+        "winner": {**rows[0], "best_model": str(s.experiment / BEST_MODEL)},
+        "trials": [_trial_summary(t, keys) for t in trials],
+        "excluded": [
+            {"trial_id": t.trial_id, "status": t.status, "reason": t.reason}
+            for t in trials
+            if not t.eligible
+        ],
+        "skipped_checkpoints": [s_ for t in trials for s_ in t.skipped],
+        "searched": keys,
+        "importances": _importances(s, trials, keys),
+    }
+
+
+def _splits_differ(s: RankSettings, evaluated: list[Evaluated]) -> bool:
+    """Whether the ranked trials were evaluated on different splits (logged: their metrics
+    are then not directly comparable)."""
+    records = {
+        json.dumps(e.checkpoint.split_record.get("indices") if e.checkpoint.split_record else None)
+        for e in evaluated
+    }
+    if len(records) > 1:
+        log.warning(
+            "%s: the ranked trials were evaluated on different %s splits; their %s metrics are "
+            "not directly comparable",
+            s.experiment,
+            s.split,
+            s.split,
+        )
+    return len(records) > 1
 
 
 def _importances(s: RankSettings, trials: list[TrialRecord], keys: list[str]) -> dict:
@@ -336,11 +342,8 @@ def rank_experiment(
         trials, checkpoints, data).
     """
     try:
-        remote = (
-            _RemoteExperiment.open(str(experiment_dir), local_copy)
-            if storage.is_remote(str(experiment_dir))
-            else None
-        )
+        uri = str(experiment_dir)
+        remote = _RemoteExperiment.open(uri, local_copy) if storage.is_remote(uri) else None
         exp = remote.local if remote else Path(experiment_dir)
         s = _settings(exp, top_k, split, data_files, metric, mode, batch_size)
         ranking = _rank(s, data, remote.fetch if remote else None)
@@ -351,9 +354,7 @@ def rank_experiment(
         return ranking.df
     except RankError:
         raise
-    except storage.StorageError as e:
-        raise RankError(str(e)) from None
-    except (AnalysisError, ckpt.CheckpointError, DataError, ConfigError) as e:
+    except (storage.StorageError, AnalysisError, ckpt.CheckpointError, DataError, ConfigError) as e:
         raise RankError(str(e)) from None
 
 
@@ -413,14 +414,16 @@ def _write(r: Ranking) -> list[str]:
     experiment directory; returns their paths."""
     exp = r.settings.experiment.resolve()
     _write_best_model(r.best_model, r.top[0], r.info)
-    plots = report.write_plots(exp, r)
+    written = plots.write_plots(exp, r)
     _io.write_csv(exp / "ranking.csv", r.df)
     _io.write_json(
         exp / "ranking.json",
-        {**r.info, "plots": plots, "ranking": r.rows, "versions": ckpt.package_versions()},
+        {**r.info, "plots": written, "ranking": r.rows, "versions": ckpt.package_versions()},
     )
-    _io.write_text(exp / "report.md", report.markdown(r, plots))
-    return [str(exp / f) for f in ("ranking.csv", "ranking.json", "report.md", *plots, BEST_MODEL)]
+    _io.write_text(exp / "report.md", report.markdown(r, written))
+    return [
+        str(exp / f) for f in ("ranking.csv", "ranking.json", "report.md", *written, BEST_MODEL)
+    ]
 
 
 def _write_best_model(target: Path, e: Evaluated, info: dict) -> Path:

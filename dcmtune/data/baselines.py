@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcmtune.data.dataset import ESPData, bundled_dataset_path
+from dcmtune.data.dataset import ESPData, bundled_dataset_path, data_file_path
 from dcmtune.units import BOHR, HARTREE_TO_KCAL
 
 __all__ = [
@@ -178,7 +178,7 @@ def mulliken_charges(files: Sequence[str | Path], data: ESPData) -> np.ndarray |
     Args:
       files: The .npz files `data` was loaded from (empty = the bundled demo set).
     """
-    paths = [Path(f) for f in files] or [bundled_dataset_path()]
+    paths = [data_file_path(f) for f in files] or [bundled_dataset_path()]
     parts = []
     for p in paths:
         try:
@@ -296,59 +296,60 @@ def split_baselines(
     """
     idx = np.asarray(indices[split], np.int64)
     target = full.subset(idx)
-    rows, per_conf = [], {}
-
-    def add(method, fitted_on, kind, note, charges):
-        mse = per_molecule_esp_mse(target, charges)
-        per_conf[method] = mse
-        rows.append(
-            {
-                "method": method,
-                "fitted_on": fitted_on,
-                "kind": kind,
-                f"{split}_esp_rmse": float(np.sqrt(mse.mean()) * HARTREE_TO_KCAL),
-                "note": note,
-            }
-        )
-
     train_idx = np.asarray(indices.get("train", []), np.int64)
-    if len(train_idx):
-        table = element_charges(full.subset(train_idx))
-        missing = sorted(set(int(z) for z in np.unique(target.Z) if z > 0) - set(table))
-        note = "one charge per element, least squares on the training split's ESP" + (
-            f"; elements {missing} absent from training get 0" if missing else ""
-        )
-        add(
-            "element charges (LSQ)",
-            "train split",
-            "prediction",
-            note,
-            element_charge_array(target, table),
-        )
-    if target.mono is not None:
-        add(
-            "per-conformer charges (`mono`)",
-            f"each {split} conformer (data file)",
-            "reference charges",
-            "the data file's reference atomic charges; in data made by "
-            "`python -m dcmtune.data generate` they are ESP-fitted to each conformer's own "
-            "ESP, so not a prediction",
-            target.mono,
-        )
-    add(
-        "one charge set per molecule (LSQ)",
-        f"all {split} conformers of the molecule",
-        f"fit to the {split} ESP",
-        "atom-centred charges shared by a molecule's conformers",
-        shared_charges_per_molecule(target),
-    )
-    mulliken = mulliken_charges(files, full) if files is not None else None
-    if mulliken is not None:
-        add(
-            "Mulliken charges",
-            "QM wavefunction",
-            "prediction (QM)",
-            "from the data file's `mulliken` key",
-            mulliken[idx],
-        )
+    candidates = [
+        _element_baseline(full.subset(train_idx), target) if len(train_idx) else None,
+        _mono_baseline(target, split),
+        _shared_baseline(target, split),
+        _mulliken_baseline(full, files, idx),
+    ]
+    rows, per_conf = [], {}
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        method, fitted_on, kind, note, charges = candidate
+        mse = per_conf[method] = per_molecule_esp_mse(target, charges)
+        rmse = float(np.sqrt(mse.mean()) * HARTREE_TO_KCAL)
+        row = dict(method=method, fitted_on=fitted_on, kind=kind, note=note)
+        rows.append({**row, f"{split}_esp_rmse": rmse})
     return rows, per_conf
+
+
+def _shared_baseline(target: ESPData, split: str) -> tuple:
+    """One charge set per molecule fitted to the evaluated ESP (a bound, not a prediction)."""
+    note = "atom-centred charges shared by a molecule's conformers"
+    where = f"all {split} conformers of the molecule"
+    charges = shared_charges_per_molecule(target)
+    return "one charge set per molecule (LSQ)", where, f"fit to the {split} ESP", note, charges
+
+
+def _element_baseline(train: ESPData, target: ESPData) -> tuple:
+    """One charge per element, least squares on the training split's ESP (a prediction)."""
+    table = element_charges(train)
+    missing = sorted(set(int(z) for z in np.unique(target.Z) if z > 0) - set(table))
+    note = "one charge per element, least squares on the training split's ESP" + (
+        f"; elements {missing} absent from training get 0" if missing else ""
+    )
+    charges = element_charge_array(target, table)
+    return "element charges (LSQ)", "train split", "prediction", note, charges
+
+
+def _mono_baseline(target: ESPData, split: str) -> tuple | None:
+    """The data file's own reference charges (`mono`), when it has them."""
+    if target.mono is None:
+        return None
+    note = (
+        "the data file's reference atomic charges; in data made by `python -m dcmtune.data "
+        "generate` they are ESP-fitted to each conformer's own ESP, so not a prediction"
+    )
+    where = f"each {split} conformer (data file)"
+    return "per-conformer charges (`mono`)", where, "reference charges", note, target.mono
+
+
+def _mulliken_baseline(full: ESPData, files, idx: np.ndarray) -> tuple | None:
+    """Mulliken charges from the files' `mulliken` key, when they carry it."""
+    mulliken = mulliken_charges(files, full) if files is not None else None
+    if mulliken is None:
+        return None
+    note = "from the data file's `mulliken` key"
+    return "Mulliken charges", "QM wavefunction", "prediction (QM)", note, mulliken[idx]

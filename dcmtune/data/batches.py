@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -198,7 +198,23 @@ def bucket_bounds(
         return math.ceil(n / slots) * slots * cost(int(sizes[j]), int(seg_grid[i, j]))
 
     K = max(1, min(int(max_buckets), S))
-    # best[k][j]: the cheapest k buckets covering the sizes 0..j (ending a bucket at j).
+    best, back = _partitions(seg_cost, S, K)
+    totals = best[1:, S - 1]
+    if not np.isfinite(totals).any():  # fewer than min_members conformers: one bucket
+        return [int(sizes[-1])]
+    k = 1 + int(np.argmin(totals + bucket_cost * np.arange(1, K + 1)))
+    bounds, j = [], S - 1
+    while k >= 1:
+        bounds.append(int(sizes[j]))
+        j, k = int(back[k, j]) - 1, k - 1
+    return sorted(bounds)
+
+
+def _partitions(
+    seg_cost: Callable[[int, int], float], S: int, K: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic programming over S ordered sizes: best[k, j] is the cheapest k buckets covering
+    the sizes 0..j (a bucket ending at j), back[k, j] where that last bucket starts."""
     best = np.full((K + 1, S), math.inf)
     back = np.zeros((K + 1, S), np.int64)
     for j in range(S):
@@ -209,15 +225,7 @@ def bucket_bounds(
                 c = best[k - 1, i - 1] + seg_cost(i, j)
                 if c < best[k, j]:
                     best[k, j], back[k, j] = c, i
-    totals = best[1:, S - 1]
-    if not np.isfinite(totals).any():  # fewer than min_members conformers: one bucket
-        return [int(sizes[-1])]
-    k = 1 + int(np.argmin(totals + bucket_cost * np.arange(1, K + 1)))
-    bounds, j = [], S - 1
-    while k >= 1:
-        bounds.append(int(sizes[j]))
-        j, k = int(back[k, j]) - 1, k - 1
-    return sorted(bounds)
+    return best, back
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from dcmtune import _io
-from dcmtune.data.dataset import ESPData, bundled_dataset_path, dipole_ratio, to_arrays
+from dcmtune.data.dataset import (
+    ESPData,
+    bundled_dataset_path,
+    data_file_path,
+    dipole_ratio,
+    to_arrays,
+)
 from dcmtune.data.file_format import (
     DIPOLE_SCALE,
     DataError,
@@ -47,7 +53,10 @@ def add_commands(sub) -> None:
     ):
         s = sub.add_parser(name, help=text)
         s.add_argument(
-            "files", nargs="*", type=Path, help="dataset .npz files (default: the bundled demo set)"
+            "files",
+            nargs="*",
+            type=Path,
+            help="dataset .npz files or bundled set names, e.g. organic (default: demo)",
         )
         s.add_argument("--max-atomic-number", type=int, default=36)
         _dipole_units_option(s)
@@ -81,7 +90,7 @@ def _symbol(z: int) -> str:
 
 
 def _files(args) -> list[Path]:
-    return list(args.files) or [bundled_dataset_path()]
+    return [data_file_path(str(f)) for f in args.files] or [bundled_dataset_path()]
 
 
 def _load(args, files: Sequence[Path]) -> ESPData:

@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from dcmtune.data.file_format import DIPOLE_SCALE, mono_dipole_ratio
+from dcmtune.data.file_format import DIPOLE_SCALE, DataError, mono_dipole_ratio
 
 __all__ = [
     "ESPData",
     "DEMO_FILE",
     "bundled_dataset_path",
+    "BUNDLED",
+    "is_bundled_name",
+    "data_file_path",
     "mol_id_source",
     "dipole_ratio",
     "concatenate",
@@ -35,6 +38,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEMO_FILE = "demo_esp.npz"
+# The data sets shipped with the package (dcmtune/datasets/): a name in data_files, a spec's
+# data.data_files or --data stands for its file.
+BUNDLED = {"demo": DEMO_FILE, "organic": "organic_esp.npz"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +124,27 @@ def mol_id_source(parts: Sequence[ESPData]) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def bundled_dataset_path() -> Path:
-    """Path of the embedded demo dataset (package data), from any working directory."""
-    res = importlib.resources.files("dcmtune.datasets").joinpath(DEMO_FILE)
-    return Path(str(res))
+def bundled_dataset_path(name: str = "demo") -> Path:
+    """Path of a data set shipped with the package (package data), from any working
+    directory: "demo" (24 molecules x 10 conformers) or "organic" (174 x 5; docs/data.md).
+
+    Raises:
+      DataError: an unknown name.
+    """
+    if name not in BUNDLED:
+        raise DataError(f"{name}: not a bundled data set; expected one of {', '.join(BUNDLED)}")
+    return Path(str(importlib.resources.files("dcmtune.datasets").joinpath(BUNDLED[name])))
+
+
+def is_bundled_name(entry: str | Path) -> bool:
+    """Whether a data file entry names a bundled set (a bare name such as "organic", not a
+    path)."""
+    return isinstance(entry, str) and entry in BUNDLED
+
+
+def data_file_path(entry: str | Path) -> Path:
+    """The file of a data-file entry: a bundled set's name ("organic"), else the path."""
+    return bundled_dataset_path(str(entry)) if is_bundled_name(entry) else Path(entry)
 
 
 def dipole_ratio(data: ESPData) -> tuple[float, int]:

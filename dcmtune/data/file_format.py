@@ -65,38 +65,8 @@ def real_grid_points(
       DataError: bad n_grid or espMask, or a conformer left without grid points.
     """
     M, G = esp.shape
-    idx = np.arange(G)[None, :]
-    if "n_grid" in raw:
-        n_grid = np.asarray(raw["n_grid"]).reshape(-1)
-        if n_grid.shape != (M,):
-            raise fail("n_grid", f"expected shape (M,) with M = {M}, got {raw['n_grid'].shape}")
-        if np.any(n_grid > G) or np.any(n_grid < 1):
-            raise fail(
-                "n_grid",
-                f"expected 1 <= n_grid <= G = {G}, got range [{n_grid.min()}, {n_grid.max()}]",
-            )
-        base = idx < n_grid[:, None]
-    else:
-        inferred = infer_n_grid(esp, grid)
-        if np.any(inferred == 0):
-            raise fail(
-                "vdw_surface",
-                f"conformer {int(np.argmin(inferred))}: every grid row is "
-                "zero (coordinates and esp); expected real grid points",
-            )
-        base = idx < inferred[:, None]
-    mask = None
-    if "espMask" in raw:
-        mask = np.asarray(raw["espMask"])
-        if mask.shape != (M, G):
-            raise fail("espMask", f"expected shape (M, G) = {(M, G)} like esp, got {mask.shape}")
-        if mask.dtype.kind not in "biuf" or not np.all((mask == 0) | (mask == 1)):
-            raise fail(
-                "espMask",
-                f"expected booleans or 0/1 (True = keep the grid point), got "
-                f"dtype {mask.dtype} with other values",
-            )
-        mask = mask.astype(bool)
+    base = _first_n_grid(raw, esp, grid, fail)
+    mask = _esp_mask(raw, M, G, fail)
     keep = base if mask is None else base & mask
     empty = ~keep.any(axis=1)
     if np.any(empty):
@@ -106,17 +76,53 @@ def real_grid_points(
         if dropped.any():
             n = base.sum(axis=1)
             log.warning(
-                "%s: n_grid missing: inferred from trailing all-zero grid rows "
-                "(coordinates and esp 0) for %d of %d conformers (n_grid %d..%d of "
-                "G = %d); store n_grid to make it explicit",
-                source,
-                int(dropped.any(axis=1).sum()),
-                M,
-                int(n.min()),
-                int(n.max()),
-                G,
+                "%s: n_grid missing: inferred from trailing all-zero grid rows (coordinates and "
+                "esp 0) for %d of %d conformers (n_grid %d..%d of G = %d); store n_grid to "
+                "make it explicit",
+                *(source, int(dropped.any(axis=1).sum()), M, int(n.min()), int(n.max()), G),
             )
     return keep, mask is not None and np.array_equal(keep, base)
+
+
+def _first_n_grid(
+    raw: Mapping[str, np.ndarray], esp: np.ndarray, grid: np.ndarray, fail
+) -> np.ndarray:
+    """(M, G) bool: the first n_grid points, n_grid stored or inferred from trailing zeros."""
+    M, G = esp.shape
+    idx = np.arange(G)[None, :]
+    if "n_grid" not in raw:
+        inferred = infer_n_grid(esp, grid)
+        if np.any(inferred == 0):
+            raise fail(
+                "vdw_surface",
+                f"conformer {int(np.argmin(inferred))}: every grid row is "
+                "zero (coordinates and esp); expected real grid points",
+            )
+        return idx < inferred[:, None]
+    n_grid = np.asarray(raw["n_grid"]).reshape(-1)
+    if n_grid.shape != (M,):
+        raise fail("n_grid", f"expected shape (M,) with M = {M}, got {raw['n_grid'].shape}")
+    if np.any(n_grid > G) or np.any(n_grid < 1):
+        raise fail(
+            "n_grid", f"expected 1 <= n_grid <= G = {G}, got range [{n_grid.min()}, {n_grid.max()}]"
+        )
+    return idx < n_grid[:, None]
+
+
+def _esp_mask(raw: Mapping[str, np.ndarray], M: int, G: int, fail) -> np.ndarray | None:
+    """espMask (M, G) as bool (True = keep), or None when the file has none."""
+    if "espMask" not in raw:
+        return None
+    mask = np.asarray(raw["espMask"])
+    if mask.shape != (M, G):
+        raise fail("espMask", f"expected shape (M, G) = {(M, G)} like esp, got {mask.shape}")
+    if mask.dtype.kind not in "biuf" or not np.all((mask == 0) | (mask == 1)):
+        raise fail(
+            "espMask",
+            f"expected booleans or 0/1 (True = keep the grid point), got "
+            f"dtype {mask.dtype} with other values",
+        )
+    return mask.astype(bool)
 
 
 def infer_n_grid(esp: np.ndarray, grid: np.ndarray) -> np.ndarray:

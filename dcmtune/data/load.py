@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcmtune.data.dataset import ESPData, bundled_dataset_path, concatenate
+from dcmtune.data.dataset import ESPData, bundled_dataset_path, concatenate, data_file_path
 from dcmtune.data.file_format import (
     DIPOLE_SCALE,
     DataError,
@@ -66,8 +66,9 @@ KNOWN_KEYS = {
 def load_dataset(
     data_files: Sequence[str | Path] = (), max_atomic_number: int = 36, dipole_units: str = "debye"
 ) -> ESPData:
-    """Loads `data_files`, or the bundled demo set when none are given."""
-    files = list(data_files) or [bundled_dataset_path()]
+    """Loads `data_files` (paths, or names of bundled sets such as "organic"), or the bundled
+    demo set when none are given."""
+    files = [data_file_path(f) for f in data_files] or [bundled_dataset_path()]
     return load_npz(files, max_atomic_number=max_atomic_number, dipole_units=dipole_units)
 
 
@@ -126,11 +127,9 @@ def validate_arrays(
 ) -> ESPData:
     """Checks the arrays of one file against the format and returns a compact `ESPData`.
 
-    One check per key, in the order of the format: keys; R, Z, N, esp, vdw_surface; atoms;
-    grid points (n_grid, espMask or inferred from trailing zero rows; kept points moved first);
-    finite values; mono, com, Q, Dxyz (and the dipole-units check); molecule ids (the file's,
-    else grouped by bond graph); the Bohr-units warning; atoms and grid points trimmed to the
-    real maxima.
+    One check per key, in the format's order (the module docstring): keys; R, Z, N, esp,
+    vdw_surface; atoms; grid points; finite values; mono, com, Q, Dxyz; molecule ids; the
+    Bohr-units warning; atoms and grid points trimmed to the real maxima.
 
     Raises:
       DataError: one line naming `source`, the key and what was expected.
@@ -144,36 +143,27 @@ def validate_arrays(
     M, A = R.shape[:2]
     Z, N = _numbers(raw, M, A, max_atomic_number, fail), _counts(raw, M, fail)
     esp, grid = _esp(raw, M, fail), _grid_points(raw, M, fail)
+    G = esp.shape[1]
     real = _real_atoms(Z, N, fail)  # 3. atoms
     # 4. Grid points: which are real, then those first (n_grid = their count).
     keep, mask_redundant = real_grid_points(raw, esp, grid, fail, source)
-    ignored = sorted((set(raw) - KNOWN_KEYS) | ({"espMask"} if mask_redundant else set()))
-    if ignored:
-        log.info("%s: ignoring keys %s", source, ", ".join(ignored))
+    _log_ignored(raw, mask_redundant, source)
     esp, grid, n_grid = kept_first(keep, esp, grid)  # now (M, g), g = max n_grid
     grid_mask = np.arange(esp.shape[1])[None, :] < n_grid[:, None]
     # 5. Finite values where they count (padding may hold anything; it is zeroed below).
-    _finite(R[real], "R", fail)
-    _finite(esp[grid_mask], "esp", fail)
-    _finite(grid[grid_mask], "vdw_surface", fail)
+    for key, values in (("R", R[real]), ("esp", esp[grid_mask]), ("vdw_surface", grid[grid_mask])):
+        _finite(values, key, fail)
     R = np.where(real[..., None], R, 0.0)  # padding rows of R may hold anything
     # 6. Optional keys.
     mono, com, Q = _mono(raw, real, fail), _com(raw, M, fail), _total_charge(raw, M, fail)
     dipole = _dipole(raw, R, real, mono, com, Q, dipole_units, fail, source)
     mol_id, source_of_ids = _molecule_ids(raw, R, Z, fail, source)  # 7. molecules
     _warn_if_bohr(R, Z, grid, n_grid, source)  # 8. units of the coordinates
-    # 9. Compact: trim atoms (grid points are trimmed already) to the real maxima; padding
-    #    costs compute in every step.
+    # 9. Compact: atoms trimmed to the real maxima (grid points are already); padding costs
+    #    compute in every step.
     a, g = int(N.max()), esp.shape[1]
-    if (a, g) != (A, raw["esp"].shape[1]):
-        log.info(
-            "%s: compact layout: atoms %d -> %d, grid points %d -> %d",
-            source,
-            A,
-            a,
-            raw["esp"].shape[1],
-            g,
-        )
+    if (a, g) != (A, G):
+        log.info("%s: compact layout: atoms %d -> %d, grid points %d -> %d", source, A, a, G, g)
     f32 = np.float32
     return ESPData(
         R=R[:, :a].astype(f32),
@@ -189,6 +179,13 @@ def validate_arrays(
         mol_id=mol_id,
         mol_id_source=source_of_ids,
     )
+
+
+def _log_ignored(raw: Mapping[str, np.ndarray], mask_redundant: bool, source: str) -> None:
+    """Logs the keys the format does not use (mmml's E, F, ...; a redundant espMask)."""
+    ignored = sorted((set(raw) - KNOWN_KEYS) | ({"espMask"} if mask_redundant else set()))
+    if ignored:
+        log.info("%s: ignoring keys %s", source, ", ".join(ignored))
 
 
 def _keys(raw: Mapping[str, np.ndarray], fail: Fail) -> dict:

@@ -73,11 +73,19 @@ def write_predictions(
     meta = {"format": FORMAT, "model": str(model) if model is not None else "", "units": UNITS}
     if path.suffix == ".json":
         return _io.write_json(path, {**meta, "molecules": [_as_json(p) for p in preds]})
+    arrays = {**_atom_arrays(preds), **_esp_arrays(preds)}
+    arrays.update(
+        format=np.array(FORMAT),
+        model=np.array(meta["model"]),
+        units=np.array(json.dumps(UNITS, sort_keys=True)),
+    )
+    return _io.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _atom_arrays(preds: Sequence[MoleculePrediction]) -> dict[str, np.ndarray]:
+    """The atoms, charges and dipoles, padded like a dcmtune data file."""
     K = preds[0].charges.shape[1]
     arrays = {
-        "format": np.array(FORMAT),
-        "model": np.array(meta["model"]),
-        "units": np.array(json.dumps(UNITS, sort_keys=True)),
         "source": np.array([p.source for p in preds]),
         "Z": _padded([p.numbers for p in preds], (), np.int32),
         "R": _padded([p.positions for p in preds], (3,), np.float64),
@@ -89,36 +97,34 @@ def write_predictions(
         "Dxyz": np.array([p.dipole for p in preds], np.float32),
         "com": np.array([p.dipole_origin for p in preds], np.float64),
     }
-    if any(p.esp is not None for p in preds):
-        none = np.zeros((0, 3))
-        arrays["vdw_surface"] = _padded(
-            [none if p.esp is None else p.esp_points for p in preds], (3,), np.float64
-        )
-        arrays["esp"] = _padded(
-            [np.zeros(0) if p.esp is None else p.esp for p in preds], (), np.float32
-        )
-        arrays["esp_kcal"] = arrays["esp"].astype(np.float64) * HARTREE_TO_KCAL
-        arrays["n_grid"] = np.array([0 if p.esp is None else len(p.esp) for p in preds], np.int32)
-        if any(p.esp_reference is not None for p in preds):
-            arrays["esp_reference"] = _padded(
-                [
-                    np.zeros(len(p.esp or ())) if p.esp_reference is None else p.esp_reference
-                    for p in preds
-                ],
-                (),
-                np.float32,
-            )
-            arrays["esp_rmse"] = np.array(
-                [np.nan if p.esp_rmse is None else p.esp_rmse for p in preds]
-            )
     if any(p.dipole_reference is not None for p in preds):
-        arrays["Dxyz_reference"] = np.array(
-            [
-                np.full(3, np.nan) if p.dipole_reference is None else p.dipole_reference
-                for p in preds
-            ]
-        )
-    return _io.atomic_write(path, lambda f: np.savez(f, **arrays))
+        nan = np.full(3, np.nan)
+        refs = [nan if p.dipole_reference is None else p.dipole_reference for p in preds]
+        arrays["Dxyz_reference"] = np.array(refs)
+    return arrays
+
+
+def _esp_arrays(preds: Sequence[MoleculePrediction]) -> dict[str, np.ndarray]:
+    """The ESP points and values (n_grid 0 = none), and the reference where there is one."""
+    if all(p.esp is None for p in preds):
+        return {}
+    points = [np.zeros((0, 3)) if p.esp is None else p.esp_points for p in preds]
+    values = [np.zeros(0) if p.esp is None else p.esp for p in preds]
+    arrays = {
+        "vdw_surface": _padded(points, (3,), np.float64),
+        "esp": _padded(values, (), np.float32),
+        "n_grid": np.array([len(v) for v in values], np.int32),
+    }
+    arrays["esp_kcal"] = arrays["esp"].astype(np.float64) * HARTREE_TO_KCAL
+    if any(p.esp_reference is not None for p in preds):
+        refs = [
+            np.zeros(len(v)) if p.esp_reference is None else p.esp_reference
+            for p, v in zip(preds, values, strict=True)
+        ]
+        arrays["esp_reference"] = _padded(refs, (), np.float32)
+        rmse = [np.nan if p.esp_rmse is None else p.esp_rmse for p in preds]
+        arrays["esp_rmse"] = np.array(rmse)
+    return arrays
 
 
 def _as_json(p: MoleculePrediction) -> dict:

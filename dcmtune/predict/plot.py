@@ -26,22 +26,7 @@ def plot_prediction(pred: MoleculePrediction, path: str | Path, title: str | Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    surfaces = []  # (values on the surface in kcal/mol/e, colour bar label, title)
-    if pred.esp is not None:
-        keep = _innermost_surface(pred)
-        surfaces.append(
-            (pred.esp_kcal[keep], "ESP (kcal/mol/e)", "ESP of the charges on the surface")
-        )
-        if pred.esp_reference is not None:
-            err = pred.esp_kcal - pred.esp_reference.astype(np.float64) * HARTREE_TO_KCAL
-            surfaces.append(
-                (
-                    err[keep],
-                    "model - reference (kcal/mol/e)",
-                    f"ESP error (RMSE {pred.esp_rmse:.2f} kcal/mol/e\n"
-                    f"on all {len(pred.esp)} points)",
-                )
-            )
+    keep, surfaces = _surfaces(pred)
     panels = 1 + len(surfaces)
     fig = Figure(figsize=(5.5 * panels, 5), dpi=110)
     FigureCanvasAgg(fig)
@@ -78,6 +63,20 @@ def plot_prediction(pred: MoleculePrediction, path: str | Path, title: str | Non
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return _io.write_bytes(path, buf.getvalue())
+
+
+def _surfaces(pred: MoleculePrediction) -> tuple[np.ndarray | None, list[tuple]]:
+    """(the points of the innermost surface, [(values there in kcal/mol/e, colour bar label,
+    title)]): the charges' ESP, and its error against a reference when there is one."""
+    if pred.esp is None or pred.esp_kcal is None:
+        return None, []
+    keep = _innermost_surface(pred)
+    surfaces = [(pred.esp_kcal[keep], "ESP (kcal/mol/e)", "ESP of the charges on the surface")]
+    if pred.esp_reference is not None:
+        err = pred.esp_kcal - pred.esp_reference.astype(np.float64) * HARTREE_TO_KCAL
+        text = f"ESP error (RMSE {pred.esp_rmse:.2f} kcal/mol/e\non all {len(pred.esp)} points)"
+        surfaces.append((err[keep], "model - reference (kcal/mol/e)", text))
+    return keep, surfaces
 
 
 def _innermost_surface(pred: MoleculePrediction) -> np.ndarray:

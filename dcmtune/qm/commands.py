@@ -23,77 +23,48 @@ __all__ = ["add_commands", "COMMANDS"]
 
 def add_commands(sub) -> None:
     """Registers generate and verify on `sub` (argparse sub-parsers)."""
-    g = sub.add_parser("generate", help="PySCF ESP data (needs the qm extra)")
-    g.add_argument(
-        "--molecules",
-        nargs="+",
-        default=[],
-        metavar="NAME",
-        help="ASE g2 molecule names (ase.collections.g2), e.g. H2O NH3 C6H6",
-    )
-    g.add_argument(
-        "--xyz",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help=".xyz files (first frame; mol_id = file stem)",
-    )
-    g.add_argument(
-        "--smiles",
-        nargs="+",
-        default=[],
-        metavar="SMILES",
-        help="neutral closed-shell SMILES (RDKit ETKDG + MMFF geometry; mol_id = canonical SMILES)",
-    )
-    g.add_argument(
-        "--smiles-file",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="CSV molecule lists with columns name,smiles[,class] (mol_id = name; # comments)",
-    )
-    g.add_argument(
-        "--conformers",
-        type=int,
-        default=10,
-        help="conformers per molecule; the first is the input geometry (10)",
-    )
-    g.add_argument("--out", required=True, type=Path, help="output .npz file")
-    g.add_argument("--method", default="HF", help="HF or a DFT functional, e.g. B3LYP (HF)")
-    g.add_argument("--basis", default="6-31G*", help="PySCF basis name (6-31G*)")
-    g.add_argument(
-        "--sigma",
-        type=float,
-        default=0.025,
-        help="Gaussian displacement per coordinate, Angstrom (0.025)",
-    )
-    g.add_argument(
-        "--density",
-        type=float,
-        default=1.0,
-        help="grid points per Angstrom^2 on each vdW shell (1.0)",
-    )
-    g.add_argument(
-        "--max-grid",
-        type=int,
-        default=1200,
-        help="at most this many grid points per conformer (1200)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    g.add_argument("--charge", type=int, default=0, help="total charge of every molecule (0)")
-    g.add_argument(
-        "--spin",
-        type=int,
-        default=None,
-        help="2S = unpaired electrons; required for odd electron counts",
-    )
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="single-threaded worker processes (2); 0 = in this process",
-    )
+    _add_generate(sub)
+    _add_verify(sub)
 
+
+# The inputs of `generate`: flag -> (metavar, help); each takes one or more values.
+_INPUTS = {
+    "--molecules": ("NAME", "ASE g2 molecule names (ase.collections.g2), e.g. H2O NH3 C6H6"),
+    "--xyz": ("FILE", ".xyz files (first frame; mol_id = file stem)"),
+    "--smiles": (
+        "SMILES",
+        "neutral closed-shell SMILES (RDKit ETKDG + MMFF geometry; mol_id = canonical SMILES)",
+    ),
+    "--smiles-file": (
+        "FILE",
+        "CSV molecule lists with columns name,smiles[,class] (mol_id = name; # comments)",
+    ),
+}
+# The settings of `generate`: flag -> (type, default, help); `GenerationSettings` checks them.
+_SETTINGS = {
+    "--conformers": (int, 10, "conformers per molecule; the first is the input geometry (10)"),
+    "--method": (str, "HF", "HF or a DFT functional, e.g. B3LYP (HF)"),
+    "--basis": (str, "6-31G*", "PySCF basis name (6-31G*)"),
+    "--sigma": (float, 0.025, "Gaussian displacement per coordinate, Angstrom (0.025)"),
+    "--density": (float, 1.0, "grid points per Angstrom^2 on each vdW shell (1.0)"),
+    "--max-grid": (int, 1200, "at most this many grid points per conformer (1200)"),
+    "--seed": (int, 0, "random seed (0)"),
+    "--charge": (int, 0, "total charge of every molecule (0)"),
+    "--spin": (int, None, "2S = unpaired electrons; required for odd electron counts"),
+    "--workers": (int, 2, "single-threaded worker processes (2); 0 = in this process"),
+}
+
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="PySCF ESP data (needs the qm extra)")
+    for flag, (metavar, text) in _INPUTS.items():
+        g.add_argument(flag, nargs="+", default=[], metavar=metavar, help=text)
+    g.add_argument("--out", required=True, type=Path, help="output .npz file")
+    for flag, (kind, default, text) in _SETTINGS.items():
+        g.add_argument(flag, type=kind, default=default, help=text)
+
+
+def _add_verify(sub) -> None:
     v = sub.add_parser("verify", help="regenerate a sample of molecules and compare (qm extra)")
     v.add_argument("file", type=Path, help="a generated .npz with its provenance JSON")
     v.add_argument(

@@ -46,6 +46,23 @@ __all__ = [
 # Environment of the worker processes: one thread for OpenMP (PySCF) and BLAS each. Two
 # single-threaded processes beat one two-threaded process (DESIGN.md 3b).
 _SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# What each key of a generated file holds (recorded in its provenance).
+KEYS = {
+    "R": "(M, A, 3) Angstrom",
+    "Z": "(M, A) int",
+    "N": "(M,)",
+    "esp": "(M, G) Hartree/e: nuclei + SCF electron density (int1e_grids)",
+    "vdw_surface": "(M, G, 3) Angstrom",
+    "n_grid": "(M,)",
+    "mono": "(M, A) e: ESP-fitted least-squares atom-centred charges per conformer, "
+    "total charge constrained to Q (Lagrange multiplier); not Mulliken, not RESP",
+    "Dxyz": "(M, 3) Debye: SCF dipole (nuclei + electron density) about com",
+    "com": "(M, 3) Angstrom: centre of mass (standard atomic weights)",
+    "Q": "(M,) e",
+    "mol_id": "(M,) str: molecule name",
+    "mulliken": "(M, A) e: Mulliken charges (extra key, for baselines)",
+    "scf_energy": "(M,) Hartree: SCF total energy (extra key)",
+}
 # The packages whose versions shape the numbers of a generated file.
 _VERSIONS = ("dcmtune", "numpy", "pyscf", "ase", "rdkit")
 
@@ -321,30 +338,10 @@ def generate_dataset(
     return provenance
 
 
-def _provenance(
-    out: Path,
-    specs,
-    results,
-    settings: GenerationSettings,
-    workers: int,
-    wall: float,
-    checksum: str,
-) -> dict:
-    names = [s.name for s in specs if s.source == G2_SOURCE]
-    xyz_files = [s.source for s in specs if s.source != G2_SOURCE and s.smiles is None]
-    smiles = [s.smiles for s in specs if s.smiles is not None and s.source == "smiles"]
-    smiles_files = list(
-        dict.fromkeys(s.source for s in specs if s.smiles is not None and s.source != "smiles")
-    )
-    M = sum(len(r["R"]) for r in results)
+def _method_records(settings: GenerationSettings) -> dict:
+    """How the numbers were made: SCF, conformers and grid (provenance sections)."""
     scf = "RHF (UHF if spin > 0)" if settings.method.upper() == "HF" else "RKS (UKS if spin > 0)"
     return {
-        "file": out.name,
-        "format": "dcmtune ESP .npz, DESIGN.md section 2 (mmml DCMNet compatible)",
-        "command": rebuild_command(names, xyz_files, settings, out, workers, smiles, smiles_files),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "data_checksum": checksum,
-        "settings": dataclasses.asdict(settings),
         "qm": {
             "code": "PySCF",
             "method": settings.method,
@@ -368,22 +365,34 @@ def _provenance(
             "subsample": "uniform without replacement (seeded) when more points survive",
             "vdw_radii_angstrom": {str(k): v for k, v in sorted(VDW_RADII.items())},
         },
-        "keys": {
-            "R": "(M, A, 3) Angstrom",
-            "Z": "(M, A) int",
-            "N": "(M,)",
-            "esp": "(M, G) Hartree/e: nuclei + SCF electron density (int1e_grids)",
-            "vdw_surface": "(M, G, 3) Angstrom",
-            "n_grid": "(M,)",
-            "mono": "(M, A) e: ESP-fitted least-squares atom-centred charges per conformer, "
-            "total charge constrained to Q (Lagrange multiplier); not Mulliken, not RESP",
-            "Dxyz": "(M, 3) Debye: SCF dipole (nuclei + electron density) about com",
-            "com": "(M, 3) Angstrom: centre of mass (standard atomic weights)",
-            "Q": "(M,) e",
-            "mol_id": "(M,) str: molecule name",
-            "mulliken": "(M, A) e: Mulliken charges (extra key, for baselines)",
-            "scf_energy": "(M,) Hartree: SCF total energy (extra key)",
-        },
+    }
+
+
+def _provenance(
+    out: Path,
+    specs,
+    results,
+    settings: GenerationSettings,
+    workers: int,
+    wall: float,
+    checksum: str,
+) -> dict:
+    names = [s.name for s in specs if s.source == G2_SOURCE]
+    xyz_files = [s.source for s in specs if s.source != G2_SOURCE and s.smiles is None]
+    smiles = [s.smiles for s in specs if s.smiles is not None and s.source == "smiles"]
+    smiles_files = list(
+        dict.fromkeys(s.source for s in specs if s.smiles is not None and s.source != "smiles")
+    )
+    M = sum(len(r["R"]) for r in results)
+    return {
+        "file": out.name,
+        "format": "dcmtune ESP .npz, DESIGN.md section 2 (mmml DCMNet compatible)",
+        "command": rebuild_command(names, xyz_files, settings, out, workers, smiles, smiles_files),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "data_checksum": checksum,
+        "settings": dataclasses.asdict(settings),
+        **_method_records(settings),
+        "keys": KEYS,
         "versions": versions(_VERSIONS, python=True),
         "timing": {
             "wall_seconds": round(wall, 1),

@@ -4,19 +4,22 @@
   python -m dcmtune.sweep my.yaml --debug                     # one trial, here, no Ray
   python -m dcmtune.sweep my.yaml --resume                    # finish an interrupted sweep
   python -m dcmtune.sweep my.yaml --address auto --dashboard  # on a running cluster
+  python -m dcmtune.sweep accurate --data mine.npz --set training.num_epochs=150 --dry-run
 
 Every trial writes its TensorBoard event stream into its directory; the Optuna study is a
 journal file in the experiment directory (watch them with `tensorboard --logdir` and
 `optuna-dashboard`); a spec's `tracking:` adds MLflow / W&B. The command parses its flags,
-validates the spec and calls the driver (`dcmtune.sweep.driver`); bad input (spec, data,
-resources) exits with status 2 and one line naming the key, before Ray starts and before
-anything is written.
+applies `--data`/`--set` to the spec before it is validated (`dcmtune.sweep.overrides`),
+and calls the driver (`dcmtune.sweep.driver`), or, with `--dry-run`, prints what the sweep would
+do (`dcmtune.sweep.plan`). Bad input (spec, overrides, data, resources) exits with status 2 and
+one line naming the key, before Ray starts and before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from collections.abc import Sequence
 
 from dcmtune import metrics
@@ -28,12 +31,16 @@ from dcmtune.sweep.driver import (
     SweepOutcome,
     _check_local_resources,
     _fmt_point,
+    _local_resources,
     debug_run_dir,
     prepare,
     run_debug,
     run_sweep,
 )
 from dcmtune.sweep.experiment_store import check_experiment_dir
+from dcmtune.sweep.overrides import Override, data_override, parse_set
+from dcmtune.sweep.plan import describe
+from dcmtune.sweep.resources import resolve_resources
 from dcmtune.sweep.spec import SpecError, SweepSpec, find_spec, load_spec
 
 __all__ = ["main", "build_parser"]
@@ -74,31 +81,75 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-path",
         help="directory of experiments (default: the spec's run.storage_path, else ./ray_results)",
     )
-    p.add_argument("--num-samples", type=int, help="override run.num_samples")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help="the data: .npz files or bundled set names (replaces data.data_files)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="set a fixed spec key, e.g. training.num_epochs=300 (repeatable; YAML values)",
+    )
+    p.add_argument("--num-samples", type=int, help="the same as --set run.num_samples=N")
     p.add_argument("--name", help="override the experiment name")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved spec, the search space, the budget, the resources and where "
+        "results go; start and write nothing",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no Tune status tables")
     return p
 
 
-def _load(args) -> SweepSpec:
-    spec = load_spec(find_spec(args.spec), storage_path=args.storage_path)
-    if args.name is not None:
-        spec = spec.renamed(args.name)
+def _overrides(args) -> list[Override]:
+    """--data, --set and --num-samples as (dotted key, value) pairs, in that order."""
+    out = [data_override(args.data)] if args.data is not None else []
+    out += [parse_set(item) for item in args.overrides]
     if args.num_samples is not None:
         if args.num_samples < 1:
             raise SpecError(f"--num-samples: expected at least 1, got {args.num_samples}")
-        spec = spec.replace_run(num_samples=args.num_samples)
+        out.append(("run.num_samples", args.num_samples))
+    return out
+
+
+def _load(args) -> SweepSpec:
+    spec = load_spec(
+        find_spec(args.spec), storage_path=args.storage_path, overrides=_overrides(args)
+    )
+    if args.name is not None:
+        spec = spec.renamed(args.name)
     return spec
+
+
+def _dry_run(spec: SweepSpec, prep, address: str | None) -> int:
+    """Prints what the sweep would do; starts and writes nothing."""
+    resources = cluster = None
+    if address is None:
+        cluster = _local_resources()
+        resources = resolve_resources(spec.run.resources, cluster)
+    for line in describe(spec, prep.split_sizes, resources, cluster):
+        print(line)
+    return 0
 
 
 def _main(args: argparse.Namespace) -> int:
     spec = _load(args)
     if args.debug and (args.resume or args.address):
         raise SpecError("--debug: runs one trial in this process; drop --resume/--address")
+    if args.dry_run and (args.debug or args.resume):
+        raise SpecError("--dry-run: describes a new sweep; drop --debug/--resume")
     if args.dashboard_port is not None and not 0 < args.dashboard_port < 65536:
         raise SpecError(
             f"--dashboard-port: expected a port number 1-65535, got {args.dashboard_port}"
         )
+    if args.dry_run:
+        return _dry_run(spec, prepare(spec), args.address)
     if args.address is None and not args.debug:
         local_ray.prefer_loopback(args.dashboard_host)  # before Ray is imported
         if args.dashboard:
@@ -140,17 +191,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, build_parser(), argv, bad_input=(SpecError, DataError, ConfigError))
 
 
+def _resume_command(spec: SweepSpec, args) -> str:
+    """The command that continues this sweep: the same spec, name, storage and overrides."""
+    words = ["python", "-m", "dcmtune.sweep", args.spec, "--resume"]
+    if args.storage_path:
+        words += ["--storage-path", spec.run.storage_path]
+    if args.name:
+        words += ["--name", spec.name]
+    if args.data is not None:
+        words += ["--data", *args.data]
+    for item in args.overrides:
+        words += ["--set", item]
+    if args.num_samples is not None:
+        words += ["--num-samples", str(args.num_samples)]
+    return shlex.join(words)
+
+
 def _print_outcome(spec: SweepSpec, outcome: SweepOutcome, args) -> None:
     res = outcome.results
     print(
         f"\n{outcome.status}: {len(res)} trials ({res.num_errors} errors) in {spec.experiment_uri}"
     )
     if outcome.status != "completed":
-        print(
-            f"continue with: python -m dcmtune.sweep {args.spec} --resume"
-            + (f" --storage-path {spec.run.storage_path}" if args.storage_path else "")
-            + (f" --name {spec.name}" if args.name else "")
-        )
+        print(f"continue with: {_resume_command(spec, args)}")
     best = outcome.best
     if best is None:
         print(f"no trial reported a finite {spec.run.metric}")

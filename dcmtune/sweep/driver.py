@@ -47,6 +47,7 @@ from dcmtune.sweep.resources import (
     trial_env_vars,
 )
 from dcmtune.sweep.spec import SpecError, SweepSpec
+from dcmtune.sweep.tuner import new_tuner
 from dcmtune.train.environment import apply_defaults, compilation_cache_env
 from dcmtune.train.tracking import run_reporters
 
@@ -60,6 +61,7 @@ class _Prepared:
     spec: SweepSpec
     data: ESPData
     num_train: int
+    split_sizes: dict[str, tuple[int, int]]  # split -> (molecules, conformers)
 
 
 def prepare(spec: SweepSpec, data: ESPData | None = None) -> _Prepared:
@@ -104,7 +106,8 @@ def prepare(spec: SweepSpec, data: ESPData | None = None) -> _Prepared:
         raise SpecError(f"run.metric: {metric} needs reference charges, but the data has no 'mono'")
     if metric.endswith("_dipole_mae") and data.dipole is None:
         raise SpecError(f"run.metric: {metric} needs reference dipoles, but the data has no 'Dxyz'")
-    return _Prepared(spec, data, n_train)
+    sizes = {k: (len(set(data.mol_id[idx].tolist())), len(idx)) for k, idx in splits.items()}
+    return _Prepared(spec, data, n_train, sizes)
 
 
 def _local_resources() -> dict[str, float]:
@@ -358,7 +361,7 @@ def _run_sweep(
         local_ray.prefer_loopback(dashboard_host)  # before Ray is imported
     from dcmtune.sweep.trainable import TrialSettings, make_trainable
 
-    prep = _Prepared(spec, data, 0) if data is not None else prepare(spec)
+    prep = _Prepared(spec, data, 0, {}) if data is not None else prepare(spec)
     run = spec.run
     # 1. Ray, and the resources of one trial (decided before Ray starts where we can).
     resources, env = _start_ray(spec, address, dashboard, dashboard_host, dashboard_port, echo)
@@ -446,7 +449,7 @@ def _tuner(
             restart_errored=False,
         )
     else:
-        tuner = _new_tuner(spec, trainable, callbacks, verbose)
+        tuner = new_tuner(spec, trainable, callbacks, verbose)
         write_spec_record(spec)
     echo(
         f"experiment: {spec.experiment_uri} ({run.num_samples} trials, metric {run.metric} "
@@ -470,7 +473,9 @@ def _outcome(spec: SweepSpec, results, resources: TrialResources, data: ESPData)
     run = spec.run
     finished = results.num_terminated + results.num_errors
     complete = finished == len(results) and (
-        len(results) >= run.num_samples or run.time_budget_s is not None
+        len(results) >= run.num_samples
+        or run.time_budget_s is not None
+        or run.max_trial_epochs is not None
     )
     outcome = SweepOutcome(
         status="completed" if complete else "interrupted",
@@ -508,84 +513,6 @@ def _fit(tuner, spec: SweepSpec, resume: bool):
 def _dashboard_arg(storage: str) -> str:
     """How optuna-dashboard is pointed at a resolved storage (a journal file by its path)."""
     return storage if study.is_journal(storage) else f"'{storage}'"
-
-
-def _new_tuner(spec: SweepSpec, trainable, callbacks: Sequence[Any], verbose: int):
-    """The Tuner: seeded Optuna search (PRUNED-aware) under a concurrency limit, ASHA on the
-    `epoch` attribute with max_t = num_epochs, checkpoints scored on the sweep metric."""
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-
-    from dcmtune.sweep.trainable import trial_dirname_creator
-    from dcmtune.sweep.tune_ext import AshaStateCallback, PruningAwareOptunaSearch
-    from dcmtune.sweep.tune_loggers import tune_callbacks
-
-    run, s = spec.run, spec.searcher
-    if s.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    storage = study.open_storage(spec.study_storage) if spec.study_storage else None
-    searcher = PruningAwareOptunaSearch(
-        metric=run.metric,
-        mode=run.mode,
-        sampler=sampler,
-        study_name=spec.name,
-        storage=storage,
-        points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None,
-        time_attr="epoch",
-        max_t=spec.num_epochs,
-    )
-    search_alg = (
-        ConcurrencyLimiter(searcher, max_concurrent=run.max_concurrent_trials)
-        if run.max_concurrent_trials
-        else searcher
-    )
-    scheduler, cbs = (
-        None,
-        list(callbacks) + tune_callbacks(spec.tracking, spec.name, str(spec.experiment_dir)),
-    )
-    if spec.scheduler.name == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=spec.num_epochs,
-            grace_period=spec.scheduler.grace_period,
-            reduction_factor=spec.scheduler.reduction_factor,
-            brackets=spec.scheduler.brackets,
-        )
-        cbs.insert(0, AshaStateCallback(scheduler))
-    return tune.Tuner(
-        trainable,
-        param_space=spec.param_space(),
-        tune_config=tune.TuneConfig(
-            metric=run.metric,
-            mode=run.mode,
-            search_alg=search_alg,
-            scheduler=scheduler,
-            num_samples=run.num_samples,
-            reuse_actors=True,
-            time_budget_s=run.time_budget_s,
-            trial_dirname_creator=trial_dirname_creator,
-        ),
-        run_config=tune.RunConfig(
-            name=spec.name,
-            storage_path=run.storage_path,
-            callbacks=cbs,
-            verbose=verbose,
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=run.num_to_keep,
-                checkpoint_score_attribute=run.metric,
-                checkpoint_score_order=run.mode,
-            ),
-            failure_config=tune.FailureConfig(max_failures=run.max_failures),
-            # POSIX storage: trials write straight into their directory in the experiment.
-            # Object storage: they write into Tune's node-local trial directory, which Tune
-            # uploads with every checkpoint and when the trial ends (dcmtune.trainable).
-            sync_config=tune.SyncConfig(sync_artifacts=True),
-        ),
-    )
 
 
 # --------------------------------------------------------------------------- debug

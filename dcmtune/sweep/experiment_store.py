@@ -14,6 +14,7 @@ that share nothing are not detected.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,8 +22,10 @@ from pathlib import Path
 
 from dcmtune import _io, storage
 from dcmtune.analysis.ranking import SPEC_RECORD
-from dcmtune.config import flat_dict
+from dcmtune.config import ExperimentConfig, flat_dict
 from dcmtune.sweep import study
+from dcmtune.sweep.overrides import format_overrides
+from dcmtune.sweep.sections import SchedulerSpec, SearcherSpec
 from dcmtune.sweep.spec import SpecError, SweepSpec
 
 __all__ = [
@@ -166,10 +169,27 @@ def _inside(storage: str, directory: Path) -> bool:
 
 
 def _check_same_spec(saved: dict, now: dict) -> None:
-    """Resuming with a changed spec would mix two experiments: refuse."""
+    """Resuming with a changed spec would mix two experiments: refuse. Command-line overrides
+    must be the same ones (records written before overrides existed had none)."""
+    was, now_set = saved.get("overrides") or {}, now.get("overrides") or {}
+    if json.loads(json.dumps(now_set)) != was:
+        raise SpecError(
+            f"--set: the experiment being resumed was started with overrides "
+            f"{format_overrides(was)}, not {format_overrides(now_set)}; resume with the same "
+            "--set/--data/--num-samples flags"
+        )
     keep = ("base", "search", "searcher", "scheduler")
     a = flat_dict({k: saved.get(k) for k in keep})
     b = flat_dict({k: json.loads(json.dumps(now.get(k))) for k in keep})
+    # Settings added after the experiment was written held their defaults then.
+    defaults = flat_dict(
+        {
+            "base": ExperimentConfig().to_dict(),
+            "searcher": dataclasses.asdict(SearcherSpec()),
+            "scheduler": dataclasses.asdict(SchedulerSpec()),
+        }
+    )
+    a.update({k: defaults[k] for k in set(b) - set(a) if k in defaults})
     a.pop("base.created_at", None), b.pop("base.created_at", None)
     for key in ("num_samples", "metric", "mode"):
         a[f"run.{key}"], b[f"run.{key}"] = saved["run"][key], now["run"][key]

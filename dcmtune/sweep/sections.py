@@ -17,8 +17,21 @@ from dcmtune import storage as storage_mod
 from dcmtune.sweep import study
 from dcmtune.sweep.space import SpecError, _int, _is_num, _mapping, _num, _str
 
-__all__ = ["SearcherSpec", "SchedulerSpec", "ResourceSpec", "RunSpec", "RankSpec", "SWEEP_METRICS"]
+__all__ = [
+    "SearcherSpec",
+    "SchedulerSpec",
+    "ResourceSpec",
+    "RunSpec",
+    "RankSpec",
+    "SWEEP_METRICS",
+    "SAMPLERS",
+    "SCHEDULERS",
+]
 
+# Optuna's samplers a spec may name (`SearcherSpec.sampler`).
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "grid")
+# Tune's schedulers a spec may name (`SchedulerSpec.name`).
+SCHEDULERS = ("asha", "hyperband", "median", "fifo")
 # The per-split metrics the trainer reports every epoch (dcmtune.model.loss.finalize_metrics);
 # the same strings appear in the epoch table, in tune.report and in the ranking. test_* metrics
 # exist only in the ranking: the test split never chooses anything.
@@ -30,9 +43,14 @@ class SearcherSpec:
     """Optuna searcher settings.
 
     Attributes:
-      sampler: "tpe" (model-based, default) or "random".
+      sampler: Optuna's sampler: "tpe" (model-based, default), "random", "qmc" (quasi-random
+        Sobol points), "cmaes" (CMA-ES with margin; needs the cmaes package) or "grid" (every
+        combination of the searched choices once, in a seeded order; every searched key must
+        be a choice and run.num_samples the number of combinations).
+      multivariate: TPE only: model the searched parameters jointly (Optuna's multivariate TPE).
       seed: Sampler seed.
-      n_startup_trials: Random trials before TPE starts modelling (Optuna's default is 10).
+      n_startup_trials: Random trials before TPE or CMA-ES start modelling (Optuna's default is
+        10).
       storage: The Optuna storage as written (`dcmtune.sweep.study`): a journal file (default
         optuna.log) or an SQL URL, relative paths in the experiment directory
         (`SweepSpec.study_storage` resolves them); None keeps the study in memory.
@@ -41,13 +59,20 @@ class SearcherSpec:
     """
 
     sampler: str = "tpe"
+    multivariate: bool = False
     seed: int = 0
     n_startup_trials: int = 10
     storage: str | None = study.DEFAULT_STORAGE
     points_to_evaluate: tuple = ()
 
     def __post_init__(self) -> None:
-        _str("searcher.sampler", self.sampler, ("tpe", "random"))
+        _str("searcher.sampler", self.sampler, SAMPLERS)
+        if not isinstance(self.multivariate, bool):
+            raise SpecError(
+                f"searcher.multivariate: expected true or false, got {self.multivariate!r}"
+            )
+        if self.multivariate and self.sampler != "tpe":
+            raise SpecError(f"searcher.multivariate: only used by sampler: tpe, not {self.sampler}")
         _int("searcher.seed", self.seed, 0)
         _int("searcher.n_startup_trials", self.n_startup_trials, 0)
         # Relative paths are kept as written: they resolve in the experiment directory.
@@ -64,7 +89,15 @@ class SearcherSpec:
         d = _mapping(
             "searcher",
             raw,
-            ("name", "sampler", "seed", "n_startup_trials", "storage", "points_to_evaluate"),
+            (
+                "name",
+                "sampler",
+                "multivariate",
+                "seed",
+                "n_startup_trials",
+                "storage",
+                "points_to_evaluate",
+            ),
         )
         _str("searcher.name", d.pop("name", "optuna"), ("optuna",))
         points = d.pop("points_to_evaluate", None) or []
@@ -79,41 +112,48 @@ class SearcherSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerSpec:
-    """Trial scheduler. "asha" stops trials early; "fifo" runs every trial to the end.
+    """Trial scheduler (Ray Tune's), on the `epoch` attribute, max_t = training.num_epochs.
 
     Attributes:
-      name: "asha" or "fifo".
-      grace_period: Epochs every trial runs before it can be stopped.
-      reduction_factor: ASHA keeps the best 1/reduction_factor of the trials at each rung.
+      name: "asha" (asynchronous successive halving: stops the worst trials at each rung),
+        "hyperband" (synchronous brackets: pauses trials at a rung until the rung is full),
+        "median" (median stopping: stops a trial whose best result is worse than the median of
+        the others' running averages at the same epoch) or "fifo" (every trial to the end).
+      grace_period: Epochs every trial runs before it can be stopped (asha, median).
+      reduction_factor: asha and hyperband keep the best 1/reduction_factor at each rung.
       brackets: ASHA brackets (1 = plain successive halving).
+      min_samples_required: median: trials needed at an epoch before one is compared.
     """
 
     name: str = "asha"
     grace_period: int = 1
     reduction_factor: float = 3.0
     brackets: int = 1
+    min_samples_required: int = 3
 
     def __post_init__(self) -> None:
-        _str("scheduler.name", self.name, ("asha", "fifo"))
+        _str("scheduler.name", self.name, SCHEDULERS)
         _int("scheduler.grace_period", self.grace_period, 1)
         rf = _num("scheduler.reduction_factor", self.reduction_factor)
         if rf is None or rf <= 1:
             raise SpecError(f"scheduler.reduction_factor: expected a number > 1, got {rf}")
         object.__setattr__(self, "reduction_factor", rf)
         _int("scheduler.brackets", self.brackets, 1)
+        _int("scheduler.min_samples_required", self.min_samples_required, 1)
 
     @classmethod
     def from_dict(cls, raw: Any, num_epochs: int) -> SchedulerSpec:
-        d = _mapping(
-            "scheduler", raw, ("name", "grace_period", "reduction_factor", "brackets", "max_t")
-        )
+        keys = ("name", "grace_period", "reduction_factor", "brackets", "min_samples_required")
+        d = _mapping("scheduler", raw, (*keys, "max_t"))
         if "max_t" in d and d.pop("max_t") != num_epochs:
             raise SpecError(
                 f"scheduler.max_t: is training.num_epochs ({num_epochs}); set that "
                 f"instead of max_t = {raw['max_t']!r}"
             )
-        if d.get("name", "asha") == "fifo" and d.keys() - {"name"}:
-            raise SpecError(f"scheduler.{sorted(d.keys() - {'name'})[0]}: only used by name: asha")
+        name = _str("scheduler.name", d.get("name", "asha"), SCHEDULERS)
+        for key in sorted(d.keys() - {"name"} - set(_SCHEDULER_KEYS.get(name, ()))):
+            users = [n for n, ks in _SCHEDULER_KEYS.items() if key in ks]
+            raise SpecError(f"scheduler.{key}: only used by name: {' or '.join(users)}")
         spec = cls(**d)
         if spec.grace_period > num_epochs:
             raise SpecError(
@@ -121,6 +161,15 @@ class SchedulerSpec:
                 f"training.num_epochs = {num_epochs}"
             )
         return spec
+
+
+# The settings each scheduler uses (the others are refused when given).
+_SCHEDULER_KEYS = {
+    "asha": ("grace_period", "reduction_factor", "brackets"),
+    "hyperband": ("reduction_factor",),
+    "median": ("grace_period", "min_samples_required"),
+    "fifo": (),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +231,9 @@ class RunSpec:
         the end (0 = only those).
       num_to_keep: Tune checkpoints kept per trial, best by `metric` (the latest is also kept).
       time_budget_s: Stop starting/continuing trials after this many seconds (None = no limit).
+      max_trial_epochs: End the sweep once its trials have run this many epochs in total (None
+        = no limit): a budget in trial-epochs, whatever the scheduler stops
+        (`tune_ext.TrialEpochBudget`).
       storage_path: Where Tune writes the experiments: an absolute directory (default
         ./ray_results; on a cluster one that every node mounts) or an object-store URI such as
         s3://bucket/path?endpoint_override=host:port (see `dcmtune.storage`).
@@ -202,6 +254,7 @@ class RunSpec:
     checkpoint_every: int = 5
     num_to_keep: int | None = 3
     time_budget_s: float | None = None
+    max_trial_epochs: int | None = None
     jax_cache_dir: str = ""
     local_dir: str = ""
 
@@ -220,6 +273,7 @@ class RunSpec:
         object.__setattr__(
             self, "time_budget_s", _num("run.time_budget_s", self.time_budget_s, gt=0, none_ok=True)
         )
+        _int("run.max_trial_epochs", self.max_trial_epochs, 1, none_ok=True)
         if self.metric not in SWEEP_METRICS:
             hint = (
                 " (the test split never chooses anything)"

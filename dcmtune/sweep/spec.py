@@ -8,13 +8,16 @@ key: docs/sweep_spec.md):
   model:      fixed ModelConfig values
   training:   fixed TrainingConfig values (training.num_epochs is ASHA's max_t)
   search:     dotted config key -> one distribution (`dcmtune.sweep.space`)
-  searcher:   optuna: sampler (tpe | random), seed, n_startup_trials, storage (default: the
+  searcher:   optuna: sampler (tpe | random | qmc | cmaes | grid), multivariate, seed,
+              n_startup_trials, storage (default: the
               journal file optuna.log in the experiment directory; see dcmtune.sweep.study),
               points_to_evaluate
-  scheduler:  asha (grace_period, reduction_factor, brackets; max_t = training.num_epochs) | fifo
+  scheduler:  asha (grace_period, reduction_factor, brackets) | hyperband (reduction_factor) |
+              median (grace_period, min_samples_required) | fifo; max_t = training.num_epochs
   run:        num_samples, max_concurrent_trials, metric, mode, resources {cpu, gpu, gpu_share},
               max_failures, storage_path (a directory or s3://, gs:// ...), checkpoint_every,
-              num_to_keep, time_budget_s, jax_cache_dir, local_dir
+              num_to_keep, time_budget_s, max_trial_epochs, jax_cache_dir,
+              local_dir
   rank:       top_k, split (used by the ranking of the best trials)
   debug:      dotted config key -> value, applied by `--debug` on top of one point of the space
   tracking:   mlflow {tracking_uri, experiment_name, tags}, wandb {project, entity, group, mode,
@@ -30,8 +33,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import logging
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -40,7 +44,9 @@ from dcmtune import storage as storage_mod
 from dcmtune._io import plain
 from dcmtune._yaml import read_yaml
 from dcmtune.config import ConfigError, ExperimentConfig
+from dcmtune.data.dataset import is_bundled_name
 from dcmtune.sweep import study
+from dcmtune.sweep.overrides import Override, apply_overrides
 from dcmtune.sweep.sections import (
     SWEEP_METRICS,
     RankSpec,
@@ -121,6 +127,8 @@ class SweepSpec:
       searcher, scheduler, run, rank: See their classes.
       debug: Dotted key -> value, applied by --debug.
       tracking: MLflow / W&B settings (`dcmtune.train.tracking`).
+      overrides: Dotted key -> value given on the command line (`dcmtune.sweep.overrides`),
+        already applied; recorded with the experiment.
     """
 
     name: str
@@ -134,11 +142,14 @@ class SweepSpec:
     rank: RankSpec
     debug: Mapping[str, Any]
     tracking: TrackingSpec = TrackingSpec()
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         _check_name("name", self.name)
         _check_points(self.searcher.points_to_evaluate, self.search)
         _check_run(self.run, self)
+        if self.searcher.sampler == "grid":
+            _check_grid(self)
 
     @property
     def remote(self) -> bool:
@@ -195,6 +206,7 @@ class SweepSpec:
             "rank": dataclasses.asdict(self.rank),
             "debug": dict(self.debug),
             "tracking": self.tracking.to_dict(),
+            "overrides": dict(self.overrides),
         }
 
     def renamed(self, name: str) -> SweepSpec:
@@ -225,12 +237,15 @@ def find_spec(name: str | Path) -> Path:
     raise SpecError(f"{name}: spec file not found (shipped specs: {', '.join(known) or 'none'})")
 
 
-def load_spec(path: str | Path, storage_path: str | Path | None = None) -> SweepSpec:
+def load_spec(
+    path: str | Path, storage_path: str | Path | None = None, overrides: Sequence[Override] = ()
+) -> SweepSpec:
     """Reads and validates a sweep spec file.
 
     Args:
       path: The YAML file. Relative paths inside it are relative to its directory.
       storage_path: Overrides run.storage_path (relative to the current directory).
+      overrides: (dotted key, value) pairs set before validation (`dcmtune.sweep.overrides`).
 
     Raises:
       SpecError: one line naming the key, for any problem (file missing, YAML syntax, unknown
@@ -245,7 +260,11 @@ def load_spec(path: str | Path, storage_path: str | Path | None = None) -> Sweep
     raw = dict(raw)
     raw.setdefault("name", path.stem)
     return spec_from_dict(
-        raw, base_dir=path.resolve().parent, path=path.resolve(), storage_path=storage_path
+        raw,
+        base_dir=path.resolve().parent,
+        path=path.resolve(),
+        storage_path=storage_path,
+        overrides=overrides,
     )
 
 
@@ -254,9 +273,24 @@ def spec_from_dict(
     base_dir: str | Path = ".",
     path: Path | None = None,
     storage_path: str | Path | None = None,
+    overrides: Sequence[Override] = (),
 ) -> SweepSpec:
     """Validates a spec given as a dict (as read from YAML); see `load_spec`."""
-    base_dir = Path(base_dir).resolve()
+    if not overrides:
+        return _spec_from_dict(raw, Path(base_dir).resolve(), path, storage_path)
+    try:
+        spec = _spec_from_dict(
+            apply_overrides(raw, overrides), Path(base_dir).resolve(), path, storage_path
+        )
+    except SpecError as e:  # point at the flag when the problem is an overridden key
+        key = next((k for k, _ in overrides if str(e).startswith(k)), None)
+        raise SpecError(f"--set {e}" if key else str(e)) from None
+    return dataclasses.replace(spec, overrides=MappingProxyType(dict(overrides)))
+
+
+def _spec_from_dict(
+    raw: Mapping[str, Any], base_dir: Path, path: Path | None, storage_path: str | Path | None
+) -> SweepSpec:
     raw = _mapping("", raw, _TOP_LEVEL)
     name = _check_name("name", raw.get("name"))
     description = raw.get("description") or ""
@@ -305,14 +339,17 @@ def _base_config(
 
 
 def _data_files(files: Any, base_dir: Path) -> list[str]:
-    """data.data_files resolved: paths relative to the spec's directory, each an existing
-    file."""
+    """data.data_files resolved: names of bundled sets ("organic") kept as names, paths made
+    absolute (relative ones from the spec's directory), each an existing file."""
     if isinstance(files, str):
         files = [files]
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise SpecError(f"data.data_files: expected a list of .npz paths, got {files!r}")
     resolved = []
     for i, f in enumerate(files):
+        if is_bundled_name(f):
+            resolved.append(f)
+            continue
         p = Path(f).expanduser()
         p = p if p.is_absolute() else base_dir / p
         if not p.is_file():
@@ -436,3 +473,17 @@ def _check_run(run: RunSpec, spec: SweepSpec) -> None:
             spec.config_for(point)
         except ConfigError as e:
             raise SpecError(f"searcher.points_to_evaluate[{i}]: not a valid config ({e})") from None
+
+
+def _check_grid(spec: SweepSpec) -> None:
+    """The grid sampler runs every combination of the searched choices once."""
+    other = [k for k, d in spec.search.items() if d.kind != "choice"]
+    if other or not spec.search:
+        key = f"search.{other[0]}" if other else "search"
+        raise SpecError(f"{key}: the grid sampler needs every searched key to be a choice")
+    size = math.prod(len(d.args) for d in spec.search.values())
+    if spec.run.num_samples != size:
+        raise SpecError(
+            f"run.num_samples: the grid has {size} combinations; expected num_samples = {size}, "
+            f"got {spec.run.num_samples}"
+        )

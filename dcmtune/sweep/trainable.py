@@ -261,14 +261,8 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
                 cfg, dataset, trial_dir, resume, meta, tune_meta, reporter_for, settings
             )
     if result.status != "completed":
-        log.warning(
-            "trial %s ended: %s (best %s %.6g at epoch %d)",
-            trial_dir.name,
-            result.status,
-            "valid_loss",
-            result.best_valid_loss,
-            result.best_epoch,
-        )
+        best = f"best valid_loss {result.best_valid_loss:.6g} at epoch {result.best_epoch}"
+        log.warning("trial %s ended: %s (%s)", trial_dir.name, result.status, best)
 
 
 def _resume(

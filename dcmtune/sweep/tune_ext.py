@@ -1,4 +1,5 @@
-"""Two small extensions of Ray Tune: truthful early stopping for Optuna, resumable ASHA.
+"""Small extensions of Ray Tune: truthful early stopping for Optuna, a budget in trial-epochs,
+resumable ASHA.
 
 1. `PruningAwareOptunaSearch`. Ray's `OptunaSearch` tells every finished trial to Optuna as
 COMPLETE with its last value, so a trial that ASHA stopped after 2 of 100 epochs looks like a
@@ -27,7 +28,10 @@ With an Optuna storage (sqlite, ...), `--resume` keeps "every trial exactly once
 - trials told to Optuna after the snapshot (Tune re-runs them from their checkpoint) are not
   reported to or told again (Optuna refuses to update a finished trial).
 
-2. `AshaStateCallback`. Ray saves the searcher with the experiment but not the scheduler: after
+2. `TrialEpochBudget`, a Tune stopper: ends the sweep once its trials have run a budget of
+epochs in total (`run.max_trial_epochs`).
+
+3. `AshaStateCallback`. Ray saves the searcher with the experiment but not the scheduler: after
 `Tuner.restore` ASHA would start with empty rungs and let every resumed trial through its next
 rung. This callback stores the rungs with the experiment state (Tune checkpoints callback
 state) and puts them back into the scheduler on restore.
@@ -43,8 +47,9 @@ import optuna
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
-__all__ = ["PruningAwareOptunaSearch", "AshaStateCallback"]
+__all__ = ["PruningAwareOptunaSearch", "AshaStateCallback", "TuneGridSampler", "TrialEpochBudget"]
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +207,44 @@ def _same_params(a: dict, b: dict) -> bool:
         elif v != w:
             return False
     return True
+
+
+class TuneGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler for a Tune sweep. Optuna's stops its study (`Study.stop`) once
+    every grid point has been told, which only works inside `Study.optimize`; under Tune it
+    would fail the last trial's tell. Tune ends the sweep itself (run.num_samples is the grid's
+    size), so this sampler never stops the study."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
+class TrialEpochBudget(Stopper):
+    """Ends the sweep once its trials have run `budget` epochs in total.
+
+    Each trial counts the highest epoch it reported, so an epoch reported again after a trial
+    resumed from a checkpoint counts once. The stopper is saved with the experiment (Tune
+    pickles the run config), so `--resume` continues the count from the last snapshot. Trials
+    running when the budget is reached are stopped, as with `run.time_budget_s`.
+    """
+
+    def __init__(self, budget: int, time_attr: str = "epoch"):
+        self._budget = int(budget)
+        self._time_attr = time_attr
+        self._epochs: dict[str, int] = {}
+
+    @property
+    def used(self) -> int:
+        return sum(self._epochs.values())
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        epoch = result.get(self._time_attr)
+        if epoch is not None:
+            self._epochs[trial_id] = max(self._epochs.get(trial_id, 0), int(epoch))
+        return False
+
+    def stop_all(self) -> bool:
+        return self.used >= self._budget
 
 
 class AshaStateCallback(Callback):

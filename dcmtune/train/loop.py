@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -240,44 +240,49 @@ def _write_run_files(run: _Run, progress: _Progress) -> tuple[ExperimentConfig, 
     return config, record
 
 
-def _feeds(run: _Run) -> tuple[feed.TrainFeed, Any]:
-    """The training feed and the validation batches: on the device, or streamed from host
+class _Feeds(NamedTuple):
+    """The data an epoch reads: the training feed and the evaluation batches (test only with
+    training.report_test_metrics)."""
+
+    train: feed.TrainFeed
+    valid: Any
+    test: Any = None
+
+
+def _feeds(run: _Run) -> _Feeds:
+    """The training feed and the evaluation batches: on the device, or streamed from host
     memory above data.device_data_budget_mb."""
     d, t = run.config.data, run.config.training
-    valid_buckets = (
-        batches.assign_buckets(run.valid, run.buckets)
-        if run.bucketed
-        else batches.padded_bucket(run.valid)
-    )
-    mb = (
-        batches.batch_bytes(run.train, run.buckets) + batches.batch_bytes(run.valid, valid_buckets)
-    ) / 2**20
+    held_out = {"valid": run.valid}
+    if t.report_test_metrics:
+        held_out["test"] = run.data.subset(run.splits["test"])
+    assign = batches.assign_buckets if run.bucketed else (lambda x, _: batches.padded_bucket(x))
+    buckets = {name: assign(data, run.buckets) for name, data in held_out.items()}
+    held = sum(batches.batch_bytes(held_out[n], buckets[n]) for n in held_out)
+    mb = (batches.batch_bytes(run.train, run.buckets) + held) / 2**20
     resident = mb <= d.device_data_budget_mb
+    where = "device-resident" if resident else "streamed from host memory"
     log.info(
-        "data: %s batches, train buckets (atoms x grid points (conformers)) %s; %.1f MB "
-        "%s data.device_data_budget_mb = %g: %s",
-        d.batching,
-        batches.describe(run.buckets),
-        mb,
-        "<=" if resident else ">",
-        d.device_data_budget_mb,
-        "device-resident" if resident else "streamed from host memory",
+        "data: %s batches, train buckets (atoms x grid points (conformers)) %s; %.1f MB %s "
+        "data.device_data_budget_mb = %g: %s",
+        *(d.batching, batches.describe(run.buckets), mb, "<=" if resident else ">"),
+        *(d.device_data_budget_mb, where),
     )
     per_update = t.batch_size * t.gradient_accumulation_steps
-    return (
-        feed.TrainFeed(run.train, run.buckets, resident),
-        feed.eval_batches(run.valid, valid_buckets, per_update, resident),
-    )
+    evals = {
+        name: feed.eval_batches(held_out[name], buckets[name], per_update, resident)
+        for name in held_out
+    }
+    return _Feeds(feed.TrainFeed(run.train, run.buckets, resident), **evals)
 
 
-def _epoch(
-    run: _Run, progress: _Progress, train_feed: feed.TrainFeed, valid_batches, epoch: int
-) -> dict[str, Any]:
-    """One epoch of updates (dispatched asynchronously), then validation with the EMA weights;
-    returns the epoch's metrics (progress.state and its best epoch are updated)."""
+def _train_epoch(
+    run: _Run, progress: _Progress, train_feed: feed.TrainFeed, epoch: int
+) -> dict[str, float]:
+    """One epoch of updates, dispatched asynchronously (progress.state is updated); returns
+    the training metrics (of the batches before each update)."""
     t, hp = run.config.training, run.hparams
     k, b = t.gradient_accumulation_steps, t.batch_size
-    t0 = time.perf_counter()
     key = jax.random.fold_in(progress.state.rng, epoch)
     updates = (
         feed.epoch_plan(run.buckets, b, k, key)
@@ -289,16 +294,31 @@ def _epoch(
         state, s = _update(state, inputs, idx, hp, run.static)
         sums = add_sums(sums, s)
     progress.state = state
-    train_metrics = finalize_metrics(jax.device_get(sums), hp)
+    return finalize_metrics(jax.device_get(sums), run.hparams)
+
+
+def _evaluate(run: _Run, params, eval_batches) -> dict[str, float]:
+    """Metrics of `params` on evaluation batches (one host sync)."""
+    sums = evaluate_sums(params, eval_batches(), run.hparams, run.config.model)
+    return finalize_metrics(jax.device_get(sums), run.hparams)
+
+
+def _epoch(run: _Run, progress: _Progress, feeds: _Feeds, epoch: int) -> dict[str, Any]:
+    """One epoch of updates, then validation (and test, when asked) with the EMA weights;
+    returns the epoch's metrics (progress.state and its best epoch are updated)."""
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {"epoch": epoch}
+    train_metrics = _train_epoch(run, progress, feeds.train, epoch)
     t_train = time.perf_counter() - t0
-    eval_params = state.ema_params if t.use_ema else state.params
-    valid_metrics = finalize_metrics(
-        jax.device_get(evaluate_sums(eval_params, valid_batches(), hp, run.config.model)), hp
-    )
+    state = progress.state
+    eval_params = state.ema_params if run.config.training.use_ema else state.params
     step = int(state.step)
-    metrics: dict[str, Any] = {"epoch": epoch, "step": step, "lr": learning_rate_at(hp, step - 1)}
+    metrics.update(step=step, lr=learning_rate_at(run.hparams, step - 1))
     metrics.update({f"train_{name}": v for name, v in train_metrics.items()})
-    metrics.update({f"valid_{name}": v for name, v in valid_metrics.items()})
+    for split in ("valid", "test"):
+        if getattr(feeds, split) is not None:
+            values = _evaluate(run, eval_params, getattr(feeds, split))
+            metrics.update({f"{split}_{name}": v for name, v in values.items()})
     diverged = not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["valid_loss"]))
     if not diverged and metrics["valid_loss"] < progress.best_loss:
         progress.best_loss, progress.best_epoch = metrics["valid_loss"], epoch
@@ -381,21 +401,14 @@ def fit(
     run = _prepare(config, data, run_dir, resume_from)  # 1. data, split, buckets
     progress = _restore(run, resume_from, allow_config_change)  # 2. the state
     config, record = _write_run_files(run, progress)  # 3. the run directory
-    train_feed, valid_batches = _feeds(run)  # 4. data on the device, or streamed
+    feeds = _feeds(run)  # 4. data on the device, or streamed
     status = "completed"
     for epoch in range(progress.start, config.training.num_epochs + 1):
-        metrics = _epoch(run, progress, train_feed, valid_batches, epoch)  # 5. train, validate
+        metrics = _epoch(run, progress, feeds, epoch)  # 5. train, validate
         progress.history.append(metrics)
         latest = _save(run, progress, config, record, metrics)  # 6. checkpoints, history
         _io.write_csv(run.run_dir / "history.csv", progress.history)
-        log.info(
-            "epoch %d/%d train_loss %.5g valid_loss %.5g valid_esp_rmse %.4g",
-            epoch,
-            config.training.num_epochs,
-            metrics["train_loss"],
-            metrics["valid_loss"],
-            metrics["valid_esp_rmse"],
-        )
+        log.info("epoch %d/%d %s", epoch, config.training.num_epochs, _summary(metrics))
         if reporter is not None:  # 7. report
             reporter(epoch, metrics, latest)
         if metrics["diverged"]:
@@ -411,6 +424,12 @@ def fit(
         history=progress.history,
         status=status,
     )
+
+
+def _summary(metrics: dict) -> str:
+    """train_loss, valid_loss and valid_esp_rmse of an epoch, for the log."""
+    keys = ("train_loss", "valid_loss", "valid_esp_rmse")
+    return " ".join(f"{k} {metrics[k]:.5g}" for k in keys)
 
 
 def run_training(

@@ -37,6 +37,7 @@ _RESTART_FREE = frozenset(
         "data.device_data_budget_mb",
         "training.save_every_n_epochs",
         "training.keep_top_k_checkpoints",
+        "training.report_test_metrics",
     }
 )
 # Keys added after checkpoints were written, with the value that applied before them: a
@@ -45,6 +46,7 @@ _LEGACY_VALUES = {
     "data.batching": "padded",
     "data.max_buckets": DataConfig.max_buckets,
     "data.device_data_budget_mb": DataConfig.device_data_budget_mb,
+    "training.report_test_metrics": False,
 }
 
 

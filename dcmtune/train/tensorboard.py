@@ -2,8 +2,8 @@
 
 `python -m dcmtune.train`, `python -m dcmtune.sweep --debug` and every sweep trial wrap their
 reporter in `EventReporter(run_dir)`, so each run directory holds one event stream (Tune's own
-TensorBoard logger is switched off for sweeps: `dcmtune.tracking.tune_callbacks`). Every numeric
-metric the trainer reports (`train_*`, `valid_*`, `lr`, `epoch_time`, `batch_time`, `step`,
+TensorBoard logger is switched off for sweeps: `dcmtune.sweep.tune_loggers.tune_callbacks`). Every
+numeric metric the trainer reports (`train_*`, `valid_*`, `lr`, `epoch_time`, `batch_time`, `step`,
 `best_valid_loss`, ...) is a scalar under its own name (the names of `dcmtune.metrics`), with the
 epoch as the step. Watch runs live with `tensorboard --logdir <experiment or output dir>`.
 

@@ -15,10 +15,10 @@ A sweep spec (or the file given to `python -m dcmtune.train --tracking FILE.yaml
       tags: [demo]                        # optional
 
 Each sweep trial becomes one MLflow run / one W&B run through Ray Tune's `MLflowLoggerCallback`
-and `WandbLoggerCallback` (`dcmtune._tune_loggers`); a `python -m dcmtune.train` run and a
-`--debug` trial log to the same libraries directly (`run_reporters`). Both receive every
-epoch's metrics under their registry
-names (`dcmtune.metrics`) with the epoch as the step, and the config as parameters. MLflow 3
+and `WandbLoggerCallback` (`dcmtune.sweep.tune_loggers`); a `python -m dcmtune.train` run logs
+to the same libraries directly (`run_reporters`; a sweep's `--debug` trial writes TensorBoard
+events only). Both receive every epoch's metrics under their registry names
+(`dcmtune.metrics`) with the epoch as the step, and the config as parameters. MLflow 3
 refuses plain-directory stores: use an sqlite URL or a tracking server. Both libraries come with
 the `track` extra; asking for one that is not installed is bad input (one line, exit 2).
 """

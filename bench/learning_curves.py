@@ -1,0 +1,124 @@
+"""Tables of learning curves: a grid of configurations trained once with dcmtune's own sweep,
+every epoch's validation and test metrics kept in a CSV, replayed later without training
+(bench/search_efficiency.py --table; the LCBench / HPOBench idea, for this model).
+
+    python bench/learning_curves.py record --out bench/tables/organic_split2.csv --split-seed 2
+    python bench/learning_curves.py record --out bench/tables/organic_split3_f16.csv \\
+        --split-seed 3 --features 16
+
+The grid is learning rate x chg_w x features x n_dcm (n_dcm 1-4) on the bundled organic set
+(molecule split, `--split-seed`), the default model and schedule otherwise, every config trained
+for `--epochs` epochs (FIFO: no early stopping) with `training.report_test_metrics` on. The
+test metrics are for the table's users (what a chosen trial scores on unseen molecules); the
+sweep chooses nothing on them. One row per (configuration, epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from dcmtune.sweep import local_ray
+from dcmtune.sweep.driver import run_sweep
+from dcmtune.sweep.spec import spec_from_dict
+
+# The searched values, centred on the documented defaults (docs/model.md: learning rate 1e-2,
+# chg_w 0.01, 16 features, n_dcm 2), each range 3x or 10x either side.
+GRID = {
+    "training.learning_rate": [3e-3, 1e-2, 3e-2],
+    "training.chg_w": [1e-3, 1e-2, 1e-1],
+    "model.features": [16, 32],
+    "model.n_dcm": [1, 2, 3, 4],
+}
+KEYS = list(GRID)
+
+
+def grid_spec(
+    name: str, split_seed: int, epochs: int, features: list[int], storage: Path, concurrency: int
+) -> dict:
+    """The sweep spec of one table: every combination of GRID (features as given) once."""
+    grid = {**GRID, "model.features": features}
+    size = math.prod(len(v) for v in grid.values())
+    return {
+        "name": name,
+        "description": f"learning-curve table: {size} configurations x {epochs} epochs",
+        "data": {"data_files": ["organic"], "split_seed": split_seed},
+        "training": {"num_epochs": epochs, "report_test_metrics": True},
+        "search": {k: {"choice": v} for k, v in grid.items()},
+        "searcher": {"sampler": "grid", "seed": 0},
+        "scheduler": {"name": "fifo"},
+        "run": {
+            "num_samples": size,
+            "max_concurrent_trials": concurrency,
+            "checkpoint_every": 0,
+            "num_to_keep": 1,
+            "storage_path": str(storage),
+            "resources": {"cpu": 1, "gpu": "auto"},
+        },
+        "rank": {"top_k": 3},
+    }
+
+
+def table(experiment: Path) -> pd.DataFrame:
+    """One row per (trial, epoch): the configuration, and every epoch's metrics."""
+    frames = []
+    for trial in sorted(experiment.glob("trial_*")):
+        point = json.loads((trial / "params.json").read_text())
+        history = pd.read_csv(trial / "history.csv")
+        keep = [c for c in history.columns if c.startswith(("train_", "valid_", "test_"))]
+        df = history[["epoch", *keep, "epoch_time"]].copy()
+        for k in sorted(point, reverse=True):
+            df.insert(0, k, point[k])
+        df.insert(0, "config", trial.name.removeprefix("trial_"))
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def record(args) -> int:
+    local_ray.prefer_loopback()
+    name = Path(args.out).stem
+    spec = spec_from_dict(
+        grid_spec(
+            name,
+            args.split_seed,
+            args.epochs,
+            args.features,
+            Path(args.storage).resolve(),
+            args.concurrency,
+        )
+    )
+    t0 = time.perf_counter()
+    outcome = run_sweep(spec, verbose=0 if args.quiet else 1)
+    wall = time.perf_counter() - t0
+    df = table(spec.experiment_dir)
+    configs = df["config"].nunique()
+    df.to_csv(args.out, index=False, float_format="%.6g")
+    print(
+        f"{args.out}: {configs} configurations x {df['epoch'].max()} epochs "
+        f"({len(df)} rows); sweep {outcome.status} in {wall:.0f} s"
+    )
+    return 0 if outcome.status == "completed" else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("record", help="train the grid and write its table")
+    r.add_argument("--out", required=True, help="the table (.csv)")
+    r.add_argument("--split-seed", type=int, required=True)
+    r.add_argument("--epochs", type=int, default=60)
+    r.add_argument("--features", type=int, nargs="+", default=GRID["model.features"])
+    r.add_argument("--concurrency", type=int, default=2)
+    r.add_argument("--storage", default="experiments/learning_curves")
+    r.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    return record(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""Every bench of bench/ at its smallest size (`--smoke`), all in this one process, and a check
+that the benches use only public names of dcmtune.
+
+The smoke runs share one persistent JAX compilation cache (the session's `jax_cache_dir`): the
+in-process benches first (one tiny model on the demo set's default split, so most of them reuse
+the programs the first one compiled), then the trial processes of bench/compiles.py and the
+sweeps of the Ray benches, which read those programs back from the cache. Everything they write
+goes under tmp_path (working directory, tempfile's directory, output directories).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    """bench/<name>.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
+    """(bench, argv, figure lines its output must contain), in the order they run."""
+    return [
+        ("baselines", ["--smoke"], ("over molecules", "shared ")),
+        ("cluster_traffic", ["--smoke"], ("epoch 1: state.msgpack", "organic set in the object")),
+        (
+            "accuracy",
+            [
+                "generalise",
+                "--smoke",
+                "--data-files",
+                str(demo),
+                "--output-dir",
+                str(tmp / "accuracy"),
+            ],
+            ("test ESP RMSE", "median"),
+        ),
+        (
+            "epoch_bookkeeping",
+            ["--smoke", "--output-dir", str(tmp / "bookkeeping")],
+            ("2 epochs: wall", "save_checkpoint", "TensorBoard events"),
+        ),
+        ("throughput", ["--smoke"], ("bucketed / padded:", "streaming: epoch time streamed")),
+        ("padding", ["--smoke"], ("ratio mmml layout / compact (median of 1):",)),
+        (
+            "scaling",
+            ["--smoke", "--only", "conformers", "--output-dir", str(tmp / "scaling")],
+            ("1x demo",),
+        ),
+        ("train_step", ["--smoke"], ("ms/update",)),
+        ("predict", ["--smoke"], ("charges + dipole", "+ ESP on data grid")),
+        ("driver_sync", ["--smoke"], ("best of 1: driver sync",)),
+        ("compiles", ["--smoke", "--cache-dir", str(cache)], ("process 2 ",)),
+        (
+            "sweep_overhead",
+            ["--smoke", "--output-dir", str(tmp / "overhead"), "--jax-cache-dir", str(cache)],
+            ("median", "ratio_sched"),
+        ),
+        (
+            "search_efficiency",
+            ["--smoke", "--output-dir", str(tmp / "search"), "--jax-cache-dir", str(cache)],
+            ("ratio tpe_asha/random epochs",),
+        ),
+    ]
+
+
+@pytest.mark.ray
+def test_every_bench_smoke(ray_session, jax_cache_dir, tmp_path, monkeypatch, capsys):
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from dcmtune.data import bundled_dataset_path
+    from dcmtune.train.environment import use_compilation_cache
+
+    monkeypatch.syspath_prepend(str(BENCH))  # the sweep benches import bench/_sweeps.py
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # driver_sync's moto server
+        monkeypatch.setenv(key, "testing")
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    saved = {key: getattr(jax.config, key) for key in keys}
+    jax.config.update("jax_compilation_cache_dir", None)
+    use_compilation_cache(jax_cache_dir)
+    compilation_cache.reset_cache()  # this process may have decided on "no cache" already
+    seconds = {}
+    try:
+        for name, argv, figures in _runs(tmp_path, jax_cache_dir, bundled_dataset_path()):
+            module = _load(name)
+            t0 = time.perf_counter()
+            assert module.main(argv) == 0, name
+            seconds[name] = time.perf_counter() - t0
+            out = capsys.readouterr().out
+            for figure in figures:
+                assert figure in out, f"{name}: no {figure!r} in its output:\n{out}"
+    finally:
+        for key, value in saved.items():
+            jax.config.update(key, value)
+        compilation_cache.reset_cache()
+        with capsys.disabled():
+            print("\nbench smoke seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    assert ray_session.is_initialized()  # the sweeps used the session's Ray and left it running
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _root(node: ast.expr) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Imports of `_`-prefixed dcmtune names (modules included) and attribute accesses of
+    `_`-prefixed names on anything imported from dcmtune, as 'file:line: what'."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found, bound = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "dcmtune":
+                    if any(_private(p) for p in alias.name.split(".")):
+                        found.append(f"{path.name}:{node.lineno}: import {alias.name}")
+                    bound.add(alias.asname or "dcmtune")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] != "dcmtune":
+                continue
+            if any(_private(p) for p in parts):
+                found.append(f"{path.name}:{node.lineno}: from {node.module} import ...")
+            for alias in node.names:
+                if _private(alias.name):
+                    found.append(
+                        f"{path.name}:{node.lineno}: from {node.module} import {alias.name}"
+                    )
+                bound.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr) and _root(node) in bound:
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_benches_use_public_dcmtune_names_only():
+    files = sorted(BENCH.glob("*.py"))
+    assert files
+    found = [use for path in files for use in _private_uses(path)]
+    assert not found, "private dcmtune names in bench/:\n" + "\n".join(found)
+
+
+def test_private_name_check_finds_them(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import dcmtune.train.step as st\n"
+        "from dcmtune.train.step import _update, train_step\n"
+        "from dcmtune._yaml import read_yaml\n"
+        "import dcmtune\n"
+        "st._update(1)\n"
+        "dcmtune.train.step._eval_sums\n"
+        "print(dcmtune.__file__, train_step.__name__)\n"
+    )
+    assert sorted(u.split(": ", 1)[1] for u in _private_uses(bad)) == [
+        "dcmtune.train.step._eval_sums",
+        "from dcmtune._yaml import ...",
+        "from dcmtune.train.step import _update",
+        "st._update",
+    ]
