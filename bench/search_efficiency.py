@@ -23,7 +23,7 @@ curve to <output-dir>/search_efficiency.json.
 
 `--smoke`: both arms for one seed (0), each a real sweep through `run_sweep` on the Ray
 session of this process if there is one (else a local Ray it starts), at its smallest: 2 trials
-of 1 epoch at once, a tiny fixed model (4 features, 1 charge per atom, 4 basis functions;
+of 1 epoch, one at a time, a tiny fixed model (4 features, 1 charge per atom, 4 basis functions;
 quick.yaml's degree 1 and 1 iteration) with only the learning rate and chg_w searched, the
 default split (valid and test 10 %), ASHA's grace period 1; then the row and the ratio line.
 """
@@ -52,26 +52,25 @@ def arm_spec(
     concurrency: int | None = None,
     smoke: bool = False,
 ):
-    from _sweeps import SMOKE_CHANGES, derived_spec, merged, smoke_search
+    from _sweeps import derived_spec, smoke_parts
 
     run: dict = {"jax_cache_dir": str(cache)}
     if gpu is not None:
         run["resources"] = {"cpu": 1, "gpu": gpu}
     if concurrency is not None:
         run["max_concurrent_trials"] = concurrency
-    base = merged(SMOKE_CHANGES, {"search": smoke_search()}) if smoke else {}
     name = f"{arm}_seed{seed}_{int(time.time())}"
     if arm == "tpe_asha":
-        extra = {"scheduler": {"grace_period": 1}} if smoke else {}
-        return derived_spec(
-            merged(base, {"searcher": {"seed": seed}, "run": run, **extra}), storage, name
-        )
-    return derived_spec(
-        merged(base, {"searcher": {"seed": seed, "sampler": "random"}, "run": run}),
-        storage,
-        name,
-        replace={"scheduler": {"name": "fifo"}},
-    )
+        changes: dict = {"searcher": {"seed": seed}, "run": run}
+        replace: dict = {}
+        if smoke:
+            changes["scheduler"] = {"grace_period": 1}
+    else:
+        changes = {"searcher": {"seed": seed, "sampler": "random"}, "run": run}
+        replace = {"scheduler": {"name": "fifo"}}
+    if smoke:
+        changes, replace = smoke_parts(changes, replace)
+    return derived_spec(changes, storage, name, replace=replace)
 
 
 def run_arm(arm: str, seed: int, storage: Path, cache: Path, **options) -> dict:
