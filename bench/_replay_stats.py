@@ -18,6 +18,7 @@ that reached the target, and the ratio of its median epochs to random search wit
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import statistics
 from collections.abc import Sequence
@@ -110,7 +111,9 @@ def evaluate(
     jobs = [(table, c, s, concurrency, budget, num_samples) for c in combos for s in seeds]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # Spawned, not forked: the caller may hold threads (Ray, JAX) that a fork would copy
+        # mid-lock.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             runs = list(pool.map(_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
     else:
         runs = [_one(j) for j in jobs]

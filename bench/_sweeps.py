@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ray.tune import Callback
 
-from dcmtune.sweep.spec import SweepSpec, find_spec, spec_from_dict
+from dcmtune.sweep.spec import SweepSpec, find_spec, read_spec, spec_from_dict
 
 # The smoke size of a quick.yaml sweep: 2 trials of 1 epoch, one at a time (the second reuses
 # the first one's actor: one trial process to start), a tiny fixed model (4 features, degree 1,
@@ -35,21 +33,10 @@ SMOKE_CHANGES = {
 SMOKE_SEARCH = ("training.learning_rate", "training.chg_w")
 
 
-class QuickLoader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, plus floats without a dot (1e-3), as dcmtune reads specs."""
-
-
-QuickLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
 def quick_raw() -> tuple[dict, Path]:
     """The shipped quick.yaml as a dict, and its directory (relative paths resolve there)."""
     path = find_spec("quick")
-    return dict(yaml.load(path.read_text(), Loader=QuickLoader)), path.parent
+    return read_spec(path), path.parent
 
 
 def smoke_search() -> dict:

@@ -76,6 +76,22 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
             ["--smoke", "--output-dir", str(tmp / "search"), "--jax-cache-dir", str(cache)],
             ("ratio tpe_asha/random epochs",),
         ),
+        (
+            "learning_curves",
+            ["record", "--smoke", "--out", str(tmp / "lc.csv"), "--split-seed", "0"]
+            + ["--storage", str(tmp / "lc"), "--quiet"],
+            ("2 configurations x 2 epochs",),
+        ),
+        (
+            "search_efficiency",
+            ["--smoke", "--table", str(tmp / "lc.csv"), "--json", str(tmp / "replay.json")],
+            ("random+fifo", "chosen on"),
+        ),
+        (
+            "sweep_value",
+            ["--smoke", "--storage", str(tmp / "value")],
+            ("winner / median of the defaults",),
+        ),
     ]
 
 
@@ -108,9 +124,10 @@ def test_every_bench_smoke(ray_session, jax_cache_dir, tmp_path, monkeypatch, ca
             module = _load(name, monkeypatch)
             t0, cpu0 = time.perf_counter(), time.process_time()
             assert module.main(argv) == 0, name
-            seconds[name] = (time.perf_counter() - t0, time.process_time() - cpu0)
+            key = name if name not in seconds else f"{name} ({argv[1]})"
+            seconds[key] = (time.perf_counter() - t0, time.process_time() - cpu0)
             out = capsys.readouterr().out
-            (tmp_path / f"{name}.out").write_text(out)
+            (tmp_path / f"{key}.out").write_text(out)
             for figure in figures:
                 assert figure in out, f"{name}: no {figure!r} in its output:\n{out}"
     finally:
