@@ -88,8 +88,8 @@ def arm_spec(
         if smoke:
             changes["scheduler"] = {"grace_period": 1}
     else:
-        changes = {"searcher": {"seed": seed, "sampler": "random"}, "run": run}
-        replace = {"scheduler": {"name": "fifo"}}
+        changes = {"run": run}
+        replace = {"searcher": {"seed": seed, "sampler": "random"}, "scheduler": {"name": "fifo"}}
     if smoke:
         changes, replace = smoke_parts(changes, replace)
     return derived_spec(changes, storage, name, replace=replace)

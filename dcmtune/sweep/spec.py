@@ -430,6 +430,11 @@ def _debug(raw: Any) -> dict:
     if not isinstance(raw, Mapping):
         raise SpecError(f"debug: expected a mapping of dotted keys to values, got {raw!r}")
     for key in raw:
+        if str(key).startswith("data."):
+            raise SpecError(
+                f"debug.{key}: the debug trial uses the sweep's data and split; set data "
+                "under data:"
+            )
         try:
             field_kind(str(key))
         except SpecError as e:
