@@ -62,9 +62,6 @@ def metric_unit(name: str) -> str:
     return registry.unit(name[len("all_") :] if name.startswith("all_") else name)
 
 
-# --------------------------------------------------------------------------- loading
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -405,9 +402,6 @@ def compare_checkpoints(
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------- history
-
-
 # --------------------------------------------------------------------------- summaries
 
 
@@ -456,6 +450,3 @@ def batch_analysis_summary(
     _io.write_csv(files["predictions.csv"], analysis.per_conformer)
     _io.write_csv(files["training_history.csv"], history.history_df)
     return {"analysis": analysis, "history": history, "files": files}
-
-
-# --------------------------------------------------------------------------- CLI

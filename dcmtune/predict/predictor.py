@@ -565,6 +565,3 @@ def _run(predictor: Predictor, mols, totals, points, batch_size: int) -> list[Mo
             pending = (out, chunk, data, resolved)
     _collect(jax.device_get(pending[0]), *pending[1:], totals, mols, results)
     return results
-
-
-# --------------------------------------------------------------------------- writers
