@@ -5,8 +5,8 @@ every epoch's validation and test metrics kept in a CSV, replayed later without 
     python bench/learning_curves.py record --out bench/tables/organic_split2_f16.csv \\
         --split-seed 2 --features 16 --keep experiments/learning_curves/organic_split2
     python bench/learning_curves.py record --out bench/tables/organic_split3_f16_n234.csv \\
-        --split-seed 3 --features 16 --n-dcm 2 3 4 \\
-        --keep experiments/learning_curves/organic_split3_f16
+        --split-seed 3 --features 16 --n-dcm 2 3 4 --keep experiments/learning_curves/\\
+        {organic_split3_f16,organic_split3_f16_n234_rest}
 
 (The committed tables: each finished an interrupted recording, keeping its finished
 configurations.)
@@ -17,7 +17,7 @@ for `--epochs` epochs (FIFO: no early stopping) with `training.report_test_metri
 test metrics are for the table's users (what a chosen trial scores on unseen molecules); the
 sweep chooses nothing on them. One row per (configuration, epoch).
 
-`--keep EXPERIMENT`: an interrupted recording's finished configurations (all `--epochs` epochs)
+`--keep EXPERIMENT...`: interrupted recordings' finished configurations (all `--epochs` epochs)
 are kept; only the rest of the grid is trained, as given points of a random search, in a new
 experiment beside it, and the table joins both.
 
@@ -146,14 +146,15 @@ def record(args) -> int:
         args.epochs, args.concurrency = 2, 1
     kept, only = None, None
     if args.keep:
-        kept = finished(Path(args.keep), args.epochs)
+        kept = pd.concat([finished(Path(k), args.epochs) for k in args.keep], ignore_index=True)
+        kept = kept[~kept.duplicated(["config", "epoch"])]
         wanted = grid_points(args.features, args.n_dcm)
         wanted_set = {tuple(p.values()) for p in wanted}
         rows = [tuple(r) for r in kept[KEYS].itertuples(index=False)]
         kept = kept[[r in wanted_set for r in rows]]
         have = set(rows) & wanted_set
         only = [p for p in wanted if tuple(p.values()) not in have]
-        name += "_rest"
+        name += f"_rest{len(args.keep)}"
         print(f"kept {kept['config'].nunique()} finished configurations; {len(only)} to train")
     spec = spec_from_dict(
         grid_spec(
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
     r.add_argument("--n-dcm", type=int, nargs="+", default=GRID["model.n_dcm"])
     r.add_argument("--concurrency", type=int, default=2)
     r.add_argument("--storage", default="experiments/learning_curves")
-    r.add_argument("--keep", help="an interrupted recording's experiment dir to reuse")
+    r.add_argument("--keep", nargs="+", help="interrupted recordings' experiment dirs to reuse")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--smoke", action="store_true", help="2 configurations of a tiny model")
     args = p.parse_args(argv)
