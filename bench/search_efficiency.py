@@ -39,7 +39,9 @@ with FIFO, and the test metric of the trial chosen at `--budget` trial-epochs (d
 The best combination of both stages is the chosen one; with `--held-out`, every combination is
 replayed on the second table too, and the chosen one's median is compared with the best there
 (target: within 10%) and with random search with FIFO (target: at most 1/3). `--json FILE`
-writes every figure. With `--smoke`: 2 seeds, random and TPE with FIFO and ASHA only.
+writes every figure; `--reuse JSON` takes the first table's combinations and choice from such a
+record and replays only the held-out table. With `--smoke`: 2 seeds, random and TPE with FIFO
+and ASHA only.
 
   python bench/search_efficiency.py --table bench/tables/organic_split2.csv \
       --held-out bench/tables/organic_split3_f16.csv [--replay-seeds 50] [--concurrency 4]
@@ -169,6 +171,8 @@ def run_table(args) -> int:
     seeds = range(2 if args.smoke else args.replay_seeds)
     budget = args.budget or 10 * table.num_epochs
     _describe(args.table, table)
+    if args.reuse:
+        return _held_out_only(args, seeds, budget)
     stage1 = rs.first_stage(table.num_epochs)
     if args.smoke:
         stage1 = [c for c in stage1 if c.label in SMOKE_COMBOS]
@@ -209,6 +213,36 @@ def run_table(args) -> int:
         record.update(held_out=args.held_out, held_stats=rs.summary(held_stats))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return 0
+
+
+def _held_out_only(args, seeds, budget: int) -> int:
+    """--reuse JSON: the first table's combinations and choice from an earlier --json record;
+    only the held-out table is replayed."""
+    import _replay_stats as rs
+
+    from dcmtune.sweep.replay import CurveTable
+
+    record = json.loads(Path(args.reuse).read_text())
+    combos = [rs.Combo(k, v["searcher"], v["scheduler"]) for k, v in record["stats"].items()]
+    chosen = record["chosen"]
+    print(f"chosen on {record['table']} ({args.reuse}): {chosen}")
+    held = CurveTable.read_csv(args.held_out)
+    _describe(args.held_out, held)
+    held_stats = rs.evaluate(held, combos, seeds, args.concurrency, budget)
+    _print_stage("held out: every combination again", held_stats, budget)
+    top = rs.best(held_stats)
+    ratio_best = held_stats[chosen]["median"] / held_stats[top]["median"]
+    ratio_random = held_stats[chosen]["median"] / held_stats["random+fifo"]["median"]
+    print(
+        f"\nheld out: {chosen} median {held_stats[chosen]['median']:.0f} trial-epochs; best "
+        f"there {top} {held_stats[top]['median']:.0f} (ratio {ratio_best:.3f}, target <= 1.10);"
+        f" random+fifo {held_stats['random+fifo']['median']:.0f} (ratio {ratio_random:.3f}, "
+        "target <= 0.333)"
+    )
+    if args.json:
+        out = {**record, "held_out": args.held_out, "held_stats": rs.summary(held_stats)}
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
     return 0
 
 
@@ -264,6 +298,9 @@ def main(argv=None) -> int:
     p.add_argument("--held-out", help="with --table: a second table to check the choice on")
     p.add_argument("--replay-seeds", type=int, default=50, help="with --table: seeds per combo")
     p.add_argument("--budget", type=int, help="with --table: trial-epochs for the test metric")
+    p.add_argument(
+        "--reuse", help="with --table and --held-out: the first table's --json record to reuse"
+    )
     args = p.parse_args(argv)
     if args.table:
         args.concurrency = args.concurrency or 4
