@@ -53,7 +53,14 @@ from pathlib import Path
 import numpy as np
 
 from dcmtune.config import DataConfig, ExperimentConfig, ModelConfig, TrainingConfig
-from dcmtune.data import ESPData, load_dataset, make_batch, to_arrays, validate_arrays
+from dcmtune.data import (
+    ESPData,
+    load_dataset,
+    make_batch,
+    shell_grid,
+    to_arrays,
+    validate_arrays,
+)
 from dcmtune.data.synthetic import make_synthetic
 from dcmtune.train.environment import use_compilation_cache
 from dcmtune.units import BOHR
@@ -128,6 +135,52 @@ def synthetic_set(
         grid[i], esp[i] = g, (q[None] / d).sum(1)
     base.update(vdw_surface=grid, esp=esp, n_grid=np.full(M, num_grid, np.int32))
     return validate_arrays(base, source=f"<synthetic {num_atoms} atoms x {num_grid} points>")
+
+
+MOLECULES = Path(__file__).resolve().parent / "molecules"
+REAL_SETS = ("drug10", "drug20", "drug40", "drug60")
+REAL_GRID = 1200  # grid points per conformer at most (dcmtune.data.shell_grid's default)
+# Pauling electronegativities: the synthetic reference charges of the real geometries.
+_CHI = {1: 2.20, 6: 2.55, 7: 3.04, 8: 3.44, 9: 3.98, 16: 2.58, 17: 3.16}
+
+
+def real_set(name: str, seed: int = 0) -> ESPData:
+    """The conformers of bench/molecules/<name>/*.xyz (RDKit ETKDG + MMFF geometries, 16 per
+    molecule) with synthetic ESP targets: grid points on vdW shells (`shell_grid`, at most
+    REAL_GRID), ESP of atom charges q_a = 0.25 sum_b s(r_ab) (chi_b - chi_a) (s a smooth
+    3 A cutoff; neutral). A timing set: no QM, realistic geometries and sizes."""
+    import ase.io
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for path in sorted((MOLECULES / name).glob("*.xyz")):
+        for atoms in ase.io.read(path, ":"):
+            R, Z = atoms.positions, atoms.numbers
+            chi = np.array([_CHI[int(z)] for z in Z])
+            r = np.linalg.norm(R[:, None] - R[None], axis=-1)
+            s = np.where(r < 3.0, np.cos(0.5 * np.pi * np.minimum(r / 3.0, 1.0)) ** 2, 0.0)
+            np.fill_diagonal(s, 0.0)
+            q = 0.25 * (s * (chi[None, :] - chi[:, None])).sum(axis=1)
+            g = shell_grid(R, Z, rng, max_grid=REAL_GRID)
+            esp = (q[None] / (np.linalg.norm(g[:, None] - R[None], axis=-1) / BOHR)).sum(1)
+            rows.append((R, Z, q, g, esp, path.stem))
+    A, G = max(len(r[1]) for r in rows), max(len(r[3]) for r in rows)
+    M = len(rows)
+    out = {
+        "R": np.zeros((M, A, 3)),
+        "Z": np.zeros((M, A), np.int32),
+        "N": np.array([len(r[1]) for r in rows], np.int32),
+        "mono": np.zeros((M, A)),
+        "vdw_surface": np.zeros((M, G, 3)),
+        "esp": np.zeros((M, G)),
+        "n_grid": np.array([len(r[3]) for r in rows], np.int32),
+        "mol_id": np.array([r[5] for r in rows]),
+    }
+    for i, (R, Z, q, g, esp, _) in enumerate(rows):
+        n, k = len(Z), len(g)
+        out["R"][i, :n], out["Z"][i, :n], out["mono"][i, :n] = R, Z, q
+        out["vdw_surface"][i, :k], out["esp"][i, :k] = g, esp
+    return validate_arrays(out, source=f"<bench/molecules/{name}>")
 
 
 # --------------------------------------------------------------------------- timing
