@@ -291,9 +291,7 @@ class Bucket:
         return int(len(self.members))
 
 
-def slot_cost(
-    num_atoms: int, num_grid: int, n_dcm: int = 2, num_pairs: int | None = None
-) -> float:
+def slot_cost(num_atoms: int, num_grid: int, n_dcm: int = 2, num_pairs: int | None = None) -> float:
     """Relative work of one padded molecule slot: message passing over its `num_pairs` pair
     slots (default all A(A-1) pairs), the per-atom layers (~4 pairs' worth each) and the ESP of
     A*n_dcm charges at G points (~1e-3 pairs' worth each; measured on 2 CPU cores with the

@@ -40,13 +40,38 @@ __all__ = [
     "step_molecules",
     "PREFETCH_DEPTH",
     "CPU_STEP_BYTES",
+    "device_memory_bytes",
+    "data_budget_mb",
+    "DEVICE_DATA_SHARE",
+    "HOST_DATA_BUDGET_MB",
 ]
 
 # Batches built and copied ahead of the step when streaming.
 PREFETCH_DEPTH = 2
+# Of the memory XLA may use on the device, the share resident data may take (the rest holds
+# parameters, optimizer state and each step's activations); and the budget where the device
+# reports no limit (a CPU: host memory).
+DEVICE_DATA_SHARE = 0.5
+HOST_DATA_BUDGET_MB = 1024.0
 # Bytes of per-edge features (float32) one scan step holds at most on a CPU: 1,024 edges of
 # the default model (16 features x 9 components), two such inputs in half of a 2 MiB L2.
 CPU_STEP_BYTES = 1024 * 16 * 9 * 4
+
+
+def device_memory_bytes() -> int | None:
+    """The memory XLA may use on the default device (its allocator's `bytes_limit`: on a GPU
+    the trial's share, XLA_CLIENT_MEM_FRACTION), or None where it reports none (a CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def data_budget_mb(configured: float | None) -> float:
+    """The device-data budget: `configured` (data.device_data_budget_mb), or with None
+    DEVICE_DATA_SHARE of `device_memory_bytes`, HOST_DATA_BUDGET_MB without a device limit."""
+    if configured is not None:
+        return float(configured)
+    limit = device_memory_bytes()
+    return HOST_DATA_BUDGET_MB if limit is None else DEVICE_DATA_SHARE * limit / 2**20
 
 
 def step_molecules(

@@ -264,13 +264,14 @@ def _feeds(run: _Run) -> _Feeds:
     buckets = {name: assign(data, run.buckets) for name, data in held_out.items()}
     held = sum(batches.batch_bytes(held_out[n], buckets[n]) for n in held_out)
     mb = (batches.batch_bytes(run.train, run.buckets) + held) / 2**20
-    resident = mb <= d.device_data_budget_mb
+    budget = feed.data_budget_mb(d.device_data_budget_mb)
+    resident = mb <= budget
     where = "device-resident" if resident else "streamed from host memory"
     log.info(
-        "data: %s batches, train buckets (atoms x grid points (conformers)) %s; %.1f MB %s "
-        "data.device_data_budget_mb = %g: %s",
+        "data: %s batches, train buckets (atoms x grid points x pair slots (conformers)) %s; "
+        "%.1f MB %s the device-data budget %g MB (data.device_data_budget_mb): %s",
         *(d.batching, batches.describe(run.buckets), mb, "<=" if resident else ">"),
-        *(d.device_data_budget_mb, where),
+        *(budget, where),
     )
     per_update, model = t.batch_size * t.gradient_accumulation_steps, run.config.model
     evals = {

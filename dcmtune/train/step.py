@@ -53,6 +53,7 @@ __all__ = [
     "evaluate_params",
     "init_state",
     "add_sums",
+    "compiled_programs",
 ]
 
 
@@ -287,6 +288,17 @@ def evaluate_params(
     return finalize_metrics(
         jax.device_get(evaluate_sums(params, host_batches, hp, model_config)), hp
     )
+
+
+def compiled_programs() -> dict[str, int]:
+    """Programs this process holds for each kept step (traced, or read back): "update" (one
+    per training shape: bucket atoms, grid points, pair slots, scan steps), "predict" (one per
+    evaluation or prediction batch shape) and "eval_scan"."""
+    return {
+        "update": _update._cache_size(),
+        "predict": predict_batch._cache_size(),
+        "eval_scan": _eval_sums._cache_size(),
+    }
 
 
 def init_state(config: ExperimentConfig) -> TrainState:
