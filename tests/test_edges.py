@@ -35,7 +35,7 @@ def test_pair_lists_hold_exactly_the_pairs_within_the_cutoff():
     with pytest.raises(ValueError, match="more than the 3 slots"):
         neighbor_pairs(R, real, 4.0, 3)
     assert [pair_capacity(n) for n in (1, 9, 600, 936)] == [8, 10, 640, 1024]
-    assert [pair_capacity(n, exact=True) for n in (1, 9, 936)] == [8, 16, 936]
+    assert [pair_capacity(n, exact=True) for n in (0, 9, 936)] == [1, 9, 936]
 
 
 @pytest.fixture(scope="module")

@@ -102,12 +102,13 @@ def neighbor_pairs(
 
 def pair_capacity(count: int, exact: bool = False, minimum: int = 8) -> int:
     """Pair slots for a largest count of `count`: with `exact` (training, whose buckets know
-    their data) the count rounded up to a multiple of 8; otherwise (prediction) the next of
-    2^n, 1.25 * 2^n, 1.5 * 2^n, 1.75 * 2^n (at most 25% spare, four shapes per octave), so
-    molecules of varying sizes share few programs. At least `minimum`."""
-    n = max(int(count), int(minimum), 1)
+    their data) the count itself (at least 1; never more than a bucket's all pairs);
+    otherwise (prediction) the next of 2^n, 1.25 * 2^n, 1.5 * 2^n, 1.75 * 2^n (at most 25%
+    spare, four shapes per octave), at least `minimum`, so molecules of varying sizes share few
+    programs."""
     if exact:
-        return -(-n // 8) * 8
+        return max(int(count), 1)
+    n = max(int(count), int(minimum), 1)
     octave = 1 << (n.bit_length() - 1)  # Largest power of two <= n.
     step = max(octave // 4, 1)
     return -(-n // step) * step
