@@ -4,10 +4,14 @@ A batch is a dict of arrays with fixed shapes (B, A, ...) and masks (`make_batch
 compiled step serves a run. Molecules of mixed sizes are grouped into size buckets, each padded
 only to its own atoms and grid points: powers of two for prediction (`size_bucket`,
 `group_by_bucket`), bounds fitted to the data for training (`bucket_bounds`, `plan_buckets`).
-Message passing costs one unit per neighbour pair (the pairs within the model's cutoff,
-`dcmtune.data.neighbors`; all A(A-1) pairs without a cutoff) and the ESP ~A*G, so a 12-atom
-bucket no longer pads 3-atom molecules. With a cutoff, each bucket also fixes its pair slots per
-molecule (`Bucket.num_pairs`, its members' largest count), and its batches carry the pairs.
+Message passing costs ~A(A-1) per molecule and the ESP ~A*G, so a 12-atom bucket no longer pads
+3-atom molecules. With a cutoff, each bucket also fixes its pair slots per molecule
+(`Bucket.num_pairs`, its members' largest count of neighbour pairs within the cutoff,
+`dcmtune.data.neighbors`), and its batches carry the pairs. The atom bounds are planned with the
+all-pairs cost as before the pairs: a run keeps the buckets (and programs) it had, each
+computing at most the edges it did, never more (planning with pair counts would merge some
+small-molecule buckets whose split no longer pays for its compile, and trade epoch time for
+compile time).
 
 Training (DataConfig.batching = "bucketed", the default): an update's k micro-batches come from
 one bucket (one shape); a bucket of n conformers is spread evenly over ceil(n / (b*k)) updates,
@@ -187,21 +191,18 @@ def bucket_bounds(
     max_buckets: int,
     min_members: int = 1,
     bucket_cost: float = 0.0,
-    num_pairs: Sequence[int] | np.ndarray | None = None,
 ) -> list[int]:
     """Atom-count bounds of at most `max_buckets` size buckets that minimise the padded work.
 
     A bucket of n conformers runs ceil(n / slots) updates of `slots` molecules, each padded to
-    the bucket's largest atom count and grid size (and pair count), costing
-    `cost(atoms, grid points)` (`cost(atoms, grid points, pairs)` with `num_pairs`) per
+    the bucket's largest atom count and grid size, costing `cost(atoms, grid points)` per
     molecule; each bucket also costs `bucket_cost` (its compile, in the same units). Exact
     dynamic programming over the distinct atom counts; every bucket holds at least
     `min_members` conformers.
 
     Args:
       num_atoms, num_grid: (M,) real atoms and grid points per conformer.
-      cost: the work of one padded molecule slot.
-      num_pairs: Optional (M,) neighbour pairs per conformer.
+      cost: cost(atoms, grid) -> float, the work of one padded molecule slot.
 
     Returns:
       Ascending atom bounds; the last is max(num_atoms).
@@ -210,21 +211,19 @@ def bucket_bounds(
     n_grid = np.asarray(num_grid, dtype=np.int64).reshape(-1)
     sizes, inverse = np.unique(n_atoms, return_inverse=True)
     count = np.bincount(inverse, minlength=len(sizes))
+    grid_max = np.zeros(len(sizes), np.int64)
+    np.maximum.at(grid_max, inverse, n_grid)
     S = len(sizes)
     cum = np.concatenate([[0], np.cumsum(count)])
-    seg_grid = _segment_max(n_grid, inverse, S)  # seg_grid[i, j]: largest grid of sizes i..j
-    seg_pairs = None
-    if num_pairs is not None:
-        seg_pairs = _segment_max(np.asarray(num_pairs, np.int64).reshape(-1), inverse, S)
+    seg_grid = np.zeros((S, S), np.int64)  # seg_grid[i, j]: largest grid of sizes i..j
+    for i in range(S):
+        seg_grid[i, i:] = np.maximum.accumulate(grid_max[i:])
 
     def seg_cost(i: int, j: int) -> float:  # one bucket of the distinct sizes i..j
         n = int(cum[j + 1] - cum[i])
         if n < min_members:
             return math.inf
-        shape = [int(sizes[j]), int(seg_grid[i, j])]
-        if seg_pairs is not None:
-            shape.append(int(seg_pairs[i, j]))
-        return math.ceil(n / slots) * slots * cost(*shape)
+        return math.ceil(n / slots) * slots * cost(int(sizes[j]), int(seg_grid[i, j]))
 
     K = max(1, min(int(max_buckets), S))
     best, back = _partitions(seg_cost, S, K)
@@ -237,17 +236,6 @@ def bucket_bounds(
         bounds.append(int(sizes[j]))
         j, k = int(back[k, j]) - 1, k - 1
     return sorted(bounds)
-
-
-def _segment_max(values: np.ndarray, inverse: np.ndarray, S: int) -> np.ndarray:
-    """(S, S): [i, j] the largest of `values` over the conformers of distinct sizes i..j
-    (`inverse` maps each conformer to its size's index)."""
-    top = np.zeros(S, np.int64)
-    np.maximum.at(top, inverse, values)
-    out = np.zeros((S, S), np.int64)
-    for i in range(S):
-        out[i, i:] = np.maximum.accumulate(top[i:])
-    return out
 
 
 def _partitions(
@@ -291,13 +279,11 @@ class Bucket:
         return int(len(self.members))
 
 
-def slot_cost(num_atoms: int, num_grid: int, n_dcm: int = 2, num_pairs: int | None = None) -> float:
-    """Relative work of one padded molecule slot: message passing over its `num_pairs` pair
-    slots (default all A(A-1) pairs), the per-atom layers (~4 pairs' worth each) and the ESP of
-    A*n_dcm charges at G points (~1e-3 pairs' worth each; measured on 2 CPU cores with the
-    default model, bench/throughput.py)."""
-    pairs = num_atoms * (num_atoms - 1) if num_pairs is None else num_pairs
-    return pairs + 4.0 * num_atoms + 1e-3 * n_dcm * num_atoms * num_grid
+def slot_cost(num_atoms: int, num_grid: int, n_dcm: int = 2) -> float:
+    """Relative work of one padded molecule slot: message passing over all A(A-1) pairs, the
+    per-atom layers (~4 pairs' worth each) and the ESP of A*n_dcm charges at G points (~1e-3
+    pairs' worth each; measured on 2 CPU cores with the default model, bench/throughput.py)."""
+    return num_atoms * (num_atoms - 1) + 4.0 * num_atoms + 1e-3 * n_dcm * num_atoms * num_grid
 
 
 def _pair_counts(data: ESPData, cutoff: float | None) -> np.ndarray | None:
@@ -335,18 +321,18 @@ def plan_buckets(
     """Training buckets of `data`: at most `max_buckets`, each filling at least
     MIN_BUCKET_UPDATES updates of batch_size * accumulation molecules, as many as pay for
     their compiles over `num_epochs` epochs (None: compiles are free, e.g. evaluation). With a
-    `cutoff`, the work of a molecule counts its neighbour pairs, and its batches carry them."""
+    `cutoff`, each bucket's batches carry its members' neighbour pairs (the atom bounds are
+    the same either way, see the module docstring)."""
     slots = batch_size * accumulation
     per_epoch = COMPILE_COST / num_epochs if num_epochs else 0.0
     bounds = bucket_bounds(
         data.N,
         data.n_grid,
-        lambda a, g, p=None: slot_cost(a, g, n_dcm, p),
+        lambda a, g: slot_cost(a, g, n_dcm),
         slots,
         max_buckets,
         min_members=MIN_BUCKET_UPDATES * slots,
         bucket_cost=per_epoch,
-        num_pairs=_pair_counts(data, cutoff),
     )
     return plan_from_bounds(data, bounds, cutoff)
 
