@@ -294,7 +294,8 @@ def training_work(data: ESPData, cfg: ExperimentConfig, epochs: int | None = Non
     edges = flops = 0.0
     for b in buckets:
         updates = num_updates([b], slots)
-        edges += updates * slots * b.num_pairs
+        pairs = b.num_pairs if b.num_pairs is not None else b.num_atoms * (b.num_atoms - 1)
+        edges += updates * slots * pairs
         step = step_molecules(b, t.batch_size, m)
         batch = jax.device_put(bucket_rows(data, b, b.members[:step], step))
         fn = jax.jit(

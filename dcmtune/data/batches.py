@@ -264,8 +264,9 @@ class Bucket:
       num_atoms: Padded atoms (A_bucket).
       num_grid: Padded grid points (G_bucket).
       members: Indices of the bucket's conformers in the dataset, ascending.
-      num_pairs: Neighbour-pair slots per molecule (K_bucket), or None (all pairs).
-      cutoff: The neighbour cutoff (Angstrom) its pairs are within, or None (all pairs).
+      num_pairs: Neighbour-pair slots per molecule (K_bucket), or None: all A(A-1) pairs (no
+        cutoff, or one within which every pair of its molecules lies).
+      cutoff: The neighbour cutoff (Angstrom) of the run, or None.
     """
 
     num_atoms: int
@@ -301,12 +302,17 @@ def _buckets_of(
     for num_atoms, pos in group_by_bucket(data.N[idx], bounds=bounds).items():
         order = np.argsort(idx[pos])
         members = idx[pos][order]
-        pairs = None
-        if counts is not None:
-            pairs = pair_capacity(int(counts[pos].max()), exact=True)
+        pairs = None if counts is None else _slots(int(counts[pos].max()), num_atoms)
         grid = int(max(1, data.n_grid[members].max()))
         out.append(Bucket(num_atoms, grid, members, pairs, cutoff))
     return out
+
+
+def _slots(count: int, num_atoms: int) -> int | None:
+    """Pair slots of a bucket whose members have at most `count` pairs; None (all pairs, whose
+    indices are constants of the program, a little cheaper than gathered ones) where the
+    slots would hold every pair anyway."""
+    return None if count >= num_atoms * (num_atoms - 1) else pair_capacity(count, exact=True)
 
 
 def plan_buckets(
@@ -347,7 +353,7 @@ def plan_from_bounds(
 def padded_bucket(data: ESPData, cutoff: float | None = None) -> list[Bucket]:
     """All of `data` as one bucket at its full padding (the padded path)."""
     counts = _pair_counts(data, cutoff)
-    pairs = None if counts is None else pair_capacity(int(counts.max(initial=0)), exact=True)
+    pairs = None if counts is None else _slots(int(counts.max(initial=0)), data.num_atoms)
     members = np.arange(data.num_conformers)
     return [Bucket(data.num_atoms, data.num_grid, members, pairs, cutoff)]
 
@@ -409,8 +415,9 @@ def bucket_rows(
     data: ESPData, bucket: Bucket, idx: np.ndarray, batch_size: int | None = None
 ) -> dict[str, np.ndarray]:
     """`make_batch` of conformers `idx` at `bucket`'s shape (atoms, grid points, pairs)."""
+    cutoff = None if bucket.num_pairs is None else bucket.cutoff
     return make_batch(
-        data, idx, batch_size, bucket.num_atoms, bucket.num_grid, bucket.cutoff, bucket.num_pairs
+        data, idx, batch_size, bucket.num_atoms, bucket.num_grid, cutoff, bucket.num_pairs
     )
 
 
