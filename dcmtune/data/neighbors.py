@@ -3,7 +3,7 @@
 DCMNet's messages are weighted by a smooth cutoff that is exactly zero at and beyond `cutoff`
 (e3x.nn.smooth_cutoff), so a pair farther apart contributes exactly nothing, to the outputs
 and to every gradient. Of all atom pairs of a drug-sized molecule, only 20-40% lie within the
-default 4 A (bench/RESULTS.md "Scaling"); the rest need not be computed.
+default 4 A (bench/RESULTS.md "Drug-sized molecules"); the rest need not be computed.
 
 A batch carries its pairs as `pairs` (B, K, 2): per molecule the (destination, source) atom
 indices of its K slots, real pairs first in row-major order (ascending destination), the free

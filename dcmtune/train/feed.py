@@ -13,9 +13,10 @@ the whole update, `dcmtune.train.step.accumulated_grads`), few enough that one s
 features stay in the core's L2 cache. e3x's tensor product materialises, per edge, the outer
 product of filter and features in an edge-minor layout; its transposing loop re-reads both
 (E, (L+1)^2, F) inputs 81 * F times with a stride of one edge row, at L2 speed while they fit
-and at memory speed beyond: the default model's time per edge was 3x higher with 2,500 edges
-per step than with 1,000 (bench/RESULTS.md "Scaling"). Evaluation batches follow the same
-rule. Accelerators keep the whole micro-batch (their caches are not the limit; launches are).
+and at memory speed beyond: the default model's time per edge was 3.3x higher with 2,500 edges
+per step than with 1,250 (bench/RESULTS.md "Drug-sized molecules"). Evaluation batches follow
+the same rule. Accelerators keep the whole micro-batch (their caches are not the limit; launches
+are).
 """
 
 from __future__ import annotations
