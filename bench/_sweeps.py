@@ -11,50 +11,44 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ray.tune import Callback
 
-from dcmtune.sweep.spec import SweepSpec, find_spec, spec_from_dict
+from dcmtune.sweep.spec import SweepSpec, find_spec, read_spec, spec_from_dict
 
-# The smoke size of a quick.yaml sweep: 2 trials of 1 epoch at once, a tiny fixed model (4
-# features, degree 1, 1 iteration, 1 charge per atom, 4 basis functions), only the learning rate
-# and chg_w searched, and the default split (so the trials can reuse programs compiled for the
-# default split of the demo set in a shared compile cache).
+# The smoke size of a quick.yaml sweep: 2 trials of 1 epoch, one at a time (the second reuses
+# the first one's actor: one trial process to start), a tiny fixed model (4 features, degree 1,
+# 1 iteration, 1 charge per atom, 4 basis functions), only the learning rate and chg_w
+# searched, and the default split (so the trials can reuse programs compiled for the default
+# split of the demo set in a shared compile cache).
 SMOKE_CHANGES = {
     "model": {"n_dcm": 1, "features": 4, "num_basis_functions": 4},
     "data": {"valid_fraction": 0.1, "test_fraction": 0.1},
     "training": {"num_epochs": 1, "warmup_epochs": 0},
-    "run": {"num_samples": 2, "max_concurrent_trials": 2},
+    "run": {"num_samples": 2, "max_concurrent_trials": 1},
 }
 SMOKE_SEARCH = ("training.learning_rate", "training.chg_w")
-
-
-class QuickLoader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, plus floats without a dot (1e-3), as dcmtune reads specs."""
-
-
-QuickLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 def quick_raw() -> tuple[dict, Path]:
     """The shipped quick.yaml as a dict, and its directory (relative paths resolve there)."""
     path = find_spec("quick")
-    return dict(yaml.load(path.read_text(), Loader=QuickLoader)), path.parent
+    return read_spec(path), path.parent
 
 
 def smoke_search() -> dict:
     """quick.yaml's search section without the model keys (the smoke model is fixed)."""
     raw, _ = quick_raw()
     return {k: v for k, v in raw["search"].items() if k in SMOKE_SEARCH}
+
+
+def smoke_parts(changes: dict, replace: dict | None = None) -> tuple[dict, dict]:
+    """(changes, replace) for `derived_spec` of the smoke size, `changes` and `replace` on top
+    (the search section is replaced whole: the model keys are not searched)."""
+    return merged(SMOKE_CHANGES, changes), {"search": smoke_search(), **(replace or {})}
 
 
 def merged(changes: dict, more: dict) -> dict:

@@ -11,6 +11,10 @@ The grid is learning rate x chg_w x features x n_dcm (n_dcm 1-4) on the bundled 
 for `--epochs` epochs (FIFO: no early stopping) with `training.report_test_metrics` on. The
 test metrics are for the table's users (what a chosen trial scores on unseen molecules); the
 sweep chooses nothing on them. One row per (configuration, epoch).
+
+`--smoke`: the same path at its smallest: a grid of 2 learning rates x 1 chg_w of a tiny model
+(4 features, degree 1, 1 iteration, 1 charge per atom, 4 basis functions) on the demo set, 2
+epochs, one trial at a time; the table is written as usual.
 """
 
 from __future__ import annotations
@@ -38,17 +42,39 @@ GRID = {
 KEYS = list(GRID)
 
 
+SMOKE_GRID = {"training.learning_rate": [3e-3, 3e-2], "training.chg_w": [1e-2]}
+SMOKE_MODEL = {
+    "features": 4,
+    "max_degree": 1,
+    "num_iterations": 1,
+    "n_dcm": 1,
+    "num_basis_functions": 4,
+}
+
+
 def grid_spec(
-    name: str, split_seed: int, epochs: int, features: list[int], storage: Path, concurrency: int
+    name: str,
+    split_seed: int,
+    epochs: int,
+    features: list[int],
+    storage: Path,
+    concurrency: int,
+    smoke: bool = False,
 ) -> dict:
     """The sweep spec of one table: every combination of GRID (features as given) once."""
-    grid = {**GRID, "model.features": features}
+    grid = SMOKE_GRID if smoke else {**GRID, "model.features": features}
     size = math.prod(len(v) for v in grid.values())
+    data = {"data_files": ["demo" if smoke else "organic"], "split_seed": split_seed}
     return {
         "name": name,
         "description": f"learning-curve table: {size} configurations x {epochs} epochs",
-        "data": {"data_files": ["organic"], "split_seed": split_seed},
-        "training": {"num_epochs": epochs, "report_test_metrics": True},
+        "data": {**data, **({"valid_fraction": 0.1, "test_fraction": 0.1} if smoke else {})},
+        "model": SMOKE_MODEL if smoke else {},
+        "training": {
+            "num_epochs": epochs,
+            "report_test_metrics": True,
+            **({"warmup_epochs": 0} if smoke else {}),
+        },
         "search": {k: {"choice": v} for k, v in grid.items()},
         "searcher": {"sampler": "grid", "seed": 0},
         "scheduler": {"name": "fifo"},
@@ -82,6 +108,8 @@ def table(experiment: Path) -> pd.DataFrame:
 def record(args) -> int:
     local_ray.prefer_loopback()
     name = Path(args.out).stem
+    if args.smoke:
+        args.epochs, args.concurrency = 2, 1
     spec = spec_from_dict(
         grid_spec(
             name,
@@ -90,6 +118,7 @@ def record(args) -> int:
             args.features,
             Path(args.storage).resolve(),
             args.concurrency,
+            smoke=args.smoke,
         )
     )
     t0 = time.perf_counter()
@@ -116,6 +145,7 @@ def main(argv=None) -> int:
     r.add_argument("--concurrency", type=int, default=2)
     r.add_argument("--storage", default="experiments/learning_curves")
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--smoke", action="store_true", help="2 configurations of a tiny model")
     args = p.parse_args(argv)
     return record(args)
 

@@ -12,7 +12,10 @@ runs first.
   python bench/padding.py [--epochs 5] [--repeats 1] [--stored-padding]
 
 `--smoke`: both files written and loaded, one pair of runs of 2 epochs each (the ratio then
-compares one epoch of each); no --stored-padding.
+compares one epoch of each) of a tinier model (4 features and 4 basis functions) in batches of
+8, the files keeping the demo set's mol_id (so both split as the demo set does by default, and
+the runs reuse the programs other runs of that model on the demo set compiled); no
+--stored-padding.
 """
 
 from __future__ import annotations
@@ -30,34 +33,47 @@ from dcmtune.data import bundled_dataset_path, load_npz, pad_to, to_arrays
 from dcmtune.train.loop import fit
 
 TINY = ModelConfig(n_dcm=1, features=8, max_degree=1, num_iterations=1, num_basis_functions=8)
+SMOKE_MODEL = ModelConfig(
+    n_dcm=1, features=4, max_degree=1, num_iterations=1, num_basis_functions=4
+)
 
 
-def write_files(directory: Path) -> tuple[Path, Path]:
-    """The demo set as a compact file and in mmml layout (no mol_id in either, so both are
-    grouped by bond graph and split alike)."""
+def write_files(directory: Path, keep_mol_id: bool = False) -> tuple[Path, Path]:
+    """The demo set as a compact file and in mmml layout (no mol_id in either unless
+    `keep_mol_id`, so both are grouped by bond graph and split alike)."""
     demo = load_npz(bundled_dataset_path())
     compact = to_arrays(demo)
-    del compact["mol_id"]
     mmml = to_arrays(pad_to(demo, 60, 3200), dipole_units="e_bohr")
     mmml["N"] = mmml["N"][:, None]
     mmml["esp_grid"] = mmml.pop("vdw_surface")
-    del mmml["mol_id"]
+    if not keep_mol_id:
+        del compact["mol_id"], mmml["mol_id"]
     paths = directory / "compact.npz", directory / "mmml.npz"
     for path, arrays in zip(paths, (compact, mmml), strict=True):
         np.savez(path, **arrays)
     return paths
 
 
-def epoch_time(path: Path, units: str, epochs: int, out: Path, name: str, data=None) -> float:
-    """Median seconds per epoch after the first, training the tiny model on `path`."""
+def epoch_time(
+    path: Path,
+    units: str,
+    epochs: int,
+    out: Path,
+    name: str,
+    data=None,
+    model: ModelConfig = TINY,
+    batch_size: int = 16,
+) -> float:
+    """Median seconds per epoch after the first, training the tiny model (or `model`) on
+    `path`."""
     cfg = ExperimentConfig(
         name=name,
         output_dir=str(out),
         random_seed=0,
-        model=TINY,
+        model=model,
         data=DataConfig(data_files=[str(path)], dipole_units=units),
         training=TrainingConfig(
-            num_epochs=epochs, batch_size=16, warmup_epochs=1, save_every_n_epochs=0
+            num_epochs=epochs, batch_size=batch_size, warmup_epochs=1, save_every_n_epochs=0
         ),
     )
     hist = fit(cfg, data).history
@@ -75,11 +91,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--smoke", action="store_true", help="1 pair of 2-epoch runs")
     args = p.parse_args(argv)
+    model, batch_size = TINY, 16
     if args.smoke:
         args.epochs, args.repeats, args.stored_padding = 2, 1, False
+        model, batch_size = SMOKE_MODEL, 8
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        compact, mmml = write_files(tmp)
+        compact, mmml = write_files(tmp, keep_mol_id=args.smoke)
         for path, units in ((compact, "debye"), (mmml, "e_bohr")):
             t0 = time.perf_counter()
             d = load_npz(path, dipole_units=units)
@@ -93,7 +111,9 @@ def main(argv=None) -> int:
             # Alternate which layout runs first: the second run reuses the compiled program.
             runs = [("compact", compact, "debye"), ("mmml", mmml, "e_bohr")][:: 1 - 2 * (r % 2)]
             times = {
-                name: epoch_time(path, units, args.epochs, tmp, f"{name}{r}")
+                name: epoch_time(
+                    path, units, args.epochs, tmp, f"{name}{r}", model=model, batch_size=batch_size
+                )
                 for name, path, units in runs
             }
             tc, tm = times["compact"], times["mmml"]

@@ -11,9 +11,11 @@ Prints the figures and the ratio to batch size 1; nothing is asserted.
 Without --model the default-size DCMNet (dcmtune.config.ModelConfig(), untrained) is timed:
 throughput depends on the architecture, not on the weights.
 
-`--smoke`: the same two inputs for the first 2 demo molecules (20 conformers) through an
-untrained tiny model (4 features, degree 1, 1 iteration, 1 charge per atom) at batch sizes 1
-and 8, one timed call each.
+`--smoke`: the same two inputs for the first 2 conformers of the first demo molecule through
+an untrained tiny model (4 features, degree 1, 1 iteration, 1 charge per atom, 4 basis
+functions) at batch sizes 1 and 8 (a batch holds at most the 2 conformers), one timed call
+each. (The predictor compiles one program per distinct grid size of a batch, so more
+conformers cost more compiles than their number suggests.)
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import numpy as np
 
 from dcmtune.config import ExperimentConfig, ModelConfig
 from dcmtune.data import load_dataset
-from dcmtune.model.dcmnet import build_model, init_params
 from dcmtune.predict import Predictor, load_model
+from dcmtune.train.step import init_state
 
 SMOKE_MODEL = ModelConfig(
     n_dcm=1, features=4, max_degree=1, num_iterations=1, num_basis_functions=4
@@ -38,8 +40,9 @@ def _predictor(path, smoke: bool = False) -> Predictor:
     if path:
         return load_model(path)
     cfg = ExperimentConfig(model=SMOKE_MODEL) if smoke else ExperimentConfig()
-    params = jax.jit(lambda k: init_params(build_model(cfg.model), k))(jax.random.PRNGKey(0))
-    return Predictor(path=None, config=cfg, params=params)
+    # A fresh training state's parameters (the trainer's init program, shared with any training
+    # of the same model in this process or compile cache).
+    return Predictor(path=None, config=cfg, params=init_state(cfg).params)
 
 
 def _rate(fn, n: int, repeats: int) -> float:
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 256])
     p.add_argument(
-        "--smoke", action="store_true", help="2 molecules, tiny model, batch sizes 1 8, 1 repeat"
+        "--smoke", action="store_true", help="2 conformers, tiny model, batch sizes 1 8, 1 repeat"
     )
     args = p.parse_args(argv)
     if args.smoke:
@@ -64,8 +67,7 @@ def main(argv=None) -> int:
     predictor = _predictor(args.model, args.smoke)
     data = load_dataset(max_atomic_number=predictor.max_atomic_number)
     if args.smoke:
-        ids, first = np.unique(data.mol_id, return_index=True)
-        data = data.subset(np.flatnonzero(np.isin(data.mol_id, ids[np.argsort(first)][:2])))
+        data = data.subset(np.flatnonzero(data.mol_id == data.mol_id[0])[:2])
     m = predictor.config.model
     name = args.model or ("untrained tiny" if args.smoke else "untrained default")
     print(

@@ -356,14 +356,14 @@ def profile(data: ESPData, repeats: int, model_config: ModelConfig | None = None
     import jax
     import jax.numpy as jnp
 
-    from dcmtune.model.dcmnet import build_model, init_params
+    from dcmtune.model.dcmnet import build_model
     from dcmtune.model.loss import loss_and_sums
     from dcmtune.train.hparams import Hparams
-    from dcmtune.train.step import apply_model
+    from dcmtune.train.step import apply_model, init_state
 
     cfg = ExperimentConfig(model=model_config or ModelConfig())
     model = build_model(cfg.model)
-    params = jax.jit(lambda k: init_params(model, k))(jax.random.PRNGKey(0))
+    params = init_state(cfg).params  # the trainer's init program (shared with the fit's)
     idx = np.arange(cfg.training.batch_size)
     batch = jax.device_put(make_batch(data, idx, cutoff=cfg.model.cutoff))
     w = Hparams.of(cfg.training)  # the default loss weights (traced in the trainer)

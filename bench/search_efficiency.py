@@ -21,11 +21,33 @@ curve to <output-dir>/search_efficiency.json.
   python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--output-dir DIR] [--json]
                                     [--gpu 0.25 --concurrency 4] [--jax-cache-dir DIR]
 
-`--smoke`: both arms for one seed (0), each a real sweep through `run_sweep` on the Ray
-session of this process if there is one (else a local Ray it starts), at its smallest: 2 trials
-of 1 epoch at once, a tiny fixed model (4 features, 1 charge per atom, 4 basis functions;
-quick.yaml's degree 1 and 1 iteration) with only the learning rate and chg_w searched, the
-default split (valid and test 10 %), ASHA's grace period 1; then the row and the ratio line.
+`--table TABLE.csv [--held-out TABLE2.csv]`: no training at all. The sweep is replayed on a
+table of learning curves recorded by bench/learning_curves.py (`dcmtune.sweep.replay`: the
+searcher and the Tune scheduler a real sweep builds, on a simulated clock, `--concurrency`
+trials at once, default 4), for `--replay-seeds` seeds (default 50) per combination:
+
+  1. every sampler (random, TPE, multivariate TPE, QMC, CMA-ES with margin) with every
+     scheduler (FIFO, ASHA, HyperBand, median stopping; grace T/12, reduction factor 3);
+  2. the start-up trials (5, 10, 20), ASHA grace (T/20, T/12, T/6, T/3) and reduction factor
+     (2, 3, 4) of the two best model-based samplers of stage 1;
+
+and prints, per combination, the median and 25-75% range of the trial-epochs until the best
+validation metric is within the table's target (5% of its best; 2% when more than a tenth of
+the configurations reach 5%), the share of seeds that got there, the ratio to random search
+with FIFO, and the test metric of the trial chosen at `--budget` trial-epochs (default 10 T).
+The best combination of both stages is the chosen one; with `--held-out`, every combination is
+replayed on the second table too, and the chosen one's median is compared with the best there
+(target: within 10%) and with random search with FIFO (target: at most 1/3). `--json FILE`
+writes every figure. With `--smoke`: 2 seeds, random and TPE with FIFO and ASHA only.
+
+  python bench/search_efficiency.py --table bench/tables/organic_split2.csv \
+      --held-out bench/tables/organic_split3_f16.csv [--replay-seeds 50] [--concurrency 4]
+
+`--smoke` (without --table): both arms for one seed (0), each a real sweep through `run_sweep` on
+the Ray session of this process if there is one (else a local Ray it starts), at its smallest: 2
+trials of 1 epoch, one at a time, a tiny fixed model (4 features, 1 charge per atom, 4 basis
+functions; quick.yaml's degree 1 and 1 iteration) with only the learning rate and chg_w searched,
+the default split (valid and test 10 %), ASHA's grace period 1; then the row and the ratio line.
 """
 
 from __future__ import annotations
@@ -52,26 +74,25 @@ def arm_spec(
     concurrency: int | None = None,
     smoke: bool = False,
 ):
-    from _sweeps import SMOKE_CHANGES, derived_spec, merged, smoke_search
+    from _sweeps import derived_spec, smoke_parts
 
     run: dict = {"jax_cache_dir": str(cache)}
     if gpu is not None:
         run["resources"] = {"cpu": 1, "gpu": gpu}
     if concurrency is not None:
         run["max_concurrent_trials"] = concurrency
-    base = merged(SMOKE_CHANGES, {"search": smoke_search()}) if smoke else {}
     name = f"{arm}_seed{seed}_{int(time.time())}"
     if arm == "tpe_asha":
-        extra = {"scheduler": {"grace_period": 1}} if smoke else {}
-        return derived_spec(
-            merged(base, {"searcher": {"seed": seed}, "run": run, **extra}), storage, name
-        )
-    return derived_spec(
-        merged(base, {"searcher": {"seed": seed, "sampler": "random"}, "run": run}),
-        storage,
-        name,
-        replace={"scheduler": {"name": "fifo"}},
-    )
+        changes: dict = {"searcher": {"seed": seed}, "run": run}
+        replace: dict = {}
+        if smoke:
+            changes["scheduler"] = {"grace_period": 1}
+    else:
+        changes = {"run": run}
+        replace = {"searcher": {"seed": seed, "sampler": "random"}, "scheduler": {"name": "fifo"}}
+    if smoke:
+        changes, replace = smoke_parts(changes, replace)
+    return derived_spec(changes, storage, name, replace=replace)
 
 
 def run_arm(arm: str, seed: int, storage: Path, cache: Path, **options) -> dict:
@@ -137,11 +158,95 @@ def _cell(row: dict, col: str) -> str:
     return (">" + text) if col in ("tpe_epochs", "ratio") and not row["tpe_reached"] else text
 
 
+def run_table(args) -> int:
+    """The replay study on a learning-curve table (see the module doc)."""
+    import _replay_stats as rs
+
+    from dcmtune.sweep.replay import CurveTable
+
+    table = CurveTable.read_csv(args.table)
+    seeds = range(2 if args.smoke else args.replay_seeds)
+    budget = args.budget or 10 * table.num_epochs
+    _describe(args.table, table)
+    stage1 = rs.first_stage(table.num_epochs)
+    if args.smoke:
+        stage1 = [c for c in stage1 if c.label in SMOKE_COMBOS]
+    workers = 1 if args.smoke else None
+    stats = rs.evaluate(table, stage1, seeds, args.concurrency, budget, workers)
+    _print_stage("1. every sampler x every scheduler", stats, budget)
+    combos = list(stage1)
+    if not args.smoke:
+        model_based = [k for k in sorted(stats, key=lambda k: stats[k]["median"])]
+        samplers = []
+        for label in model_based:
+            name = label.split("+")[0]
+            if name in ("tpe", "tpe-mv", "cmaes") and name not in samplers:
+                samplers.append(name)
+        stage2 = rs.settings_stage(samplers[:2], table.num_epochs)
+        stats2 = rs.evaluate(table, stage2, seeds, args.concurrency, budget)
+        _print_stage(f"2. settings of {' and '.join(samplers[:2])} with ASHA", stats2, budget)
+        stats.update(stats2)
+        combos += stage2
+    chosen = rs.best(stats)
+    print(f"\nchosen on {args.table}: {chosen} {_settings(stats[chosen])}")
+    record: dict = {"table": args.table, "budget": budget, "chosen": chosen}
+    record["stats"] = rs.summary(stats)
+    if args.held_out:
+        held = CurveTable.read_csv(args.held_out)
+        _describe(args.held_out, held)
+        held_stats = rs.evaluate(held, combos, seeds, args.concurrency, budget)
+        _print_stage("held out: every combination again", held_stats, budget, top=15)
+        top = rs.best(held_stats)
+        ratio_best = held_stats[chosen]["median"] / held_stats[top]["median"]
+        ratio_random = held_stats[chosen]["median"] / held_stats["random+fifo"]["median"]
+        print(
+            f"\nheld out: {chosen} median {held_stats[chosen]['median']:.0f} trial-epochs; best "
+            f"there {top} {held_stats[top]['median']:.0f} (ratio {ratio_best:.3f}, target <= 1.10);"
+            f" random+fifo {held_stats['random+fifo']['median']:.0f} (ratio {ratio_random:.3f}, "
+            "target <= 0.333)"
+        )
+        record.update(held_out=args.held_out, held_stats=rs.summary(held_stats))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return 0
+
+
+SMOKE_COMBOS = ("random+fifo", "random+asha", "tpe+fifo", "tpe+asha")
+
+
+def _describe(path: str, table) -> None:
+    tol, target = table.target()
+    per_config = table.valid.min(axis=1)
+    near = int((per_config <= target).sum())
+    print(
+        f"{path}: {table.num_configs} configurations x {table.num_epochs} epochs over "
+        f"{', '.join(table.keys)}; best {table.metric} {table.best():.4f}; target within "
+        f"{tol:.0%}: {target:.4f} ({near} configuration(s) reach it)"
+    )
+
+
+def _print_stage(title: str, stats: dict, budget: int, top: int | None = None) -> None:
+    import _replay_stats as rs
+
+    print(f"\n{title} (trial-epochs to the target; test metric of the choice at {budget}):")
+    lines = rs.format_table(stats)
+    print("\n".join(lines[: (top + 1) if top else None]))
+
+
+def _settings(s: dict) -> str:
+    return f"(searcher {s['combo'].searcher}, scheduler {s['combo'].scheduler})"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--output-dir", default="experiments/bench_search_efficiency")
-    p.add_argument("--json", action="store_true", help="write every curve to the output dir")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const=True,
+        help="write every curve to the output dir (with --table: every figure to this file)",
+    )
     p.add_argument(
         "--gpu",
         type=float,
@@ -154,7 +259,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--smoke", action="store_true", help="seed 0 only; 2 trials of 1 epoch of a tiny model"
     )
+    p.add_argument("--table", help="replay on this learning-curve table instead of training")
+    p.add_argument("--held-out", help="with --table: a second table to check the choice on")
+    p.add_argument("--replay-seeds", type=int, default=50, help="with --table: seeds per combo")
+    p.add_argument("--budget", type=int, help="with --table: trial-epochs for the test metric")
     args = p.parse_args(argv)
+    if args.table:
+        args.concurrency = args.concurrency or 4
+        return run_table(args)
     local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
     if args.smoke:
         args.seeds = args.seeds[:1]

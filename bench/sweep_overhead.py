@@ -33,10 +33,11 @@ by all runs (the first run of a fresh directory compiles cold, inside its trials
 A run uses the Ray session of this process if there is one (and leaves it running); otherwise
 each run starts a fresh local Ray and shuts it down.
 
-`--smoke`: one run of 2 trials of 1 epoch at once through `run_sweep` (a real sweep, on the
-Ray session of this process if there is one), with a tiny fixed model (4 features, 1 charge per
-atom, 4 basis functions; quick.yaml's degree 1 and 1 iteration), only the learning rate and
-chg_w searched and the default split (valid and test 10 %); then every column of the table.
+`--smoke`: one run of 2 trials of 1 epoch, one at a time (`--concurrency 1`: the second
+trial reuses the first one's actor), through `run_sweep` (a real sweep, on the Ray session of
+this process if there is one), with a tiny fixed model (4 features, 1 charge per atom, 4 basis
+functions; quick.yaml's degree 1 and 1 iteration), only the learning rate and chg_w searched
+and the default split (valid and test 10 %); then every column of the table.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ COLUMNS = (
 
 
 def overhead_spec(args, name: str):
-    from _sweeps import SMOKE_CHANGES, derived_spec, merged, smoke_search
+    from _sweeps import derived_spec, smoke_parts
 
     cache = args.jax_cache_dir or Path(args.output_dir) / ".jax_cache"
     run = {
@@ -82,13 +83,11 @@ def overhead_spec(args, name: str):
     }
     if args.gpu is not None:
         run["resources"] = {"cpu": 1, "gpu": args.gpu}
-    base = merged(SMOKE_CHANGES, {"search": smoke_search()}) if args.smoke else {}
-    return derived_spec(
-        merged(base, {"training": {"num_epochs": args.epochs}, "run": run}),
-        Path(args.output_dir).resolve(),
-        name,
-        replace={"scheduler": {"name": "fifo"}},
-    )
+    changes = {"training": {"num_epochs": args.epochs}, "run": run}
+    replace = {"scheduler": {"name": "fifo"}}
+    if args.smoke:
+        changes, replace = smoke_parts(changes, replace)
+    return derived_spec(changes, Path(args.output_dir).resolve(), name, replace=replace)
 
 
 def figures(cb: TimingCallback, concurrency: int, t_call: float, t_return: float) -> dict:
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     local_ray.prefer_loopback()  # before Ray is imported (by _sweeps): a local Ray on 127.0.0.1
     if args.smoke:
-        args.runs, args.trials, args.epochs, args.concurrency = 1, 2, 1, 2
+        args.runs, args.trials, args.epochs, args.concurrency = 1, 2, 1, 1
     rows = []
     print(f"{'run':>6}" + "".join(f"{c:>12}" for c in COLUMNS), flush=True)
     for i in range(args.runs):

@@ -28,15 +28,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dcmtune._yaml import read_yaml
 from dcmtune.analysis import analyze_checkpoint
 from dcmtune.config import ExperimentConfig
 from dcmtune.sweep import local_ray
 from dcmtune.sweep.driver import run_sweep
-from dcmtune.sweep.spec import SpecError, SweepSpec, find_spec, load_spec, spec_from_dict
+from dcmtune.sweep.spec import SweepSpec, find_spec, load_spec, read_spec, spec_from_dict
 
 TARGET = 0.90
-SMOKE_MODEL = {"features": 4, "max_degree": 1, "num_iterations": 1, "n_dcm": 1}
+SMOKE_MODEL = {
+    "features": 4,
+    "max_degree": 1,
+    "num_iterations": 1,
+    "n_dcm": 1,
+    "num_basis_functions": 4,
+}
 
 
 def sweep_spec(args) -> SweepSpec:
@@ -52,12 +57,17 @@ def sweep_spec(args) -> SweepSpec:
     if not args.smoke:
         spec = load_spec(path, overrides=overrides)
     else:
-        raw = read_yaml(path, SpecError, "spec file")
+        raw = read_spec(path)
         point = {"training.learning_rate": 1e-2}
         raw.update(
-            data={"data_files": ["demo"], "split_seed": args.split_seed},
+            data={
+                "data_files": ["demo"],
+                "split_seed": args.split_seed,
+                "valid_fraction": 0.1,
+                "test_fraction": 0.1,
+            },
             model=SMOKE_MODEL,
-            training={**raw.get("training", {}), "num_epochs": 2},
+            training={**raw.get("training", {}), "num_epochs": 2, "warmup_epochs": 0},
             search={"training.learning_rate": {"loguniform": [3e-3, 3e-2]}},
             searcher={**raw.get("searcher", {}), "points_to_evaluate": [point]},
             scheduler={"name": "fifo"},

@@ -91,6 +91,12 @@ def _check(key: str, ok: bool, expected: str, value: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
+def _fields(config: Any) -> tuple[dataclasses.Field, ...]:
+    """The fields of a config class or instance (every config is a dataclass)."""
+    assert dataclasses.is_dataclass(config), config
+    return dataclasses.fields(config)
+
+
 class _Config:
     """Mixin: type coercion at construction, dict/JSON round trip, strict `from_dict`."""
 
@@ -98,7 +104,7 @@ class _Config:
 
     def _validate_types(self) -> None:
         hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in _fields(self):
             key = f"{self._section}.{f.name}" if self._section else f.name
             object.__setattr__(self, f.name, _coerce(key, getattr(self, f.name), hints[f.name]))
 
@@ -108,13 +114,14 @@ class _Config:
         _check(key, ok, expected, getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        assert dataclasses.is_dataclass(self) and not isinstance(self, type)
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
         if not isinstance(d, Mapping):
             raise ConfigError(f"{cls._section or 'config'}: expected a mapping, got {d!r}")
-        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        names = [f.name for f in _fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
             where = f"{cls._section}." if cls._section else ""

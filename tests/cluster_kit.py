@@ -240,7 +240,7 @@ def stop(proc: subprocess.Popen | None, what: str = "a process") -> None:
     psutil.wait_procs(kids, timeout=STALL_S)
 
 
-# --------------------------------------------------------------------------- S3 (moto)
+# --------------------------------------------------------------------------- processes' env
 
 
 def base_env(tmp: Path) -> dict:
@@ -268,6 +268,9 @@ def base_env(tmp: Path) -> dict:
         }
     )
     return env
+
+
+# --------------------------------------------------------------------------- S3 (moto)
 
 
 class MotoServer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +22,13 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _load(name: str):
-    """bench/<name>.py as a module (bench/ is not a package)."""
+def _load(name: str, monkeypatch):
+    """bench/<name>.py as the module bench_<name> (bench/ is not a package), in sys.modules for
+    the test only."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
 
@@ -74,6 +77,22 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
             ["--smoke", "--output-dir", str(tmp / "search"), "--jax-cache-dir", str(cache)],
             ("ratio tpe_asha/random epochs",),
         ),
+        (
+            "learning_curves",
+            ["record", "--smoke", "--out", str(tmp / "lc.csv"), "--split-seed", "0"]
+            + ["--storage", str(tmp / "lc"), "--quiet"],
+            ("2 configurations x 2 epochs",),
+        ),
+        (
+            "search_efficiency",
+            ["--smoke", "--table", str(tmp / "lc.csv"), "--json", str(tmp / "replay.json")],
+            ("random+fifo", "chosen on"),
+        ),
+        (
+            "sweep_value",
+            ["--smoke", "--storage", str(tmp / "value")],
+            ("winner / median of the defaults",),
+        ),
     ]
 
 
@@ -103,11 +122,13 @@ def test_every_bench_smoke(ray_session, jax_cache_dir, tmp_path, monkeypatch, ca
     seconds = {}
     try:
         for name, argv, figures in _runs(tmp_path, jax_cache_dir, bundled_dataset_path()):
-            module = _load(name)
-            t0 = time.perf_counter()
+            module = _load(name, monkeypatch)
+            t0, cpu0 = time.perf_counter(), time.process_time()
             assert module.main(argv) == 0, name
-            seconds[name] = time.perf_counter() - t0
+            key = name if name not in seconds else f"{name} ({argv[1]})"
+            seconds[key] = (time.perf_counter() - t0, time.process_time() - cpu0)
             out = capsys.readouterr().out
+            (tmp_path / f"{key}.out").write_text(out)
             for figure in figures:
                 assert figure in out, f"{name}: no {figure!r} in its output:\n{out}"
     finally:
@@ -115,7 +136,10 @@ def test_every_bench_smoke(ray_session, jax_cache_dir, tmp_path, monkeypatch, ca
             jax.config.update(key, value)
         compilation_cache.reset_cache()
         with capsys.disabled():
-            print("\nbench smoke seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+            print(
+                "\nbench smoke seconds (wall/CPU of this process): "
+                + ", ".join(f"{k} {w:.1f}/{c:.1f}" for k, (w, c) in seconds.items())
+            )
     assert ray_session.is_initialized()  # the sweeps used the session's Ray and left it running
 
 

@@ -272,3 +272,10 @@ def test_budget_of_the_dry_run_respects_max_trial_epochs(spec_path):
     assert budget(load_spec(spec_path, overrides=[("run.max_trial_epochs", 5)])).nominal == 5
     with pytest.raises(SpecError, match=r"^--set run.max_trial_epochs: expected"):
         load_spec(spec_path, overrides=[("run.max_trial_epochs", 0)])
+
+
+def test_settings_a_sampler_or_the_debug_trial_does_not_use_are_refused(spec_path):
+    with pytest.raises(SpecError, match=r"searcher.n_startup_trials: only used by sampler: tpe"):
+        load_spec(spec_path, overrides=[parse_set("searcher={sampler: qmc, n_startup_trials: 5}")])
+    with pytest.raises(SpecError, match=r"^--set debug.data.split_seed: the debug trial uses"):
+        load_spec(spec_path, overrides=[parse_set("debug.data.split_seed=3")])

@@ -178,6 +178,23 @@ def test_mixed_sizes_and_a_long_trajectory_need_few_programs(predictor, tmp_path
     np.testing.assert_allclose(preds[-1].positions, frames[-1].positions, atol=1e-6)
 
 
+def test_esp_grids_of_other_sizes_share_one_program(predictor):
+    """Molecules of one size bucket with 5, 6 and 7 ESP points (one grid bucket) run through
+    one compiled program: the validated chunk is padded back to the bucket's shapes."""
+    from dcmtune.train.step import predict_batch
+
+    rng = np.random.default_rng(3)
+    water = molecule("H2O")
+    points = rng.normal(scale=3.0, size=(7, 3))
+    grids = [points[:n] for n in (5, 6, 7)]
+    predictor.predict(water, esp_points=grids[0], batch_size=1)  # compiles (or reuses) one
+    before = predict_batch._cache_size()
+    preds = [predictor.predict(water, esp_points=g, batch_size=1)[0] for g in grids]
+    assert predict_batch._cache_size() == before
+    assert [p.esp.shape for p in preds] == [(5,), (6,), (7,)]
+    np.testing.assert_allclose(preds[2].esp[:5], preds[0].esp, rtol=1e-5)  # padding is inert
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -63,9 +63,6 @@ def metric_unit(name: str) -> str:
     return registry.unit(name[len("all_") :] if name.startswith("all_") else name)
 
 
-# --------------------------------------------------------------------------- loading
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -412,9 +409,6 @@ def compare_checkpoints(
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------- history
-
-
 # --------------------------------------------------------------------------- summaries
 
 
@@ -463,6 +457,3 @@ def batch_analysis_summary(
     _io.write_csv(files["predictions.csv"], analysis.per_conformer)
     _io.write_csv(files["training_history.csv"], history.history_df)
     return {"analysis": analysis, "history": history, "files": files}
-
-
-# --------------------------------------------------------------------------- CLI

@@ -33,9 +33,6 @@ PLOT_FILES = (
     "param_importances.png",
 )
 _ESP_UNIT = metrics.unit("esp_rmse")
-# --------------------------------------------------------------------------- report.md
-
-
 # --------------------------------------------------------------------------- plots
 
 
@@ -311,6 +308,3 @@ def _importances(r: Ranking) -> Figure:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-# --------------------------------------------------------------------------- console

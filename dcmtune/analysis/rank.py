@@ -452,6 +452,3 @@ def _write_best_model(target: Path, e: Evaluated, info: dict) -> Path:
             },
         )
     return target
-
-
-# --------------------------------------------------------------------------- CLI

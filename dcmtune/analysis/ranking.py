@@ -382,12 +382,3 @@ def _searched_keys(search: dict, trials: list[TrialRecord]) -> list[str]:
 def _point_of(t: TrialRecord, keys: list[str]) -> dict:
     flat = flat_dict(t.config.to_dict()) if t.config is not None else {}
     return {k: t.point.get(k, flat.get(k)) for k in keys}
-
-
-# --------------------------------------------------------------------------- object storage
-
-
-# --------------------------------------------------------------------------- writing
-
-
-# --------------------------------------------------------------------------- CLI

@@ -207,9 +207,3 @@ def split_record(data: ESPData, splits: Mapping[str, np.ndarray], **settings) ->
         "indices": {k: [int(i) for i in v] for k, v in splits.items()},
         "mol_ids": {k: sorted(set(data.mol_id[v].tolist())) for k, v in splits.items()},
     }
-
-
-# --------------------------------------------------------------------------- batches
-
-
-# --------------------------------------------------------------------------- size buckets

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from dcmtune.data.batches import Bucket, group_by_bucket, make_batch, size_bucket
-from dcmtune.data.dataset import ESPData
+from dcmtune.data.dataset import ESPData, pad_to
 from dcmtune.data.file_format import DataError
 from dcmtune.data.grids import shell_grid
 from dcmtune.data.load import load_npz, validate_arrays
@@ -518,7 +518,9 @@ def _chunk_data(mols, chunk, totals, points, num_atoms: int, max_atomic_number: 
         for i in chunk:  # name the molecule that fails
             _chunk_data(mols, [i], totals, points, num_atoms, max_atomic_number)
         raise PredictError(str(e)) from None
-    return data, resolved
+    # Validation trims atoms and grid points to the chunk's real maxima; the compiled call
+    # wants the bucket's shapes (one program per bucket, not per chunk).
+    return pad_to(data, num_atoms, G), resolved
 
 
 def _collect(out: dict, chunk, data: ESPData, resolved, totals, mols, results: list) -> None:
@@ -580,6 +582,3 @@ def _run(predictor: Predictor, mols, totals, points, batch_size: int) -> list[Mo
             pending = (out, chunk, data, resolved)
     _collect(jax.device_get(pending[0]), *pending[1:], totals, mols, results)
     return results
-
-
-# --------------------------------------------------------------------------- writers

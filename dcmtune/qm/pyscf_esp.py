@@ -48,9 +48,6 @@ def _import_pyscf():
         raise QMError(f"the data generator needs PySCF; {_EXTRA_HINT}") from None
 
 
-# --------------------------------------------------------------------------- geometry, grid
-
-
 # --------------------------------------------------------------------------- SCF, ESP, dipole
 
 
@@ -219,6 +216,3 @@ def compute_molecule(spec: MoleculeSpec, settings: GenerationSettings) -> dict:
         out["scf_cycles"].append(int(getattr(mf, "cycles", -1)))
     out["seconds"] = time.perf_counter() - t0
     return out
-
-
-# --------------------------------------------------------------------------- output

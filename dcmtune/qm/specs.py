@@ -197,15 +197,9 @@ def center_of_mass(positions: np.ndarray, masses: np.ndarray) -> np.ndarray:
     return (masses[:, None] * positions).sum(axis=0) / masses.sum()
 
 
-# --------------------------------------------------------------------------- SCF, ESP, dipole
-
-
 # --------------------------------------------------------------------------- one molecule
 
 
 def molecule_seed(seed: int, name: str) -> np.random.SeedSequence:
     """Each molecule's stream depends on (seed, name) only: not on order or worker count."""
     return np.random.SeedSequence([seed, zlib.crc32(name.encode())])
-
-
-# --------------------------------------------------------------------------- output

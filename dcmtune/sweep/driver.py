@@ -550,6 +550,3 @@ def _fmt_point(point: dict) -> str:
     return ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()
     )
-
-
-# --------------------------------------------------------------------------- CLI

@@ -62,7 +62,10 @@ class CurveTable:
       keys: The searched dotted keys (the grid's axes).
       points: (C, K) the configurations' values, in `keys` order.
       valid, test: (C, T) the sweep metric and the test metric per configuration and epoch.
-      epoch_time: (C,) seconds per epoch (median over the configuration's epochs).
+      epoch_time: (C,) seconds per epoch: the median over every epoch of the configurations
+        with the same model.* values (the cost of an epoch depends on the model's shape, not on
+        the optimiser's settings; pooling also averages out the load of the machine that
+        recorded the table).
       metric, test_metric: Their names.
     """
 
@@ -102,7 +105,7 @@ class CurveTable:
         for name, g in groups:
             if list(g["epoch"]) != list(range(1, n_epochs + 1)):
                 raise ValueError(f"learning-curve table: config {name} lacks epochs 1..{n_epochs}")
-        times = [float(np.median(g["epoch_time"])) if "epoch_time" in g else 1.0 for _, g in groups]
+        times = _epoch_times(df, groups, [k for k in keys if k.startswith("model.")])
         return cls(
             keys=keys,
             points=np.array([[g[k].iloc[0] for k in keys] for _, g in groups], dtype=float),
@@ -173,6 +176,17 @@ class CurveTable:
 
     def config(self, index: int) -> dict[str, float]:
         return {k: float(x) for k, x in zip(self.keys, self.points[index], strict=True)}
+
+
+def _epoch_times(df, groups, shape_keys: list[str]) -> list[float]:
+    """Seconds per epoch of each configuration, pooled over configurations of one model shape
+    (1.0 each when the table has no epoch_time column)."""
+    if "epoch_time" not in df:
+        return [1.0] * len(groups)
+    if not shape_keys:
+        return [float(np.median(g["epoch_time"])) for _, g in groups]
+    pooled = df.groupby(shape_keys)["epoch_time"].median()
+    return [float(pooled.loc[tuple(g[k].iloc[0] for k in shape_keys)]) for _, g in groups]
 
 
 def _round(x: float) -> float:
@@ -314,118 +328,151 @@ def replay(
         results were received (what the efficiency statistics need; None = run to the end).
     """
     import optuna
-    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-
-    from dcmtune.sweep.tuner import _searcher, scheduler
 
     unknown = sorted(set(spec.search) - set(table.keys))
     if unknown:
         raise ValueError(f"search.{unknown[0]}: not an axis of the table ({', '.join(table.keys)})")
-    t_max = spec.num_epochs
-    if t_max > table.num_epochs:
-        raise ValueError(f"training.num_epochs: {t_max} > the table's {table.num_epochs} epochs")
-    slots = concurrency or spec.run.max_concurrent_trials or 1
-    limit = spec.run.max_concurrent_trials
-    metric, mode = spec.run.metric, spec.run.mode
-    defaults = {k: table.values(k)[0] for k in table.keys}
-
+    if spec.num_epochs > table.num_epochs:
+        raise ValueError(
+            f"training.num_epochs: {spec.num_epochs} > the table's {table.num_epochs} epochs"
+        )
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        search = _searcher(spec)
-        search.set_search_properties(metric, mode, spec.param_space())
-        sched = scheduler(spec) or FIFOScheduler()
-        sched.set_search_properties(metric, mode)
-        np.random.seed(spec.searcher.seed)  # ASHA draws brackets from numpy's global RNG
-        ctl = _Controller(search)
-        ctl.scheduler = sched
-        rows: list[tuple[int, int, int, float, float, float]] = []
-        running: list[tuple[float, int, _Trial]] = []  # heap of (next result time, number, trial)
-        now, asked, reached = 0.0, 0, False
-        cap = spec.run.max_trial_epochs
-
-        def start(trial: _Trial) -> None:
-            trial.status = "RUNNING"
-            trial.started = now - trial.epoch * table.epoch_time[trial.config]
-            due = trial.started + (trial.epoch + 1) * table.epoch_time[trial.config]
-            heapq.heappush(running, (due, trial.number, trial))
-
-        max_pending = limit or 1  # Tune's max_pending_trials for a searcher
-        while True:
-            # 1. New trials, as Tune asks: while fewer than max_pending wait, and (with the
-            #    limiter) fewer than `limit` are live (paused trials count); 2. the scheduler
-            #    starts pending trials and resumes paused ones into free slots. Repeated until
-            #    neither changes anything.
-            changed = True
-            while changed:
-                changed = False
-                live = ctl.get_live_trials()
-                pending = sum(t.status == "PENDING" for t in live)
-                while (
-                    asked < spec.run.num_samples
-                    and pending < max_pending
-                    and (not limit or len(live) < limit)
-                ):
-                    point = search.suggest(f"t{asked:05d}")
-                    if point is None:
-                        break
-                    trial = _Trial(asked, table.nearest({**defaults, **point}))
-                    asked += 1
-                    ctl.trials.append(trial)
-                    sched.on_trial_add(ctl, trial)
-                    live.append(trial)
-                    pending += 1
-                    changed = True
-                while len(running) < slots:
-                    trial = sched.choose_trial_to_run(ctl)
-                    if trial is None or trial.status == "RUNNING":
-                        break
-                    start(trial)
-                    changed = True
-            if not running:
-                break
-            # 3. The next result.
-            now, _, trial = heapq.heappop(running)
-            trial.epoch += 1
-            c, e = trial.config, trial.epoch
-            result = {
-                "epoch": e,
-                "training_iteration": e,
-                metric: float(table.valid[c, e - 1]),
-                table.test_metric: float(table.test[c, e - 1]),
-                "trial_id": trial.trial_id,
-            }
-            trial.last_result = result
-            rows.append((trial.number, c, e, result[metric], result[table.test_metric], now))
+        warnings.simplefilter("ignore")  # Optuna's experimental and fallback warnings
+        sim = _Simulation(table, spec, concurrency or spec.run.max_concurrent_trials or 1)
+        reached = False
+        while sim.fill():
+            row = sim.next_result()
             if until is not None:
-                reached = reached or result[metric] <= until[0]
-                if reached and len(rows) >= until[1]:
+                reached = reached or row[3] <= until[0]
+                if reached and len(sim.rows) >= until[1]:
                     break
-            if cap is not None and sum(t.epoch for t in ctl.trials) >= cap:
+            cap = spec.run.max_trial_epochs
+            if cap is not None and sum(t.epoch for t in sim.ctl.trials) >= cap:
                 break  # Tune's stop_all: the sweep ends, running trials with it
-            decision = sched.on_trial_result(ctl, trial, result)
-            if decision != TrialScheduler.STOP:
-                search.on_trial_result(trial.trial_id, result)
-            if decision == TrialScheduler.STOP or e >= t_max:
-                ctl.stop_trial(trial)  # Tune ends a trial whose function returned the same way
-            elif decision == TrialScheduler.PAUSE:
-                trial.status = "PAUSED"
-            else:
-                due = trial.started + (e + 1) * table.epoch_time[c]
-                heapq.heappush(running, (due, trial.number, trial))
-    ended = tuple(
-        (t.config, t.epoch, _ending(t, t_max)) for t in sorted(ctl.trials, key=lambda t: t.number)
-    )
-    arr = np.asarray(rows, dtype=float).reshape(-1, 6)
-    return Replay(
-        trial=arr[:, 0].astype(int),
-        config=arr[:, 1].astype(int),
-        epoch=arr[:, 2].astype(int),
-        valid=arr[:, 3],
-        test=arr[:, 4],
-        time=arr[:, 5],
-        trials=ended,
-    )
+            sim.decide()
+    return sim.replay()
+
+
+class _Simulation:
+    """Tune's controller loop on a simulated clock (see the module doc)."""
+
+    def __init__(self, table: CurveTable, spec: SweepSpec, slots: int):
+        from ray.tune.schedulers import FIFOScheduler
+
+        from dcmtune.sweep.tuner import _searcher, scheduler
+
+        self.table, self.spec, self.slots = table, spec, slots
+        self.limit = spec.run.max_concurrent_trials
+        self.metric = spec.run.metric
+        self.search = _searcher(spec)
+        self.search.set_search_properties(self.metric, spec.run.mode, spec.param_space())
+        self.sched = scheduler(spec) or FIFOScheduler()
+        self.sched.set_search_properties(self.metric, spec.run.mode)
+        np.random.seed(spec.searcher.seed)  # ASHA draws brackets from numpy's global RNG
+        self.ctl = _Controller(self.search)
+        self.ctl.scheduler = self.sched
+        self.rows: list[tuple[int, int, int, float, float, float]] = []
+        self.running: list[tuple[float, int, _Trial]] = []  # heap: (next result time, #, trial)
+        self.now, self.asked = 0.0, 0
+        self.current: _Trial | None = None
+        self.defaults = {k: table.values(k)[0] for k in table.keys}
+
+    def fill(self) -> bool:
+        """New trials, as Tune asks: while fewer than max_pending wait and (with the limiter)
+        fewer than `limit` are live, paused ones included; then the scheduler starts pending
+        trials and resumes paused ones into free slots; repeated until nothing changes.
+        Returns whether a trial is running."""
+        changed = True
+        while changed:
+            changed = self._ask()
+            while len(self.running) < self.slots:
+                trial = self.sched.choose_trial_to_run(self.ctl)
+                if trial is None or trial.status == "RUNNING":
+                    break
+                self._start(trial)
+                changed = True
+        return bool(self.running)
+
+    def _ask(self) -> bool:
+        live = self.ctl.get_live_trials()
+        pending = sum(t.status == "PENDING" for t in live)
+        max_pending = self.limit or 1  # Tune's max_pending_trials for a searcher
+        asked = False
+        while (
+            self.asked < self.spec.run.num_samples
+            and pending < max_pending
+            and (not self.limit or len(live) < self.limit)
+        ):
+            point = self.search.suggest(f"t{self.asked:05d}")
+            if point is None:
+                break
+            trial = _Trial(self.asked, self.table.nearest({**self.defaults, **point}))
+            self.asked += 1
+            self.ctl.trials.append(trial)
+            self.sched.on_trial_add(self.ctl, trial)
+            live.append(trial)
+            pending += 1
+            asked = True
+        return asked
+
+    def _start(self, trial: _Trial) -> None:
+        trial.status = "RUNNING"
+        trial.started = self.now - trial.epoch * self.table.epoch_time[trial.config]
+        self._schedule(trial)
+
+    def _schedule(self, trial: _Trial) -> None:
+        due = trial.started + (trial.epoch + 1) * self.table.epoch_time[trial.config]
+        heapq.heappush(self.running, (due, trial.number, trial))
+
+    def next_result(self) -> tuple[int, int, int, float, float, float]:
+        """The earliest running trial's next epoch, as the driver receives it."""
+        self.now, _, trial = heapq.heappop(self.running)
+        trial.epoch += 1
+        c, e = trial.config, trial.epoch
+        trial.last_result = {
+            "epoch": e,
+            "training_iteration": e,
+            self.metric: float(self.table.valid[c, e - 1]),
+            self.table.test_metric: float(self.table.test[c, e - 1]),
+            "trial_id": trial.trial_id,
+        }
+        self.current = trial
+        valid, test = self.table.valid[c, e - 1], self.table.test[c, e - 1]
+        row = (trial.number, c, e, float(valid), float(test), self.now)
+        self.rows.append(row)
+        return row
+
+    def decide(self) -> None:
+        """The scheduler's decision on the current result, carried out as Tune does."""
+        from ray.tune.schedulers import TrialScheduler
+
+        trial = self.current
+        assert trial is not None
+        result = trial.last_result
+        decision = self.sched.on_trial_result(self.ctl, trial, result)
+        if decision != TrialScheduler.STOP:
+            self.search.on_trial_result(trial.trial_id, result)
+        if decision == TrialScheduler.STOP or trial.epoch >= self.spec.num_epochs:
+            self.ctl.stop_trial(trial)  # Tune ends a trial whose function returned the same way
+        elif decision == TrialScheduler.PAUSE:
+            trial.status = "PAUSED"
+        else:
+            self._schedule(trial)
+
+    def replay(self) -> Replay:
+        t_max = self.spec.num_epochs
+        trials = sorted(self.ctl.trials, key=lambda t: t.number)
+        arr = np.asarray(self.rows, dtype=float).reshape(-1, 6)
+        return Replay(
+            trial=arr[:, 0].astype(int),
+            config=arr[:, 1].astype(int),
+            epoch=arr[:, 2].astype(int),
+            valid=arr[:, 3],
+            test=arr[:, 4],
+            time=arr[:, 5],
+            trials=tuple((t.config, t.epoch, _ending(t, t_max)) for t in trials),
+        )
 
 
 def _ending(trial: _Trial, t_max: int) -> str:

@@ -100,6 +100,11 @@ class SearcherSpec:
             ),
         )
         _str("searcher.name", d.pop("name", "optuna"), ("optuna",))
+        sampler = d.get("sampler", "tpe")
+        if "n_startup_trials" in d and sampler in ("random", "qmc", "grid"):
+            raise SpecError(
+                f"searcher.n_startup_trials: only used by sampler: tpe or cmaes, not {sampler}"
+            )
         points = d.pop("points_to_evaluate", None) or []
         if not isinstance(points, list):
             raise SpecError(

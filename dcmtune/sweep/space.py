@@ -266,6 +266,3 @@ def _quniform(key: str, args: tuple, integer: bool) -> tuple:
 def _same(a: Any, b: Any) -> bool:
     """Equality that keeps True apart from 1 (YAML and Python both conflate them)."""
     return isinstance(a, bool) == isinstance(b, bool) and a == b
-
-
-# --------------------------------------------------------------------------- building

@@ -75,6 +75,7 @@ __all__ = [
     "RankSpec",
     "SweepSpec",
     "load_spec",
+    "read_spec",
     "spec_from_dict",
     "find_spec",
     "SWEEP_METRICS",
@@ -252,12 +253,7 @@ def load_spec(
         keys, bad ranges or types, missing data files, ...).
     """
     path = Path(path)
-    raw = read_yaml(path, SpecError, "spec file")
-    if raw is None:
-        raise SpecError(f"{path}: the spec file is empty")
-    if not isinstance(raw, Mapping):
-        raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    raw = dict(raw)
+    raw = read_spec(path)
     raw.setdefault("name", path.stem)
     return spec_from_dict(
         raw,
@@ -266,6 +262,22 @@ def load_spec(
         storage_path=storage_path,
         overrides=overrides,
     )
+
+
+def read_spec(path: str | Path) -> dict:
+    """A spec file as written: its sections as a dict, read with the strict YAML rules of every
+    dcmtune file (`dcmtune._yaml`), not yet validated (`spec_from_dict` does that).
+
+    Raises:
+      SpecError: one line naming the file (missing, not YAML, empty, not a mapping).
+    """
+    path = Path(path)
+    raw = read_yaml(path, SpecError, "spec file")
+    if raw is None:
+        raise SpecError(f"{path}: the spec file is empty")
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return dict(raw)
 
 
 def spec_from_dict(
@@ -418,6 +430,11 @@ def _debug(raw: Any) -> dict:
     if not isinstance(raw, Mapping):
         raise SpecError(f"debug: expected a mapping of dotted keys to values, got {raw!r}")
     for key in raw:
+        if str(key).startswith("data."):
+            raise SpecError(
+                f"debug.{key}: the debug trial uses the sweep's data and split; set data "
+                "under data:"
+            )
         try:
             field_kind(str(key))
         except SpecError as e:

@@ -116,6 +116,3 @@ def open_storage(resolved: str):
     if resolved.startswith(_SQLITE + "/"):
         Path(resolved[len(_SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(resolved)
-
-
-# --------------------------------------------------------------------------- importances
