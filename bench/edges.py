@@ -50,7 +50,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))  # scaling.py: the real sets and the training-work figures
 
 BASE_COMMIT = "2027483"
 SETS = ("drug60", "drug40", "demo", "organic")

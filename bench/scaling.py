@@ -461,6 +461,29 @@ def dataset(sweep: str, value, conformers: int = NUM_CONFORMERS) -> ESPData:
     return synthetic_set(12, value, conformers=conformers)
 
 
+def measure_point(sweep, value, label, args, tmp: Path, model, conformers: int) -> dict:
+    """One row of the table: the point's data shape and fraction of pairs within the cutoff,
+    then its fits (epoch columns; a real point's training work) and its profile."""
+    data = dataset(sweep, value, conformers)
+    row = {
+        "sweep": sweep,
+        "value": value,
+        "label": label,
+        "conformers": int(data.num_conformers),
+        "atoms": int(data.num_atoms),
+        "grid": int(data.num_grid),
+        "edge_frac": edge_fraction(data, ExperimentConfig().model.cutoff),
+    }
+    if sweep == "real":
+        row.update(real_point(value, args.epochs, tmp, model))
+        return row
+    if not args.profile_only:
+        times = epoch_times(data, args.epochs, tmp, f"{sweep}_{value}", model)
+        row.update({k: v for k, v in times.items() if k not in ("train_idx", "config")})
+    row.update(profile(data, args.repeats, model))
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3, help="epochs per fit (>= 2)")
@@ -498,23 +521,7 @@ def main(argv=None) -> int:
         for sweep, value, label in points(args.only, args.smoke):
             if sweep == "real" and args.profile_only:
                 continue  # the real points are measured by their fits
-            data = dataset(sweep, value, conformers)
-            row = {
-                "sweep": sweep,
-                "value": value,
-                "label": label,
-                "conformers": int(data.num_conformers),
-                "atoms": int(data.num_atoms),
-                "grid": int(data.num_grid),
-                "edge_frac": edge_fraction(data, ExperimentConfig().model.cutoff),
-            }
-            if sweep == "real":
-                row.update(real_point(value, args.epochs, Path(tmp), model))
-            else:
-                if not args.profile_only:
-                    times = epoch_times(data, args.epochs, Path(tmp), f"{sweep}_{value}", model)
-                    row.update({k: v for k, v in times.items() if k not in ("train_idx", "config")})
-                row.update(profile(data, args.repeats, model))
+            row = measure_point(sweep, value, label, args, Path(tmp), model, conformers)
             rows.append(row)
             print(
                 f"{label:<14}{row['conformers']:>11}{row['atoms']:>4}{row['grid']:>6}"

@@ -40,14 +40,8 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
         ("cluster_traffic", ["--smoke"], ("epoch 1: state.msgpack", "organic set in the object")),
         (
             "accuracy",
-            [
-                "generalise",
-                "--smoke",
-                "--data-files",
-                str(demo),
-                "--output-dir",
-                str(tmp / "accuracy"),
-            ],
+            ["generalise", "--smoke", "--data-files", str(demo)]
+            + ["--output-dir", str(tmp / "accuracy")],
             ("test ESP RMSE", "median"),
         ),
         (
