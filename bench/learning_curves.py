@@ -12,6 +12,10 @@ for `--epochs` epochs (FIFO: no early stopping) with `training.report_test_metri
 test metrics are for the table's users (what a chosen trial scores on unseen molecules); the
 sweep chooses nothing on them. One row per (configuration, epoch).
 
+`--keep EXPERIMENT`: an interrupted recording's finished configurations (all `--epochs` epochs)
+are kept; only the rest of the grid is trained, as given points of a random search, in a new
+experiment beside it, and the table joins both.
+
 `--smoke`: the same path at its smallest: a grid of 2 learning rates x 1 chg_w of a tiny model
 (4 features, degree 1, 1 iteration, 1 charge per atom, 4 basis functions) on the demo set, 2
 epochs, one trial at a time; the table is written as usual.
@@ -20,6 +24,7 @@ epochs, one trial at a time; the table is written as usual.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -60,10 +65,17 @@ def grid_spec(
     storage: Path,
     concurrency: int,
     smoke: bool = False,
+    only: list[dict] | None = None,
 ) -> dict:
-    """The sweep spec of one table: every combination of GRID (features as given) once."""
+    """The sweep spec of one table: every combination of GRID (features as given) once, or
+    only the given combinations (given points of a random search)."""
     grid = SMOKE_GRID if smoke else {**GRID, "model.features": features}
-    size = math.prod(len(v) for v in grid.values())
+    size = math.prod(len(v) for v in grid.values()) if only is None else len(only)
+    searcher = (
+        {"sampler": "grid", "seed": 0}
+        if only is None
+        else {"sampler": "random", "seed": 0, "points_to_evaluate": only}
+    )
     data = {"data_files": ["demo" if smoke else "organic"], "split_seed": split_seed}
     return {
         "name": name,
@@ -76,7 +88,7 @@ def grid_spec(
             **({"warmup_epochs": 0} if smoke else {}),
         },
         "search": {k: {"choice": v} for k, v in grid.items()},
-        "searcher": {"sampler": "grid", "seed": 0},
+        "searcher": searcher,
         "scheduler": {"name": "fifo"},
         "run": {
             "num_samples": size,
@@ -90,10 +102,25 @@ def grid_spec(
     }
 
 
+def grid_points(features: list[int]) -> list[dict]:
+    """Every combination of GRID (features as given), as {key: value} points."""
+    grid = {**GRID, "model.features": features}
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def finished(experiment: Path, epochs: int) -> pd.DataFrame:
+    """The rows of `experiment`'s trials that ran all `epochs` epochs."""
+    df = table(experiment)
+    done = df.groupby("config")["epoch"].transform("max") == epochs
+    return df[done]
+
+
 def table(experiment: Path) -> pd.DataFrame:
     """One row per (trial, epoch): the configuration, and every epoch's metrics."""
     frames = []
     for trial in sorted(experiment.glob("trial_*")):
+        if not (trial / "history.csv").is_file():
+            continue
         point = json.loads((trial / "params.json").read_text())
         history = pd.read_csv(trial / "history.csv")
         keep = [c for c in history.columns if c.startswith(("train_", "valid_", "test_"))]
@@ -110,6 +137,17 @@ def record(args) -> int:
     name = Path(args.out).stem
     if args.smoke:
         args.epochs, args.concurrency = 2, 1
+    kept, only = None, None
+    if args.keep:
+        kept = finished(Path(args.keep), args.epochs)
+        wanted = grid_points(args.features)
+        wanted_set = {tuple(p.values()) for p in wanted}
+        rows = [tuple(r) for r in kept[KEYS].itertuples(index=False)]
+        kept = kept[[r in wanted_set for r in rows]]
+        have = set(rows) & wanted_set
+        only = [p for p in wanted if tuple(p.values()) not in have]
+        name += "_rest"
+        print(f"kept {kept['config'].nunique()} finished configurations; {len(only)} to train")
     spec = spec_from_dict(
         grid_spec(
             name,
@@ -119,12 +157,15 @@ def record(args) -> int:
             Path(args.storage).resolve(),
             args.concurrency,
             smoke=args.smoke,
+            only=only,
         )
     )
     t0 = time.perf_counter()
     outcome = run_sweep(spec, verbose=0 if args.quiet else 1)
     wall = time.perf_counter() - t0
     df = table(spec.experiment_dir)
+    if kept is not None:
+        df = pd.concat([kept, df], ignore_index=True)
     configs = df["config"].nunique()
     df.to_csv(args.out, index=False, float_format="%.6g")
     print(
@@ -144,6 +185,7 @@ def main(argv=None) -> int:
     r.add_argument("--features", type=int, nargs="+", default=GRID["model.features"])
     r.add_argument("--concurrency", type=int, default=2)
     r.add_argument("--storage", default="experiments/learning_curves")
+    r.add_argument("--keep", help="an interrupted recording's experiment dir to reuse")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--smoke", action="store_true", help="2 configurations of a tiny model")
     args = p.parse_args(argv)

@@ -29,7 +29,8 @@ trials at once, default 4), for `--replay-seeds` seeds (default 50) per combinat
   1. every sampler (random, TPE, multivariate TPE, QMC, CMA-ES with margin) with every
      scheduler (FIFO, ASHA, HyperBand, median stopping; grace T/12, reduction factor 3);
   2. the start-up trials (5, 10, 20), ASHA grace (T/20, T/12, T/6, T/3) and reduction factor
-     (2, 3, 4) of the two best model-based samplers of stage 1;
+     (2, 3, 4) of the two best model-based samplers of stage 1, one setting at a time around
+     10 / T/12 / 3 (8 combinations each);
 
 and prints, per combination, the median and 25-75% range of the trial-epochs until the best
 validation metric is within the table's target (5% of its best; 2% when more than a tenth of

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dcmtune.config import ExperimentConfig
 from dcmtune.data.synthetic import make_synthetic
 from dcmtune.sweep import commands as sweep
 from dcmtune.sweep.experiment_store import write_spec_record
@@ -183,7 +184,10 @@ def test_points_to_evaluate_are_validated_and_kept(spec_dir):
     assert spec.searcher.points_to_evaluate == (point,)
 
 
-@pytest.mark.parametrize("name", ["quick", "cosine", "exponential", "step"])
+REAL_SPECS = ["cosine", "exponential", "step", "accurate"]
+
+
+@pytest.mark.parametrize("name", ["quick", *REAL_SPECS])
 def test_shipped_specs_are_valid_from_any_directory(name, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     path = sweep.find_spec(f"search_spaces/{name}.yaml")
@@ -191,9 +195,36 @@ def test_shipped_specs_are_valid_from_any_directory(name, monkeypatch, tmp_path)
     spec = load_spec(path)
     prep = sweep.prepare(spec)  # the bundled data; batch sizes fit the training split
     assert prep.num_train > 0 and spec.run.metric in SWEEP_METRICS
-    assert spec.base.data.data_files == []  # the bundled demo set
+    # quick: the bundled demo set; the real specs: the bundled organic set, by name
+    assert spec.base.data.data_files == ([] if name == "quick" else ["organic"])
     spec.config_for(spec.debug_point())
     assert set(spec.param_space()) == set(spec.search)
+
+
+@pytest.mark.parametrize("name", REAL_SPECS)
+def test_real_specs_are_centred_on_the_defaults(name):
+    spec = load_spec(REPO / "search_spaces" / f"{name}.yaml")
+    plain = ExperimentConfig()
+
+    def default(key):
+        section, _, field = key.partition(".")
+        return getattr(getattr(plain, section), field)
+
+    # Log-scale ranges of the learning rate and chg_w: at most 10x either side of the default.
+    for key in ("training.learning_rate", "training.chg_w"):
+        (lo, hi), d = spec.search[key].args, default(key)
+        assert spec.search[key].kind == "loguniform", key
+        assert d / 10 <= lo <= d <= hi <= 10 * d, (key, lo, hi)
+    # Choices include the default width and charges per atom (or leave them at the default).
+    for key in ("model.features", "model.n_dcm"):
+        if key in spec.search:
+            assert spec.search[key].kind == "choice" and default(key) in spec.search[key].args
+        else:
+            assert getattr(spec.base.model, key.partition(".")[2]) == default(key), key
+    # The first trial is the defaults: every searched key at its default.
+    first = spec.searcher.points_to_evaluate[0]
+    assert set(first) == set(spec.search)
+    assert all(first[k] == default(k) for k in first), first
 
 
 def test_quick_spec_is_cpu_sized():
