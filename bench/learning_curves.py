@@ -2,9 +2,14 @@
 every epoch's validation and test metrics kept in a CSV, replayed later without training
 (bench/search_efficiency.py --table; the LCBench / HPOBench idea, for this model).
 
-    python bench/learning_curves.py record --out bench/tables/organic_split2.csv --split-seed 2
-    python bench/learning_curves.py record --out bench/tables/organic_split3_f16.csv \\
-        --split-seed 3 --features 16
+    python bench/learning_curves.py record --out bench/tables/organic_split2_f16.csv \\
+        --split-seed 2 --features 16 --keep experiments/learning_curves/organic_split2
+    python bench/learning_curves.py record --out bench/tables/organic_split3_f16_n234.csv \\
+        --split-seed 3 --features 16 --n-dcm 2 3 4 \\
+        --keep experiments/learning_curves/organic_split3_f16
+
+(The committed tables: each finished an interrupted recording, keeping its finished
+configurations.)
 
 The grid is learning rate x chg_w x features x n_dcm (n_dcm 1-4) on the bundled organic set
 (molecule split, `--split-seed`), the default model and schedule otherwise, every config trained
@@ -66,10 +71,12 @@ def grid_spec(
     concurrency: int,
     smoke: bool = False,
     only: list[dict] | None = None,
+    n_dcm: list[int] | None = None,
 ) -> dict:
-    """The sweep spec of one table: every combination of GRID (features as given) once, or
-    only the given combinations (given points of a random search)."""
-    grid = SMOKE_GRID if smoke else {**GRID, "model.features": features}
+    """The sweep spec of one table: every combination of GRID (features and n_dcm as given)
+    once, or only the given combinations (given points of a random search)."""
+    n_dcm = n_dcm or GRID["model.n_dcm"]
+    grid = SMOKE_GRID if smoke else {**GRID, "model.features": features, "model.n_dcm": n_dcm}
     size = math.prod(len(v) for v in grid.values()) if only is None else len(only)
     searcher = (
         {"sampler": "grid", "seed": 0}
@@ -102,9 +109,9 @@ def grid_spec(
     }
 
 
-def grid_points(features: list[int]) -> list[dict]:
-    """Every combination of GRID (features as given), as {key: value} points."""
-    grid = {**GRID, "model.features": features}
+def grid_points(features: list[int], n_dcm: list[int]) -> list[dict]:
+    """Every combination of GRID (features and n_dcm as given), as {key: value} points."""
+    grid = {**GRID, "model.features": features, "model.n_dcm": n_dcm}
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
@@ -140,7 +147,7 @@ def record(args) -> int:
     kept, only = None, None
     if args.keep:
         kept = finished(Path(args.keep), args.epochs)
-        wanted = grid_points(args.features)
+        wanted = grid_points(args.features, args.n_dcm)
         wanted_set = {tuple(p.values()) for p in wanted}
         rows = [tuple(r) for r in kept[KEYS].itertuples(index=False)]
         kept = kept[[r in wanted_set for r in rows]]
@@ -158,6 +165,7 @@ def record(args) -> int:
             args.concurrency,
             smoke=args.smoke,
             only=only,
+            n_dcm=args.n_dcm,
         )
     )
     t0 = time.perf_counter()
@@ -183,6 +191,7 @@ def main(argv=None) -> int:
     r.add_argument("--split-seed", type=int, required=True)
     r.add_argument("--epochs", type=int, default=60)
     r.add_argument("--features", type=int, nargs="+", default=GRID["model.features"])
+    r.add_argument("--n-dcm", type=int, nargs="+", default=GRID["model.n_dcm"])
     r.add_argument("--concurrency", type=int, default=2)
     r.add_argument("--storage", default="experiments/learning_curves")
     r.add_argument("--keep", help="an interrupted recording's experiment dir to reuse")

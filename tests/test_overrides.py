@@ -15,7 +15,7 @@ from dcmtune.data.synthetic import make_synthetic
 from dcmtune.sweep import commands as sweep
 from dcmtune.sweep.experiment_store import check_experiment_dir, write_spec_record
 from dcmtune.sweep.overrides import apply_overrides, data_override, parse_set
-from dcmtune.sweep.plan import asha_epochs_per_trial, budget
+from dcmtune.sweep.plan import asha_epochs_per_trial, budget, describe
 from dcmtune.sweep.spec import SpecError, find_spec, load_spec
 
 SPEC = {
@@ -272,6 +272,15 @@ def test_budget_of_the_dry_run_respects_max_trial_epochs(spec_path):
     assert budget(load_spec(spec_path, overrides=[("run.max_trial_epochs", 5)])).nominal == 5
     with pytest.raises(SpecError, match=r"^--set run.max_trial_epochs: expected"):
         load_spec(spec_path, overrides=[("run.max_trial_epochs", 0)])
+
+
+def test_dry_run_warns_that_hyperband_under_a_concurrency_limit_stops_nothing(spec_path):
+    def plan(*overrides):
+        return "\n".join(describe(load_spec(spec_path, overrides=list(overrides)), {}, None, None))
+
+    hb = parse_set("scheduler={name: hyperband}")
+    assert "HyperBand stopped no trial" in plan(hb, ("run.max_concurrent_trials", 2))
+    assert "HyperBand stopped no trial" not in plan(hb)
 
 
 def test_settings_a_sampler_or_the_debug_trial_does_not_use_are_refused(spec_path):

@@ -143,7 +143,15 @@ def _scheduler_line(spec: SweepSpec) -> str:
         "median": f"grace {s.grace_period}, min samples {s.min_samples_required}",
         "fifo": "every trial runs to the end",
     }[s.name]
-    return f"scheduler: {s.name} ({detail}); max_t = training.num_epochs = {t}"
+    line = f"scheduler: {s.name} ({detail}); max_t = training.num_epochs = {t}"
+    cap = spec.run.max_concurrent_trials
+    if s.name == "hyperband" and cap is not None and cap < spec.run.num_samples:
+        # Measured in replays of Tune's scheduler (bench/RESULTS.md, learning-curve tables).
+        line += (
+            f"\n  note: with run.max_concurrent_trials = {cap}, HyperBand stopped no trial in "
+            "replays of this setting (it equals fifo); asha is the asynchronous choice"
+        )
+    return line
 
 
 def _budget_line(spec: SweepSpec) -> str:
