@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         args.batch_size, args.repeats, ks = 2, 1, (1, 2)
         cfg = ExperimentConfig(model=SMOKE_MODEL)
     data = load_dataset()
-    dev = jax.device_put(make_batch(data, np.arange(data.num_conformers)))
+    idx_all = np.arange(data.num_conformers)  # with their neighbour pairs, as the trainer
+    dev = jax.device_put(make_batch(data, idx_all, cutoff=cfg.model.cutoff))
     base = None
     print(f"{'k':>3} {'ms/update':>10} {'ms/molecule':>12} {'ratio':>7}")
     for k in ks:

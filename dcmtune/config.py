@@ -222,6 +222,9 @@ class DataConfig(_Config):
       max_buckets: At most this many bucket shapes (compiled steps); 1 = one shape.
       device_data_budget_mb: Above this size of the padded train + validation batches, data
         stays in host memory and batches are streamed to the device (dcmtune.train.feed).
+        None (the default) follows the device: half of the memory XLA may use on it (a GPU
+        trial's share, XLA_CLIENT_MEM_FRACTION), or 1024 MB where the device reports no limit
+        (a CPU).
     """
 
     _section = "data"
@@ -237,7 +240,7 @@ class DataConfig(_Config):
     dipole_units: str = "debye"
     batching: str = "bucketed"
     max_buckets: int = 4
-    device_data_budget_mb: float = 1024.0
+    device_data_budget_mb: float | None = None
 
     def __post_init__(self) -> None:
         self._validate_types()
@@ -282,8 +285,9 @@ class DataConfig(_Config):
         )
         _check(
             f"{s}.device_data_budget_mb",
-            math.isfinite(self.device_data_budget_mb) and self.device_data_budget_mb >= 0,
-            "a size in MB >= 0",
+            self.device_data_budget_mb is None
+            or (math.isfinite(self.device_data_budget_mb) and self.device_data_budget_mb >= 0),
+            "a size in MB >= 0, or null (follow the device's memory)",
             self.device_data_budget_mb,
         )
 

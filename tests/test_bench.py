@@ -40,14 +40,8 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
         ("cluster_traffic", ["--smoke"], ("epoch 1: state.msgpack", "organic set in the object")),
         (
             "accuracy",
-            [
-                "generalise",
-                "--smoke",
-                "--data-files",
-                str(demo),
-                "--output-dir",
-                str(tmp / "accuracy"),
-            ],
+            ["generalise", "--smoke", "--data-files", str(demo)]
+            + ["--output-dir", str(tmp / "accuracy")],
             ("test ESP RMSE", "median"),
         ),
         (
@@ -63,6 +57,7 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
             ("1x demo",),
         ),
         ("train_step", ["--smoke"], ("ms/update",)),
+        ("edges", ["--smoke"], ("time per computed edge", "predict one 63-atom molecule")),
         ("predict", ["--smoke"], ("charges + dipole", "+ ESP on data grid")),
         ("driver_sync", ["--smoke"], ("best of 1: driver sync",)),
         ("compiles", ["--smoke", "--cache-dir", str(cache)], ("process 2 ",)),

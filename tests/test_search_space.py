@@ -328,10 +328,10 @@ INVALID = [
     ("negative cpu", "run/resources/cpu", -1, "run.resources.cpu: expected a number > 0"),
     ("negative gpu", "run/resources/gpu", -0.5, "run.resources.gpu: expected auto or a number"),
     (
-        "fractional gpu above 1",
+        "more than one gpu per trial",
         "run/resources/gpu",
-        1.5,
-        "run.resources.gpu: above 1 a trial needs whole GPUs",
+        2,
+        "run.resources.gpu: 2 GPUs per trial, but the trainer uses one device",
     ),
     (
         "explicit gpu without gpus",

@@ -166,8 +166,12 @@ def test_ema_closed_form_and_used_for_evaluation(data, tmp_path):
 def test_no_recompile_when_only_traced_values_change(data, tmp_path):
     # Every number of the training config is traced: loss weights, EMA, clipping, and every
     # schedule setting (type, warmup, floor, step settings, run length).
-    fit(_config(tmp_path, "a"), data)
+    before = _update._cache_size()
+    res = fit(_config(tmp_path, "a"), data)
     n_update, n_eval = _update._cache_size(), predict_batch._cache_size()
+    # At most 2 edge-count shapes per atom-size bucket (one today: a bucket's pair slots).
+    bounds = ckpt.read_meta(res.run_dir / "checkpoints" / "latest")["bucket_bounds"]
+    assert n_update - before <= 2 * len(bounds)
     n_init = _init_state._cache_size()
     variants = [
         dict(learning_rate=1e-4, esp_w=10.0, chg_w=3.0, ema_decay=0.9, grad_clip_norm=0.5),

@@ -11,6 +11,7 @@ import pytest
 from dcmtune.sweep import trainable
 from dcmtune.sweep.resources import (
     TrialResources,
+    check_trial_backend,
     detect_local_gpus,
     resolve_resources,
     trial_env_vars,
@@ -37,10 +38,32 @@ def test_auto_makes_cpu_trials_without_gpus():
     assert r == TrialResources(cpu=1.0, gpu=0.0)
 
 
-def test_explicit_gpu_share_and_whole_gpus():
+def test_explicit_gpu_share_and_one_whole_gpu():
     assert resolve_resources(ResourceSpec(1, 0.5), GPU_NODE).gpu == 0.5
-    assert resolve_resources(ResourceSpec(1, 2.0), GPU_NODE).gpu == 2.0
+    assert resolve_resources(ResourceSpec(1, 1.0), GPU_NODE).gpu == 1.0
     assert resolve_resources(ResourceSpec(1, 0.0), GPU_NODE).gpu == 0.0  # CPU trials on purpose
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [({"gpu": 2}, "gpu: 2 GPUs per trial"), ({"gpu_share": 2}, "gpu_share: expected a fraction")],
+)
+def test_more_than_one_gpu_per_trial_is_refused_while_the_trainer_uses_one(raw, key):
+    with pytest.raises(SpecError, match=rf"^run\.resources\.{key}") as err:
+        ResourceSpec.from_dict(raw)
+    assert "\n" not in str(err.value) and "one device" in str(err.value)
+
+
+def test_a_gpu_trial_whose_jax_fell_back_to_the_cpu_stops(monkeypatch):
+    with pytest.raises(
+        SpecError,
+        match=r"^run\.resources\.gpu: the trial asked for 0\.25 GPU "
+        r"but JAX fell back to the CPU",
+    ) as err:
+        trainable.train_trial({}, data={}, settings=TrialSettings(base={}, gpu=0.25))
+    assert "\n" not in str(err.value)
+    check_trial_backend(0.25, "gpu")  # on a GPU it trains
+    check_trial_backend(0.0, "cpu")  # a CPU trial on the CPU
 
 
 def test_explicit_gpu_on_a_cluster_without_gpus_is_refused():
@@ -53,14 +76,14 @@ def test_explicit_gpu_on_a_cluster_without_gpus_is_refused():
 
 
 def test_more_than_the_cluster_has_is_refused():
+    half = {"CPU": 2.0, "GPU": 0.5}  # a node offering half a GPU
     with pytest.raises(
         SpecError,
-        match=r"^run\.resources\.gpu: 4 GPUs per trial requested, "
-        r"but the cluster has 2",
+        match=r"^run\.resources\.gpu: 1 GPUs per trial requested, but the cluster has 0\.5",
     ):
-        resolve_resources(ResourceSpec(1, 4.0), GPU_NODE)
-    with pytest.raises(SpecError, match=r"^run\.resources\.gpu_share: 3 GPUs"):
-        resolve_resources(ResourceSpec(1, "auto", 3.0), GPU_NODE)
+        resolve_resources(ResourceSpec(1, 1.0), half)
+    with pytest.raises(SpecError, match=r"^run\.resources\.gpu_share: 1 GPUs"):
+        resolve_resources(ResourceSpec(1, "auto", 1.0), half)
     with pytest.raises(
         SpecError,
         match=r"^run\.resources\.cpu: 4 CPUs per trial requested, "
@@ -72,13 +95,13 @@ def test_more_than_the_cluster_has_is_refused():
 # --------------------------------------------------------------------------- environment
 
 
-@pytest.mark.parametrize(
-    "gpu, fraction", [(0.25, "0.225"), (0.5, "0.450"), (1.0, "0.900"), (2.0, "0.900")]
-)
+@pytest.mark.parametrize("gpu, fraction", [(0.25, "0.225"), (0.5, "0.450"), (1.0, "0.900")])
 def test_gpu_trial_env(gpu, fraction, tmp_path):
     env = trial_env_vars(TrialResources(cpu=2, gpu=gpu), tmp_path / "cache")
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == fraction  # 0.9 x the share of one GPU
+    assert env["XLA_CLIENT_MEM_FRACTION"] == fraction  # 0.9 x the share of one GPU
+    # jaxlib 0.10: the deprecated name next to the new one is an error; blank = unset.
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ""
     assert "JAX_PLATFORMS" not in env  # JAX uses the GPU(s) Ray assigned
     assert "CUDA_VISIBLE_DEVICES" not in env  # Ray sets it per trial
     assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cache")
@@ -89,7 +112,7 @@ def test_gpu_trial_env(gpu, fraction, tmp_path):
 def test_cpu_trial_env(tmp_path):
     env = trial_env_vars(TrialResources(cpu=1, gpu=0), tmp_path)
     assert env["JAX_PLATFORMS"] == "cpu"
-    assert not any(k.startswith("XLA_PYTHON_CLIENT") for k in env)
+    assert not any(k.startswith(("XLA_PYTHON_CLIENT", "XLA_CLIENT")) for k in env)
     assert "CUDA_VISIBLE_DEVICES" not in env
     assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path)
 
@@ -97,7 +120,7 @@ def test_cpu_trial_env(tmp_path):
 def test_packed_trials_fit_on_one_gpu():
     """Four trials of a quarter GPU together ask XLA for at most 90% of the device."""
     env = trial_env_vars(TrialResources(cpu=1, gpu=0.25), "/c")
-    assert 4 * float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) <= 0.9 + 1e-9
+    assert 4 * float(env["XLA_CLIENT_MEM_FRACTION"]) <= 0.9 + 1e-9
 
 
 def test_detect_local_gpus_follows_ray_rules():
@@ -122,14 +145,38 @@ def test_detect_local_gpus_follows_ray_rules():
 
 
 def test_apply_env_sets_the_process_environment(monkeypatch):
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     env = trial_env_vars(TrialResources(cpu=1, gpu=0.5), "/tmp/c")
     for k in env:
-        monkeypatch.setenv(k, "before")  # restored after the test
+        monkeypatch.setenv(k, "before")  # restored after the test; an inherited old name too
     trainable._apply_env(env)
     import os
 
-    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+    assert os.environ["XLA_CLIENT_MEM_FRACTION"] == "0.450"
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ""  # no clash in jaxlib
+
+
+def test_apply_defaults_keeps_a_memory_fraction_the_user_set():
+    from dcmtune.train.environment import apply_defaults, gpu_memory_env
+
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        environ = {name: "0.3"}
+        apply_defaults(gpu_memory_env(0.5), environ)
+        assert environ == {name: "0.3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def test_the_streaming_threshold_follows_the_device_memory_share(monkeypatch):
+    import jax
+
+    from dcmtune.train import feed
+
+    gpu = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": int(0.225 * 2**34)})
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])  # a quarter of a 16-GiB GPU
+    assert feed.device_memory_bytes() == int(0.225 * 2**34)
+    assert feed.data_budget_mb(None) == pytest.approx(0.5 * 0.225 * 2**14, rel=1e-6)
+    assert feed.data_budget_mb(5.0) == 5.0  # data.device_data_budget_mb when set
+    cpu = types.SimpleNamespace(memory_stats=lambda: None)
+    monkeypatch.setattr(jax, "devices", lambda *a: [cpu])
+    assert feed.device_memory_bytes() is None and feed.data_budget_mb(None) == 1024.0
 
 
 # --------------------------------------------------------------------------- reporter

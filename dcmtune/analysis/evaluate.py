@@ -30,6 +30,7 @@ from dcmtune.analysis.history import analyze_training_history
 from dcmtune.config import ExperimentConfig
 from dcmtune.data.batches import make_batch
 from dcmtune.data.dataset import ESPData
+from dcmtune.data.neighbors import pair_capacity, pair_counts
 from dcmtune.units import HARTREE_TO_KCAL
 
 __all__ = [
@@ -75,13 +76,19 @@ def _predict(c: LoadedCheckpoint, data: ESPData, batch_size: int) -> dict[str, n
 
     hp = Hparams.of(c.config.training)
     params = jax.device_put(c.params)  # once, not per batch
-    n = data.num_conformers
+    n, cutoff = data.num_conformers, c.config.model.cutoff
+    pairs = pair_capacity(int(pair_counts(data.R, data.Z > 0, cutoff).max(initial=0)), exact=True)
     parts: list[dict] = []
     sums: dict[str, float] = {}
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         out = jax.device_get(
-            predict_batch(params, make_batch(data, idx, batch_size), hp, c.config.model)
+            predict_batch(
+                params,
+                make_batch(data, idx, batch_size, cutoff=cutoff, num_pairs=pairs),
+                hp,
+                c.config.model,
+            )
         )
         for k, v in out.pop("sums").items():
             sums[k] = sums.get(k, 0.0) + float(v)

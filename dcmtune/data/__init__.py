@@ -26,6 +26,7 @@ from dcmtune.data.batches import (
     batch_bytes,
     bucket_batch,
     bucket_bounds,
+    bucket_rows,
     describe,
     epoch_updates,
     group_by_bucket,
@@ -68,6 +69,13 @@ from dcmtune.data.molgraph import (
     graph_keys,
     hill_formula,
 )
+from dcmtune.data.neighbors import (
+    PAIR_MARGIN,
+    neighbor_pairs,
+    pair_capacity,
+    pair_counts,
+    pair_mask,
+)
 from dcmtune.data.splits import limit_train_molecules, split_dataset, split_indices, split_record
 from dcmtune.data.synthetic import make_synthetic, synthetic_charges
 
@@ -82,6 +90,7 @@ __all__ = [
     "ESPData",
     "KNOWN_KEYS",
     "MIN_BUCKET_UPDATES",
+    "PAIR_MARGIN",
     "RDKIT_METHODS",
     "SHELLS",
     "VDW_RADII",
@@ -90,6 +99,7 @@ __all__ = [
     "bond_matrix",
     "bucket_batch",
     "bucket_bounds",
+    "bucket_rows",
     "bundled_dataset_path",
     "check_dipole_units",
     "concatenate",
@@ -117,9 +127,13 @@ __all__ = [
     "mol_id_source",
     "mono_dipole_ratio",
     "mulliken_charges",
+    "neighbor_pairs",
     "num_updates",
     "pad_to",
     "padded_bucket",
+    "pair_capacity",
+    "pair_counts",
+    "pair_mask",
     "per_molecule_esp_mse",
     "plan_buckets",
     "plan_from_bounds",

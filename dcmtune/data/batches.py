@@ -5,7 +5,13 @@ compiled step serves a run. Molecules of mixed sizes are grouped into size bucke
 only to its own atoms and grid points: powers of two for prediction (`size_bucket`,
 `group_by_bucket`), bounds fitted to the data for training (`bucket_bounds`, `plan_buckets`).
 Message passing costs ~A(A-1) per molecule and the ESP ~A*G, so a 12-atom bucket no longer pads
-3-atom molecules.
+3-atom molecules. With a cutoff, each bucket also fixes its pair slots per molecule
+(`Bucket.num_pairs`, its members' largest count of neighbour pairs within the cutoff,
+`dcmtune.data.neighbors`), and its batches carry the pairs. The atom bounds are planned with the
+all-pairs cost as before the pairs: a run keeps the buckets (and programs) it had, each
+computing at most the edges it did, never more (planning with pair counts would merge some
+small-molecule buckets whose split no longer pays for its compile, and trade epoch time for
+compile time).
 
 Training (DataConfig.batching = "bucketed", the default): an update's k micro-batches come from
 one bucket (one shape); a bucket of n conformers is spread evenly over ceil(n / (b*k)) updates,
@@ -25,6 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dcmtune.data.dataset import ESPData
+from dcmtune.data.neighbors import neighbor_pairs, pair_capacity, pair_counts
 
 __all__ = [
     "make_batch",
@@ -41,6 +48,7 @@ __all__ = [
     "epoch_updates",
     "batch_bytes",
     "bucket_batch",
+    "bucket_rows",
     "describe",
     "MIN_BUCKET_UPDATES",
     "COMPILE_COST",
@@ -62,14 +70,18 @@ def make_batch(
     batch_size: int | None = None,
     num_atoms: int | None = None,
     num_grid: int | None = None,
+    cutoff: float | None = None,
+    num_pairs: int | None = None,
 ) -> dict[str, np.ndarray]:
     """A fixed-shape batch of conformers `idx`, padded with masked dummy molecules to
     `batch_size` (default len(idx)), and to `num_atoms` atoms and `num_grid` grid points
     (default: the data's; a size bucket's may be smaller, never below the real counts of `idx`).
+    With a `cutoff` (Angstrom), also each molecule's neighbour pairs in `num_pairs` slots
+    (default: the batch's largest count, rounded up by `pair_capacity`).
 
     Returns a dict: R (B, A, 3), Z (B, A), atom_mask (B, A), esp (B, G), grid (B, G, 3),
     grid_mask (B, G), mono (B, A), has_mono (B,), dipole (B, 3), has_dipole (B,), com (B, 3),
-    Q (B,), mol_mask (B,).
+    Q (B,), mol_mask (B,); with a cutoff, pairs (B, K, 2) (`dcmtune.data.neighbors`).
     """
     idx = np.asarray(idx, dtype=np.int64)
     B = len(idx) if batch_size is None else batch_size
@@ -85,20 +97,13 @@ def make_batch(
         )
 
     def take(a, axis_size=None):
-        a = a[idx]
-        if axis_size is not None:  # trim or zero-pad axis 1 (atoms or grid points)
-            a = a[:, :axis_size]
-            if a.shape[1] < axis_size:
-                width = [(0, 0)] * a.ndim
-                width[1] = (0, axis_size - a.shape[1])
-                a = np.pad(a, width)
-        return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
+        return _take(a, idx, pad, axis_size)
 
     mol_mask = np.arange(B) < len(idx)
     n_grid = take(data.n_grid)
-    Z = take(data.Z, A)
-    return {
-        "R": take(data.R, A),
+    Z, R = take(data.Z, A), take(data.R, A)
+    batch = {
+        "R": R,
         "Z": Z,
         "atom_mask": Z > 0,
         "esp": take(data.esp, G),
@@ -112,6 +117,29 @@ def make_batch(
         "Q": take(data.Q),
         "mol_mask": mol_mask,
     }
+    if cutoff is not None:
+        batch["pairs"] = _pairs(R, Z > 0, cutoff, num_pairs)
+    return batch
+
+
+def _take(a: np.ndarray, idx: np.ndarray, pad: int, axis_size: int | None) -> np.ndarray:
+    """Rows `idx` of `a` and `pad` zero rows; axis 1 (atoms or grid points) trimmed or
+    zero-padded to `axis_size` when given."""
+    a = a[idx]
+    if axis_size is not None:
+        a = a[:, :axis_size]
+        if a.shape[1] < axis_size:
+            width = [(0, 0)] * a.ndim
+            width[1] = (0, axis_size - a.shape[1])
+            a = np.pad(a, width)
+    return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
+
+
+def _pairs(R: np.ndarray, real: np.ndarray, cutoff: float, num_pairs: int | None) -> np.ndarray:
+    """(B, K, 2) neighbour pairs of a batch; K = `num_pairs`, or its largest count rounded up."""
+    if num_pairs is None:
+        num_pairs = pair_capacity(int(pair_counts(R, real, cutoff).max(initial=0)))
+    return neighbor_pairs(R, real, cutoff, num_pairs)
 
 
 # --------------------------------------------------------------------------- size buckets
@@ -236,11 +264,16 @@ class Bucket:
       num_atoms: Padded atoms (A_bucket).
       num_grid: Padded grid points (G_bucket).
       members: Indices of the bucket's conformers in the dataset, ascending.
+      num_pairs: Neighbour-pair slots per molecule (K_bucket), or None: all A(A-1) pairs (no
+        cutoff, or one within which every pair of its molecules lies).
+      cutoff: The neighbour cutoff (Angstrom) of the run, or None.
     """
 
     num_atoms: int
     num_grid: int
     members: np.ndarray
+    num_pairs: int | None = None
+    cutoff: float | None = None
 
     @property
     def size(self) -> int:
@@ -254,14 +287,32 @@ def slot_cost(num_atoms: int, num_grid: int, n_dcm: int = 2) -> float:
     return num_atoms * (num_atoms - 1) + 4.0 * num_atoms + 1e-3 * n_dcm * num_atoms * num_grid
 
 
-def _buckets_of(data: ESPData, idx: np.ndarray, bounds: Sequence[int]) -> list[Bucket]:
+def _pair_counts(data: ESPData, cutoff: float | None) -> np.ndarray | None:
+    """Neighbour pairs of each conformer of `data` within `cutoff` (None without one)."""
+    return None if cutoff is None else pair_counts(data.R, data.Z > 0, cutoff)
+
+
+def _buckets_of(
+    data: ESPData, idx: np.ndarray, bounds: Sequence[int], cutoff: float | None = None
+) -> list[Bucket]:
     """Conformers `idx` of `data` grouped by the atom `bounds`, each bucket's grid trimmed to
-    its members' largest."""
+    its members' largest and, with a `cutoff`, its pair slots to their largest pair count."""
+    counts = _pair_counts(data.subset(idx), cutoff)
     out = []
     for num_atoms, pos in group_by_bucket(data.N[idx], bounds=bounds).items():
-        members = np.sort(idx[pos])
-        out.append(Bucket(num_atoms, int(max(1, data.n_grid[members].max())), members))
+        order = np.argsort(idx[pos])
+        members = idx[pos][order]
+        pairs = None if counts is None else _slots(int(counts[pos].max()), num_atoms)
+        grid = int(max(1, data.n_grid[members].max()))
+        out.append(Bucket(num_atoms, grid, members, pairs, cutoff))
     return out
+
+
+def _slots(count: int, num_atoms: int) -> int | None:
+    """Pair slots of a bucket whose members have at most `count` pairs; None (all pairs, whose
+    indices are constants of the program, a little cheaper than gathered ones) where the
+    slots would hold every pair anyway."""
+    return None if count >= num_atoms * (num_atoms - 1) else pair_capacity(count, exact=True)
 
 
 def plan_buckets(
@@ -271,10 +322,13 @@ def plan_buckets(
     max_buckets: int,
     n_dcm: int = 2,
     num_epochs: int | None = None,
+    cutoff: float | None = None,
 ) -> list[Bucket]:
     """Training buckets of `data`: at most `max_buckets`, each filling at least
     MIN_BUCKET_UPDATES updates of batch_size * accumulation molecules, as many as pay for
-    their compiles over `num_epochs` epochs (None: compiles are free, e.g. evaluation)."""
+    their compiles over `num_epochs` epochs (None: compiles are free, e.g. evaluation). With a
+    `cutoff`, each bucket's batches carry its members' neighbour pairs (the atom bounds are
+    the same either way, see the module docstring)."""
     slots = batch_size * accumulation
     per_epoch = COMPILE_COST / num_epochs if num_epochs else 0.0
     bounds = bucket_bounds(
@@ -286,26 +340,32 @@ def plan_buckets(
         min_members=MIN_BUCKET_UPDATES * slots,
         bucket_cost=per_epoch,
     )
-    return plan_from_bounds(data, bounds)
+    return plan_from_bounds(data, bounds, cutoff)
 
 
-def plan_from_bounds(data: ESPData, bounds: Sequence[int]) -> list[Bucket]:
+def plan_from_bounds(
+    data: ESPData, bounds: Sequence[int], cutoff: float | None = None
+) -> list[Bucket]:
     """The buckets of all of `data` for atom `bounds` (e.g. those a checkpoint recorded)."""
-    return _buckets_of(data, np.arange(data.num_conformers), bounds)
+    return _buckets_of(data, np.arange(data.num_conformers), bounds, cutoff)
 
 
-def padded_bucket(data: ESPData) -> list[Bucket]:
+def padded_bucket(data: ESPData, cutoff: float | None = None) -> list[Bucket]:
     """All of `data` as one bucket at its full padding (the padded path)."""
-    return [Bucket(data.num_atoms, data.num_grid, np.arange(data.num_conformers))]
+    counts = _pair_counts(data, cutoff)
+    pairs = None if counts is None else _slots(int(counts.max(initial=0)), data.num_atoms)
+    members = np.arange(data.num_conformers)
+    return [Bucket(data.num_atoms, data.num_grid, members, pairs, cutoff)]
 
 
 def assign_buckets(data: ESPData, like: Sequence[Bucket]) -> list[Bucket]:
-    """Buckets for other conformers (validation, test) with the atom bounds of `like` (plus
-    one more for molecules larger than all of them); grids trimmed per bucket."""
+    """Buckets for other conformers (validation, test) with the atom bounds and cutoff of
+    `like` (plus one more for molecules larger than all of them); grids and pair slots
+    trimmed per bucket."""
     bounds = sorted({b.num_atoms for b in like})
     if data.num_conformers and int(data.N.max()) > bounds[-1]:
         bounds.append(int(data.N.max()))
-    return _buckets_of(data, np.arange(data.num_conformers), bounds)
+    return _buckets_of(data, np.arange(data.num_conformers), bounds, like[0].cutoff)
 
 
 def num_updates(buckets: Sequence[Bucket], slots: int) -> int:
@@ -346,9 +406,19 @@ def batch_bytes(data: ESPData, buckets: Sequence[Bucket]) -> int:
     """Bytes of `buckets` of `data` as padded batches (what device residence costs)."""
     total = 0
     for b in buckets:
-        row = make_batch(data, b.members[:1], 1, b.num_atoms, b.num_grid)
+        row = bucket_rows(data, b, b.members[:1])
         total += sum(v.nbytes for v in row.values()) * (b.size + 1)
     return int(total)
+
+
+def bucket_rows(
+    data: ESPData, bucket: Bucket, idx: np.ndarray, batch_size: int | None = None
+) -> dict[str, np.ndarray]:
+    """`make_batch` of conformers `idx` at `bucket`'s shape (atoms, grid points, pairs)."""
+    cutoff = None if bucket.num_pairs is None else bucket.cutoff
+    return make_batch(
+        data, idx, batch_size, bucket.num_atoms, bucket.num_grid, cutoff, bucket.num_pairs
+    )
 
 
 def bucket_batch(data: ESPData, bucket: Bucket, pos: np.ndarray) -> dict[str, np.ndarray]:
@@ -357,10 +427,16 @@ def bucket_batch(data: ESPData, bucket: Bucket, pos: np.ndarray) -> dict[str, np
     k, b = pos.shape
     flat = pos.reshape(-1)
     real = flat[flat >= 0]
-    batch = make_batch(data, bucket.members[real], k * b, bucket.num_atoms, bucket.num_grid)
+    batch = bucket_rows(data, bucket, bucket.members[real], k * b)
     return {key: v.reshape((k, b) + v.shape[1:]) for key, v in batch.items()}
 
 
 def describe(buckets: Sequence[Bucket]) -> str:
-    """One line: the buckets' shapes and sizes, e.g. "5x798 (100), 8x1200 (70)"."""
-    return ", ".join(f"{b.num_atoms}x{b.num_grid} ({b.size})" for b in buckets)
+    """One line: the buckets' shapes and sizes, e.g. "5x798 (100), 8x1200 (70)", with pair
+    slots "5x798x24 (100)"."""
+    return ", ".join(
+        f"{b.num_atoms}x{b.num_grid}"
+        + ("" if b.num_pairs is None else f"x{b.num_pairs}")
+        + f" ({b.size})"
+        for b in buckets
+    )

@@ -57,7 +57,7 @@ class DCMNet(nn.Module):
     d_max: float = ModelConfig.d_max
 
     @nn.compact
-    def __call__(self, Z, R, atom_mask, Q):
+    def __call__(self, Z, R, atom_mask, Q, pairs=None):
         """Predicts charges and charge positions.
 
         Args:
@@ -65,6 +65,10 @@ class DCMNet(nn.Module):
           R: Shape (B, A, 3), Angstrom.
           atom_mask: Shape (B, A) bool, real atoms.
           Q: Shape (B,), total charge of each molecule (e).
+          pairs: Optional shape (B, K, 2) int, each molecule's (destination, source) atom pairs
+            within the cutoff (`dcmtune.data.neighbors.neighbor_pairs`; self pairs fill free
+            slots and are no edges). None: every pair of atoms is an edge. Both give the same
+            outputs: a pair beyond the cutoff carries an exactly zero message.
 
         Returns:
           charges: Shape (B, A, n_dcm), e; zero on padding atoms; sum over real atoms = Q.
@@ -74,15 +78,20 @@ class DCMNet(nn.Module):
         num_nodes = B * A
         dtype = R.dtype
 
-        # 1. Flatten the batch into one graph with all intra-molecular pairs as edges.
+        # 1. Flatten the batch into one graph; its edges are the molecules' pairs within the
+        #    cutoff (or all intra-molecular pairs), indices offset by each molecule's first node.
         z = jnp.where(atom_mask, Z, 0).reshape(num_nodes)  # Shape (B*A,).
         r = R.reshape(num_nodes, 3)  # Shape (B*A, 3).
         node_mask = atom_mask.reshape(num_nodes)  # Shape (B*A,).
-        dst, src = e3x.ops.sparse_pairwise_indices(A)  # Shape (A*(A-1),) each.
+        if pairs is None:
+            dst, src = e3x.ops.sparse_pairwise_indices(A)  # Shape (A*(A-1),) each.
+            dst, src = jnp.broadcast_to(dst, (B, dst.size)), jnp.broadcast_to(src, (B, src.size))
+        else:
+            dst, src = pairs[..., 0], pairs[..., 1]  # Shape (B, K) each.
         offsets = (jnp.arange(B) * A)[:, None]  # Shape (B, 1).
-        dst = (dst[None, :] + offsets).reshape(-1)  # Shape (E,), E = B*A*(A-1).
-        src = (src[None, :] + offsets).reshape(-1)  # Shape (E,).
-        edge_mask = node_mask[dst] & node_mask[src]  # Shape (E,).
+        dst = (dst + offsets).reshape(-1)  # Shape (E,), E = B*K (all pairs: K = A*(A-1)).
+        src = (src + offsets).reshape(-1)  # Shape (E,).
+        edge_mask = (dst != src) & node_mask[dst] & node_mask[src]  # Shape (E,).
 
         # 2. Edge vectors; padded edges pushed far away so no NaN can arise from them.
         far = jnp.asarray([_FAR, 0.0, 0.0], dtype)

@@ -22,7 +22,10 @@ Batching: molecules are grouped by padded atom count (`dcmtune.data.batches.grou
 powers of two, at least 8), each group streams through batches of `batch_size` molecules (a
 group smaller than that gets the power of two that holds it), and the last batch is padded
 with masked dummy molecules. So a mixed list compiles one program per size bucket and a
-trajectory of any length one more. Grid points are padded to a power of two per batch.
+trajectory of any length one more. Grid points are padded to a power of two per batch. Each
+group's batches carry its neighbour pairs within the model's cutoff in one number of slots
+(`dcmtune.data.neighbors.pair_capacity`), and on a CPU hold no more molecules than a training
+step would (`dcmtune.train.feed.step_molecules`).
 
 Units: positions Angstrom, charges e, dipoles Debye, ESP Hartree/e (`esp`) and kcal/mol/e
 (`esp_kcal`). Dipoles are taken about the centre of mass (ASE's standard atomic masses), except
@@ -42,11 +45,12 @@ from typing import Any
 
 import numpy as np
 
-from dcmtune.data.batches import group_by_bucket, make_batch, size_bucket
+from dcmtune.data.batches import Bucket, group_by_bucket, make_batch, size_bucket
 from dcmtune.data.dataset import ESPData, pad_to
 from dcmtune.data.file_format import DataError
 from dcmtune.data.grids import shell_grid
 from dcmtune.data.load import load_npz, validate_arrays
+from dcmtune.data.neighbors import pair_capacity, pair_counts
 from dcmtune.qm.specs import center_of_mass
 from dcmtune.units import HARTREE_TO_KCAL
 
@@ -541,24 +545,37 @@ def _collect(out: dict, chunk, data: ESPData, resolved, totals, mols, results: l
         )
 
 
+def _pair_slots(mols, idx, num_atoms: int, cutoff: float) -> int:
+    """Pair slots of a size group: its largest neighbour-pair count, rounded up."""
+    R, real = np.zeros((len(idx), num_atoms, 3)), np.zeros((len(idx), num_atoms), bool)
+    for j, i in enumerate(idx):
+        n = len(mols[i].numbers)
+        R[j, :n], real[j, :n] = mols[i].positions, True
+    return pair_capacity(int(pair_counts(R, real, cutoff).max(initial=0)))
+
+
 def _run(predictor: Predictor, mols, totals, points, batch_size: int) -> list[MoleculePrediction]:
     """All molecules through `predict_batch`, grouped by size bucket, in fixed-size batches.
     The next batch is prepared on the host while the device computes the previous one."""
     import jax
 
+    from dcmtune.train.feed import step_molecules
     from dcmtune.train.hparams import Hparams
     from dcmtune.train.step import predict_batch
 
     hp = Hparams.of(predictor.config.training)
     model_config, max_z = predictor.config.model, predictor.max_atomic_number
+    cutoff = model_config.cutoff
     results: list = [None] * len(mols)
     pending = None
     for num_atoms, idx in group_by_bucket([len(m.numbers) for m in mols]).items():
+        K = _pair_slots(mols, idx, num_atoms, cutoff)
         B = min(batch_size, size_bucket(len(idx), minimum=1))
+        B = step_molecules(Bucket(num_atoms, 1, idx, K, cutoff), B, model_config)
         for start in range(0, len(idx), B):
             chunk = idx[start : start + B]
             data, resolved = _chunk_data(mols, chunk, totals, points, num_atoms, max_z)
-            batch = make_batch(data, np.arange(len(chunk)), B)
+            batch = make_batch(data, np.arange(len(chunk)), B, cutoff=cutoff, num_pairs=K)
             out = predict_batch(predictor.params, batch, hp, model_config)  # async
             if pending is not None:
                 _collect(jax.device_get(pending[0]), *pending[1:], totals, mols, results)

@@ -48,7 +48,7 @@ from dcmtune.sweep.resources import (
 )
 from dcmtune.sweep.spec import SpecError, SweepSpec
 from dcmtune.sweep.tuner import new_tuner
-from dcmtune.train.environment import apply_defaults, compilation_cache_env
+from dcmtune.train.environment import MEM_FRACTION_VAR, apply_defaults, compilation_cache_env
 from dcmtune.train.tracking import run_reporters
 
 log = logging.getLogger(__name__)
@@ -416,7 +416,7 @@ def _start_ray(
         raise
     env = trial_env_vars(resources, run.jax_cache_dir)
     Path(run.jax_cache_dir).mkdir(parents=True, exist_ok=True)
-    share = env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    share = env.get(MEM_FRACTION_VAR)
     echo(
         f"cluster: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; per trial: "
         f"{resources.cpu:g} CPU, {resources.gpu:g} GPU"

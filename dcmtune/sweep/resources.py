@@ -3,7 +3,8 @@
 `resolve_resources` turns a spec's `run.resources` into CPUs and a GPU share for the cluster at
 hand (`gpu: auto` takes a GPU share where the cluster has GPUs and makes CPU trials where it has
 none); `trial_env_vars` gives the trial processes their XLA settings (no preallocation, a memory
-fraction of 0.9 x the share, one persistent compile cache; `dcmtune.train.environment`).
+fraction of 0.9 x the share, one persistent compile cache; `dcmtune.train.environment`);
+`check_trial_backend` stops a GPU trial whose JAX fell back to the CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from typing import Any
 from dcmtune.sweep.spec import ResourceSpec, SpecError
 from dcmtune.train.environment import compilation_cache_env, gpu_memory_env
 
-__all__ = ["TrialResources", "detect_local_gpus", "resolve_resources", "trial_env_vars"]
+__all__ = [
+    "TrialResources",
+    "check_trial_backend",
+    "detect_local_gpus",
+    "resolve_resources",
+    "trial_env_vars",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +98,29 @@ def resolve_resources(requested: ResourceSpec, cluster: Mapping[str, float]) -> 
     return TrialResources(cpu=float(requested.cpu), gpu=float(gpu))
 
 
+def check_trial_backend(gpu_share: float, backend: str) -> None:
+    """Refuses a trial that asked for a GPU share but whose JAX runs on `backend` "cpu" (a
+    jaxlib without CUDA, or JAX_PLATFORMS=cpu): it would train on the CPU, silently.
+
+    Raises:
+      SpecError: one line naming run.resources.gpu.
+    """
+    if gpu_share > 0 and backend == "cpu":
+        raise SpecError(
+            f"run.resources.gpu: the trial asked for {gpu_share:g} GPU but JAX fell back to "
+            "the CPU (jaxlib without CUDA, or JAX_PLATFORMS=cpu); install jax[cuda12] or use "
+            "gpu: 0"
+        )
+
+
 def trial_env_vars(resources: TrialResources, jax_cache_dir: str | Path) -> dict[str, str]:
     """Environment variables of a trial process (Ray's runtime_env "env_vars").
 
     - XLA_PYTHON_CLIENT_PREALLOCATE=false: XLA grows its pool on demand instead of grabbing 75%
       of the device at start, so trials sharing a GPU can start at all.
-    - XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 x the trial's share of one GPU: the cap of that pool.
+    - XLA_CLIENT_MEM_FRACTION = 0.9 x the trial's share of one GPU: the cap of that pool (the
+      name jaxlib 0.10 reads; the deprecated XLA_PYTHON_CLIENT_MEM_FRACTION is blanked, as
+      both set is an error).
     - JAX_PLATFORMS=cpu for CPU trials (no CUDA probing); unset for GPU trials, so JAX uses the
       GPU(s) Ray assigned. CUDA_VISIBLE_DEVICES is never set here: Ray sets it per trial.
     - A persistent compilation cache shared by all trials (every compile is cached: trials

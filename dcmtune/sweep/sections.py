@@ -185,9 +185,9 @@ class ResourceSpec:
       cpu: CPUs per trial.
       gpu: "auto" (GPU trials with `gpu_share` of a GPU where the cluster has GPUs, CPU trials
         where it has none), or a number: 0 = CPU only; a fraction packs several trials on one
-        GPU (0.25 = four per GPU); >= 1 must be whole GPUs. Asking for GPUs on a cluster without
-        any is an error.
-      gpu_share: The GPU share used by "auto".
+        GPU (0.25 = four per GPU); at most 1, as the trainer uses one device. Asking for GPUs
+        on a cluster without any is an error.
+      gpu_share: The GPU share used by "auto", in (0, 1].
     """
 
     cpu: float = 1.0
@@ -200,14 +200,17 @@ class ResourceSpec:
         if gpu != "auto":
             if not _is_num(gpu) or gpu < 0:
                 raise SpecError(f"run.resources.gpu: expected auto or a number >= 0, got {gpu!r}")
-            if gpu > 1 and not float(gpu).is_integer():
-                raise SpecError(f"run.resources.gpu: above 1 a trial needs whole GPUs, got {gpu}")
+            if gpu > 1:
+                raise SpecError(
+                    f"run.resources.gpu: {gpu:g} GPUs per trial, but the trainer uses one "
+                    "device; use 1 or a fraction"
+                )
             object.__setattr__(self, "gpu", float(gpu))
         share = self.gpu_share
-        if not _is_num(share) or not 0 < share or (share > 1 and not float(share).is_integer()):
+        if not _is_num(share) or not 0 < share or share > 1:
             raise SpecError(
-                f"run.resources.gpu_share: expected a fraction in (0, 1] or whole "
-                f"GPUs, got {share!r}"
+                f"run.resources.gpu_share: expected a fraction in (0, 1] (the trainer uses one "
+                f"device), got {share!r}"
             )
         object.__setattr__(self, "gpu_share", float(share))
 

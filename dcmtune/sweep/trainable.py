@@ -35,7 +35,7 @@ from ray import tune
 from dcmtune import _io
 from dcmtune._io import plain
 from dcmtune.config import ExperimentConfig
-from dcmtune.sweep.resources import TrialResources
+from dcmtune.sweep.resources import TrialResources, check_trial_backend
 from dcmtune.train.tensorboard import EventReporter
 
 __all__ = [
@@ -60,6 +60,7 @@ class TrialSettings:
       env: Environment of trial processes (`trial_env_vars`).
       experiment_dir: <storage_path>/<name>; trials write to experiment_dir/trial_<id>.
         Empty: Tune's node-local trial directory, synced to storage by Tune.
+      gpu: The GPU share each trial asked for (0: CPU trials); set by `make_trainable`.
     """
 
     base: dict
@@ -68,6 +69,7 @@ class TrialSettings:
     checkpoint_every: int = 0
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     experiment_dir: str = ""
+    gpu: float = 0.0
 
 
 def trial_dirname(trial_id: str) -> str:
@@ -216,8 +218,12 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
       settings: Shared settings of the sweep.
     """
     _apply_env(settings.env)
-    from dcmtune.data.dataset import ESPData  # JAX loads below, after the environment is set.
+    import jax  # after the environment is set
+
+    from dcmtune.data.dataset import ESPData
     from dcmtune.train.loop import fit
+
+    check_trial_backend(settings.gpu, jax.default_backend())
 
     trial_dir, synced = _trial_dirs(settings)
     experiment = ExperimentConfig.from_dict(settings.base)
@@ -375,5 +381,6 @@ def make_trainable(data, settings: TrialSettings, resources: TrialResources):
     """The trainable for a Tuner: `train_trial` with the data in the object store and the
     trial's resources attached."""
     arrays = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+    settings = dataclasses.replace(settings, gpu=resources.gpu)
     with_data = tune.with_parameters(train_trial, data=arrays, settings=settings)
     return tune.with_resources(with_data, resources.as_tune())

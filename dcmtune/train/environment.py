@@ -19,11 +19,16 @@ __all__ = [
     "apply_defaults",
     "use_compilation_cache",
     "MEMORY_FRACTION",
+    "MEM_FRACTION_VAR",
+    "DEPRECATED_MEM_FRACTION_VAR",
 ]
 
 # Of a trial's GPU share, the fraction XLA may use: the rest is headroom for the CUDA context,
 # cuDNN/cuBLAS workspaces and fragmentation, so packed trials do not run each other out of memory.
 MEMORY_FRACTION = 0.9
+# jaxlib 0.10's name of XLA's memory fraction, and the deprecated one (both set is an error).
+MEM_FRACTION_VAR = "XLA_CLIENT_MEM_FRACTION"
+DEPRECATED_MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 
 
 def compilation_cache_env(cache_dir: str | Path) -> dict[str, str]:
@@ -37,17 +42,27 @@ def compilation_cache_env(cache_dir: str | Path) -> dict[str, str]:
 
 
 def gpu_memory_env(gpu_share: float) -> dict[str, str]:
-    """No preallocation, and a memory cap of MEMORY_FRACTION x the share of one GPU."""
+    """No preallocation, and a memory cap of MEMORY_FRACTION x the share of one GPU.
+
+    The cap is XLA_CLIENT_MEM_FRACTION, the name jaxlib 0.10 reads. Its deprecated name
+    XLA_PYTHON_CLIENT_MEM_FRACTION is blanked (jaxlib treats an empty value as unset): a value
+    inherited from the shell or the Ray node would otherwise be an error next to the new one.
+    """
     share = min(gpu_share, 1.0)
     return {
         "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-        "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{MEMORY_FRACTION * share:.3f}",
+        MEM_FRACTION_VAR: f"{MEMORY_FRACTION * share:.3f}",
+        DEPRECATED_MEM_FRACTION_VAR: "",
     }
 
 
 def apply_defaults(env: dict[str, str], environ: MutableMapping[str, str] = os.environ) -> None:
-    """Sets each variable of `env` that the user has not set already."""
+    """Sets each variable of `env` that the user has not set already (a memory fraction the
+    user set under either name counts for both)."""
+    user_fraction = any(environ.get(k) for k in (MEM_FRACTION_VAR, DEPRECATED_MEM_FRACTION_VAR))
     for key, value in env.items():
+        if key in (MEM_FRACTION_VAR, DEPRECATED_MEM_FRACTION_VAR) and user_fraction:
+            continue
         environ.setdefault(key, value)
 
 

@@ -78,15 +78,15 @@ def _train_buckets(
     """The training buckets and updates per epoch (`dcmtune.data.batches`). A resumed run
     keeps the atom bounds its checkpoint recorded (the plan depends on num_epochs, which a
     restart may change under a constant learning rate)."""
-    t, d = config.training, config.data
+    t, d, cutoff = config.training, config.data, config.model.cutoff
     upe = _updates_per_epoch(train.num_conformers, t)
     if d.batching == "padded":
-        return batches.padded_bucket(train), upe
+        return batches.padded_bucket(train, cutoff), upe
     saved = None
     if resume_from is not None and (Path(resume_from) / ckpt.META_FILE).is_file():
         saved = ckpt.read_meta(Path(resume_from)).get("bucket_bounds")
     if saved and int(train.N.max()) <= saved[-1]:
-        buckets = batches.plan_from_bounds(train, saved)
+        buckets = batches.plan_from_bounds(train, saved, cutoff)
     else:
         buckets = batches.plan_buckets(
             train,
@@ -95,6 +95,7 @@ def _train_buckets(
             d.max_buckets,
             config.model.n_dcm,
             t.num_epochs,
+            cutoff,
         )
     slots = t.batch_size * t.gradient_accumulation_steps
     return buckets, batches.num_updates(buckets, slots)
@@ -256,24 +257,34 @@ def _feeds(run: _Run) -> _Feeds:
     held_out = {"valid": run.valid}
     if t.report_test_metrics:
         held_out["test"] = run.data.subset(run.splits["test"])
-    assign = batches.assign_buckets if run.bucketed else (lambda x, _: batches.padded_bucket(x))
+    cutoff = run.config.model.cutoff
+    assign = (
+        batches.assign_buckets if run.bucketed else (lambda x, _: batches.padded_bucket(x, cutoff))
+    )
     buckets = {name: assign(data, run.buckets) for name, data in held_out.items()}
     held = sum(batches.batch_bytes(held_out[n], buckets[n]) for n in held_out)
     mb = (batches.batch_bytes(run.train, run.buckets) + held) / 2**20
-    resident = mb <= d.device_data_budget_mb
+    budget = feed.data_budget_mb(d.device_data_budget_mb)
+    resident = mb <= budget
     where = "device-resident" if resident else "streamed from host memory"
     log.info(
-        "data: %s batches, train buckets (atoms x grid points (conformers)) %s; %.1f MB %s "
-        "data.device_data_budget_mb = %g: %s",
+        "data: %s batches, train buckets (atoms x grid points x pair slots (conformers)) %s; "
+        "%.1f MB %s the device-data budget %g MB (data.device_data_budget_mb): %s",
         *(d.batching, batches.describe(run.buckets), mb, "<=" if resident else ">"),
-        *(d.device_data_budget_mb, where),
+        *(budget, where),
     )
-    per_update = t.batch_size * t.gradient_accumulation_steps
+    per_update, model = t.batch_size * t.gradient_accumulation_steps, run.config.model
     evals = {
-        name: feed.eval_batches(held_out[name], buckets[name], per_update, resident)
+        name: feed.eval_batches(
+            held_out[name],
+            buckets[name],
+            [feed.step_molecules(b, per_update, model) for b in buckets[name]],
+            resident,
+        )
         for name in held_out
     }
-    return _Feeds(feed.TrainFeed(run.train, run.buckets, resident), **evals)
+    steps = [feed.step_molecules(b, t.batch_size, model) for b in run.buckets]
+    return _Feeds(feed.TrainFeed(run.train, run.buckets, resident, steps), **evals)
 
 
 def _train_epoch(

@@ -45,7 +45,7 @@ _RESTART_FREE = frozenset(
 _LEGACY_VALUES = {
     "data.batching": "padded",
     "data.max_buckets": DataConfig.max_buckets,
-    "data.device_data_budget_mb": DataConfig.device_data_budget_mb,
+    "data.device_data_budget_mb": 1024.0,  # the fixed budget before it followed the device
     "training.report_test_metrics": False,
 }
 

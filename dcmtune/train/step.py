@@ -33,7 +33,7 @@ from dcmtune.model.loss import (
     terms_loss_and_sums,
     zero_sums,
 )
-from dcmtune.train.feed import eval_batches
+from dcmtune.train.feed import eval_batches, step_molecules
 from dcmtune.train.hparams import Hparams
 from dcmtune.train.programs import cached_jit, serializable
 from dcmtune.train.schedules import make_optimizer
@@ -47,11 +47,13 @@ __all__ = [
     "predict_step",
     "predict_batch",
     "accumulated_grads",
+    "apply_model",
     "ema_decay_at",
     "evaluate_sums",
     "evaluate_params",
     "init_state",
     "add_sums",
+    "compiled_programs",
 ]
 
 
@@ -105,6 +107,19 @@ def _model(model_config: ModelConfig):
     return build_model(model_config)
 
 
+def apply_model(model, params, batch):
+    """Charges (B, A, n_dcm) and positions (B, A, n_dcm, 3) of `model` on `batch`: over the
+    batch's neighbour pairs (`pairs`) when it has them, else over all pairs."""
+    return model.apply(
+        {"params": params},
+        batch["Z"],
+        batch["R"],
+        batch["atom_mask"],
+        batch["Q"],
+        batch.get("pairs"),
+    )
+
+
 def accumulated_grads(params, batch, hparams: Hparams, model_config: ModelConfig):
     """Gradient of the loss of all micro-batches together, accumulated with a scan.
 
@@ -120,7 +135,7 @@ def accumulated_grads(params, batch, hparams: Hparams, model_config: ModelConfig
 
     def micro(carry, mb):
         def loss_fn(p):
-            q, pos = model.apply({"params": p}, mb["Z"], mb["R"], mb["atom_mask"], mb["Q"])
+            q, pos = apply_model(model, p, mb)
             return loss_and_sums(q, pos, mb, hparams, counts)
 
         (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -174,9 +189,7 @@ def predict_step(params, batch, hparams: Hparams, model_config: ModelConfig) -> 
       batch's metric sums, see `dcmtune.model.loss.SUM_KEYS`).
     """
     model = _model(model_config)
-    charges, positions = model.apply(
-        {"params": params}, batch["Z"], batch["R"], batch["atom_mask"], batch["Q"]
-    )
+    charges, positions = apply_model(model, params, batch)
     esp, mono, dipole = predict_observables(charges, positions, batch)
     terms = per_molecule_terms(esp, mono, dipole, batch)
     _, sums = terms_loss_and_sums(terms, mono, batch, hparams)
@@ -267,11 +280,25 @@ def evaluate_params(
     """Metrics of `params` on all of `data` (loss, esp_rmse, ...), in size-bucketed batches;
     the loss with the weights of `hparams` (default: the TrainingConfig defaults)."""
     hp = Hparams.of(TrainingConfig()) if hparams is None else hparams
-    buckets = plan_buckets(data, batch_size, 1, DataConfig.max_buckets, model_config.n_dcm)
-    host_batches = eval_batches(data, buckets, batch_size, resident=False)()
+    buckets = plan_buckets(
+        data, batch_size, 1, DataConfig.max_buckets, model_config.n_dcm, cutoff=model_config.cutoff
+    )
+    sizes = [step_molecules(b, batch_size, model_config) for b in buckets]
+    host_batches = eval_batches(data, buckets, sizes, resident=False)()
     return finalize_metrics(
         jax.device_get(evaluate_sums(params, host_batches, hp, model_config)), hp
     )
+
+
+def compiled_programs() -> dict[str, int]:
+    """Programs this process holds for each kept step (traced, or read back): "update" (one
+    per training shape: bucket atoms, grid points, pair slots, scan steps), "predict" (one per
+    evaluation or prediction batch shape) and "eval_scan"."""
+    return {
+        "update": _update._cache_size(),
+        "predict": predict_batch._cache_size(),
+        "eval_scan": _eval_sums._cache_size(),
+    }
 
 
 def init_state(config: ExperimentConfig) -> TrainState:
