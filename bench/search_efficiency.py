@@ -197,23 +197,32 @@ def run_table(args) -> int:
     record: dict = {"table": args.table, "budget": budget, "chosen": chosen}
     record["stats"] = rs.summary(stats)
     if args.held_out:
-        held = CurveTable.read_csv(args.held_out)
-        _describe(args.held_out, held)
-        held_stats = rs.evaluate(held, combos, seeds, args.concurrency, budget)
-        _print_stage("held out: every combination again", held_stats, budget, top=15)
-        top = rs.best(held_stats)
-        ratio_best = held_stats[chosen]["median"] / held_stats[top]["median"]
-        ratio_random = held_stats[chosen]["median"] / held_stats["random+fifo"]["median"]
-        print(
-            f"\nheld out: {chosen} median {held_stats[chosen]['median']:.0f} trial-epochs; best "
-            f"there {top} {held_stats[top]['median']:.0f} (ratio {ratio_best:.3f}, target <= 1.10);"
-            f" random+fifo {held_stats['random+fifo']['median']:.0f} (ratio {ratio_random:.3f}, "
-            "target <= 0.333)"
-        )
-        record.update(held_out=args.held_out, held_stats=rs.summary(held_stats))
+        record.update(_held_out(args, combos, chosen, seeds, budget, top=15))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1, default=str) + "\n")
     return 0
+
+
+def _held_out(args, combos, chosen: str, seeds, budget: int, top: int | None = None) -> dict:
+    """Every combination replayed on the held-out table; the choice against the best there."""
+    import _replay_stats as rs
+
+    from dcmtune.sweep.replay import CurveTable
+
+    held = CurveTable.read_csv(args.held_out)
+    _describe(args.held_out, held)
+    stats = rs.evaluate(held, combos, seeds, args.concurrency, budget)
+    _print_stage("held out: every combination again", stats, budget, top=top)
+    best = rs.best(stats)
+    ratio_best = stats[chosen]["median"] / stats[best]["median"]
+    ratio_random = stats[chosen]["median"] / stats["random+fifo"]["median"]
+    print(
+        f"\nheld out: {chosen} median {stats[chosen]['median']:.0f} trial-epochs; best "
+        f"there {best} {stats[best]['median']:.0f} (ratio {ratio_best:.3f}, target <= 1.10);"
+        f" random+fifo {stats['random+fifo']['median']:.0f} (ratio {ratio_random:.3f}, "
+        "target <= 0.333)"
+    )
+    return {"held_out": args.held_out, "held_stats": rs.summary(stats)}
 
 
 def _held_out_only(args, seeds, budget: int) -> int:
@@ -221,28 +230,13 @@ def _held_out_only(args, seeds, budget: int) -> int:
     only the held-out table is replayed."""
     import _replay_stats as rs
 
-    from dcmtune.sweep.replay import CurveTable
-
     record = json.loads(Path(args.reuse).read_text())
     combos = [rs.Combo(k, v["searcher"], v["scheduler"]) for k, v in record["stats"].items()]
     chosen = record["chosen"]
     print(f"chosen on {record['table']} ({args.reuse}): {chosen}")
-    held = CurveTable.read_csv(args.held_out)
-    _describe(args.held_out, held)
-    held_stats = rs.evaluate(held, combos, seeds, args.concurrency, budget)
-    _print_stage("held out: every combination again", held_stats, budget)
-    top = rs.best(held_stats)
-    ratio_best = held_stats[chosen]["median"] / held_stats[top]["median"]
-    ratio_random = held_stats[chosen]["median"] / held_stats["random+fifo"]["median"]
-    print(
-        f"\nheld out: {chosen} median {held_stats[chosen]['median']:.0f} trial-epochs; best "
-        f"there {top} {held_stats[top]['median']:.0f} (ratio {ratio_best:.3f}, target <= 1.10);"
-        f" random+fifo {held_stats['random+fifo']['median']:.0f} (ratio {ratio_random:.3f}, "
-        "target <= 0.333)"
-    )
+    record.update(_held_out(args, combos, chosen, seeds, budget))
     if args.json:
-        out = {**record, "held_out": args.held_out, "held_stats": rs.summary(held_stats)}
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str) + "\n")
     return 0
 
 
