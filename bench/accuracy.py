@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _smoke import SMOKE_MODEL
 
 from dcmtune import qm
 from dcmtune.config import config_from_flat
@@ -73,14 +74,7 @@ from dcmtune.data.baselines import (
 )
 from dcmtune.train.environment import use_compilation_cache
 
-SMOKE_OVERRIDES = {
-    "num_epochs": 1,
-    "features": 4,
-    "n_dcm": 1,
-    "max_degree": 1,
-    "num_iterations": 1,
-    "num_basis_functions": 4,
-}
+SMOKE_OVERRIDES = {"num_epochs": 1, **SMOKE_MODEL}
 
 
 def _overrides(pairs: list[str]) -> dict:

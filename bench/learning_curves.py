@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from _smoke import SMOKE_MODEL
 
 from dcmtune.sweep import local_ray
 from dcmtune.sweep.driver import run_sweep
@@ -53,13 +54,6 @@ KEYS = list(GRID)
 
 
 SMOKE_GRID = {"training.learning_rate": [3e-3, 3e-2], "training.chg_w": [1e-2]}
-SMOKE_MODEL = {
-    "features": 4,
-    "max_degree": 1,
-    "num_iterations": 1,
-    "n_dcm": 1,
-    "num_basis_functions": 4,
-}
 
 
 def grid_spec(
@@ -75,8 +69,7 @@ def grid_spec(
 ) -> dict:
     """The sweep spec of one table: every combination of GRID (features and n_dcm as given)
     once, or only the given combinations (given points of a random search)."""
-    n_dcm = n_dcm or GRID["model.n_dcm"]
-    grid = SMOKE_GRID if smoke else {**GRID, "model.features": features, "model.n_dcm": n_dcm}
+    grid = SMOKE_GRID if smoke else _grid(features, n_dcm or GRID["model.n_dcm"])
     size = math.prod(len(v) for v in grid.values()) if only is None else len(only)
     searcher = (
         {"sampler": "grid", "seed": 0}
@@ -109,9 +102,13 @@ def grid_spec(
     }
 
 
+def _grid(features: list[int], n_dcm: list[int]) -> dict[str, list]:
+    return {**GRID, "model.features": features, "model.n_dcm": n_dcm}
+
+
 def grid_points(features: list[int], n_dcm: list[int]) -> list[dict]:
     """Every combination of GRID (features and n_dcm as given), as {key: value} points."""
-    grid = {**GRID, "model.features": features, "model.n_dcm": n_dcm}
+    grid = _grid(features, n_dcm)
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _smoke import SMOKE_MODEL
+
 from dcmtune.analysis import analyze_checkpoint
 from dcmtune.config import ExperimentConfig
 from dcmtune.sweep import local_ray
@@ -35,13 +37,6 @@ from dcmtune.sweep.driver import run_sweep
 from dcmtune.sweep.spec import SweepSpec, find_spec, load_spec, read_spec, spec_from_dict
 
 TARGET = 0.90
-SMOKE_MODEL = {
-    "features": 4,
-    "max_degree": 1,
-    "num_iterations": 1,
-    "n_dcm": 1,
-    "num_basis_functions": 4,
-}
 
 
 def sweep_spec(args) -> SweepSpec:

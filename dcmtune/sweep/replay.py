@@ -438,8 +438,8 @@ class _Simulation:
             "trial_id": trial.trial_id,
         }
         self.current = trial
-        valid, test = self.table.valid[c, e - 1], self.table.test[c, e - 1]
-        row = (trial.number, c, e, float(valid), float(test), self.now)
+        r = trial.last_result
+        row = (trial.number, c, e, r[self.metric], r[self.table.test_metric], self.now)
         self.rows.append(row)
         return row
 
