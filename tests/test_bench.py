@@ -79,8 +79,9 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
         ),
         (
             "search_efficiency",
-            ["--smoke", "--table", str(tmp / "lc.csv"), "--json", str(tmp / "replay.json")],
-            ("random+fifo", "chosen on"),
+            ["--smoke", "--table", str(tmp / "lc.csv"), "--json", str(tmp / "replay.json")]
+            + ["--held-out", str(tmp / "lc.csv")],
+            ("random+fifo", "chosen on", "robust on both"),
         ),
         (
             "sweep_value",
