@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from dcmtune.data.batches import Bucket, group_by_bucket, make_batch, size_bucket
-from dcmtune.data.dataset import ESPData, pad_to
+from dcmtune.data.dataset import ESPData
 from dcmtune.data.file_format import DataError
 from dcmtune.data.grids import shell_grid
 from dcmtune.data.load import load_npz, validate_arrays
@@ -478,8 +478,9 @@ def _center_of_mass(mol: _Molecule) -> np.ndarray:
 
 
 def _chunk_data(mols, chunk, totals, points, num_atoms: int, max_atomic_number: int):
-    """An ESPData of the molecules `chunk`, padded to `num_atoms` atoms and a power of two of
-    grid points, validated like a data file; and each molecule's (points, reference)."""
+    """An ESPData of the molecules `chunk`, validated like a data file (trimmed to the chunk's
+    real maxima); each molecule's (points, reference); and the grid points to pad to (a power of
+    two: the compiled call wants the bucket's shapes, one program per bucket, not per chunk)."""
     resolved = [_resolve_points(mols[i], points[i]) for i in chunk]
     sizes = [len(p) for p, _ in resolved if p is not None]
     G = size_bucket(max(sizes)) if sizes else 1
@@ -518,9 +519,7 @@ def _chunk_data(mols, chunk, totals, points, num_atoms: int, max_atomic_number: 
         for i in chunk:  # name the molecule that fails
             _chunk_data(mols, [i], totals, points, num_atoms, max_atomic_number)
         raise PredictError(str(e)) from None
-    # Validation trims atoms and grid points to the chunk's real maxima; the compiled call
-    # wants the bucket's shapes (one program per bucket, not per chunk).
-    return pad_to(data, num_atoms, G), resolved
+    return data, resolved, G
 
 
 def _collect(out: dict, chunk, data: ESPData, resolved, totals, mols, results: list) -> None:
@@ -557,7 +556,6 @@ def _pair_slots(mols, idx, num_atoms: int, cutoff: float) -> int:
 def _run(predictor: Predictor, mols, totals, points, batch_size: int) -> list[MoleculePrediction]:
     """All molecules through `predict_batch`, grouped by size bucket, in fixed-size batches.
     The next batch is prepared on the host while the device computes the previous one."""
-    import jax
 
     from dcmtune.train.feed import step_molecules
     from dcmtune.train.hparams import Hparams
@@ -574,11 +572,22 @@ def _run(predictor: Predictor, mols, totals, points, batch_size: int) -> list[Mo
         B = step_molecules(Bucket(num_atoms, 1, idx, K, cutoff), B, model_config)
         for start in range(0, len(idx), B):
             chunk = idx[start : start + B]
-            data, resolved = _chunk_data(mols, chunk, totals, points, num_atoms, max_z)
-            batch = make_batch(data, np.arange(len(chunk)), B, cutoff=cutoff, num_pairs=K)
+            data, resolved, G = _chunk_data(mols, chunk, totals, points, num_atoms, max_z)
+            batch = make_batch(data, np.arange(len(chunk)), B, num_atoms, G, cutoff, K)
             out = predict_batch(predictor.params, batch, hp, model_config)  # async
             if pending is not None:
-                _collect(jax.device_get(pending[0]), *pending[1:], totals, mols, results)
+                _collect(_fetch(pending[0]), *pending[1:], totals, mols, results)
             pending = (out, chunk, data, resolved)
-    _collect(jax.device_get(pending[0]), *pending[1:], totals, mols, results)
+    _collect(_fetch(pending[0]), *pending[1:], totals, mols, results)
     return results
+
+
+# What `_collect` reads of `predict_batch`'s outputs (the rest are loss metrics).
+_RESULT_KEYS = ("charges", "positions", "mono", "dipole", "esp")
+
+
+def _fetch(out: dict) -> dict:
+    """The outputs a prediction keeps, as host numpy (one transfer each, nothing else)."""
+    import jax
+
+    return jax.device_get({k: out[k] for k in _RESULT_KEYS})
