@@ -34,6 +34,14 @@ from dcmtune.predict.predictor import SHELL, MoleculePrediction, PredictError, l
 __all__ = ["main", "build_parser", "format_table"]
 
 MAX_ROWS = 20
+EPILOG = (
+    "Writes OUT (.npz or .json) and beside it <OUT stem>.xyz (extended XYZ, charge sites as X), "
+    "<OUT stem>.pqr (atoms with vdW radii, charge sites with radius 0) and <OUT stem>.sites.json "
+    "(each charge site in a local frame of its atom and two others, for virtual sites; spread "
+    "over conformers). Molecules outside the model's training domain (an element or total "
+    "charge never seen, more atoms than the largest training molecule) are predicted with a "
+    "warning on stderr and in the files. See docs/predict.md."
+)
 MAX_ATOMS_SHOWN = 6
 
 
@@ -41,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m dcmtune.predict",
         description="Predict distributed charges, dipoles and ESP with a trained DCMNet.",
+        epilog=EPILOG,
     )
     p.add_argument(
         "model",
@@ -60,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="SMILES",
-        help="molecules as SMILES (RDKit ETKDG + MMFF geometry, recorded in the output), "
-        "after INPUT's",
+        help="molecules as SMILES (RDKit ETKDG + MMFF conformer, recorded), after INPUT's",
     )
     p.add_argument(
         "--charge",
@@ -82,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="results file, .npz or .json (default <input stem>.dcm.npz)",
+        help="results file, .npz or .json (default <input stem>.dcm.npz, or smiles.dcm.npz)",
     )
     p.add_argument(
         "--plot",

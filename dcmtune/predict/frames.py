@@ -38,6 +38,7 @@ __all__ = [
     "FRAME_KINDS",
     "bond_lists",
     "frame_atoms",
+    "frame_kinds",
     "frame_axes",
     "to_local",
     "to_global",
