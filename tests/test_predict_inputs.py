@@ -12,6 +12,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import pytest
 from rdkit import Chem
@@ -223,6 +224,11 @@ def test_cli_smiles_warnings_on_stderr_and_in_the_file(tiny_predict_run, tmp_pat
     assert f3["smiles"] == "FC(F)F" and "ETKDG" in f3["geometry"]
     assert any("element F never seen" in w for w in f3["warnings"])
     assert eth["warnings"] == [w for w in eth["warnings"] if "larger than" in w] != []
+    # The extended XYZ and the PQR file carry them too.
+    frames = ase.io.read(out.with_suffix(".xyz"), ":")
+    assert frames[0].info["smiles"] == "FC(F)F" and "element F" in frames[0].info["warnings"]
+    pqr = out.with_suffix(".pqr").read_text()
+    assert "REMARK   6 warning: element F never seen in training" in pqr
 
 
 def test_cli_charge_flag_overrides_the_file(tiny_predict_run, tmp_path, capsys):
