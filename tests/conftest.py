@@ -31,6 +31,32 @@ def synthetic():
     return make_synthetic(num_molecules=8, conformers=2, max_atoms=8, num_grid=64, seed=0)
 
 
+# The prediction tests' model: knows H..Ne (max_atomic_number 10), so chlorine is refused.
+TINY_PREDICT = dict(
+    n_dcm=2, features=8, max_degree=1, num_iterations=1, num_basis_functions=8, max_atomic_number=10
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_predict_run(synthetic, tmp_path_factory):
+    """The run directory of one epoch of a tiny model on the synthetic set (EMA evaluation
+    parameters), shared by the prediction tests."""
+    from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
+    from dcmtune.train.loop import fit
+
+    cfg = ExperimentConfig(
+        name="tiny",
+        random_seed=0,
+        model=ModelConfig(**TINY_PREDICT),
+        training=TrainingConfig(
+            num_epochs=1, batch_size=4, learning_rate=1e-2, warmup_epochs=0, save_every_n_epochs=0
+        ),
+    )
+    result = fit(cfg, synthetic, run_dir=tmp_path_factory.mktemp("predict") / "tiny")
+    assert result.status == "completed"
+    return result.run_dir
+
+
 @pytest.fixture(scope="session")
 def small_model():
     """(model, params) of a small DCMNet, built once."""

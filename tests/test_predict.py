@@ -1,7 +1,8 @@
 """Prediction with a trained model: agreement with the analysis, equivariance, total charge,
 typed one-line errors, compiled-program count, and the CLI's files.
 
-One tiny checkpoint (1 epoch of a tiny DCMNet on the session's synthetic set) serves the module.
+One tiny checkpoint (`tiny_predict_run` of conftest: 1 epoch of a tiny DCMNet on the session's
+synthetic set) serves the module.
 Shapes are chosen so most calls reuse the program the trainer compiled for validation: the 16
 synthetic conformers in batches of 4 (A = 8 atoms, G = 64 grid points).
 """
@@ -25,29 +26,12 @@ from dcmtune.data.synthetic import make_synthetic
 from dcmtune.predict import PredictError, Predictor, load_model
 from dcmtune.predict.commands import main as cli_main
 
-TINY = dict(
-    n_dcm=2, features=8, max_degree=1, num_iterations=1, num_basis_functions=8, max_atomic_number=10
-)  # knows H..Ne: chlorine is refused
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run_dir(synthetic, tmp_path_factory):
-    """One epoch of a tiny model on the synthetic set (EMA evaluation parameters)."""
-    from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
-    from dcmtune.train.loop import fit
-
-    cfg = ExperimentConfig(
-        name="tiny",
-        random_seed=0,
-        model=ModelConfig(**TINY),
-        training=TrainingConfig(
-            num_epochs=1, batch_size=4, learning_rate=1e-2, warmup_epochs=0, save_every_n_epochs=0
-        ),
-    )
-    result = fit(cfg, synthetic, run_dir=tmp_path_factory.mktemp("predict") / "tiny")
-    assert result.status == "completed"
-    return result.run_dir
+def run_dir(tiny_predict_run):
+    return tiny_predict_run
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +86,8 @@ def test_size_buckets_are_powers_of_two_at_least_the_minimum():
 
 def test_load_model_keeps_config_and_evaluation_params_only(predictor, run_dir, tmp_path):
     assert isinstance(predictor, dcmtune.Predictor) and dcmtune.load_model is load_model
-    assert {f.name for f in dataclasses.fields(Predictor)} == {"path", "config", "params", "epoch"}
+    fields = {f.name for f in dataclasses.fields(Predictor)}
+    assert fields == {"path", "config", "params", "epoch", "domain"}
     assert predictor.path == run_dir / "checkpoints" / "best" and predictor.n_dcm == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         predictor.epoch = 5

@@ -97,6 +97,16 @@ class ESPData:
         }
         return dataclasses.replace(self, **arrays)
 
+    def domain(self) -> dict:
+        """What a model trained on these conformers has seen, as JSON: the elements (sorted
+        atomic numbers), the largest molecule (atoms) and the total charges (e, sorted,
+        rounded to 1e-3). Prediction warns outside it (`dcmtune.predict.domain`)."""
+        return {
+            "elements": sorted(int(z) for z in np.unique(self.Z[self.Z > 0])),
+            "max_atoms": int(self.N.max(initial=0)),
+            "total_charges": sorted({round(float(q), 3) for q in self.Q}),
+        }
+
     def checksum(self) -> str:
         """SHA-256 of the arrays, to recognise the same data later (e.g. when ranking)."""
         h = hashlib.sha256()

@@ -4,7 +4,17 @@ The face hands on the wing's public names; `python -m dcmtune.predict` is
 `dcmtune.predict.commands`.
 """
 
-from dcmtune.predict.outputs import FORMAT, UNITS, write_extxyz, write_predictions
+from dcmtune.predict.domain import PredictWarning, TrainingDomain
+from dcmtune.predict.frames import to_global, to_local
+from dcmtune.predict.inputs import Molecule, smiles_molecules
+from dcmtune.predict.outputs import (
+    FORMAT,
+    UNITS,
+    write_extxyz,
+    write_pqr,
+    write_predictions,
+    write_sites,
+)
 from dcmtune.predict.plot import plot_prediction
 from dcmtune.predict.predictor import (
     SHELL,
@@ -17,14 +27,22 @@ from dcmtune.predict.predictor import (
 
 __all__ = [
     "FORMAT",
+    "Molecule",
     "MoleculePrediction",
     "PredictError",
+    "PredictWarning",
     "Predictor",
     "SHELL",
+    "TrainingDomain",
     "UNITS",
     "default_batch_size",
     "load_model",
     "plot_prediction",
+    "smiles_molecules",
+    "to_global",
+    "to_local",
     "write_extxyz",
+    "write_pqr",
     "write_predictions",
+    "write_sites",
 ]

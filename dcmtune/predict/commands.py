@@ -1,30 +1,47 @@
-"""`python -m dcmtune.predict MODEL INPUT`: charges, dipoles and ESP of new molecules.
+"""`python -m dcmtune.predict MODEL [INPUT] [--smiles S ...]`: charges, dipoles and ESP of
+new molecules.
 
-    python -m dcmtune.predict ray_results/quick/best_model mol.xyz --esp-grid shell --plot
+    python -m dcmtune.predict ray_results/quick/best_model mols.sdf --esp-grid shell --plot
+    python -m dcmtune.predict ray_results/quick/best_model --smiles CCO 'C[NH3+]'
 
-Writes OUT (`.npz` or `.json`, default `<input stem>.dcm.npz` in the current directory), the
-extended XYZ `<OUT stem>.xyz` (atoms, then charge sites as element X with a `charge` column)
-and with `--plot` the picture `<OUT stem>.png` (of the first molecule); prints one row per
-molecule. A dcmtune `.npz` data file as INPUT is evaluated on its own grid against its
-reference ESP (the table adds the ESP RMSE).
+Writes OUT (`.npz` or `.json`, default `<input stem>.dcm.npz` in the current directory, or
+`smiles.dcm.npz`), the extended XYZ `<OUT stem>.xyz` (atoms, then charge sites as element X
+with a `charge` column), the PQR `<OUT stem>.pqr` (atoms with radii, charge sites with charges
+and radius 0), the charge sites in local frames `<OUT stem>.sites.json`, and with `--plot` the
+picture `<OUT stem>.png` (of the first molecule); prints one row per molecule, then one
+`warning:` line per distinct warning (out of the training domain, doubtful input) on stderr.
+A dcmtune `.npz` data file as INPUT is evaluated on its own grid against its reference ESP
+(the table adds the ESP RMSE).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dcmtune.cli import OneLineParser, run_cli
-from dcmtune.predict.outputs import write_extxyz, write_predictions
+from dcmtune.predict.domain import PredictWarning
+from dcmtune.predict.inputs import smiles_molecules
+from dcmtune.predict.outputs import write_extxyz, write_pqr, write_predictions, write_sites
 from dcmtune.predict.plot import plot_prediction
 from dcmtune.predict.predictor import SHELL, MoleculePrediction, PredictError, load_model
 
 __all__ = ["main", "build_parser", "format_table"]
 
 MAX_ROWS = 20
+EPILOG = (
+    "Writes OUT (.npz or .json) and beside it <OUT stem>.xyz (extended XYZ, charge sites as X), "
+    "<OUT stem>.pqr (atoms with vdW radii, charge sites with radius 0) and <OUT stem>.sites.json "
+    "(each charge site in a local frame of its atom and two others, for virtual sites; spread "
+    "over conformers). Molecules outside the model's training domain (an element or total "
+    "charge never seen, more atoms than the largest training molecule) are predicted with a "
+    "warning on stderr and in the files. See docs/predict.md."
+)
 MAX_ATOMS_SHOWN = 6
 
 
@@ -32,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m dcmtune.predict",
         description="Predict distributed charges, dipoles and ESP with a trained DCMNet.",
+        epilog=EPILOG,
     )
     p.add_argument(
         "model",
@@ -41,14 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "input",
         type=Path,
-        help="molecules: a file ASE reads (xyz/extxyz: all frames, sdf, pdb, ...) "
-        "or a dcmtune .npz data file",
+        nargs="?",
+        default=None,
+        help="molecules, every record: xyz/extxyz, sdf, mol2, .smi (SMILES [name] per line), "
+        "pdb or another file ASE reads, or a dcmtune .npz data file",
+    )
+    p.add_argument(
+        "--smiles",
+        nargs="+",
+        default=[],
+        metavar="SMILES",
+        help="molecules as SMILES (RDKit ETKDG + MMFF conformer, recorded), after INPUT's",
     )
     p.add_argument(
         "--charge",
         type=float,
         default=None,
-        help="total charge of every molecule in e (default 0; a .npz file's Q)",
+        help="total charge of every molecule in e, overriding the input's (default: SDF and "
+        "SMILES formal charges, mol2 partial charges rounded, a .npz file's Q, else 0)",
     )
     p.add_argument(
         "--esp-grid",
@@ -62,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="results file, .npz or .json (default <input stem>.dcm.npz)",
+        help="results file, .npz or .json (default <input stem>.dcm.npz, or smiles.dcm.npz)",
     )
     p.add_argument(
         "--plot",
@@ -148,14 +176,20 @@ def format_table(preds: Sequence[MoleculePrediction], max_rows: int = MAX_ROWS) 
 
 
 def _outputs(args: argparse.Namespace) -> dict[str, Path]:
-    out = args.out if args.out is not None else Path(f"{args.input.stem}.dcm.npz")
+    stem = args.input.stem if args.input is not None else "smiles"
+    out = args.out if args.out is not None else Path(f"{stem}.dcm.npz")
     if out.suffix not in (".npz", ".json"):
         raise PredictError(f"--out {out}: expected a name ending in .npz or .json")
-    files = {"results": out, "extxyz": out.with_suffix(".xyz")}
+    files = {
+        "results": out,
+        "extxyz": out.with_suffix(".xyz"),
+        "pqr": out.with_suffix(".pqr"),
+        "sites": out.with_suffix(".sites.json"),
+    }
     if args.plot:
         files["plot"] = out.with_suffix(".png")
     for f in files.values():
-        if f.resolve() == args.input.resolve():
+        if args.input is not None and f.resolve() == args.input.resolve():
             raise PredictError(
                 f"--out {out}: would overwrite the input {args.input} with {f}; "
                 "choose another --out"
@@ -163,38 +197,74 @@ def _outputs(args: argparse.Namespace) -> dict[str, Path]:
     return files
 
 
+def _predict_warned(predict, *args, **kwargs) -> tuple[list[MoleculePrediction], list[str]]:
+    """`predict(...)` and the PredictWarnings it issued (other warnings are shown as usual)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preds = predict(*args, **kwargs)
+    lines = []
+    for w in caught:
+        if issubclass(w.category, PredictWarning):
+            lines.append(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return preds, lines
+
+
 def _predict(args: argparse.Namespace) -> int:
     # 1. Everything the user typed is checked before the model is loaded.
     if args.batch_size is not None and args.batch_size < 1:
         raise PredictError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    if args.input is None and not args.smiles:
+        raise PredictError("expected molecules: an INPUT file, --smiles SMILES ..., or both")
     files = _outputs(args)
     points = _esp_points(args.esp_grid)
-    if not args.input.is_file():
+    if args.input is not None and not args.input.is_file():
         raise PredictError(f"{args.input}: input file not found")
+    molecules = ([args.input] if args.input is not None else []) + smiles_molecules(args.smiles)
 
-    # 2. Model, predictions, files.
+    # 2. Model, predictions (with their warnings), files.
     predictor = load_model(args.model)
-    preds = predictor.predict(
-        args.input, charge=args.charge, esp_points=points, batch_size=args.batch_size
+    preds, warned = _predict_warned(
+        predictor.predict,
+        molecules,
+        charge=args.charge,
+        esp_points=points,
+        batch_size=args.batch_size,
     )
-    write_predictions(preds, files["results"], model=predictor.path)
+    _write(args, files, predictor, preds)
+
+    # 3. The table, the warnings.
+    where = " and ".join(
+        ([str(args.input)] if args.input is not None else [])
+        + ([f"{len(args.smiles)} SMILES"] if args.smiles else [])
+    )
+    print(
+        f"model {predictor.path} (epoch {predictor.epoch}, n_dcm {predictor.n_dcm}); "
+        f"{len(preds)} molecule{'s' if len(preds) != 1 else ''} from {where}"
+    )
+    print(format_table(preds))
+    for line in warned:
+        print(f"warning: {line}", file=sys.stderr)
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    return 0
+
+
+def _write(args: argparse.Namespace, files: dict[str, Path], predictor, preds) -> None:
+    write_predictions(preds, files["results"], model=predictor.path, domain=predictor.domain)
     write_extxyz(preds, files["extxyz"])
+    write_pqr(preds, files["pqr"])
+    write_sites(preds, files["sites"], model=predictor.path)
     if args.plot:
         first = preds[0]
         if first.esp is None:  # the picture needs an ESP: the shell grid of this molecule
-            [first] = predictor.predict(
-                (first.numbers, first.positions), charge=first.total_charge, esp_points=SHELL
+            [first], _ = _predict_warned(  # its warnings are the ones already collected
+                predictor.predict,
+                (first.numbers, first.positions),
+                charge=first.total_charge,
+                esp_points=SHELL,
             )
         plot_prediction(first, files["plot"], title=f"{first.source} - {predictor.path}")
-
-    # 3. The table.
-    print(
-        f"model {predictor.path} (epoch {predictor.epoch}, n_dcm {predictor.n_dcm}); "
-        f"{len(preds)} molecule{'s' if len(preds) != 1 else ''} from {args.input}"
-    )
-    print(format_table(preds))
-    print("wrote " + ", ".join(str(f) for f in files.values()))
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

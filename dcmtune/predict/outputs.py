@@ -1,5 +1,7 @@
-"""Writing predictions: a self-describing .npz or .json, and extended XYZ with the charge
-sites (ASE, OVITO and VMD read it). Every file is written atomically (`dcmtune._io`)."""
+"""Writing predictions: a self-describing .npz or .json, extended XYZ with the charge sites
+(ASE, OVITO and VMD read it), PQR (atoms and charge sites, for Poisson-Boltzmann solvers and
+MD set-ups) and the charge sites in local frames (`dcmtune.predict.frames`, as virtual sites
+need). Every file is written atomically (`dcmtune._io`)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,27 @@ from pathlib import Path
 import numpy as np
 
 from dcmtune import _io
+from dcmtune.predict.domain import TrainingDomain
+from dcmtune.predict.frames import CONVENTION, local_sites
 from dcmtune.predict.predictor import MoleculePrediction, PredictError
 from dcmtune.units import HARTREE_TO_KCAL
 
-__all__ = ["write_predictions", "write_extxyz", "FORMAT", "UNITS"]
+__all__ = [
+    "write_predictions",
+    "write_extxyz",
+    "write_pqr",
+    "write_sites",
+    "FORMAT",
+    "SITES_FORMAT",
+    "UNITS",
+]
 
 FORMAT = "dcmtune-predictions-1"
+SITES_FORMAT = "dcmtune-sites-1"
+# PQR: the residue name of a molecule's atoms and sites, and the radius of an element missing
+# from both radius tables (Angstrom).
+PQR_RESIDUE = "MOL"
+_DEFAULT_RADIUS = 2.0
 UNITS = {
     "R": "Angstrom",
     "positions": "Angstrom",
@@ -51,7 +68,10 @@ def _padded(arrays: Sequence[np.ndarray], shape_tail: tuple, dtype) -> np.ndarra
 
 
 def write_predictions(
-    predictions: Sequence[MoleculePrediction], path: str | Path, model: str | Path | None = None
+    predictions: Sequence[MoleculePrediction],
+    path: str | Path,
+    model: str | Path | None = None,
+    domain: TrainingDomain | None = None,
 ) -> Path:
     """Writes predictions to a self-describing `.npz` or `.json` (by the suffix), atomically.
 
@@ -59,10 +79,14 @@ def write_predictions(
     N (M,), Q (M,), charges (M, A, K), charge_positions (M, A, K, 3), mono (M, A), Dxyz (M, 3),
     com (M, 3), source (M,); with ESP also vdw_surface (M, G, 3), esp and esp_kcal (M, G),
     n_grid (M,) (0 = none); from a data file also esp_reference (M, G), esp_rmse (M,) and
-    Dxyz_reference (M, 3) (NaN = no reference); plus `format`, `model` and `units` (a JSON
-    object: key -> unit). When every molecule has ESP the file is also a valid
-    dcmtune data file (the model's ESP and monopoles as the reference).
-    `.json`: {"format", "model", "units", "molecules": [one object per molecule]}.
+    Dxyz_reference (M, 3) (NaN = no reference); `warnings` (M,) each molecule's warnings joined
+    by "; " ("" = none); from SMILES also `smiles` and `geometry` (M,) ("" = not from SMILES);
+    plus `format`, `model`, `units` (a JSON object: key -> unit) and `training_domain` (JSON:
+    the model's `domain`; null = not known, the out-of-domain checks were skipped). When
+    every molecule has ESP the file is also a valid dcmtune data file (the model's ESP and
+    monopoles as the reference).
+    `.json`: {"format", "model", "units", "training_domain", "molecules": [one object per
+    molecule]}.
     """
     path = Path(path)
     if path.suffix not in (".npz", ".json"):
@@ -70,14 +94,20 @@ def write_predictions(
     preds = list(predictions)
     if not preds:
         raise PredictError(f"{path}: no predictions to write")
-    meta = {"format": FORMAT, "model": str(model) if model is not None else "", "units": UNITS}
+    meta = {
+        "format": FORMAT,
+        "model": str(model) if model is not None else "",
+        "units": UNITS,
+        "training_domain": None if domain is None else domain.to_json(),
+    }
     if path.suffix == ".json":
         return _io.write_json(path, {**meta, "molecules": [_as_json(p) for p in preds]})
-    arrays = {**_atom_arrays(preds), **_esp_arrays(preds)}
+    arrays = {**_atom_arrays(preds), **_esp_arrays(preds), **_text_arrays(preds)}
     arrays.update(
         format=np.array(FORMAT),
         model=np.array(meta["model"]),
         units=np.array(json.dumps(UNITS, sort_keys=True)),
+        training_domain=np.array(json.dumps(meta["training_domain"], sort_keys=True)),
     )
     return _io.atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -101,6 +131,15 @@ def _atom_arrays(preds: Sequence[MoleculePrediction]) -> dict[str, np.ndarray]:
         nan = np.full(3, np.nan)
         refs = [nan if p.dipole_reference is None else p.dipole_reference for p in preds]
         arrays["Dxyz_reference"] = np.array(refs)
+    return arrays
+
+
+def _text_arrays(preds: Sequence[MoleculePrediction]) -> dict[str, np.ndarray]:
+    """Each molecule's warnings, and its SMILES and geometry method when any came from one."""
+    arrays = {"warnings": np.array(["; ".join(p.warnings) for p in preds])}
+    if any(p.smiles is not None for p in preds):
+        arrays["smiles"] = np.array([p.smiles or "" for p in preds])
+        arrays["geometry"] = np.array([p.geometry or "" for p in preds])
     return arrays
 
 
@@ -140,7 +179,10 @@ def _as_json(p: MoleculePrediction) -> dict:
         "dipole": p.dipole,
         "dipole_magnitude": p.dipole_magnitude,
         "dipole_origin": p.dipole_origin,
+        "warnings": list(p.warnings),
     }
+    if p.smiles is not None:
+        d.update(smiles=p.smiles, geometry=p.geometry)
     if p.esp is not None:
         d.update(esp_points=p.esp_points, esp=p.esp, esp_kcal=p.esp_kcal)
     if p.esp_rmse is not None:
@@ -159,3 +201,73 @@ def write_extxyz(predictions: Sequence[MoleculePrediction], path: str | Path) ->
     text = io.StringIO()
     ase.io.write(text, [p.to_atoms() for p in predictions], format="extxyz")
     return _io.write_text(path, text.getvalue())
+
+
+def _radius(z: int) -> float:
+    """A vdW radius for PQR, Angstrom: the ESP grid's Bondi table, else ASE's, else 2.0."""
+    from ase.data.vdw import vdw_radii
+
+    from dcmtune.data.grids import VDW_RADII
+
+    if z in VDW_RADII:
+        return float(VDW_RADII[z])
+    r = vdw_radii[z] if z < len(vdw_radii) else np.nan
+    return float(r) if np.isfinite(r) else _DEFAULT_RADIUS
+
+
+def _pqr_line(serial: int, name: str, xyz, charge: float, radius: float) -> str:
+    x, y, z = (float(v) for v in xyz)
+    return (
+        f"ATOM  {serial:>5d} {name:<4s} {PQR_RESIDUE:<3s}     1 "
+        f"{x:10.5f} {y:10.5f} {z:10.5f} {charge:11.7f} {radius:7.4f}"
+    )
+
+
+def _pqr_model(k: int, p: MoleculePrediction) -> list[str]:
+    from ase.data import chemical_symbols
+
+    n, K = p.charges.shape
+    lines = [
+        f"MODEL     {k + 1:>4d}",
+        f"REMARK   6 {p.source}: {p.formula}, total charge "
+        f"{p.total_charge:g} e, {n} atoms then {n * K} charge sites",
+    ]
+    lines += [f"REMARK   6 warning: {w}" for w in p.warnings]
+    for a in range(n):
+        name = f"{chemical_symbols[p.numbers[a]]}{a + 1}"
+        lines.append(_pqr_line(a + 1, name, p.positions[a], 0.0, _radius(int(p.numbers[a]))))
+    sites = p.charge_positions.reshape(n * K, 3)
+    for j, (xyz, q) in enumerate(zip(sites, p.charges.reshape(-1), strict=True)):
+        lines.append(_pqr_line(n + j + 1, f"X{j + 1}", xyz, float(q), 0.0))
+    return lines + ["TER", "ENDMDL"]
+
+
+def write_pqr(predictions: Sequence[MoleculePrediction], path: str | Path) -> Path:
+    """Writes a PQR file, atomically: one MODEL per molecule, its atoms (charge 0, Bondi vdW
+    radius, named element + index) then its charge sites (named X1, X2, ... in the order of
+    `charge_positions` (atom-major), the model's charge, radius 0), all in residue MOL 1; so a
+    model's charges sum to its total charge. Fields are separated by spaces (APBS, PDB2PQR,
+    MDAnalysis and ParmEd read it); REMARK 6 lines give the source and any warnings."""
+    lines = [
+        "REMARK   1 dcmtune predictions: atoms carry charge 0 and their vdW radius; the "
+        "charge sites (X) carry the charges and radius 0"
+    ]
+    for k, p in enumerate(predictions):
+        lines += _pqr_model(k, p)
+    return _io.write_text(path, "\n".join(lines + ["END"]) + "\n")
+
+
+def write_sites(
+    predictions: Sequence[MoleculePrediction], path: str | Path, model: str | Path | None = None
+) -> Path:
+    """Writes every molecule's charge sites in local frames as JSON, atomically:
+    {"format", "model", "units", "convention", "molecules": `frames.local_sites`}; conformers of
+    one molecule are grouped, each site given as its mean and spread over them."""
+    doc = {
+        "format": SITES_FORMAT,
+        "model": str(model) if model is not None else "",
+        "units": {"local": "Angstrom", "local_std": "Angstrom", "charge": "e", "charge_std": "e"},
+        "convention": CONVENTION,
+        "molecules": local_sites(list(predictions)),
+    }
+    return _io.write_json(path, doc)

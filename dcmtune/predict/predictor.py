@@ -9,14 +9,17 @@ a sweep's `best_model/`, or the sweep's experiment directory (its `best_model/`)
 config and the evaluation parameters (the EMA when `training.use_ema`, as the trainer evaluates)
 and nothing of the training state.
 
-`Predictor.predict` takes an `ase.Atoms`, a list of them, a path ASE can read (xyz, extxyz
-trajectories: all frames; sdf, pdb, ...), a dcmtune `.npz` data file or an `ESPData`, or
-`(Z, R)` arrays ((n,) and (n, 3) for one molecule; (M, A) and (M, A, 3), zero-padded, for
-several). The model runs through `dcmtune.train.step.predict_batch`, the one jitted evaluation
-step the trainer and `dcmtune.analysis` use, on batches made by
-`dcmtune.data.batches.make_batch` from an `ESPData` built with
-`dcmtune.data.load.validate_arrays` (so inputs are refused exactly as data files are: Z above
-the model's `max_atomic_number`, non-finite positions, ...).
+`Predictor.predict` takes an `ase.Atoms`, a list of them, a file (xyz/extxyz: all frames; SDF
+and mol2: all records, with their total charges; `.smi`: SMILES; pdb and what else ASE reads),
+a dcmtune `.npz` data file or an `ESPData`, `(Z, R)` arrays ((n,) and (n, 3) for one molecule;
+(M, A) and (M, A, 3), zero-padded, for several) or `Molecule`s (`smiles_molecules`); see
+`dcmtune.predict.inputs`. Each prediction carries its warnings: out of the training domain the
+checkpoint records (`dcmtune.predict.domain`) or a doubtful input.
+
+The model runs through `dcmtune.train.step.predict_batch`, the one jitted evaluation step the
+trainer and `dcmtune.analysis` use, on batches made by `dcmtune.data.batches.make_batch` from
+an `ESPData` built with `dcmtune.data.load.validate_arrays` (so inputs are refused exactly as
+data files are: Z above the model's `max_atomic_number`, non-finite positions, ...).
 
 Batching: molecules are grouped by padded atom count (`dcmtune.data.batches.group_by_bucket`:
 powers of two, at least 8), each group streams through batches of `batch_size` molecules (a
@@ -39,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +52,11 @@ from dcmtune.data.batches import Bucket, group_by_bucket, make_batch, size_bucke
 from dcmtune.data.dataset import ESPData
 from dcmtune.data.file_format import DataError
 from dcmtune.data.grids import shell_grid
-from dcmtune.data.load import load_npz, validate_arrays
+from dcmtune.data.load import validate_arrays
 from dcmtune.data.neighbors import pair_capacity, pair_counts
+from dcmtune.predict.domain import NO_DOMAIN, PredictWarning, TrainingDomain, domain_warnings
+from dcmtune.predict.domain import summarize as summarize_warnings
+from dcmtune.predict.inputs import Molecule, PredictError, gather, total_charges
 from dcmtune.qm.specs import center_of_mass
 from dcmtune.units import HARTREE_TO_KCAL
 
@@ -80,10 +86,6 @@ _GRID_SEED = 0
 _PLACEHOLDER_OFFSET = np.array([1.5, 0.0, 0.0])
 
 
-class PredictError(ValueError):
-    """A model or an input cannot be used; the one-line message names the path or molecule."""
-
-
 # --------------------------------------------------------------------------- results
 
 
@@ -107,6 +109,13 @@ class MoleculePrediction:
       esp_reference: (g,) the data file's reference ESP at the same points, Hartree/e, or None.
       dipole_reference: (3,) the data file's reference dipole (`Dxyz`) about the same origin,
         Debye, or None.
+      warnings: Why the prediction may not be trusted: out of the model's training domain
+        (`dcmtune.predict.domain`: an element never seen, larger than any training molecule,
+        a total charge never trained on) or a doubtful input (non-integral mol2 charges).
+      bonds: (b, 2) bonded atom pairs when the input gave a graph (SDF, mol2, SMILES), else
+        None (local frames then perceive bonds from covalent radii).
+      smiles: The SMILES the molecule was built from, or None.
+      geometry: How its geometry was made from the SMILES (RDKit ETKDG + MMFF), or None.
     """
 
     source: str
@@ -122,6 +131,10 @@ class MoleculePrediction:
     esp: np.ndarray | None = None
     esp_reference: np.ndarray | None = None
     dipole_reference: np.ndarray | None = None
+    warnings: tuple[str, ...] = ()
+    bonds: np.ndarray | None = None
+    smiles: str | None = None
+    geometry: str | None = None
 
     @property
     def formula(self) -> str:
@@ -152,7 +165,8 @@ class MoleculePrediction:
         `ase.Atoms`. Per-entry arrays: `charge` (e; the sites carry the model's charges, atoms
         0, so the frame's charges sum to total_charge), `monopole` (e; atoms only) and `site_of`
         (the atom a site belongs to; -1 on atoms). `info`: total_charge (e), dipole_debye,
-        dipole_origin (Angstrom), n_dcm, source."""
+        dipole_origin (Angstrom), n_dcm, source; and smiles, geometry and warnings (joined by
+        "; ") when there are any."""
         from ase import Atoms
 
         n, k = self.charges.shape
@@ -175,6 +189,10 @@ class MoleculePrediction:
             dipole_origin=self.dipole_origin.astype(np.float64),
             source=self.source,
         )
+        extra = {"smiles": self.smiles, "geometry": self.geometry}
+        atoms.info.update({k: v for k, v in extra.items() if v is not None})
+        if self.warnings:
+            atoms.info["warnings"] = "; ".join(self.warnings)
         return atoms
 
 
@@ -190,12 +208,15 @@ class Predictor:
       config: The run's resolved ExperimentConfig (the model is `config.model`).
       params: The evaluation parameters on the device (EMA when `training.use_ema`).
       epoch: The checkpoint's epoch.
+      domain: What the model saw in training (elements, largest molecule, total charges), or
+        None for a checkpoint written before dcmtune recorded it (checks skipped).
     """
 
     path: Path | None
     config: Any  # ExperimentConfig
     params: Any
     epoch: int = 0
+    domain: TrainingDomain | None = None
 
     @property
     def n_dcm(self) -> int:
@@ -211,10 +232,12 @@ class Predictor:
         """Charges, charge positions, monopoles, dipole and (optionally) ESP per molecule.
 
         Args:
-          molecules: An ase.Atoms, a path ASE can read (all frames), a dcmtune `.npz` file or
-            ESPData, (Z, R) arrays, or a list mixing these.
+          molecules: An ase.Atoms, a file (xyz/extxyz, SDF, mol2, .smi, pdb, ...: every
+            record), a dcmtune `.npz` file or ESPData, (Z, R) arrays, Molecules
+            (`smiles_molecules`), or a list mixing these.
           charge: Total charge (e) of every molecule, or a sequence with one per molecule.
-            None: the data's `Q` for `.npz`/ESPData input, else 0.
+            None: what the input states (a data file's `Q`, SDF/SMILES formal charges, the
+            rounded sum of mol2 partial charges), else 0.
           esp_points: None (no ESP; a data file's own grid for `.npz`/ESPData input, with its
             reference ESP), "shell" (the vdW-shell grid of `dcmtune.grids.shell_grid` with the
             generator's settings), a (G, 3) array in Angstrom for every molecule, or one (g, 3)
@@ -222,7 +245,10 @@ class Predictor:
           batch_size: Molecules per compiled call (default: `default_batch_size()`).
 
         Returns:
-          One MoleculePrediction per molecule, in input order (file frames in file order).
+          One MoleculePrediction per molecule, in input order (file frames in file order),
+          each with its out-of-domain and input `warnings`. Every distinct warning is also
+          issued once as a `PredictWarning` naming the first molecule and how many more; a
+          checkpoint without a training domain warns once that the checks are skipped.
 
         Raises:
           PredictError: an input that cannot be read or used (one line naming it).
@@ -234,12 +260,28 @@ class Predictor:
             or batch_size < 1
         ):
             raise PredictError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        mols = _gather(molecules, self.max_atomic_number, "molecules")
+        mols = gather(molecules, self.max_atomic_number, "molecules")
         if not mols:
             raise PredictError("molecules: no molecules given")
-        totals = _total_charges(charge, mols)
+        totals = total_charges(charge, mols)
         points = _point_specs(esp_points, len(mols))
-        return _run(self, mols, totals, points, int(batch_size))
+        preds = _run(self, mols, totals, points, int(batch_size))
+        return self._checked(preds)
+
+    def _checked(self, preds: list[MoleculePrediction]) -> list[MoleculePrediction]:
+        """The predictions with their domain warnings added, each distinct one warned once."""
+        if self.domain is None:
+            warnings.warn(NO_DOMAIN, PredictWarning, stacklevel=3)
+        else:
+            preds = [
+                dataclasses.replace(
+                    p, warnings=p.warnings + domain_warnings(self.domain, p.numbers, p.total_charge)
+                )
+                for p in preds
+            ]
+        for line in summarize_warnings([p.source for p in preds], [p.warnings for p in preds]):
+            warnings.warn(line, PredictWarning, stacklevel=3)
+        return preds
 
 
 def default_batch_size() -> int:
@@ -273,153 +315,13 @@ def load_model(path: str | os.PathLike, which: str = "best") -> Predictor:
     except (AnalysisError, CheckpointError) as e:
         raise PredictError(str(e)) from None
     log.info("loaded %s (epoch %d, n_dcm %d)", c.path, c.epoch, c.config.model.n_dcm)
-    return Predictor(path=c.path, config=c.config, params=jax.device_put(c.params), epoch=c.epoch)
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclasses.dataclass(frozen=True)
-class _Molecule:
-    """One input molecule on the host (n real atoms)."""
-
-    source: str
-    numbers: np.ndarray  # (n,) int
-    positions: np.ndarray  # (n, 3) float64, Angstrom
-    charge: float | None = None  # the data's Q; None = not given by the input
-    com: np.ndarray | None = None  # the data's dipole origin; None = centre of mass
-    points: np.ndarray | None = None  # the data's grid (g, 3)
-    reference: np.ndarray | None = None  # the data's ESP (g,)
-    dipole: np.ndarray | None = None  # the data's Dxyz (3,), Debye about com
-
-
-def _molecule(source: str, Z, R, **data) -> _Molecule:
-    Z, R = np.asarray(Z), np.asarray(R)
-    if Z.dtype.kind == "f" and np.all(np.isfinite(Z)) and np.all(Z == np.round(Z)):
-        Z = Z.astype(np.int64)
-    if Z.dtype.kind not in "iu":
-        raise PredictError(f"{source}: Z: expected integer atomic numbers, got dtype {Z.dtype}")
-    if Z.ndim != 1 or len(Z) == 0:
-        raise PredictError(
-            f"{source}: Z: expected a non-empty (n,) array of atomic numbers, got shape {Z.shape}"
-        )
-    if R.dtype.kind not in "fiu" or R.shape != (len(Z), 3):
-        raise PredictError(
-            f"{source}: R: expected ({len(Z)}, 3) positions in Angstrom, got "
-            f"shape {R.shape} dtype {R.dtype}"
-        )
-    if np.any(Z <= 0):
-        k = int(np.argmax(Z <= 0))
-        raise PredictError(
-            f"{source}: atom {k} has atomic number {int(Z[k])} (a dummy or "
-            "charge site 'X'?); expected real elements"
-        )
-    return _Molecule(source, Z.astype(np.int32), R.astype(np.float64), **data)
-
-
-def _from_data(data: ESPData, source: str) -> list[_Molecule]:
-    return [
-        _molecule(
-            f"{source}:{i}:{data.mol_id[i]}",
-            data.Z[i, :n],
-            data.R[i, :n],
-            charge=float(data.Q[i]),
-            com=data.com[i].astype(np.float64),
-            points=data.grid[i, :g],
-            reference=data.esp[i, :g],
-            dipole=None if data.dipole is None else data.dipole[i],
-        )
-        for i, (n, g) in enumerate(zip(data.N, data.n_grid, strict=True))
-    ]
-
-
-def _from_arrays(Z, R, source: str) -> list[_Molecule]:
-    Z, R = np.asarray(Z), np.asarray(R)
-    if Z.ndim == 1:
-        return [_molecule(source, Z, R)]
-    if Z.ndim != 2 or R.shape != Z.shape + (3,):
-        raise PredictError(
-            f"{source}: expected Z (n,) with R (n, 3), or Z (M, A) with R "
-            f"(M, A, 3); got {Z.shape} and {R.shape}"
-        )
-    out = []
-    for i in range(len(Z)):
-        n = int(np.sum(Z[i] > 0))
-        if np.any(Z[i, n:] != 0):
-            raise PredictError(f"{source}[{i}]: Z: real atoms must come first (padding is 0)")
-        out.append(_molecule(f"{source}[{i}]", Z[i, :n], R[i, :n]))
-    return out
-
-
-def _read_file(path: Path, max_atomic_number: int) -> list[_Molecule]:
-    if not path.is_file():
-        raise PredictError(f"{path}: input file not found")
-    if path.stat().st_size == 0:
-        raise PredictError(f"{path}: the file is empty; expected molecules")
-    if path.suffix == ".npz":
-        try:
-            return _from_data(load_npz(path, max_atomic_number=max_atomic_number), path.name)
-        except DataError as e:
-            raise PredictError(str(e)) from None
-    import ase.io
-
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as e:  # ASE's readers raise many unrelated types for a bad file
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise PredictError(f"{path}: ASE cannot read it as molecules ({msg})") from None
-    frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
-        raise PredictError(f"{path}: holds no molecules")
-    return [_molecule(f"{path.name}:{k}", a.numbers, a.positions) for k, a in enumerate(frames)]
-
-
-def _is_pair(x) -> bool:
-    from ase import Atoms
-
-    return (
-        isinstance(x, tuple)
-        and len(x) == 2
-        and not any(isinstance(v, (Atoms, ESPData, str, os.PathLike, tuple)) for v in x)
+    return Predictor(
+        path=c.path,
+        config=c.config,
+        params=jax.device_put(c.params),
+        epoch=c.epoch,
+        domain=TrainingDomain.from_meta(c.meta),
     )
-
-
-def _gather(x, max_atomic_number: int, where: str) -> list[_Molecule]:
-    """The input molecules, flattened, in order."""
-    from ase import Atoms
-
-    if isinstance(x, Atoms):
-        return [_molecule(where, x.numbers, x.positions)]
-    if isinstance(x, (str, os.PathLike)):
-        return _read_file(Path(x), max_atomic_number)
-    if isinstance(x, ESPData):
-        return _from_data(x, where)
-    if _is_pair(x):
-        return _from_arrays(x[0], x[1], where)
-    if isinstance(x, (list, tuple)):
-        return [
-            m for k, item in enumerate(x) for m in _gather(item, max_atomic_number, f"{where}[{k}]")
-        ]
-    raise PredictError(
-        f"{where}: expected ase.Atoms, a file path, ESPData, (Z, R) arrays or a "
-        f"list of these; got {type(x).__name__}"
-    )
-
-
-def _total_charges(charge, mols: Sequence[_Molecule]) -> np.ndarray:
-    """(M,) total charges: as given, else the data's Q, else 0."""
-    if charge is None:
-        q = np.array([0.0 if m.charge is None else m.charge for m in mols])
-    else:
-        q = np.asarray(charge, dtype=np.float64) if not isinstance(charge, bool) else None
-        if q is None or q.ndim > 1 or (q.ndim == 1 and len(q) != len(mols)):
-            raise PredictError(
-                f"charge: expected a number or one per molecule ({len(mols)}), got {charge!r}"
-            )
-        q = np.broadcast_to(q, (len(mols),))
-    if not np.all(np.isfinite(q)):
-        raise PredictError(f"charge: expected finite total charges (e), got {charge!r}")
-    return q
 
 
 def _point_specs(esp_points, num: int) -> list:
@@ -448,7 +350,7 @@ def _point_specs(esp_points, num: int) -> list:
     return per
 
 
-def _resolve_points(m: _Molecule, spec) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _resolve_points(m: Molecule, spec) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(points (g, 3), reference (g,) or None) of one molecule, or (None, None)."""
     if spec is None:
         return m.points, m.reference
@@ -463,7 +365,7 @@ def _resolve_points(m: _Molecule, spec) -> tuple[np.ndarray | None, np.ndarray |
 # --------------------------------------------------------------------------- batches
 
 
-def _center_of_mass(mol: _Molecule) -> np.ndarray:
+def _center_of_mass(mol: Molecule) -> np.ndarray:
     """(3,) centre of mass (Angstrom) with ASE's standard atomic masses; unknown elements
     (refused later by validation) weigh 1."""
     from ase.data import atomic_masses
@@ -541,6 +443,10 @@ def _collect(out: dict, chunk, data: ESPData, resolved, totals, mols, results: l
             esp=None if pts is None else out["esp"][j, : len(pts)].copy(),
             esp_reference=ref,
             dipole_reference=mols[i].dipole,
+            warnings=mols[i].warnings,
+            bonds=mols[i].bonds,
+            smiles=mols[i].smiles,
+            geometry=mols[i].geometry,
         )
 
 

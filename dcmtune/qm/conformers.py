@@ -43,6 +43,7 @@ __all__ = [
     "geometry_key",
     "functional_classes",
     "embed",
+    "embed_seed",
     "smiles_spec",
     "read_smiles_file",
     "load_smiles",
@@ -260,7 +261,7 @@ def embed(
     return positions, how
 
 
-def _embed_seed(seed: int, name: str) -> int:
+def embed_seed(seed: int, name: str) -> int:
     """RDKit's randomSeed for one molecule: from (seed, name) like the generator's streams."""
     return int(molecule_seed(seed, name).generate_state(1)[0] % (2**31))
 
@@ -277,7 +278,7 @@ def smiles_spec(name: str, smiles: str, seed: int = 0, source: str = SMILES_SOUR
     from ase.data import atomic_masses
 
     mol = parse_smiles(smiles, name)
-    positions, how = embed(mol, _embed_seed(seed, name), name=name)
+    positions, how = embed(mol, embed_seed(seed, name), name=name)
     numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], np.int64)
     return MoleculeSpec(
         name=name,

@@ -3,6 +3,8 @@
 A checkpoint is a directory:
   state.msgpack  the TrainState (step, params, opt_state, ema_params, rng) via flax.serialization
   meta.json      epoch, step, metrics, history, best metric, resolved config, versions, the
+                 training domain (elements, largest molecule, total charges; prediction warns
+                 outside it; absent from checkpoints written before it was recorded), the
                  SHA-256 of state.msgpack (a truncated or altered state file is refused) and the
                  SHA-256 of meta.json itself without that field (`meta_sha256`, over the
                  canonical JSON: an altered meta.json is refused too)

@@ -370,6 +370,7 @@ def _save(
         "split": record,
         "restarts": progress.restarts,
         "bucket_bounds": [bk.num_atoms for bk in run.buckets],
+        "training_domain": run.train.domain(),  # what prediction checks new molecules against
     }
     latest = ckpt.save_checkpoint(root / "latest", progress.state, meta)
     if progress.best_epoch == epoch:
