@@ -363,7 +363,7 @@ def _pareto(r: Ranking) -> Figure:
             label=f"selected ({_rule_name(front['select'])})",
         )
         _cost_axis(ax, cost, [p[cost] for p in points])
-        ax.set_ylabel(metrics.axis_label(error))
+        ax.set_ylabel(f"validation {metrics.axis_label(error)}")
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
     fig.suptitle(

@@ -109,8 +109,8 @@ def _how_chosen_front(info: dict) -> list[str]:
         "",
         f"The sweep had {len(names)} objectives, all lower-is-better: "
         + ", ".join(f"**{n}**" for n in names)
-        + ". Each trial competes at the epoch of its best validation "
-        f"{names[0]} (the checkpoint saved there), with that epoch's validation values and "
+        + f". Each trial competes at the epoch of its best {names[0]} (the checkpoint saved "
+        "there), with that epoch's validation values and "
         "its costs, which are computed from its config and the same for every epoch. The "
         "**front** holds the trials that no other trial matches or beats on every objective "
         "(equal trials are all kept). The winner, copied to `best_model/`, was chosen from the "

@@ -98,4 +98,6 @@ def _flops(config: ModelConfig, num_atoms: int) -> float:
     )
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one per device
+    if not isinstance(cost, dict) or "flops" not in cost:
+        raise RuntimeError(f"XLA gave no FLOP count for the model ({cost!r})")
     return float(cost["flops"])
