@@ -331,3 +331,23 @@ def test_the_ranking_gives_the_front_and_copies_every_front_model(mo_sweep):
     assert f"## The front: {len(want)} models" in report
     assert "knee: the cheapest model (by charges_per_atom) whose valid_esp_rmse" in report
     assert "![Validation error against each cost" in report
+
+
+@pytest.mark.ray
+def test_rank_select_from_the_command_line_is_checked(mo_sweep, tmp_path, capsys):
+    import shutil
+
+    from dcmtune.analysis.commands import rank_main
+
+    copy = tmp_path / "mo"
+    shutil.copytree(mo_sweep[0].experiment_dir, copy)
+    before = (copy / "ranking.json").read_bytes()
+    for select_, expected in (
+        ("{max_cost: 0.5}", "rank.select.max_cost: no model of the front has charges_per_atom"),
+        ("cheapest", "select: expected most_accurate, knee or {max_cost: ...}, got 'cheapest'"),
+        ("{max_cost: {n_params: 9}}", "rank.select.max_cost.n_params: not a cost objective"),
+    ):
+        assert rank_main([str(copy), "--select", select_]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert (copy / "ranking.json").read_bytes() == before  # nothing rewritten

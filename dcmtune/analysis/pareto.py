@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["KNEE_TOLERANCE", "dominates", "front", "select", "describe_rule"]
+__all__ = ["KNEE_TOLERANCE", "dominates", "front", "select", "check_rule", "describe_rule"]
 
 KNEE_TOLERANCE = 0.05
 
@@ -93,6 +93,12 @@ def select(points: Sequence[Sequence[float]], rule: Any, names: Sequence[str]) -
     return min(ok, key=accurate)
 
 
+def check_rule(rule: Any, names: Sequence[str]) -> None:
+    """Raises ValueError (one line) unless `rule` is a selection rule for objectives `names`."""
+    if rule not in ("most_accurate", "knee"):
+        _bounds(rule, names)
+
+
 def _bounds(rule: Any, names: Sequence[str]) -> dict[str, float]:
     if not isinstance(rule, Mapping) or set(rule) != {"max_cost"}:
         raise ValueError(
@@ -101,13 +107,17 @@ def _bounds(rule: Any, names: Sequence[str]) -> dict[str, float]:
     costs = list(names[1:])
     bound = rule["max_cost"]
     if not isinstance(bound, Mapping):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            raise ValueError(f"rank.select.max_cost: expected a number, got {bound!r}")
         if len(costs) != 1:
             raise ValueError(
                 f"rank.select.max_cost: {len(costs)} costs ({', '.join(costs)}); give a bound "
                 "per cost"
             )
         return {costs[0]: float(bound)}
-    for name in bound:
+    for name, value in bound.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"rank.select.max_cost.{name}: expected a number, got {value!r}")
         if name not in costs:
             raise ValueError(
                 f"rank.select.max_cost.{name}: not a cost objective; expected one of "

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # only for annotations (matplotlib loads lazily)
 
     from dcmtune.analysis.ranking import Ranking
 
-__all__ = ["PLOT_FILES", "write_plots"]
+__all__ = ["PLOT_FILES", "PARETO_PLOT", "write_plots"]
 
 PLOT_FILES = (
     "learning_curves.png",
@@ -32,8 +32,9 @@ PLOT_FILES = (
     "per_molecule_rmse.png",
     "hyperparameters.png",
     "param_importances.png",
-    "pareto.png",
 )
+# With several objectives only: the validation error against each cost.
+PARETO_PLOT = "pareto.png"
 _ESP_UNIT = metrics.unit("esp_rmse")
 # --------------------------------------------------------------------------- plots
 
@@ -52,7 +53,7 @@ def write_plots(directory: Path, r: Ranking) -> list[str]:
     if r.info.get("importances"):
         plots.append((PLOT_FILES[4], _importances))
     if r.info.get("pareto"):
-        plots.append((PLOT_FILES[5], _pareto))
+        plots.append((PARETO_PLOT, _pareto))
     for name, draw in plots:
         _save(draw(r), Path(directory) / name)
     return [name for name, _ in plots]

@@ -87,7 +87,6 @@ from dcmtune.config import ConfigError
 from dcmtune.data.baselines import split_baselines
 from dcmtune.data.dataset import ESPData
 from dcmtune.data.file_format import DataError
-from dcmtune.model.cost import model_costs, reference_num_atoms
 from dcmtune.train import checkpoints as ckpt
 
 __all__ = ["rank_experiment", "OUTPUT_FILES"]
@@ -144,6 +143,8 @@ def _front(
     """(all trials, the front with the selected trial first and the others by the validation
     error, what the report shows of the front). With `fetch`, a front trial whose checkpoint is
     damaged is excluded and the front decided again without it."""
+    from dcmtune.model.cost import model_costs, reference_num_atoms  # JAX: not on import
+
     trials = discover_trials(s.experiment, s.metric, lazy=fetch is not None)
     eligible = _eligible(s, trials)
     for t in eligible:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dcmtune import metrics
+from dcmtune.analysis import pareto
 from dcmtune.analysis.checkpoints import AnalysisError, LoadedCheckpoint
 from dcmtune.analysis.evaluate import CheckpointAnalysis
 from dcmtune.analysis.history import TrainingHistory, analyze_training_history
@@ -320,10 +321,21 @@ class RankSettings:
                 f"objectives: unknown metric {unknown[0]!r}; expected one of "
                 f"{', '.join(_OBJECTIVES)}"
             )
+        rules = ("most_accurate", "knee")
+        if self.select not in rules and not (
+            isinstance(self.select, dict) and set(self.select) == {"max_cost"}
+        ):
+            raise RankError(
+                f"select: expected most_accurate, knee or {{max_cost: ...}}, got {self.select!r}"
+            )
         if self.select != "most_accurate" and len(self.objectives) < 2:
             raise RankError(
                 f"select: {self.select!r} chooses on cost, but the sweep has one objective"
             )
+        try:
+            pareto.check_rule(self.select, self.objectives or (self.metric,))
+        except ValueError as e:
+            raise RankError(str(e)) from None
 
     @property
     def costs(self) -> tuple[str, ...]:
