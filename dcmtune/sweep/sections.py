@@ -32,8 +32,6 @@ __all__ = [
 
 # Optuna's samplers a spec may name (`SearcherSpec.sampler`).
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "grid", "nsga2")
-# The samplers that handle one objective only.
-_SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 # Tune's schedulers a spec may name (`SchedulerSpec.name`).
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")
 # The per-split metrics the trainer reports every epoch (dcmtune.model.loss.finalize_metrics);
