@@ -220,8 +220,9 @@ def _print_outcome(spec: SweepSpec, outcome: SweepOutcome, args) -> None:
         return
     print(
         f"best trial: {best.trial_id} at epoch {best.epoch} "
-        f"({spec.run.metric} = {best.metrics.get(spec.run.metric):.5g})"
-        + (" (the most accurate; the front of the objectives follows)" if spec.run.costs else "")
+        f"({spec.run.metric} = {best.metrics.get(spec.run.metric):.5g}"
+        + ("; the most accurate: the ranking below gives the front" if spec.run.costs else "")
+        + ")"
     )
     print(f"  searched: {_fmt_point(best.config) or '(nothing)'}")
     for name in dict.fromkeys(
