@@ -351,3 +351,29 @@ def test_rank_select_from_the_command_line_is_checked(mo_sweep, tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
     assert (copy / "ranking.json").read_bytes() == before  # nothing rewritten
+
+
+def test_nsga2_sampler_and_the_dry_run_of_several_objectives(tiny_spec, tmp_path):
+    from dcmtune.sweep.plan import describe
+    from dcmtune.sweep.tuner import sampler
+
+    def edit(raw):
+        _edit(raw, _objectives(*NAMES), {"max_cost": 1})
+        raw["searcher"] = {"sampler": "nsga2", "seed": 3, "population_size": 8}
+
+    spec = load_spec(tiny_spec("nsga", tmp_path, edit=edit))
+    s = sampler(spec)
+    assert isinstance(s, optuna.samplers.NSGAIISampler) and s._population_size == 8
+    text = "\n".join(describe(spec, {}, None, None))
+    assert "objectives: valid_esp_rmse (min), charges_per_atom (min)" in text
+    assert "the scheduler and the checkpoints use valid_esp_rmse" in text
+    assert "note: asha stops trials on valid_esp_rmse alone" in text  # the cheap end
+    assert "searcher: optuna nsga2 (seed 3, population 8)" in text
+    fifo = tiny_spec(
+        "fifo", tmp_path, edit=lambda raw: (edit(raw), raw.update(scheduler={"name": "fifo"}))
+    )
+    assert "stops trials on" not in "\n".join(describe(load_spec(fifo), {}, None, None))
+    with pytest.raises(SpecError, match=r"^searcher.population_size: only used by sampler: nsga2"):
+        load_spec(
+            tiny_spec("pop", tmp_path, edit=lambda raw: raw["searcher"].update(population_size=8))
+        )
