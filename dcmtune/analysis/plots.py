@@ -242,7 +242,8 @@ def _trial_groups(r: Ranking) -> tuple[list[dict], dict[str, list[dict]], dict[s
     """(trials with a finite value, {label: trials}, {label: plot style}) for the
     hyper-parameter panels: other trials, the top ones, the winner, the excluded."""
     top_ids = {e.trial.trial_id for e in r.top}
-    winner, top = r.top[0].trial.trial_id, f"top {len(r.top)}"
+    winner = r.top[0].trial.trial_id
+    top = "front" if r.info.get("pareto") else f"top {len(r.top)}"
     finite = [t for t in r.info["trials"] if math.isfinite(t["value"])]
     groups = {
         "other trials": [t for t in finite if t["eligible"] and t["trial_id"] not in top_ids],

@@ -7,10 +7,11 @@ registry (`dcmtune.metrics.COST_METRICS`) that a multi-objective sweep trades ag
   flops_per_molecule    XLA's FLOP count of one prediction (charges and their positions) for one
                         molecule of `num_atoms` atoms, every atom pair an edge
 
-All three are deterministic: the same config gives the same numbers on any machine, so a resumed
-sweep and the ranking compute exactly what the trials reported. The FLOPs are XLA's cost analysis
-of the lowered program (before backend optimisation, so a CPU and a GPU count the same); nothing
-is compiled or run. Prediction time is not a cost here: it is noisy and would break --resume.
+All three are deterministic: the same config (and JAX version) gives the same numbers on every
+run, so a resumed sweep and the ranking compute what the trials reported. The FLOPs are XLA's cost analysis of the
+lowered program, before the compiler's optimisation passes (which differ between backends and
+versions); nothing is compiled or run. Prediction time is not a cost here: it is noisy and would
+break --resume.
 """
 
 from __future__ import annotations
