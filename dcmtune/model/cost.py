@@ -8,10 +8,10 @@ registry (`dcmtune.metrics.COST_METRICS`) that a multi-objective sweep trades ag
                         molecule of `num_atoms` atoms, every atom pair an edge
 
 All three are deterministic: the same config (and JAX version) gives the same numbers on every
-run, so a resumed sweep and the ranking compute what the trials reported. The FLOPs are XLA's cost analysis of the
-lowered program, before the compiler's optimisation passes (which differ between backends and
-versions); nothing is compiled or run. Prediction time is not a cost here: it is noisy and would
-break --resume.
+run, so a resumed sweep and the ranking compute what the trials reported. The FLOPs are XLA's
+cost analysis of the lowered program, before the compiler's optimisation passes (which differ
+between backends and versions); nothing is compiled or run. Prediction time is not a cost here:
+it is noisy and would break --resume.
 """
 
 from __future__ import annotations
