@@ -15,6 +15,8 @@ __all__ = [
     "TRAINED",
     "TABLE_ROWS",
     "SWEEP_METRICS",
+    "COST_METRICS",
+    "OBJECTIVE_METRICS",
     "EVAL_METRICS",
     "SPLITS",
     "unit",
@@ -40,6 +42,8 @@ class Metric:
       in_table: A row of the per-epoch Train/Valid table.
       sweepable: Allowed as a sweep's `run.metric` (lower is better).
       ranked: A column of the ranking's re-evaluation on the ranking split.
+      cost: A deterministic cost of a model, split-free, computed from its config
+        (`dcmtune.model.cost`): allowed as a further objective in a sweep's `run.objectives`.
     """
 
     name: str
@@ -49,6 +53,7 @@ class Metric:
     in_table: bool = False
     sweepable: bool = False
     ranked: bool = False
+    cost: bool = False
 
 
 _KCAL = "kcal/mol/e"
@@ -107,7 +112,11 @@ METRICS: dict[str, Metric] = {
         Metric("n_conformers", "", "conformers", ranked=True),
         Metric("n_molecules", "", "molecules", ranked=True),
         Metric("n_grid_points", "", "grid points"),
-        Metric("n_params", "", "parameters"),
+        # Costs of a model (dcmtune.model.cost): the same for every epoch of a trial. Prediction
+        # time is measured by benches, never optimised: it is noisy and would break --resume.
+        Metric("charges_per_atom", "", "charges per atom", cost=True),
+        Metric("n_params", "", "parameters", cost=True),
+        Metric("flops_per_molecule", "", "XLA FLOPs per molecule", cost=True),
     )
 }
 
@@ -117,6 +126,9 @@ SWEEP_METRICS = tuple(
     f"{split}_{n}" for split in ("valid", "train") for n, m in METRICS.items() if m.sweepable
 )
 EVAL_METRICS = tuple(n for n, m in METRICS.items() if m.ranked)
+COST_METRICS = tuple(n for n, m in METRICS.items() if m.cost)
+# What `run.objectives` may name: a validation metric (lower is better) or a cost.
+OBJECTIVE_METRICS = tuple(m for m in SWEEP_METRICS if m.startswith("valid_")) + COST_METRICS
 
 
 def split_of(name: str) -> str | None:

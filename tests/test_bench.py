@@ -37,6 +37,7 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
     """(bench, argv, figure lines its output must contain), in the order they run."""
     return [
         ("baselines", ["--smoke"], ("over molecules", "shared ")),
+        ("pareto_front", ["--smoke"], ("front of (valid ESP RMSE, charges per atom)", "knee")),
         ("cluster_traffic", ["--smoke"], ("epoch 1: state.msgpack", "organic set in the object")),
         (
             "accuracy",

@@ -184,7 +184,7 @@ def test_points_to_evaluate_are_validated_and_kept(spec_dir):
     assert spec.searcher.points_to_evaluate == (point,)
 
 
-REAL_SPECS = ["cosine", "exponential", "step", "accurate"]
+REAL_SPECS = ["cosine", "exponential", "step", "accurate", "pareto"]
 
 
 @pytest.mark.parametrize("name", ["quick", *REAL_SPECS])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from dcmtune._yaml import read_yaml_value
 from dcmtune.analysis.checkpoints import EVAL_SPLITS, AnalysisError
 from dcmtune.analysis.evaluate import (
     analyze_checkpoint,
@@ -116,6 +117,12 @@ def _rank_parser() -> OneLineParser:
         metavar="FILE",
         help="the sweep's .npz files, if they moved (checked by checksum)",
     )
+    p.add_argument(
+        "--select",
+        help="with several objectives, how best_model/ is chosen from the front: "
+        "most_accurate, knee or '{max_cost: {charges_per_atom: 2}}' (default: the spec's "
+        "rank.select)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="conformers per forward pass")
     return p
 
@@ -128,6 +135,7 @@ def _rank(args) -> int:
         data_files=args.data,
         batch_size=args.batch_size,
         local_copy=args.local_copy,
+        select=read_yaml_value(args.select, RankError, "--select") if args.select else None,
     )
     print(format_ranking(df))
     return 0

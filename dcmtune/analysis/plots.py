@@ -1,7 +1,8 @@
 """The plots of a ranking: learning curves, ESP parity, per-molecule errors, hyper-parameters
-and their importances. Matplotlib is imported when the first plot is drawn (Agg canvas, no
-display needed); every file is written through `dcmtune._io`. Metric names, units and axis
-labels come from `dcmtune.metrics`.
+and their importances, and with several objectives the error against each cost (the front).
+Matplotlib is imported when the first plot is drawn (Agg canvas, no display needed); every file
+is written through `dcmtune._io`. Metric names, units and axis labels come from
+`dcmtune.metrics`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # only for annotations (matplotlib loads lazily)
 
     from dcmtune.analysis.ranking import Ranking
 
-__all__ = ["PLOT_FILES", "write_plots"]
+__all__ = ["PLOT_FILES", "PARETO_PLOT", "write_plots"]
 
 PLOT_FILES = (
     "learning_curves.png",
@@ -32,6 +33,8 @@ PLOT_FILES = (
     "hyperparameters.png",
     "param_importances.png",
 )
+# With several objectives only: the validation error against each cost.
+PARETO_PLOT = "pareto.png"
 _ESP_UNIT = metrics.unit("esp_rmse")
 # --------------------------------------------------------------------------- plots
 
@@ -39,7 +42,7 @@ _ESP_UNIT = metrics.unit("esp_rmse")
 def write_plots(directory: Path, r: Ranking) -> list[str]:
     """Draws the plots of a ranking into `directory`; returns the file names written
     (hyperparameters.png only when hyper-parameters were searched, param_importances.png
-    only when their importances could be computed)."""
+    only when their importances could be computed, pareto.png only with several objectives)."""
     plots: list[tuple[str, Callable[[Ranking], Figure]]] = [
         (PLOT_FILES[0], _learning_curves),
         (PLOT_FILES[1], _parity),
@@ -49,6 +52,8 @@ def write_plots(directory: Path, r: Ranking) -> list[str]:
         plots.append((PLOT_FILES[3], _hyperparameters))
     if r.info.get("importances"):
         plots.append((PLOT_FILES[4], _importances))
+    if r.info.get("pareto"):
+        plots.append((PARETO_PLOT, _pareto))
     for name, draw in plots:
         _save(draw(r), Path(directory) / name)
     return [name for name, _ in plots]
@@ -237,7 +242,8 @@ def _trial_groups(r: Ranking) -> tuple[list[dict], dict[str, list[dict]], dict[s
     """(trials with a finite value, {label: trials}, {label: plot style}) for the
     hyper-parameter panels: other trials, the top ones, the winner, the excluded."""
     top_ids = {e.trial.trial_id for e in r.top}
-    winner, top = r.top[0].trial.trial_id, f"top {len(r.top)}"
+    winner = r.top[0].trial.trial_id
+    top = "front" if r.info.get("pareto") else f"top {len(r.top)}"
     finite = [t for t in r.info["trials"] if math.isfinite(t["value"])]
     groups = {
         "other trials": [t for t in finite if t["eligible"] and t["trial_id"] not in top_ids],
@@ -308,3 +314,79 @@ def _importances(r: Ranking) -> Figure:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _pareto(r: Ranking) -> Figure:
+    """One panel per further objective: every rankable trial's validation error against it,
+    dominated trials faint, the front drawn (a staircase with two objectives), the selected
+    model starred, and the front's re-evaluated split values as open markers (reported only)."""
+    front = r.info["pareto"]
+    names, points = front["objectives"], front["points"]
+    error, others = names[0], names[1:]
+    on = [p for p in points if p["on_front"]]
+    off = [p for p in points if not p["on_front"]]
+    chosen = [p for p in on if p["trial_id"] == front["front"][0]]
+    held = {e.trial.trial_id: e.analysis.metrics.get(metrics.base_name(error)) for e in r.top}
+    split = r.settings.split
+    fig = _figure(5.2 * len(others) + 1.5, 4.6)
+    for j, cost in enumerate(others):
+        ax = fig.add_subplot(1, len(others), j + 1)
+        ax.plot(
+            [p[cost] for p in off],
+            [p[error] for p in off],
+            "o",
+            color="0.6",
+            alpha=0.35,
+            label="dominated",
+        )
+        ordered = sorted(on, key=lambda p: (p[cost], p[error]))
+        xs, ys = [p[cost] for p in ordered], [p[error] for p in ordered]
+        ax.plot(xs, ys, "o", color="C0", mec="k", ms=7, label="front (validation)")
+        if len(others) == 1:
+            ax.step(xs, ys, where="post", color="C0", lw=1.2)
+        held_pts = [(p[cost], held.get(p["trial_id"])) for p in ordered]
+        held_pts = [(x, y) for x, y in held_pts if y is not None and math.isfinite(y)]
+        if held_pts:
+            ax.plot(
+                *zip(*held_pts, strict=True),
+                "s",
+                mfc="none",
+                mec="C2",
+                ms=8,
+                label=f"front, {split} split (reported, never chosen on)",
+            )
+        ax.plot(
+            [p[cost] for p in chosen],
+            [p[error] for p in chosen],
+            "*",
+            color="C3",
+            ms=16,
+            mec="k",
+            label=f"selected ({_rule_name(front['select'])})",
+        )
+        _cost_axis(ax, cost, [p[cost] for p in points])
+        ax.set_ylabel(f"validation {metrics.axis_label(error)}")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"{r.settings.name}: validation error against cost, {len(points)} trials, "
+        f"{len(on)} on the front"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _rule_name(select) -> str:
+    return select if isinstance(select, str) else "max_cost"
+
+
+def _cost_axis(ax, cost: str, values: list[float]) -> None:
+    """x label of a cost; integer ticks for charges per atom, log for wide positive ranges."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(metrics.axis_label(cost))
+    finite = [v for v in values if math.isfinite(v)]
+    if cost == "charges_per_atom":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    elif finite and min(finite) > 0 and max(finite) / min(finite) > 20:
+        ax.set_xscale("log")

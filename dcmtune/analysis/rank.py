@@ -18,6 +18,14 @@ The rules, so that the number a user publishes was measured on data that chose n
 2. The winner is the best by that validation metric. The top_k trials' checkpoints are then
    re-evaluated on the test split saved with each trial (after checking the data checksum),
    and the test metrics are reported beside the validation ones; they never reorder anything.
+With several objectives (a sweep's `run.objectives`: an error and costs such as charges per
+atom), rule 2 becomes: the trials no other trial beats on every objective form the front,
+decided on the validation error at each trial's chosen epoch and on costs computed from its
+config (`dcmtune.model.cost`; `dcmtune.analysis.pareto`); the spec's `rank.select` picks the
+winner from the front (most accurate, the knee, or the most accurate within a cost bound); every
+front trial's checkpoint is re-evaluated on the test split (reported, never used to choose) and
+copied under pareto/.
+
 3. Classical baselines are evaluated on the same test conformers: one charge per element fitted
    on the training split (a prediction), and, where the data allow, the stored per-conformer
    ESP-fitted charges (`mono`), one charge set per molecule fitted across its test conformers,
@@ -28,7 +36,8 @@ Written into the experiment directory: ranking.csv, ranking.json, best_model/ (t
 checkpoint, config.json, split.json, history.csv, evaluation.json; `python -m dcmtune.analysis
 <experiment>/best_model` re-evaluates it), and, drawn by `dcmtune.analysis.report`, report.md
 and the PNG plots (learning_curves.png, esp_parity.png, per_molecule_rmse.png, hyperparameters.png,
-param_importances.png: Optuna's importances of the searched hyper-parameters).
+param_importances.png: Optuna's importances of the searched hyper-parameters; with several
+objectives pareto.png, the error against each cost, and pareto/<trial>/, each front model).
 Metric names and units are those of `dcmtune.metrics`; the baselines are `dcmtune.data.baselines`;
 which trials compete and what a ranking holds is `dcmtune.analysis.ranking`.
 """
@@ -43,12 +52,13 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from dcmtune import _io, metrics, storage
-from dcmtune.analysis import plots, report
+from dcmtune.analysis import pareto, plots, report
 from dcmtune.analysis.checkpoints import (
     AnalysisError,
     DataCache,
@@ -61,6 +71,7 @@ from dcmtune.analysis.evaluate import analyze_checkpoint
 from dcmtune.analysis.importances import param_importances
 from dcmtune.analysis.ranking import (
     BEST_MODEL,
+    PARETO_DIR,
     Evaluated,
     RankError,
     Ranking,
@@ -92,10 +103,7 @@ def _competitors(
     without an eligible trial or for a top trial whose ranking split is empty. With `fetch`
     (a remote experiment), only the top trials' checkpoints are fetched and verified."""
     trials = discover_trials(s.experiment, s.metric, lazy=fetch is not None)
-    eligible = [t for t in trials if t.eligible]
-    if not eligible:
-        listing = "; ".join(f"{t.trial_id}: {t.reason}" for t in trials[:3])
-        raise RankError(f"{s.experiment}: no trial can be ranked ({len(trials)} trials; {listing})")
+    eligible = _eligible(s, trials)
     top = []
     for t in sorted(eligible, key=lambda t: (t.value, t.trial_id)):
         if len(top) < s.top_k and (fetch is None or _fetched(t, fetch)):
@@ -104,6 +112,21 @@ def _competitors(
         raise RankError(f"{s.experiment}: no trial can be ranked (every top checkpoint is damaged)")
     if len(top) < s.top_k:
         log.warning("%s: only %d rankable trials for top_k = %d", s.experiment, len(top), s.top_k)
+    _check_split_not_empty(s, top)
+    return trials, top
+
+
+def _eligible(s: RankSettings, trials: list[TrialRecord]) -> list[TrialRecord]:
+    """The trials that may compete; RankError when there is none."""
+    eligible = [t for t in trials if t.eligible]
+    if not eligible:
+        listing = "; ".join(f"{t.trial_id}: {t.reason}" for t in trials[:3])
+        raise RankError(f"{s.experiment}: no trial can be ranked ({len(trials)} trials; {listing})")
+    return eligible
+
+
+def _check_split_not_empty(s: RankSettings, top: list[TrialRecord]) -> None:
+    """RankError for a trial to re-evaluate whose ranking split is empty."""
     other = "valid" if s.split == "test" else "test"
     for t in top:
         rec = _read_json(t.path / "split.json") or {}
@@ -112,7 +135,69 @@ def _competitors(
                 f"{t.path}: the {s.split} split is empty (data.{s.split}_fraction "
                 f"= 0 in the sweep); rank with --split {other}"
             )
-    return trials, top
+
+
+def _front(
+    s: RankSettings, cache: DataCache, fetch: Callable[[Path], None] | None = None
+) -> tuple[list[TrialRecord], list[TrialRecord], dict]:
+    """(all trials, the front with the selected trial first and the others by the validation
+    error, what the report shows of the front). With `fetch`, a front trial whose checkpoint is
+    damaged is excluded and the front decided again without it."""
+    from dcmtune.model.cost import model_costs, reference_num_atoms  # JAX: not on import
+
+    trials = discover_trials(s.experiment, s.metric, lazy=fetch is not None)
+    eligible = _eligible(s, trials)
+    for t in eligible:
+        assert t.config is not None
+        num_atoms = reference_num_atoms(cache.full(t.config).N)
+        t.costs = model_costs(t.config.model, num_atoms, s.costs)
+    fetched: set[str] = set()
+    while True:
+        cands = [t for t in eligible if t.eligible]
+        points = [_objective_values(s, t) for t in cands]
+        members = [cands[i] for i in pareto.front(points)]
+        damaged = [
+            t
+            for t in members
+            if fetch is not None and t.trial_id not in fetched and not _fetched(t, fetch)
+        ]
+        fetched.update(t.trial_id for t in members)
+        if not damaged:
+            break
+    if not members:
+        raise RankError(f"{s.experiment}: no trial has finite values of {', '.join(s.objectives)}")
+    try:
+        k = pareto.select([_objective_values(s, t) for t in members], s.select, s.objectives)
+    except ValueError as e:
+        raise RankError(f"{s.experiment}: {e}") from None
+    rest = sorted((t for i, t in enumerate(members) if i != k), key=lambda t: (t.value, t.trial_id))
+    ordered = [members[k], *rest]
+    _check_split_not_empty(s, ordered)
+    on_front = {t.trial_id for t in members}
+    info = {
+        "objectives": list(s.objectives),
+        "select": s.select,
+        "rule": pareto.describe_rule(s.select, s.objectives),
+        "front": [t.trial_id for t in ordered],
+        "points": [
+            {
+                "trial_id": t.trial_id,
+                "status": t.status,
+                **dict(zip(s.objectives, _objective_values(s, t), strict=True)),
+                "on_front": t.trial_id in on_front,
+            }
+            for t in cands
+        ],
+    }
+    return trials, ordered, info
+
+
+def _objective_values(s: RankSettings, t: TrialRecord) -> list[float]:
+    """The trial's objectives: validation metrics at its chosen epoch, then computed costs."""
+    return [
+        float(t.costs[o]) if o in t.costs else float(t.valid.get(o, float("nan")))
+        for o in s.objectives
+    ]
 
 
 def _fetched(t: TrialRecord, fetch: Callable[[Path], None]) -> bool:
@@ -182,6 +267,7 @@ def _row(s: RankSettings, rank: int, e: Evaluated, keys: list[str]) -> dict:
         **_point_of(t, keys),
         s.metric: t.value,
     }
+    row.update(t.costs)
     row.update({k: v for k, v in t.valid.items() if k not in row})
     for name in metrics.EVAL_METRICS:
         row.setdefault(f"{s.split}_{name}", e.analysis.metrics.get(name, float("nan")))
@@ -209,9 +295,13 @@ def _rank(
     s: RankSettings, data: ESPData | None, fetch: Callable[[Path], None] | None = None
 ) -> Ranking:
     """Rules 1-3 of the module docstring: competitors, re-evaluation, baselines."""
-    trials, top = _competitors(s, fetch)
-    keys = _searched_keys(s.search, trials)
     cache = DataCache(data, s.data_files)
+    front = None
+    if s.objectives:
+        trials, top, front = _front(s, cache, fetch)
+    else:
+        trials, top = _competitors(s, fetch)
+    keys = _searched_keys(s.search, trials)
     evaluated, checks = [], []
     for t in top:
         e, check = _evaluate(s, t, cache)
@@ -234,9 +324,12 @@ def _rank(
         "baselines": baselines,
         "checks": checks,
         "splits_differ": _splits_differ(s, evaluated),
+        **({"pareto": front} if front is not None else {}),
     }
     df = pd.DataFrame(rows)
     df.attrs.update({k: info[k] for k in ("winner", "excluded", "baselines", "metric", "split")})
+    if front is not None:
+        df.attrs["pareto"] = front
     return Ranking(
         settings=s,
         top=evaluated,
@@ -310,6 +403,8 @@ def rank_experiment(
     batch_size: int = 16,
     write: bool = True,
     local_copy: Path | None = None,
+    objectives: Sequence[str] | None = None,
+    select: Any = None,
 ) -> pd.DataFrame:
     """Ranks the trials of a sweep by their best validation metric and re-evaluates the
     top_k on held-out data; writes the report (see the module docstring).
@@ -327,15 +422,15 @@ def rank_experiment(
       batch_size: Conformers per forward pass.
       write: Write ranking.csv, ranking.json, report.md, plots and best_model/.
       local_copy: For a remote experiment, the local directory it is read into (default
-        ./ray_results/<scheme>-<hash>/<bucket>/<path>); the outputs are written there and
-        uploaded into the experiment.
+        ./ray_results/<scheme>-<hash>/<bucket>/<path>); outputs are written there, uploaded.
+      objectives, select: Several objectives, `metric` first, and how best_model/ is chosen
+        from their front (default: the spec's run.objectives and rank.select).
 
     Returns:
-      The ranking: top_k rows ordered by the validation metric (rank 1 = winner), with the
-      searched hyper-parameters, validation metrics at the chosen epoch and `{split}_*`
-      metrics re-evaluated from the checkpoint (ESP in kcal/mol/e, charges in e, dipoles in
-      Debye; see `dcmtune.metrics`). `df.attrs` holds the winner, the excluded trials, the
-      baselines and the written files.
+      The ranking: top_k rows by the validation metric (rank 1 = winner; several objectives:
+      the front, the selected trial first), with the searched hyper-parameters, validation
+      metrics at the chosen epoch and `{split}_*` metrics re-evaluated from the checkpoint
+      (`dcmtune.metrics` units). `df.attrs`: winner, excluded trials, baselines, files.
 
     Raises:
       RankError: one line naming the path, for every problem with the input (directory,
@@ -345,7 +440,7 @@ def rank_experiment(
         uri = str(experiment_dir)
         remote = _RemoteExperiment.open(uri, local_copy) if storage.is_remote(uri) else None
         exp = remote.local if remote else Path(experiment_dir)
-        s = _settings(exp, top_k, split, data_files, metric, mode, batch_size)
+        s = _settings(exp, top_k, split, data_files, metric, mode, batch_size, objectives, select)
         ranking = _rank(s, data, remote.fetch if remote else None)
         if write:
             ranking.df.attrs["files"] = _write(ranking)
@@ -385,7 +480,7 @@ class _RemoteExperiment:
         def skip(rel: str) -> bool:
             name = rel.rsplit("/", 1)[-1]
             return (
-                rel.startswith((".", BEST_MODEL + "/"))
+                rel.startswith((".", BEST_MODEL + "/", PARETO_DIR + "/"))
                 or name == ckpt.STATE_FILE
                 or name.endswith(".pkl")
                 or name.startswith("events.out.tfevents")
@@ -414,6 +509,13 @@ def _write(r: Ranking) -> list[str]:
     experiment directory; returns their paths."""
     exp = r.settings.experiment.resolve()
     _write_best_model(r.best_model, r.top[0], r.info)
+    models = [BEST_MODEL]
+    if "pareto" in r.info:
+        with _io.atomic_directory(exp / PARETO_DIR) as tmp:
+            for e in r.top:
+                name = f"trial_{e.trial.trial_id}"
+                _model_files(tmp / name, e, r.info, exp / PARETO_DIR / name)
+        models.append(PARETO_DIR)
     written = plots.write_plots(exp, r)
     _io.write_csv(exp / "ranking.csv", r.df)
     _io.write_json(
@@ -421,34 +523,48 @@ def _write(r: Ranking) -> list[str]:
         {**r.info, "plots": written, "ranking": r.rows, "versions": ckpt.package_versions()},
     )
     _io.write_text(exp / "report.md", report.markdown(r, written))
-    return [
-        str(exp / f) for f in ("ranking.csv", "ranking.json", "report.md", *written, BEST_MODEL)
-    ]
+    return [str(exp / f) for f in ("ranking.csv", "ranking.json", "report.md", *written, *models)]
 
 
 def _write_best_model(target: Path, e: Evaluated, info: dict) -> Path:
     """`target` (best_model/): the winner's checkpoint files, config, split, history and
     evaluation, swapped in as a whole."""
-    t, c, split = e.trial, e.checkpoint, info["split"]
     with _io.atomic_directory(target) as tmp:
-        for name in (ckpt.STATE_FILE, ckpt.META_FILE):
-            shutil.copy2(c.path / name, tmp / name)
-        if (t.path / "history.csv").is_file():
-            shutil.copy2(t.path / "history.csv", tmp / "history.csv")
-        _io.write_json(tmp / "config.json", c.config.to_dict())
-        if c.split_record is not None:
-            _io.write_json(tmp / "split.json", c.split_record)
-        _io.write_json(
-            tmp / "evaluation.json",
-            {
-                "trial_id": t.trial_id,
-                "source_checkpoint": str(c.path),
-                "epoch": c.epoch,
-                "selected_by": {"metric": info["metric"], "mode": info["mode"], "value": t.value},
-                "split": split,
-                "metrics": {f"{split}_{k}": v for k, v in e.analysis.metrics.items()},
-                "data_checksum": info["data"]["checksum"],
-                "reproduce": f"python -m dcmtune.analysis {target} --split {split}",
-            },
-        )
+        _model_files(tmp, e, info, target)
     return target
+
+
+def _model_files(tmp: Path, e: Evaluated, info: dict, target: Path) -> None:
+    """A trial's model written into directory `tmp` (created), which becomes `target`: its
+    checkpoint files, config, split, history and evaluation."""
+    t, c, split = e.trial, e.checkpoint, info["split"]
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name in (ckpt.STATE_FILE, ckpt.META_FILE):
+        shutil.copy2(c.path / name, tmp / name)
+    if (t.path / "history.csv").is_file():
+        shutil.copy2(t.path / "history.csv", tmp / "history.csv")
+    _io.write_json(tmp / "config.json", c.config.to_dict())
+    if c.split_record is not None:
+        _io.write_json(tmp / "split.json", c.split_record)
+    selected = {"metric": info["metric"], "mode": info["mode"], "value": t.value}
+    if "pareto" in info:  # chosen from the front: by which rule, at which objective values
+        front = info["pareto"]
+        point = next(p for p in front["points"] if p["trial_id"] == t.trial_id)
+        selected.update(
+            select=front["select"],
+            selected=front["front"][0] == t.trial_id,
+            objectives={o: point[o] for o in front["objectives"]},
+        )
+    _io.write_json(
+        tmp / "evaluation.json",
+        {
+            "trial_id": t.trial_id,
+            "source_checkpoint": str(c.path),
+            "epoch": c.epoch,
+            "selected_by": selected,
+            "split": split,
+            "metrics": {f"{split}_{k}": v for k, v in e.analysis.metrics.items()},
+            "data_checksum": info["data"]["checksum"],
+            "reproduce": f"python -m dcmtune.analysis {target} --split {split}",
+        },
+    )

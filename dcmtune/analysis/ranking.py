@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dcmtune import metrics
+from dcmtune.analysis import pareto
 from dcmtune.analysis.checkpoints import AnalysisError, LoadedCheckpoint
 from dcmtune.analysis.evaluate import CheckpointAnalysis
 from dcmtune.analysis.history import TrainingHistory, analyze_training_history
@@ -35,6 +36,7 @@ __all__ = [
     "Ranking",
     "discover_trials",
     "BEST_MODEL",
+    "PARETO_DIR",
     "SPEC_RECORD",
     "VALID_COLUMNS",
     "EVAL_COLUMNS",
@@ -43,6 +45,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BEST_MODEL = "best_model"
+# Where every model of the front of a multi-objective sweep is copied (one directory each).
+PARETO_DIR = "pareto"
 # The resolved sweep spec a sweep writes into its experiment directory (ranking reads it).
 SPEC_RECORD = "sweep_spec.json"
 # Validation metrics copied from the selected epoch into the ranking, beside the sweep metric:
@@ -50,7 +54,8 @@ SPEC_RECORD = "sweep_spec.json"
 VALID_COLUMNS = tuple(m for m in metrics.SWEEP_METRICS if metrics.split_of(m) == "valid")
 # Re-evaluated metrics reported for the ranking split (`{split}_` + name).
 EVAL_COLUMNS = metrics.EVAL_METRICS
-_NOT_TRIALS = {BEST_MODEL, "checkpoints"}
+_OBJECTIVES = metrics.OBJECTIVE_METRICS
+_NOT_TRIALS = {BEST_MODEL, PARETO_DIR, "checkpoints"}
 
 
 class RankError(AnalysisError):
@@ -81,6 +86,8 @@ class TrialRecord:
       reason: Why it is excluded ("" if it is not).
       skipped: Checkpoints of the trial that failed their checksums or could not be read
         ("path: reason"), passed over for the next candidate.
+      costs: Its cost metrics (`dcmtune.model.cost`), computed from its config when the
+        ranking has cost objectives.
     """
 
     trial_id: str
@@ -97,6 +104,7 @@ class TrialRecord:
     valid: dict = dataclasses.field(default_factory=dict)
     reason: str = ""
     skipped: list = dataclasses.field(default_factory=list)
+    costs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def eligible(self) -> bool:
@@ -271,6 +279,9 @@ class RankSettings:
       split: The held-out split re-evaluated, "test" or "valid".
       batch_size: Conformers per forward pass.
       data_files: The sweep's data files if they moved (None: each run's own).
+      objectives: Several objectives (the spec's run.objectives; empty: one, `metric`): the
+        ranking then lists their front, decided on validation values and costs.
+      select: How best_model/ is chosen from the front (`dcmtune.analysis.pareto.select`).
     """
 
     experiment: Path
@@ -282,6 +293,8 @@ class RankSettings:
     split: str = "test"
     batch_size: int = 16
     data_files: tuple[str, ...] | None = None
+    objectives: tuple[str, ...] = ()
+    select: Any = "most_accurate"
 
     def __post_init__(self):
         if not self.metric.startswith("valid_"):
@@ -297,6 +310,37 @@ class RankSettings:
             raise RankError(f"top_k: expected at least 1, got {self.top_k}")
         if self.split not in ("test", "valid"):
             raise RankError(f"split: expected test or valid, got {self.split!r}")
+        if self.objectives and self.objectives[0] != self.metric:
+            raise RankError(
+                f"objectives: the first objective is the selection metric {self.metric}, "
+                f"got {self.objectives[0]!r}"
+            )
+        unknown = [o for o in self.objectives[1:] if o not in _OBJECTIVES]
+        if unknown:
+            raise RankError(
+                f"objectives: unknown metric {unknown[0]!r}; expected one of "
+                f"{', '.join(_OBJECTIVES)}"
+            )
+        rules = ("most_accurate", "knee")
+        if self.select not in rules and not (
+            isinstance(self.select, dict) and set(self.select) == {"max_cost"}
+        ):
+            raise RankError(
+                f"select: expected most_accurate, knee or {{max_cost: ...}}, got {self.select!r}"
+            )
+        if self.select != "most_accurate" and len(self.objectives) < 2:
+            raise RankError(
+                f"select: {self.select!r} chooses on cost, but the sweep has one objective"
+            )
+        try:
+            pareto.check_rule(self.select, self.objectives or (self.metric,))
+        except ValueError as e:
+            raise RankError(str(e)) from None
+
+    @property
+    def costs(self) -> tuple[str, ...]:
+        """The cost metrics among the objectives."""
+        return tuple(o for o in self.objectives if o in metrics.COST_METRICS)
 
 
 def _settings(
@@ -307,6 +351,8 @@ def _settings(
     metric: str | None,
     mode: str | None,
     batch_size: int,
+    objectives: Sequence[str] | None = None,
+    select: Any = None,
 ) -> RankSettings:
     """Arguments first, then the spec's run/rank sections, then the defaults."""
     spec = _read_json(exp / SPEC_RECORD) if exp.is_dir() else None
@@ -323,7 +369,15 @@ def _settings(
         split=split or rank_spec.get("split") or "test",
         batch_size=batch_size,
         data_files=tuple(str(f) for f in data_files) if data_files else None,
+        objectives=tuple(objectives) if objectives else _spec_objectives(run),
+        select=select if select is not None else rank_spec.get("select") or "most_accurate",
     )
+
+
+def _spec_objectives(run: dict) -> tuple[str, ...]:
+    """The objective metrics of a spec record's run section (none: one objective)."""
+    listed = run.get("objectives") or []
+    return tuple(str(o.get("metric")) for o in listed if isinstance(o, dict))
 
 
 # --------------------------------------------------------------------------- ranking

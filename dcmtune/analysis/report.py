@@ -68,6 +68,8 @@ def _files_text(files) -> str:
 
 
 def _how_chosen(info: dict) -> list[str]:
+    if "pareto" in info:
+        return _how_chosen_front(info)
     metric, split, trials = info["metric"], info["split"], info["trials"]
     n_stopped = sum(t["status"] == "stopped early" for t in trials)
     n_rankable = sum(t["eligible"] for t in trials)
@@ -94,6 +96,57 @@ def _how_chosen(info: dict) -> list[str]:
         "",
         f"{len(trials)} trials: {n_rankable} rankable ({n_stopped} stopped early by the "
         f"scheduler), {len(info['excluded'])} excluded.",
+        "",
+    ]
+
+
+def _how_chosen_front(info: dict) -> list[str]:
+    front, split, trials = info["pareto"], info["split"], info["trials"]
+    names = front["objectives"]
+    n_stopped = sum(t["status"] == "stopped early" for t in trials)
+    return [
+        "## How the winner was chosen",
+        "",
+        f"The sweep had {len(names)} objectives, all lower-is-better: "
+        + ", ".join(f"**{n}**" for n in names)
+        + f". Each trial competes at the epoch of its best {names[0]} (the checkpoint saved "
+        "there), with that epoch's validation values and "
+        "its costs, which are computed from its config and the same for every epoch. The "
+        "**front** holds the trials that no other trial matches or beats on every objective "
+        "(equal trials are all kept). The winner, copied to `best_model/`, was chosen from the "
+        f"front by `rank.select`: {front['rule']}. Every front model was then re-evaluated on "
+        f"the **{split}** split saved with it and copied to `pareto/trial_<id>/`; the {split} "
+        "numbers are reported and chose nothing. Diverged and failed trials are excluded.",
+        "",
+        f"{len(trials)} trials: {len(front['points'])} rankable ({n_stopped} stopped early by "
+        f"the scheduler, which compares trials on {names[0]} only), "
+        f"{len(front['front'])} on the front, {len(info['excluded'])} excluded.",
+        "",
+    ]
+
+
+def _front_section(r: Ranking) -> list[str]:
+    """The front: one row per model, the selected one first, with its objectives (validation
+    and costs) and its re-evaluated error on the ranking split."""
+    front, split, df = r.info["pareto"], r.settings.split, r.df
+    names = front["objectives"]
+    held = [c for c in (f"{split}_{n}" for n in _TOP_TABLE) if c in df]
+    cols = ["trial_id", "status", "checkpoint_epoch", *r.keys, *names, *held]
+    rows = df[cols].values.tolist()
+    rows = [
+        [("**selected** " if i == 0 else "") + str(row[0]), *row[1:]] for i, row in enumerate(rows)
+    ]
+    return [
+        "",
+        f"## The front: {len(df)} models",
+        "",
+        f"Selection rule (`rank.select`): {front['rule']}.",
+        "",
+        _md_table([metrics.label(c) for c in cols], rows),
+        "",
+        f"Objectives on the validation split at each trial's chosen epoch; `{split}_*` columns "
+        "re-evaluated from the same checkpoints (reported only). Dominated trials are drawn "
+        "faint in `pareto.png`; every trial's objectives are in `ranking.json` (`pareto`).",
         "",
     ]
 
@@ -140,7 +193,12 @@ def _winner_section(r: Ranking) -> list[str]:
         "",
         f"Trial **{w['trial_id']}** ({w['status']}, {w['epochs']} of {w['max_epochs']} "
         f"epochs trained), checkpoint of epoch {w['checkpoint_epoch']}, "
-        f"{w['n_params']} parameters, copied to `{r.best_model.name}/`.",
+        f"{w['n_params']} parameters, copied to `{r.best_model.name}/`"
+        + (
+            f"; chosen from the front by `rank.select`: {r.info['pareto']['rule']}."
+            if "pareto" in r.info
+            else "."
+        ),
         "",
     ]
     if r.keys:
@@ -263,6 +321,7 @@ def _plots_section(r: Ranking, plots: list[str]) -> list[str]:
         "per_molecule_rmse.png": f"ESP RMSE per {split} molecule, winner and baselines",
         "hyperparameters.png": f"Searched hyper-parameters vs {metric}",
         "param_importances.png": "Importance of each searched hyper-parameter",
+        "pareto.png": "Validation error against each cost: the front, dominated trials faint",
     }
     lines = ["## Plots", ""]
     for p in plots:
@@ -291,7 +350,7 @@ def markdown(r: Ranking, plots: list[str]) -> str:
             *_how_chosen(info),
             *_data_section(info["data"]),
             *_winner_section(r),
-            *_top_section(r),
+            *(_front_section(r) if "pareto" in info else _top_section(r)),
             *_importances_section(r),
             *_baselines_section(r),
             *_warnings_section(info),
@@ -306,6 +365,8 @@ def markdown(r: Ranking, plots: list[str]) -> str:
 def format_ranking(df: pd.DataFrame) -> str:
     """The ranking as a console table, the winner, the baselines and the report path."""
     metric, split = df.attrs["metric"], df.attrs["split"]
+    front = df.attrs.get("pareto")
+    costs = front["objectives"][1:] if front else []
     cols = [
         c
         for c in (
@@ -313,6 +374,7 @@ def format_ranking(df: pd.DataFrame) -> str:
             "trial_id",
             "status",
             "checkpoint_epoch",
+            *costs,
             metric,
             f"{split}_esp_rmse",
             f"{split}_esp_mae",
@@ -323,6 +385,11 @@ def format_ranking(df: pd.DataFrame) -> str:
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         lines = [df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")]
     w = df.attrs["winner"]
+    if front:
+        lines.append(
+            f"\nthe front of {', '.join(front['objectives'])}: {len(df)} of "
+            f"{len(front['points'])} rankable trials; selected by {front['rule']}"
+        )
     lines.append(
         f"\nwinner: trial {w['trial_id']} ({metric} {w[metric]:.4g}; {split}_esp_rmse "
         f"{w[f'{split}_esp_rmse']:.4g} {_ESP_UNIT}) -> {w['best_model']}"

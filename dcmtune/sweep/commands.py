@@ -220,11 +220,15 @@ def _print_outcome(spec: SweepSpec, outcome: SweepOutcome, args) -> None:
         return
     print(
         f"best trial: {best.trial_id} at epoch {best.epoch} "
-        f"({spec.run.metric} = {best.metrics.get(spec.run.metric):.5g})"
+        f"({spec.run.metric} = {best.metrics.get(spec.run.metric):.5g}"
+        + ("; the most accurate: the ranking below gives the front" if spec.run.costs else "")
+        + ")"
     )
     print(f"  searched: {_fmt_point(best.config) or '(nothing)'}")
     for name in dict.fromkeys(
-        (spec.run.metric,) + tuple(f"valid_{n}" for n in metrics.TABLE_ROWS) + ("train_esp_rmse",)
+        spec.run.objective_metrics
+        + tuple(f"valid_{n}" for n in metrics.TABLE_ROWS)
+        + ("train_esp_rmse",)
     ):
         v = best.metrics.get(name)
         if v is not None and math.isfinite(v):

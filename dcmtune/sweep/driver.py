@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dcmtune import metrics as metrics_mod
 from dcmtune._io import plain
 from dcmtune.cli import one_line
 from dcmtune.data.dataset import ESPData
@@ -46,7 +47,7 @@ from dcmtune.sweep.resources import (
     resolve_resources,
     trial_env_vars,
 )
-from dcmtune.sweep.spec import SpecError, SweepSpec
+from dcmtune.sweep.spec import SpecError, SweepSpec, objective_keys
 from dcmtune.sweep.tuner import new_tuner
 from dcmtune.train.environment import MEM_FRACTION_VAR, apply_defaults, compilation_cache_env
 from dcmtune.train.tracking import run_reporters
@@ -101,11 +102,11 @@ def prepare(spec: SweepSpec, data: ESPData | None = None) -> _Prepared:
             f"{key}: batch_size x gradient_accumulation_steps can reach {b} x {k} = "
             f"{b * k}, more than the {n_train} training conformers"
         )
-    metric = spec.run.metric
-    if "_mono_" in metric and data.mono is None:
-        raise SpecError(f"run.metric: {metric} needs reference charges, but the data has no 'mono'")
-    if metric.endswith("_dipole_mae") and data.dipole is None:
-        raise SpecError(f"run.metric: {metric} needs reference dipoles, but the data has no 'Dxyz'")
+    for key, metric in objective_keys(spec.run):
+        if "_mono_" in metric and data.mono is None:
+            raise SpecError(f"{key}: {metric} needs reference charges, but the data has no 'mono'")
+        if metric.endswith("_dipole_mae") and data.dipole is None:
+            raise SpecError(f"{key}: {metric} needs reference dipoles, but the data has no 'Dxyz'")
     sizes = {k: (len(set(data.mol_id[idx].tolist())), len(idx)) for k, idx in splits.items()}
     return _Prepared(spec, data, n_train, sizes)
 
@@ -182,7 +183,9 @@ def _best_trial(results, metric: str) -> BestTrial | None:
     keep = [
         c
         for c in df.columns
-        if c.startswith(("train_", "valid_")) or c in ("epoch", "lr", "best_epoch")
+        if c.startswith(("train_", "valid_"))
+        or c in ("epoch", "lr", "best_epoch")
+        or c in metrics_mod.COST_METRICS
     ]
     return BestTrial(
         trial_id=str(row.get("trial_id", Path(res.path).name)),
@@ -219,6 +222,8 @@ def _rank(experiment_dir: Path, spec: SweepSpec, results, data: ESPData) -> Any:
             data=data,
             metric=spec.run.metric,
             mode=spec.run.mode,
+            objectives=spec.run.objective_metrics if spec.run.objectives else None,
+            select=spec.rank.select,
             local_copy=experiment_dir if spec.remote else None,
         )
     except RankError as e:
@@ -366,8 +371,7 @@ def _run_sweep(
     # 1. Ray, and the resources of one trial (decided before Ray starts where we can).
     resources, env = _start_ray(spec, address, dashboard, dashboard_host, dashboard_port, echo)
     # 2. The trainable: data through the object store, settings shared by all trials. Trials
-    # write in place on POSIX storage (every node mounts it); with object storage they write
-    # node-locally and Tune uploads checkpoints and the trial directory.
+    # write in place on POSIX storage; on object storage node-locally, uploaded by Tune.
     settings = TrialSettings(
         base=spec.base.to_dict(),
         metric=run.metric,
@@ -375,6 +379,7 @@ def _run_sweep(
         checkpoint_every=run.checkpoint_every,
         env=env,
         experiment_dir="" if spec.remote else str(spec.experiment_dir),
+        costs=run.costs,
     )
     trainable = make_trainable(prep.data, settings, resources)
     # 3. The Tuner: restored, or new with its searcher and scheduler.
@@ -452,8 +457,8 @@ def _tuner(
         tuner = new_tuner(spec, trainable, callbacks, verbose)
         write_spec_record(spec)
     echo(
-        f"experiment: {spec.experiment_uri} ({run.num_samples} trials, metric {run.metric} "
-        f"{run.mode}, {spec.num_epochs} epochs max)"
+        f"experiment: {spec.experiment_uri} ({run.num_samples} trials, {_objectives_text(spec)}, "
+        f"{spec.num_epochs} epochs max)"
     )
     if spec.remote:
         echo(f"local copy (lock, Optuna journal, ranking): {spec.experiment_dir}")
@@ -508,6 +513,15 @@ def _fit(tuner, spec: SweepSpec, resume: bool):
         tc_log.removeHandler(guard)
     set_aside_orphans(spec, {Path(r.path).name for r in results})
     return results
+
+
+def _objectives_text(spec: SweepSpec) -> str:
+    """`metric valid_esp_rmse min`, or the objectives and which one the scheduler uses."""
+    run = spec.run
+    if not run.objectives:
+        return f"metric {run.metric} {run.mode}"
+    listed = ", ".join(f"{o.metric} {o.mode}" for o in run.objectives)
+    return f"objectives {listed}; the scheduler uses {run.metric}"
 
 
 def _dashboard_arg(storage: str) -> str:

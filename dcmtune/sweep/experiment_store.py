@@ -196,6 +196,9 @@ def _check_same_spec(saved: dict, now: dict) -> None:
         a.pop(key, None), b.pop(key, None)
     for key in ("num_samples", "metric", "mode"):
         a[f"run.{key}"], b[f"run.{key}"] = saved["run"][key], now["run"][key]
+    # Objectives (records written before they existed had one: none listed).
+    a["run.objectives"] = json.dumps(saved["run"].get("objectives") or [])
+    b["run.objectives"] = json.dumps(json.loads(json.dumps(now["run"].get("objectives") or [])))
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         raise SpecError(

@@ -62,7 +62,9 @@ def budget(spec: SweepSpec) -> Budget:
     if spec.scheduler.name == "asha":
         nominal = n * asha_epochs_per_trial(spec.scheduler, t)
     worst = n * t if cap is None else min(n * t, cap)
-    return Budget(worst_case=worst, nominal=nominal if cap is None else min(nominal or cap, cap))
+    if nominal is not None and cap is not None:
+        nominal = min(nominal, cap)
+    return Budget(worst_case=worst, nominal=nominal)
 
 
 def describe(
@@ -92,6 +94,7 @@ def describe(
         *_fixed_lines(spec.base),
         f"search ({len(spec.search)} keys):",
         *(f"  {k:<28} {_dist(d.to_dict())}" for k, d in spec.search.items()),
+        *_objective_lines(spec),
         _searcher_line(spec),
         _scheduler_line(spec),
         _budget_line(spec),
@@ -128,11 +131,36 @@ def _searcher_line(spec: SweepSpec) -> str:
     parts = [f"seed {s.seed}"]
     if s.sampler in ("tpe", "cmaes"):
         parts.append(f"{s.n_startup_trials} start-up trials")
+    if s.sampler == "nsga2":
+        parts.append(f"population {s.population_size}")
     if s.multivariate:
         parts.append("multivariate")
     if s.points_to_evaluate:
         parts.append(f"{len(s.points_to_evaluate)} given point(s) first")
     return f"searcher: optuna {s.sampler} ({', '.join(parts)})"
+
+
+def _objective_lines(spec: SweepSpec) -> list[str]:
+    """The objectives of a multi-objective sweep (none: one metric, said by the run line)."""
+    run = spec.run
+    if not run.objectives:
+        return [f"metric: {run.metric} ({run.mode})"]
+    lines = [
+        "objectives: " + ", ".join(f"{o.metric} ({o.mode})" for o in run.objectives),
+        f"  the scheduler and the checkpoints use {run.metric}; the ranking gives the front and "
+        f"rank.select = {_select(spec.rank.select)} picks best_model/",
+    ]
+    if run.costs and spec.scheduler.name != "fifo":
+        lines.append(
+            f"  note: {spec.scheduler.name} stops trials on {run.metric} alone, so cheap models "
+            "(fewer charges, smaller networks) are stopped first and the front's cheap end may "
+            "be under-trained; scheduler: {name: fifo} trains every trial to the end"
+        )
+    return lines
+
+
+def _select(select: Any) -> str:
+    return select if isinstance(select, str) else f"{dict(select)}"
 
 
 def _scheduler_line(spec: SweepSpec) -> str:

@@ -23,19 +23,24 @@ __all__ = [
     "ResourceSpec",
     "RunSpec",
     "RankSpec",
+    "Objective",
     "SWEEP_METRICS",
+    "SELECTIONS",
     "SAMPLERS",
     "SCHEDULERS",
 ]
 
 # Optuna's samplers a spec may name (`SearcherSpec.sampler`).
-SAMPLERS = ("tpe", "random", "qmc", "cmaes", "grid")
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "grid", "nsga2")
 # Tune's schedulers a spec may name (`SchedulerSpec.name`).
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")
 # The per-split metrics the trainer reports every epoch (dcmtune.model.loss.finalize_metrics);
 # the same strings appear in the epoch table, in tune.report and in the ranking. test_* metrics
 # exist only in the ranking: the test split never chooses anything.
 SWEEP_METRICS = metrics.SWEEP_METRICS
+# How the ranking picks best_model/ among the front of a multi-objective sweep (`RankSpec.select`;
+# the mapping form {max_cost: ...} besides these).
+SELECTIONS = ("most_accurate", "knee")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +51,9 @@ class SearcherSpec:
       sampler: Optuna's sampler: "tpe" (model-based, default), "random", "qmc" (quasi-random
         Sobol points), "cmaes" (CMA-ES with margin; needs the cmaes package) or "grid" (every
         combination of the searched choices once, in a seeded order; every searched key must
-        be a choice and run.num_samples the number of combinations).
+        be a choice and run.num_samples the number of combinations) or "nsga2" (NSGA-II, the
+        genetic algorithm for several objectives). tpe, random, qmc, grid and nsga2 handle
+        several objectives (`RunSpec.objectives`); cmaes only one.
       multivariate: TPE only: model the searched parameters jointly (Optuna's multivariate TPE).
       seed: Sampler seed.
       n_startup_trials: Random trials before TPE or CMA-ES start modelling (Optuna's default is
@@ -56,6 +63,7 @@ class SearcherSpec:
         (`SweepSpec.study_storage` resolves them); None keeps the study in memory.
       points_to_evaluate: Points run first, each giving a value for every searched key
         (checked against the search space by `SweepSpec`).
+      population_size: nsga2 only: trials per generation (Optuna's default 50).
     """
 
     sampler: str = "tpe"
@@ -64,6 +72,7 @@ class SearcherSpec:
     n_startup_trials: int = 10
     storage: str | None = study.DEFAULT_STORAGE
     points_to_evaluate: tuple = ()
+    population_size: int = 50
 
     def __post_init__(self) -> None:
         _str("searcher.sampler", self.sampler, SAMPLERS)
@@ -75,6 +84,7 @@ class SearcherSpec:
             raise SpecError(f"searcher.multivariate: only used by sampler: tpe, not {self.sampler}")
         _int("searcher.seed", self.seed, 0)
         _int("searcher.n_startup_trials", self.n_startup_trials, 0)
+        _int("searcher.population_size", self.population_size, 2)
         # Relative paths are kept as written: they resolve in the experiment directory.
         study.check_storage(self.storage, error=SpecError)
         for i, p in enumerate(self.points_to_evaluate):
@@ -97,14 +107,17 @@ class SearcherSpec:
                 "n_startup_trials",
                 "storage",
                 "points_to_evaluate",
+                "population_size",
             ),
         )
         _str("searcher.name", d.pop("name", "optuna"), ("optuna",))
         sampler = d.get("sampler", "tpe")
-        if "n_startup_trials" in d and sampler in ("random", "qmc", "grid"):
+        if "n_startup_trials" in d and sampler in ("random", "qmc", "grid", "nsga2"):
             raise SpecError(
                 f"searcher.n_startup_trials: only used by sampler: tpe or cmaes, not {sampler}"
             )
+        if "population_size" in d and sampler != "nsga2":
+            raise SpecError(f"searcher.population_size: only used by sampler: nsga2, not {sampler}")
         points = d.pop("points_to_evaluate", None) or []
         if not isinstance(points, list):
             raise SpecError(
@@ -225,6 +238,72 @@ class ResourceSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Objective:
+    """One objective of a multi-objective sweep (`RunSpec.objectives`).
+
+    Attributes:
+      metric: A validation metric (`valid_esp_rmse`) or a cost of the model
+        (`dcmtune.metrics.COST_METRICS`: charges_per_atom, n_params, flops_per_molecule).
+      mode: "min": errors and costs are both lower-is-better.
+    """
+
+    metric: str
+    mode: str = "min"
+
+
+def _objectives(raw: Any) -> tuple[Objective, ...]:
+    """run.objectives as written (a list of {metric, mode} mappings, or Objectives) checked:
+    at least two, each metric known once, every mode min, the first an error."""
+    if not raw:
+        return ()
+    if not isinstance(raw, (list, tuple)) or len(raw) < 2:
+        raise SpecError(
+            "run.objectives: expected a list of at least two {metric, mode} mappings (one "
+            f"objective: use run.metric), got {raw!r}"
+        )
+    out: list[Objective] = []
+    for i, item in enumerate(raw):
+        key = f"run.objectives[{i}]"
+        if not isinstance(item, Objective):
+            if not isinstance(item, Mapping):
+                raise SpecError(
+                    f"{key}: expected a mapping {{metric: ..., mode: min}}, got {item!r}"
+                )
+            d = _mapping(key, item, ("metric", "mode"))
+            if "metric" not in d:
+                raise SpecError(f"{key}.metric: missing; expected one of {_objective_names()}")
+            item = Objective(**d)
+        out.append(_check_objective(key, item, i, [o.metric for o in out]))
+    return tuple(out)
+
+
+def _objective_names() -> str:
+    return ", ".join(metrics.OBJECTIVE_METRICS)
+
+
+def _check_objective(key: str, o: Objective, index: int, before: list[str]) -> Objective:
+    metric = _str(f"{key}.metric", o.metric)
+    if metric not in metrics.OBJECTIVE_METRICS:
+        hint = " (the test split never chooses anything)" if metric.startswith("test_") else ""
+        raise SpecError(
+            f"{key}.metric: unknown metric {metric!r}{hint}; expected one of {_objective_names()}"
+        )
+    if o.mode != "min":
+        raise SpecError(
+            f"{key}.mode: errors and costs are both lower-is-better, so expected min, "
+            f"got {o.mode!r}"
+        )
+    if index == 0 and not metric.startswith("valid_"):
+        raise SpecError(
+            f"{key}.metric: the first objective is the error the scheduler and the checkpoints "
+            f"use, so expected a valid_* metric, got {metric!r}"
+        )
+    if metric in before:
+        raise SpecError(f"{key}.metric: {metric} is already an objective; give each once")
+    return o
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
     """How the sweep runs.
 
@@ -232,7 +311,11 @@ class RunSpec:
       num_samples: Trials in total.
       max_concurrent_trials: At most this many at once (None: as many as resources allow).
       metric, mode: What the searcher, the scheduler and checkpoint scoring optimise (every
-        metric is lower-is-better: mode is "min").
+        metric is lower-is-better: mode is "min"). With `objectives`, objectives[0].
+      objectives: Several objectives (empty: one, `metric`): the searcher (Optuna, several
+        directions) optimises all of them and the ranking gives their front; the scheduler,
+        checkpoint scoring and the "best trial" use objectives[0], a validation error. The
+        others may be costs of the model (`dcmtune.model.cost`).
       resources: Per trial.
       max_failures: Retries of a crashed trial (from its last checkpoint).
       checkpoint_every: A Tune checkpoint every N epochs besides those at improvements and at
@@ -265,8 +348,15 @@ class RunSpec:
     max_trial_epochs: int | None = None
     jax_cache_dir: str = ""
     local_dir: str = ""
+    objectives: tuple[Objective, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "objectives", _objectives(self.objectives))
+        if self.objectives and (self.metric, self.mode) != (self.objectives[0].metric, "min"):
+            raise SpecError(
+                "run.metric: given with run.objectives, whose first metric is the one the "
+                "scheduler uses; keep one"
+            )
         _int("run.num_samples", self.num_samples, 1)
         _int("run.max_concurrent_trials", self.max_concurrent_trials, 1, none_ok=True)
         _str("run.metric", self.metric)
@@ -299,12 +389,31 @@ class RunSpec:
                 "a valid_* metric"
             )
 
+    @property
+    def objective_metrics(self) -> tuple[str, ...]:
+        """The metrics optimised: the objectives', else (metric,)."""
+        return tuple(o.metric for o in self.objectives) or (self.metric,)
+
+    @property
+    def costs(self) -> tuple[str, ...]:
+        """The cost metrics among the objectives (the trials report them)."""
+        return tuple(m for m in self.objective_metrics if m in metrics.COST_METRICS)
+
     @classmethod
     def from_dict(cls, raw: Any, base_dir: Path, storage_override=None) -> RunSpec:
         """The run section with its paths resolved: storage_path, local_dir and jax_cache_dir
         relative to `base_dir` (the spec's directory); `storage_override` (--storage-path)
         relative to the working directory."""
         d = _mapping("run", raw, [f.name for f in dataclasses.fields(cls)])
+        if d.get("objectives"):
+            for key in ("metric", "mode"):
+                if key in d:
+                    raise SpecError(
+                        f"run.{key}: given with run.objectives, whose first objective is what "
+                        "the scheduler uses; keep one"
+                    )
+            objectives = _objectives(d.pop("objectives"))
+            d.update(objectives=objectives, metric=objectives[0].metric, mode="min")
         storage = _storage_path(d.pop("storage_path", None), base_dir, storage_override)
         local_dir = _path("run.local_dir", d.pop("local_dir", None), base_dir)
         cache = _path("run.jax_cache_dir", d.pop("jax_cache_dir", None), base_dir)
@@ -348,15 +457,51 @@ def _path(key: str, value: Any, base_dir: Path) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class RankSpec:
     """Ranking of the finished sweep: the best `top_k` trials by the validation metric,
-    re-evaluated on `split` (the test split by default)."""
+    re-evaluated on `split` (the test split by default). With several objectives the ranking
+    lists the front instead, and `select` picks best_model/ from it (`dcmtune.analysis.pareto`):
+
+      most_accurate          the lowest validation error (objectives[0]; the default)
+      knee                   the cheapest model within 5% of the best validation error
+      {max_cost: {m: x}}     the most accurate model whose cost m is at most x (several costs:
+                             every bound holds); {max_cost: x} when one cost is an objective
+    """
 
     top_k: int = 5
     split: str = "test"
+    select: str | Mapping[str, Any] = "most_accurate"
 
     def __post_init__(self) -> None:
         _int("rank.top_k", self.top_k, 1)
         _str("rank.split", self.split, ("test", "valid"))
+        object.__setattr__(self, "select", _selection(self.select))
 
     @classmethod
     def from_dict(cls, raw: Any) -> RankSpec:
-        return cls(**_mapping("rank", raw, ("top_k", "split")))
+        return cls(**_mapping("rank", raw, ("top_k", "split", "select")))
+
+
+def _selection(raw: Any) -> str | dict[str, Any]:
+    """rank.select checked on its own (its costs against the objectives: `SweepSpec`)."""
+    expected = "most_accurate, knee or {max_cost: {<cost metric>: <bound>}}"
+    if isinstance(raw, str):
+        if raw not in SELECTIONS:
+            raise SpecError(f"rank.select: expected {expected}, got {raw!r}")
+        return raw
+    if not isinstance(raw, Mapping) or set(raw) != {"max_cost"}:
+        raise SpecError(f"rank.select: expected {expected}, got {raw!r}")
+    bounds = raw["max_cost"]
+    if _is_num(bounds):
+        return {"max_cost": _num("rank.select.max_cost", bounds, gt=0)}
+    if not isinstance(bounds, Mapping) or not bounds:
+        raise SpecError(
+            f"rank.select.max_cost: expected a mapping of cost metrics to bounds, got {bounds!r}"
+        )
+    out = {}
+    for name, bound in bounds.items():
+        if name not in metrics.COST_METRICS:
+            raise SpecError(
+                f"rank.select.max_cost.{name}: not a cost metric; expected one of "
+                f"{', '.join(metrics.COST_METRICS)}"
+            )
+        out[name] = _num(f"rank.select.max_cost.{name}", bound, gt=0)
+    return {"max_cost": out}

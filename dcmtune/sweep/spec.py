@@ -8,17 +8,19 @@ key: docs/sweep_spec.md):
   model:      fixed ModelConfig values
   training:   fixed TrainingConfig values (training.num_epochs is ASHA's max_t)
   search:     dotted config key -> one distribution (`dcmtune.sweep.space`)
-  searcher:   optuna: sampler (tpe | random | qmc | cmaes | grid), multivariate, seed,
-              n_startup_trials, storage (default: the
+  searcher:   optuna: sampler (tpe | random | qmc | cmaes | grid | nsga2), multivariate, seed,
+              n_startup_trials, population_size, storage (default: the
               journal file optuna.log in the experiment directory; see dcmtune.sweep.study),
               points_to_evaluate
   scheduler:  asha (grace_period, reduction_factor, brackets) | hyperband (reduction_factor) |
               median (grace_period, min_samples_required) | fifo; max_t = training.num_epochs
-  run:        num_samples, max_concurrent_trials, metric, mode, resources {cpu, gpu, gpu_share},
+  run:        num_samples, max_concurrent_trials, metric, mode (or objectives: several, e.g. an
+              error and a cost), resources {cpu, gpu, gpu_share},
               max_failures, storage_path (a directory or s3://, gs:// ...), checkpoint_every,
               num_to_keep, time_budget_s, max_trial_epochs, jax_cache_dir,
               local_dir
-  rank:       top_k, split (used by the ranking of the best trials)
+  rank:       top_k, split, select (used by the ranking of the best trials; select picks
+              best_model/ from the front of several objectives)
   debug:      dotted config key -> value, applied by `--debug` on top of one point of the space
   tracking:   mlflow {tracking_uri, experiment_name, tags}, wandb {project, entity, group, mode,
               tags} (see dcmtune.train.tracking)
@@ -45,10 +47,12 @@ from dcmtune._io import plain
 from dcmtune._yaml import read_yaml
 from dcmtune.config import ConfigError, ExperimentConfig
 from dcmtune.data.dataset import is_bundled_name
+from dcmtune.metrics import COST_METRICS
 from dcmtune.sweep import study
 from dcmtune.sweep.overrides import Override, apply_overrides
 from dcmtune.sweep.sections import (
     SWEEP_METRICS,
+    Objective,
     RankSpec,
     ResourceSpec,
     RunSpec,
@@ -73,6 +77,7 @@ __all__ = [
     "ResourceSpec",
     "RunSpec",
     "RankSpec",
+    "Objective",
     "SweepSpec",
     "load_spec",
     "read_spec",
@@ -149,6 +154,7 @@ class SweepSpec:
         _check_name("name", self.name)
         _check_points(self.searcher.points_to_evaluate, self.search)
         _check_run(self.run, self)
+        _check_objectives(self)
         if self.searcher.sampler == "grid":
             _check_grid(self)
 
@@ -479,17 +485,69 @@ def _check_points(points: tuple, search: Mapping[str, Distribution]) -> None:
 def _check_run(run: RunSpec, spec: SweepSpec) -> None:
     """Checks of `run:` that depend on the rest of the spec."""
     searched_weights = [k for k in spec.search if k in LOSS_WEIGHTS]
-    if run.metric.endswith("_loss") and searched_weights:
-        raise SpecError(
-            f"run.metric: {run.metric} changes scale with the searched loss weight "
-            f"{searched_weights[0]}, so trials cannot be compared; use "
-            "valid_esp_rmse"
-        )
+    for key, metric in objective_keys(run):
+        if metric.endswith("_loss") and searched_weights:
+            raise SpecError(
+                f"{key}: {metric} changes scale with the searched loss weight "
+                f"{searched_weights[0]}, so trials cannot be compared; use "
+                "valid_esp_rmse"
+            )
     for i, point in enumerate(spec.searcher.points_to_evaluate):
         try:
             spec.config_for(point)
         except ConfigError as e:
             raise SpecError(f"searcher.points_to_evaluate[{i}]: not a valid config ({e})") from None
+
+
+def objective_keys(run: RunSpec) -> list[tuple[str, str]]:
+    """(spec key, metric) of each metric the sweep optimises."""
+    if not run.objectives:
+        return [("run.metric", run.metric)]
+    return [(f"run.objectives[{i}].metric", o.metric) for i, o in enumerate(run.objectives)]
+
+
+def _check_objectives(spec: SweepSpec) -> None:
+    """Several objectives: each cost can vary over the space, the sampler handles several, and
+    rank.select names costs that are objectives."""
+    run, select = spec.run, spec.rank.select
+    for key, metric in objective_keys(run)[1:]:
+        if metric == "charges_per_atom" and "model.n_dcm" not in spec.search:
+            raise SpecError(
+                f"{key}: charges_per_atom is model.n_dcm, which is not searched; search "
+                "model.n_dcm or drop this objective"
+            )
+        if metric in COST_METRICS and not any(k.startswith("model.") for k in spec.search):
+            raise SpecError(
+                f"{key}: {metric} depends only on model.* keys, none of which is searched; "
+                "search one or drop this objective"
+            )
+    if run.objectives and spec.searcher.sampler == "cmaes":
+        raise SpecError(
+            "searcher.sampler: cmaes handles one objective; use tpe or nsga2 with run.objectives"
+        )
+    if select == "most_accurate":
+        return
+    if not run.costs:
+        raise SpecError(
+            f"rank.select: {_select_text(select)} chooses on cost, but no cost is an objective; "
+            "add one to run.objectives (e.g. {metric: charges_per_atom, mode: min})"
+        )
+    bounds = select["max_cost"] if isinstance(select, Mapping) else None
+    if isinstance(bounds, float) and len(run.costs) > 1:
+        raise SpecError(
+            f"rank.select.max_cost: {len(run.costs)} costs are objectives "
+            f"({', '.join(run.costs)}); give a bound per cost, e.g. {{{run.costs[0]}: 2}}"
+        )
+    for name in bounds if isinstance(bounds, Mapping) else ():
+        if name not in run.costs:
+            raise SpecError(
+                f"rank.select.max_cost.{name}: not an objective; expected one of "
+                f"{', '.join(run.costs)}"
+            )
+
+
+def _select_text(select: Any) -> str:
+    return select if isinstance(select, str) else "max_cost"
 
 
 def _check_grid(spec: SweepSpec) -> None:

@@ -7,7 +7,9 @@ reach the bucket through Tune, see `_trial_dirs`), and reports every epoch to Tu
 checkpoint is attached whenever the sweep metric improves, every `checkpoint_every` epochs and at
 the last epoch, so every trial's best epoch has one. A retried trial resumes from the newest
 checkpoint that passes its checksums, `tune.get_checkpoint()` or the trainer's own `latest`. A
-non-finite loss ends the trial cleanly with `fit_status = "diverged"`.
+non-finite loss ends the trial cleanly with `fit_status = "diverged"`. The cost metrics among a
+multi-objective sweep's objectives (`dcmtune.model.cost`: charges per atom, parameters, FLOPs)
+are computed once from the trial's config and reported with every epoch.
 
 JAX/XLA settings for trial processes are computed once
 (`dcmtune.sweep.resources.trial_env_vars`) and applied in one place: through Ray's runtime
@@ -61,6 +63,7 @@ class TrialSettings:
       experiment_dir: <storage_path>/<name>; trials write to experiment_dir/trial_<id>.
         Empty: Tune's node-local trial directory, synced to storage by Tune.
       gpu: The GPU share each trial asked for (0: CPU trials); set by `make_trainable`.
+      costs: Cost metrics reported with every epoch (the costs among the objectives).
     """
 
     base: dict
@@ -70,6 +73,7 @@ class TrialSettings:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     experiment_dir: str = ""
     gpu: float = 0.0
+    costs: tuple[str, ...] = ()
 
 
 def trial_dirname(trial_id: str) -> str:
@@ -151,8 +155,10 @@ class _TuneReporter:
         events: EventReporter | None = None,
         publish: Callable[[], None] = lambda: None,
         acknowledge: Callable[[int], None] = lambda epoch: None,
+        costs: Mapping[str, float] | None = None,
     ):
         self.publish, self.acknowledge = publish, acknowledge
+        self.costs = dict(costs or {})
         self.metric = settings.metric
         self.every, self.num_epochs = settings.checkpoint_every, num_epochs
         self.best = best
@@ -172,7 +178,7 @@ class _TuneReporter:
         self, epoch: int, metrics: dict, checkpoint_dir: Path | None, force: bool = False
     ) -> None:
         self.calls += 1
-        out = {k: plain(v) for k, v in metrics.items()}
+        out = {k: plain(v) for k, v in metrics.items()} | self.costs
         diverged = bool(out.get("diverged"))
         out["fit_status"] = (
             "diverged" if diverged else "completed" if epoch == self.num_epochs else "running"
@@ -224,7 +230,6 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
     from dcmtune.train.loop import fit
 
     check_trial_backend(settings.gpu, jax.default_backend())
-
     trial_dir, synced = _trial_dirs(settings)
     experiment = ExperimentConfig.from_dict(settings.base)
     point = {k: plain(v) for k, v in config.items()}
@@ -241,6 +246,7 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
             acknowledge=lambda epoch: _io.write_json(
                 trial_dir / ACK_FILE, {"epoch": epoch}, durable=False
             ),
+            costs=_costs(cfg, dataset, settings.costs),
         )
 
     with contextlib.ExitStack() as stack:
@@ -269,6 +275,15 @@ def train_trial(config: dict, *, data: Mapping[str, Any], settings: TrialSetting
     if result.status != "completed":
         best = f"best valid_loss {result.best_valid_loss:.6g} at epoch {result.best_epoch}"
         log.warning("trial %s ended: %s (%s)", trial_dir.name, result.status, best)
+
+
+def _costs(cfg: ExperimentConfig, dataset, names: tuple[str, ...]) -> dict[str, float]:
+    """The trial's cost metrics `names` (none: nothing is computed)."""
+    if not names:
+        return {}
+    from dcmtune.model.cost import model_costs, reference_num_atoms
+
+    return model_costs(cfg.model, reference_num_atoms(dataset.N), names)
 
 
 def _resume(

@@ -17,6 +17,12 @@ finished trial with a poor value, and TPE models the truncated value as if it we
   whose checkpoint is kept and ranked), not the last one;
 - a trial that crashed is FAIL.
 
+With several objectives (`metric` and `mode` lists; the first is the validation error the
+scheduler uses) Optuna takes no intermediate values, so none are reported; a complete trial is
+told every objective's value at its best epoch by the first objective (its checkpoint's epoch),
+a scheduler-stopped one PRUNED without values (the samplers then rank it behind every complete
+trial). Tune's own `metric` (the first objective, for the scheduler) does not replace the list.
+
 With an Optuna storage (sqlite, ...), `--resume` keeps "every trial exactly once":
 
 - `points_to_evaluate` are enqueued only where the study holds no live or finished trial with
@@ -60,19 +66,26 @@ class PruningAwareOptunaSearch(OptunaSearch):
     Args:
       time_attr: The result key counting epochs (ASHA's time attribute).
       max_t: Epochs of a complete trial (training.num_epochs).
-      **kwargs: As for `ray.tune.search.optuna.OptunaSearch` (single objective only).
+      **kwargs: As for `ray.tune.search.optuna.OptunaSearch`; `metric` and `mode` may be
+        lists (several objectives, the first one's best epoch chooses the values told).
     """
 
     def __init__(self, *args: Any, time_attr: str = "epoch", max_t: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if isinstance(self._metric, list):
-            raise ValueError(
-                f"PruningAwareOptunaSearch supports a single metric, got {self._metric}"
-            )
         self._time_attr = time_attr
         self._max_t = int(max_t)
         self._best: dict[str, float] = {}
+        self._best_values: dict[str, list[float]] = {}
         self._steps: dict[str, set[int]] = {}
+
+    @property
+    def _objectives(self) -> list[str]:
+        return list(self._metric) if isinstance(self._metric, list) else [self._metric]
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        if isinstance(self._metric, list):  # Tune passes the scheduler's (first) metric only
+            metric, mode = None, None
+        return super().set_search_properties(metric, mode, config, **spec)
 
     # ----------------------------------------------------------------- exactly once on resume
 
@@ -100,8 +113,13 @@ class PruningAwareOptunaSearch(OptunaSearch):
             ):
                 self._ot_study.enqueue_trial(dict(point))
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_best_values", {})  # searchers pickled before several objectives
+        self.__dict__.update(state)
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self.__dict__.setdefault("_best_values", {})
         self._reconcile_with_study()
 
     def _reconcile_with_study(self) -> None:
@@ -143,24 +161,31 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._record(trial_id, result)
 
     def _record(self, trial_id: str, result: dict | None) -> None:
-        """Reports the result's metric as an intermediate value at its epoch."""
-        if not result or self.metric not in result or self._time_attr not in result:
+        """Reports the result's (first) metric as an intermediate value at its epoch (one
+        objective), and keeps the trial's best epoch's values."""
+        names = self._objectives
+        if not result or names[0] not in result or self._time_attr not in result:
             return
-        value, step = result[self.metric], int(result[self._time_attr])
+        value, step = result[names[0]], int(result[self._time_attr])
         if value is None or not math.isfinite(float(value)):
             return
         steps = self._steps.setdefault(trial_id, set())
         if step in steps:
             return  # an epoch already reported (e.g. replayed after a resume)
-        try:
-            self._ot_trials[trial_id].report(float(value), step)
-        except (RuntimeError, ValueError) as e:  # finished meanwhile (e.g. before a resume)
-            log.info("trial %s: not reported to Optuna (%s)", trial_id, e)
+        if len(names) == 1:
+            try:
+                self._ot_trials[trial_id].report(float(value), step)
+            except (RuntimeError, ValueError) as e:  # finished meanwhile (e.g. before a resume)
+                log.info("trial %s: not reported to Optuna (%s)", trial_id, e)
+                return
+        elif not all(_finite(result.get(m)) for m in names):
             return
         steps.add(step)
         best = self._best.get(trial_id)
-        better = min if self.mode == "min" else max
-        self._best[trial_id] = float(value) if best is None else better(best, float(value))
+        mode = self.mode[0] if isinstance(self.mode, list) else self.mode
+        if best is None or (float(value) < best if mode == "min" else float(value) > best):
+            self._best[trial_id] = float(value)
+            self._best_values[trial_id] = [float(result[m]) for m in names]
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -177,6 +202,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
             state, value = optuna.trial.TrialState.FAIL, None
         elif epochs < self._max_t or trial_id not in self._best:
             state, value = optuna.trial.TrialState.PRUNED, None
+        elif len(self._objectives) > 1:
+            state, value = optuna.trial.TrialState.COMPLETE, self._best_values[trial_id]
         else:
             state, value = optuna.trial.TrialState.COMPLETE, self._best[trial_id]
         try:
@@ -188,7 +215,12 @@ class PruningAwareOptunaSearch(OptunaSearch):
         )
         self._completed_trials.add(trial_id)
         self._best.pop(trial_id, None)
+        self._best_values.pop(trial_id, None)
         self._steps.pop(trial_id, None)
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and math.isfinite(float(v))
 
 
 def _same_params(a: dict, b: dict) -> bool:

@@ -2,7 +2,9 @@
 which trials the scheduler stopped (`tune_ext.PruningAwareOptunaSearch`), the spec's scheduler
 on the `epoch` attribute (ASHA's rungs saved with the experiment; HyperBand's and median
 stopping's start afresh on --resume), the logger callbacks, checkpoints scored on the sweep
-metric. Ray is imported when a Tuner is built.
+metric. With several objectives (`run.objectives`) the searcher optimises all of them while the
+scheduler and checkpoint scoring use the first (Tune's schedulers take one metric). Ray is
+imported when a Tuner is built.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def sampler(spec: SweepSpec):
         return optuna.samplers.CmaEsSampler(
             seed=s.seed, n_startup_trials=s.n_startup_trials, with_margin=True
         )
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
     if s.sampler == "grid":
         from dcmtune.sweep.tune_ext import TuneGridSampler
 
@@ -42,16 +46,17 @@ def sampler(spec: SweepSpec):
 
 def _searcher(spec: SweepSpec):
     """The Optuna search (its study in the spec's storage) under the spec's concurrency
-    limit."""
+    limit; with several objectives, one direction per objective."""
     from ray.tune.search import ConcurrencyLimiter
 
     from dcmtune.sweep.tune_ext import PruningAwareOptunaSearch
 
     run, s = spec.run, spec.searcher
     storage = study.open_storage(spec.study_storage) if spec.study_storage else None
+    names = list(run.objective_metrics)
     searcher = PruningAwareOptunaSearch(
-        metric=run.metric,
-        mode=run.mode,
+        metric=names if run.objectives else run.metric,
+        mode=[o.mode for o in run.objectives] if run.objectives else run.mode,
         sampler=sampler(spec),
         study_name=spec.name,
         storage=storage,
