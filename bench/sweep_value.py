@@ -2,6 +2,7 @@
 
     python bench/sweep_value.py --split-seed 0 [--budget 800] [--seeds 0 1 2] [--concurrency 2]
                                 [--storage experiments/sweep_value] [--json FILE]
+                                [--set KEY=VALUE ...]  (a variant: e.g. scheduler.grace_period=3)
 
 1. The sweep: search_spaces/accurate.yaml as shipped (the bundled organic set, molecule split),
    with `--set data.split_seed=S run.max_trial_epochs=BUDGET run.max_concurrent_trials=C
@@ -34,6 +35,7 @@ from dcmtune.analysis import analyze_checkpoint
 from dcmtune.config import ExperimentConfig
 from dcmtune.sweep import local_ray
 from dcmtune.sweep.driver import run_sweep
+from dcmtune.sweep.overrides import parse_set
 from dcmtune.sweep.spec import SweepSpec, find_spec, load_spec, read_spec, spec_from_dict
 
 TARGET = 0.90
@@ -47,6 +49,7 @@ def sweep_spec(args) -> SweepSpec:
         ("run.max_concurrent_trials", args.concurrency),
         ("run.resources", {"cpu": 1, "gpu": "auto"}),
         ("run.storage_path", str(Path(args.storage).resolve())),
+        *(parse_set(item) for item in args.set),
     ]
     path = find_spec("accurate")
     if not args.smoke:
@@ -149,6 +152,7 @@ def run_study(args) -> dict[str, Any]:
     return {
         "split_seed": args.split_seed,
         "budget": spec.run.max_trial_epochs,
+        "variant": list(args.set),
         "trial_epochs": used,
         "trials": len(outcome.results),
         "sweep_wall_s": sweep_wall,
@@ -171,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--storage", default="experiments/sweep_value")
     p.add_argument("--json", help="write the figures to this file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a variant of the shipped spec, as `python -m dcmtune.sweep --set` (repeatable)",
+    )
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
