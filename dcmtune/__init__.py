@@ -50,6 +50,7 @@ _API = {
     "run_sweep": "dcmtune.sweep.driver",
     "rank_experiment": "dcmtune.analysis.rank",
     "load_model": "dcmtune.predict.predictor",
+    "list_models": "dcmtune.models",
     "Predictor": "dcmtune.predict.predictor",
     "PredictError": "dcmtune.predict.predictor",
 }

@@ -167,6 +167,7 @@ def test_every_module_sits_in_a_wing_or_the_kit():
             "dcmtune._io",
             "dcmtune._yaml",
             "dcmtune.datasets",
+            "dcmtune.models",
         }
         | SHIMS
     )

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         type=Path,
-        help="checkpoint dir, run/trial dir, a sweep's best_model/ or the sweep dir",
+        help="checkpoint, run or sweep dir, best_model/, or a shipped model (organic-v1)",
     )
     p.add_argument(
         "input",

@@ -292,7 +292,8 @@ def default_batch_size() -> int:
 
 
 def load_model(path: str | os.PathLike, which: str = "best") -> Predictor:
-    """A Predictor from a checkpoint, run/trial directory, `best_model/` or sweep directory.
+    """A Predictor from a checkpoint, run/trial directory, `best_model/` or sweep directory,
+    or a shipped model's name (`dcmtune.models.list_models()`) when no such path exists.
 
     Args:
       path: See the module docstring.
@@ -308,6 +309,13 @@ def load_model(path: str | os.PathLike, which: str = "best") -> Predictor:
     from dcmtune.train.checkpoints import META_FILE, CheckpointError
 
     p = Path(path)
+    if not p.exists() and p.name == str(path):  # a bare name: a shipped model
+        from dcmtune.models import UnknownModel, model_dir
+
+        try:
+            p = model_dir(str(path))
+        except UnknownModel as e:
+            raise PredictError(str(e)) from None
     if not (p / META_FILE).is_file() and (p / "best_model" / META_FILE).is_file():
         p = p / "best_model"  # a sweep's experiment directory: its winner
     try:

@@ -1,0 +1,88 @@
+"""Shipped models: listed, opened by name in a fresh install (package data, no network), a path of
+the same name preferred, an unknown name refused in one line, and the model card's test error
+re-measured from the shipped checkpoint on the split it records."""
+
+import json
+import re
+import shutil
+
+import ase
+import ase.io
+import numpy as np
+import pytest
+
+import dcmtune
+from dcmtune.models import list_models, model_dir
+from dcmtune.predict import PredictError, load_model
+from dcmtune.predict.commands import main as cli_main
+
+NAME = "organic-v1"
+MAX_BYTES = 5 * 2**20
+
+
+def test_the_shipped_model_is_listed_small_and_carded():
+    assert NAME in list_models() == dcmtune.list_models()
+    d = model_dir(NAME)
+    files = {p.name for p in d.iterdir()}
+    assert {"meta.json", "state.msgpack", "config.json", "split.json", "MODEL_CARD.md"} <= files
+    assert sum(p.stat().st_size for p in d.iterdir()) < MAX_BYTES
+    card = (d / "MODEL_CARD.md").read_text()
+    for needed in ("python -m dcmtune.train", "HF/6-31G", "test", "MMFF94", "neutral"):
+        assert needed in card, needed
+
+
+def test_load_by_name_predicts_a_neutral_molecule():
+    predictor = load_model(NAME)
+    assert predictor.path.is_relative_to(model_dir(NAME))
+    assert predictor.domain is not None and predictor.domain.max_atoms >= 20
+    methanol = ase.Atoms(
+        "COHHHH",
+        positions=[
+            [0.0, 0.0, 0.0], [1.43, 0.0, 0.0], [1.75, 0.9, 0.0],
+            [-0.36, 1.03, 0.0], [-0.36, -0.52, 0.89], [-0.36, -0.52, -0.89],
+        ],
+    )  # fmt: skip
+    (pred,) = predictor.predict(methanol)
+    assert pred.charges.shape == (6, predictor.n_dcm)
+    assert abs(pred.charges.sum()) < 1e-4  # neutral: the charges sum to the total charge
+    assert pred.monopoles[1] < 0 < pred.monopoles[2]  # O negative, its H positive
+
+
+def test_a_path_of_the_same_name_wins(tiny_predict_run, tmp_path, monkeypatch):
+    shutil.copytree(tiny_predict_run, tmp_path / NAME)
+    monkeypatch.chdir(tmp_path)
+    assert load_model(NAME).path.resolve().is_relative_to((tmp_path / NAME).resolve())
+
+
+def test_an_unknown_name_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PredictError, match=rf"no-such-model: .*shipped: {NAME}"):
+        load_model("no-such-model")
+    xyz = tmp_path / "water.xyz"
+    ase.io.write(xyz, ase.Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
+    assert cli_main(["no-such-model", str(xyz)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a shipped model" in err[0]
+    assert not list(tmp_path.glob("water.dcm*"))
+
+
+def test_cli_predicts_with_the_model_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    xyz = tmp_path / "water.xyz"
+    ase.io.write(xyz, ase.Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
+    assert cli_main([NAME, str(xyz), "--out", str(tmp_path / "w.npz")]) == 0
+    assert f"models/{NAME}" in capsys.readouterr().out
+    with np.load(tmp_path / "w.npz") as f:
+        assert abs(f["charges"].sum()) < 1e-4
+
+
+def test_the_cards_test_error_is_what_the_checkpoint_gives():
+    from dcmtune.analysis import analyze_checkpoint
+
+    d = model_dir(NAME)
+    card = (d / "MODEL_CARD.md").read_text()
+    stated = float(re.search(r"test ESP RMSE \*\*([0-9.]+)\*\*", card).group(1))
+    split = json.loads((d / "split.json").read_text())
+    measured = analyze_checkpoint(d, "test").metrics["esp_rmse"]
+    assert len(split["indices"]["test"]) > 0
+    assert measured == pytest.approx(stated, abs=5e-4)
