@@ -378,14 +378,29 @@ def node_table(gcs_address: str, env: dict) -> dict[int, bool]:
     return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
+# What `ray start` prints when its raylet did not register in the GCS within Ray's fixed 30 s
+# (ray/_private/node.py: raylet_start_wait_time_s, no setting changes it), or when the node
+# could not reach the head's GCS while asking it so. On a loaded machine a node can miss those
+# deadlines; start_node starts such a node again, fresh.
+_STARTUP_TIMED_OUT = ("timed out during startup", "Failed to connect to GCS")
+START_ATTEMPTS = 3
+
+
+class StartupTimedOut(AssertionError):
+    """`ray start` gave up because its raylet did not register within Ray's fixed 30 s."""
+
+
 class Node:
     """One Ray node: `ray start --block` with its own temp dir and ports."""
 
-    def __init__(self, workdir: Path, name: str, num_cpus: int, head_address: str = ""):
+    def __init__(
+        self, workdir: Path, name: str, num_cpus: int, head_address: str = "", attempt: int = 0
+    ):
         self.name = name
         self.env = base_env(workdir)
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"c{name[0]}"))  # short: socket paths
-        self.log_path = workdir / f"ray-{name}.log"
+        suffix = f".{attempt}" if attempt else ""  # a failed attempt's log is kept
+        self.log_path = workdir / f"ray-{name}{suffix}.log"
         self.log = open(self.log_path, "w")
         self.node_manager_port = free_port()
         ports = [
@@ -443,7 +458,9 @@ class Node:
         """Whether `ray start` reports the node up (its log line); raises if it exited."""
         text = self._text()
         if self.proc.poll() is not None:
-            raise AssertionError(
+            timed_out = any(m in text for m in _STARTUP_TIMED_OUT)
+            kind = StartupTimedOut if timed_out else AssertionError
+            raise kind(
                 f"ray start of the {self.name} exited with {self.proc.returncode}: {text[-2000:]}"
             )
         return "Ray runtime started" in text
@@ -491,9 +508,48 @@ class Node:
                 continue
         raise AssertionError(f"no raylet under the {self.name}'s ray start process")
 
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes of this node that outlived its `ray start` (which stops them when it ends
+        normally, not when it gives up during start-up): those whose command line names the
+        node's own temp dir, which only processes this node started do."""
+        mine = str(self.temp_dir)
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid != os.getpid() and any(mine in a for a in p.info["cmdline"] or ()):
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
     def stop(self) -> None:
         stop(self.proc, f"ray start of the {self.name}")
+        left = self.leftovers()
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=STALL_S)
         self.log.close()
 
     def remove(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_node(workdir: Path, name: str, num_cpus: int, head_address: str = "") -> Node:
+    """A node registered alive in the head's GCS. A `ray start` that gave up on Ray's fixed 30 s
+    start-up deadline (a loaded machine) is stopped with every process it left and started
+    again with fresh ports and temp dir, at most START_ATTEMPTS times; any other failure fails
+    at once."""
+    for attempt in range(START_ATTEMPTS):
+        node = Node(workdir, name, num_cpus, head_address, attempt)
+        try:
+            node.wait_registered()
+            return node
+        except BaseException as e:
+            node.stop()
+            node.remove()
+            if not isinstance(e, StartupTimedOut) or attempt == START_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")

@@ -31,6 +31,7 @@ from cluster_kit import (
     processes,
     ray_workers,
     run,
+    start_node,
     stop,
     wait_for,
 )
@@ -47,9 +48,8 @@ class Cluster(typing.NamedTuple):
     env: dict
 
     def add_worker(self) -> Node:
-        node = Node(self.workdir, f"worker{len(self.workers) + 1}", 1, self.head.address)
+        node = start_node(self.workdir, f"worker{len(self.workers) + 1}", 1, self.head.address)
         self.workers.append(node)
-        node.wait_registered()
         return node
 
     def run(self, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -84,10 +84,13 @@ class Cluster(typing.NamedTuple):
 def cluster(tmp_path_factory):
     wd = tmp_path_factory.mktemp("cluster")
     moto = MotoServer(wd)
-    head = Node(wd, "head", 0)
+    try:
+        head = start_node(wd, "head", 0)
+    except BaseException:
+        moto.close()
+        raise
     c = Cluster(wd, moto, head, [], base_env(wd))
     try:
-        head.wait_registered()
         yield c
     finally:
         for node in c.workers:
