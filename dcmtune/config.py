@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 SCHEDULE_TYPES = ("cosine", "exponential", "step")
+# Parameter groups training.freeze may keep fixed (dcmtune.model.dcmnet.param_group).
+FREEZABLE_GROUPS = ("embedding", "message_passing")
 SPLIT_BY = ("molecule", "conformer")
 BATCHING = ("bucketed", "padded")
 DIPOLE_UNITS = ("debye", "e_bohr", "e_angstrom")
@@ -318,6 +320,14 @@ class TrainingConfig(_Config):
       report_test_metrics: Also evaluate the test split every epoch and report its metrics as
         test_* (for benchmark tables of learning curves, bench/learning_curves.py). Nothing is
         chosen on them: sweeps select and rank on valid_* metrics only.
+      init_from: Fine-tuning: start from the weights (and EMA weights) of this checkpoint, run
+        directory (its best checkpoint), sweep directory (its best_model) or shipped model name
+        (`dcmtune.models.list_models()`; looked up only when no such path exists), with a
+        fresh optimizer, schedule, step and epoch count. Its model section must be this run's.
+        None: random initial weights.
+      freeze: Parameter groups kept fixed while training: "embedding" (the atom-type
+        embedding) and/or "message_passing" (the message passes and their residual MLPs);
+        the charge and displacement heads always train (`dcmtune.model.dcmnet.param_group`).
     """
 
     _section = "training"
@@ -341,6 +351,8 @@ class TrainingConfig(_Config):
     save_every_n_epochs: int = 10
     keep_top_k_checkpoints: int = 5
     report_test_metrics: bool = False
+    init_from: str | None = None
+    freeze: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def effective_warmup_epochs(self) -> int:
@@ -366,6 +378,16 @@ class TrainingConfig(_Config):
         self._check_schedule()
         need("save_every_n_epochs", self.save_every_n_epochs >= 0, "0 (off) or more")
         need("keep_top_k_checkpoints", self.keep_top_k_checkpoints >= 0, "0 or more")
+        need("init_from", self.init_from is None or self.init_from.strip() != "", "a path or name")
+        for i, group in enumerate(self.freeze):
+            _check(
+                f"{self._section}.freeze[{i}]",
+                group in FREEZABLE_GROUPS,
+                " or ".join(FREEZABLE_GROUPS),
+                group,
+            )
+        need("freeze", len(set(self.freeze)) == len(self.freeze), "each group at most once")
+        need("freeze", not self.freeze or self.init_from is not None, "[] without init_from")
 
     def _check_schedule(self) -> None:
         need = self._require

@@ -46,6 +46,11 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
             ("test ESP RMSE", "median"),
         ),
         (
+            "finetune",
+            ["--smoke", "--output-dir", str(tmp / "finetune")],
+            ("pretrained only (no heterocycles seen)", "ratio of medians"),
+        ),
+        (
             "epoch_bookkeeping",
             ["--smoke", "--output-dir", str(tmp / "bookkeeping")],
             ("2 epochs: wall", "save_checkpoint", "TensorBoard events"),

@@ -6,7 +6,9 @@ key: docs/sweep_spec.md):
   name, description, notes, random_seed     the experiment (name = directory under storage_path)
   data:       DataConfig fields; data_files relative to the spec file (none = bundled demo set)
   model:      fixed ModelConfig values
-  training:   fixed TrainingConfig values (training.num_epochs is ASHA's max_t)
+  training:   fixed TrainingConfig values (training.num_epochs is ASHA's max_t); init_from
+              (a checkpoint relative to the spec file, or a shipped model name) fine-tunes:
+              every trial starts from its weights, and model: must be its (not searched)
   search:     dotted config key -> one distribution (`dcmtune.sweep.space`)
   searcher:   optuna: sampler (tpe | random | qmc | cmaes | grid | nsga2), multivariate, seed,
               n_startup_trials, population_size, storage (default: the
@@ -67,6 +69,8 @@ from dcmtune.sweep.space import (
     field_kind,
     parse_distribution,
 )
+from dcmtune.train import finetune
+from dcmtune.train.checkpoints import CheckpointError
 from dcmtune.train.tracking import TrackingSpec, parse_tracking
 
 __all__ = [
@@ -114,6 +118,7 @@ _TOP_LEVEL = (
 _NOT_SEARCHABLE = {
     "training.num_epochs": "it is the scheduler's max_t; fix it under training:",
     "model.max_atomic_number": "it must cover the data; fix it under model:",
+    "training.init_from": "it is the model every trial starts from; fix it under training:",
 }
 
 
@@ -347,13 +352,33 @@ def _base_config(
         for sec, cls in SECTIONS.items()
     }
     sections["data"]["data_files"] = _data_files(sections["data"].get("data_files", []), base_dir)
+    if sections["training"].get("init_from") is not None:
+        sections["training"]["init_from"] = _init_from(sections["training"]["init_from"], base_dir)
     # Sweeps keep the trial directories lean: the trainer's own periodic checkpoints are off
     # unless the spec asks for them (Tune keeps its own, see run.num_to_keep).
     sections["training"].setdefault("save_every_n_epochs", 0)
     try:
-        return ExperimentConfig.from_dict({**top, **sections}), sections
+        base = ExperimentConfig.from_dict({**top, **sections})
     except ConfigError as e:
         raise SpecError(str(e)) from None
+    if base.training.init_from is not None:  # the source exists and has this model
+        try:
+            finetune.open_source(base.training.init_from, base.model)
+        except CheckpointError as e:
+            raise SpecError(str(e)) from None
+    return base, sections
+
+
+def _init_from(value: Any, base_dir: Path) -> str:
+    """training.init_from resolved: a path made absolute (relative ones from the spec's
+    directory), or a shipped model's name kept as a name when no such path exists."""
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(
+            f"training.init_from: expected a checkpoint path or model name, got {value!r}"
+        )
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    return str(p.resolve()) if p.exists() else value
 
 
 def _data_files(files: Any, base_dir: Path) -> list[str]:
@@ -428,6 +453,11 @@ def _check_searchable(key: Any, sections: dict) -> None:
         raise SpecError(f"search.{e}") from None
     if tail and head in sections and tail in sections[head]:
         raise SpecError(f"{where}: is both fixed (under {head}:) and searched; keep one")
+    if head == "model" and sections["training"].get("init_from") is not None:
+        raise SpecError(
+            f"{where}: a sweep that fine-tunes (training.init_from) keeps the source's model; "
+            "fix model: to it"
+        )
 
 
 def _debug(raw: Any) -> dict:

@@ -32,7 +32,7 @@ from dcmtune.data.load import load_dataset
 from dcmtune.data.splits import split_dataset, split_record
 from dcmtune.model.loss import finalize_metrics, zero_sums
 from dcmtune.train import checkpoints as ckpt
-from dcmtune.train import feed
+from dcmtune.train import feed, finetune
 from dcmtune.train.restart import check_resume_config, check_writable, set_aside_stale
 from dcmtune.train.schedules import learning_rate_at
 from dcmtune.train.step import StepConfig, _update, add_sums, evaluate_sums, hparams_of, init_state
@@ -108,6 +108,20 @@ def _split(config: ExperimentConfig, data: ESPData) -> dict[str, np.ndarray]:
         raise ConfigError(f"data: {e}") from None
 
 
+def _given_splits(splits: dict[str, np.ndarray], data: ESPData) -> dict[str, np.ndarray]:
+    """Explicit conformer indices per split, checked: train and valid non-empty, every index
+    in range, no conformer in two splits."""
+    out = {k: np.asarray(splits.get(k, []), dtype=np.int64) for k in ("train", "valid", "test")}
+    if not len(out["train"]) or not len(out["valid"]):
+        raise ConfigError("data: explicit splits need training and validation conformers")
+    every = np.concatenate(list(out.values()))
+    if every.min() < 0 or every.max() >= len(data.mol_id) or len(set(every)) != len(every):
+        raise ConfigError(
+            f"data: explicit splits must be distinct conformer indices in [0, {len(data.mol_id)})"
+        )
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """What a fit works on, prepared before anything is written (step 1 of `fit`)."""
@@ -122,6 +136,7 @@ class _Run:
     updates_per_epoch: int
     static: StepConfig
     hparams: Any
+    source: finetune.Source | None  # the weights a fresh run starts from (training.init_from)
 
     @property
     def bucketed(self) -> bool:
@@ -139,20 +154,29 @@ class _Progress:
     best_epoch: int = 0
     start: int = 1
     created_at: str | None = None
+    init_from: dict | None = None  # where the weights started from (`finetune.record`)
 
 
 def _prepare(
-    config: ExperimentConfig, data: ESPData | None, run_dir: Path | None, resume_from: Path | None
+    config: ExperimentConfig,
+    data: ESPData | None,
+    run_dir: Path | None,
+    resume_from: Path | None,
+    splits: dict[str, np.ndarray] | None = None,
 ) -> _Run:
-    """Data, split, buckets and traced hyper-parameters (errors leave no trace on disk)."""
+    """The fine-tuning source, data, split, buckets and traced hyper-parameters (errors leave
+    no trace on disk)."""
+    t = config.training
+    source = None
+    if t.init_from is not None and resume_from is None:  # checked first: reads one meta.json
+        source = finetune.open_source(t.init_from, config.model)
     if data is None:
         data = load_dataset(
             config.data.data_files, config.model.max_atomic_number, config.data.dipole_units
         )
-    splits = _split(config, data)
+    splits = _split(config, data) if splits is None else _given_splits(splits, data)
     train, valid = data.subset(splits["train"]), data.subset(splits["valid"])
     buckets, upe = _train_buckets(train, config, resume_from)
-    t = config.training
     return _Run(
         config=config,
         run_dir=Path(run_dir) if run_dir is not None else config.run_dir,
@@ -162,14 +186,15 @@ def _prepare(
         valid=valid,
         buckets=buckets,
         updates_per_epoch=upe,
-        static=StepConfig(config.model, t.use_grad_clip, t.use_ema),
+        static=StepConfig(config.model, t.use_grad_clip, t.use_ema, tuple(sorted(t.freeze))),
         hparams=hparams_of(t, upe),
+        source=source,
     )
 
 
 def _restore(run: _Run, resume_from: Path | None, allow_config_change: bool) -> _Progress:
-    """A fresh state, or the checkpoint's restored exactly (its config checked before anything
-    compiles)."""
+    """A fresh state (random, or a source model's weights for fine-tuning), or the
+    checkpoint's restored exactly (its config checked before anything compiles)."""
     ckpt_root = run.run_dir / "checkpoints"
     if resume_from is None:
         if ckpt_root.exists() and any(ckpt_root.iterdir()):
@@ -178,7 +203,13 @@ def _restore(run: _Run, resume_from: Path | None, allow_config_change: bool) -> 
                 "choose another name/output_dir"
             )
         check_writable(run.run_dir)
-        return _Progress(state=init_state(run.config))
+        state, t = init_state(run.config), run.config.training
+        if run.source is None:
+            return _Progress(state=state)
+        return _Progress(
+            state=finetune.start_from(state, run.source, t.use_ema),
+            init_from=finetune.record(run.source, t.freeze),
+        )
     where = Path(resume_from)
     meta = ckpt.verify_checkpoint(where)
     changes = check_resume_config(
@@ -213,6 +244,7 @@ def _restore(run: _Run, resume_from: Path | None, allow_config_change: bool) -> 
         best_epoch=int(meta.get("best_epoch", 0)),
         start=int(meta["epoch"]) + 1,
         created_at=(meta.get("config") or {}).get("created_at"),
+        init_from=meta.get("init_from"),
     )
 
 
@@ -372,6 +404,8 @@ def _save(
         "bucket_bounds": [bk.num_atoms for bk in run.buckets],
         "training_domain": run.train.domain(),  # what prediction checks new molecules against
     }
+    if progress.init_from is not None:
+        meta["init_from"] = progress.init_from
     latest = ckpt.save_checkpoint(root / "latest", progress.state, meta)
     if progress.best_epoch == epoch:
         ckpt.save_checkpoint(root / "best", progress.state, meta)
@@ -389,6 +423,7 @@ def fit(
     run_dir: Path | None = None,
     resume_from: Path | None = None,
     allow_config_change: bool = False,
+    splits: dict[str, np.ndarray] | None = None,
 ) -> FitResult:
     """Trains a DCMNet as `config` says and writes the run directory.
 
@@ -403,6 +438,9 @@ def fit(
         this run's (see `dcmtune.train.restart.check_resume_config`).
       allow_config_change: Accept a restart whose config differs from the checkpoint's; the
         differences are recorded in the checkpoints' meta (`restarts`) and in restarts.json.
+      splits: Explicit conformer indices of `data` per split ("train", "valid", "test")
+        instead of config.data's split (benchmarks that choose molecules themselves); recorded
+        in split.json and the checkpoints like any split.
 
     Returns:
       A FitResult. status "diverged" when a loss became non-finite (the run stops there).
@@ -410,7 +448,7 @@ def fit(
     Raises:
       ConfigError / DataError / CheckpointError before anything is written.
     """
-    run = _prepare(config, data, run_dir, resume_from)  # 1. data, split, buckets
+    run = _prepare(config, data, run_dir, resume_from, splits)  # 1. data, split, buckets
     progress = _restore(run, resume_from, allow_config_change)  # 2. the state
     config, record = _write_run_files(run, progress)  # 3. the run directory
     feeds = _feeds(run)  # 4. data on the device, or streamed

@@ -47,6 +47,8 @@ _LEGACY_VALUES = {
     "data.max_buckets": DataConfig.max_buckets,
     "data.device_data_budget_mb": 1024.0,  # the fixed budget before it followed the device
     "training.report_test_metrics": False,
+    "training.init_from": None,
+    "training.freeze": [],
 }
 
 

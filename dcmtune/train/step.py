@@ -24,6 +24,7 @@ import optax
 from dcmtune.config import DataConfig, ExperimentConfig, ModelConfig, TrainingConfig
 from dcmtune.data.batches import plan_buckets
 from dcmtune.data.dataset import ESPData
+from dcmtune.model.groups import param_group
 from dcmtune.model.loss import (
     finalize_metrics,
     loss_and_sums,
@@ -41,6 +42,7 @@ from dcmtune.train.schedules import make_optimizer
 __all__ = [
     "TrainState",
     "StepConfig",
+    "keep_frozen",
     "hparams_of",
     "train_step",
     "eval_step",
@@ -79,13 +81,14 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """The static (compile-time) part of a training step: the model, and which parts the
-    optimizer state has. Every number (learning rate and schedule, loss weights, EMA decay,
-    clip norm) is traced (`Hparams`)."""
+    """The static (compile-time) part of a training step: the model, which parts the
+    optimizer state has, and which parameter groups stay fixed. Every number (learning rate
+    and schedule, loss weights, EMA decay, clip norm) is traced (`Hparams`)."""
 
     model: ModelConfig
     use_grad_clip: bool = True
     use_ema: bool = True
+    frozen: tuple[str, ...] = ()  # parameter groups kept fixed (training.freeze)
 
 
 def hparams_of(cfg: TrainingConfig, updates_per_epoch: int) -> Hparams:
@@ -156,19 +159,39 @@ def ema_decay_at(hparams: Hparams, step):
     return jnp.minimum(hparams.ema_decay, (1.0 + step) / (10.0 + step))
 
 
+def keep_frozen(new, old, frozen: tuple[str, ...], num_iterations: int):
+    """`new` with the leaves of the `frozen` parameter groups taken from `old` (the same
+    arrays: bit-identical). `frozen` and the tree structure are static."""
+    if not frozen:
+        return new
+
+    def pick(path, n, o):
+        return o if param_group(path[0].key, num_iterations) in frozen else n
+
+    return jax.tree_util.tree_map_with_path(pick, new, old)
+
+
 def train_step(state: TrainState, batch, hparams: Hparams, static: StepConfig):
     """One optimizer update from k stacked micro-batches. Pure.
+
+    Frozen groups (`static.frozen`) get zero gradients (so they neither count in the clipping
+    norm nor move Adam's moments) and keep their parameters and EMA weights exactly.
 
     Returns:
       (new state, metric sums of the batch evaluated with the pre-update params).
     """
+    n_iter = static.model.num_iterations
     grads, sums = accumulated_grads(state.params, batch, hparams, static.model)
+    grads = keep_frozen(grads, jax.tree.map(jnp.zeros_like, grads), static.frozen, n_iter)
     tx = make_optimizer(hparams, static.use_grad_clip)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = keep_frozen(
+        optax.apply_updates(state.params, updates), state.params, static.frozen, n_iter
+    )
     if static.use_ema:
         d = ema_decay_at(hparams, state.step.astype(jnp.float32))
         ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - d)
+        ema = keep_frozen(ema, state.ema_params, static.frozen, n_iter)
     else:
         ema = params
     new = dataclasses.replace(
