@@ -19,6 +19,7 @@ import pandas as pd
 
 from dcmtune import _io
 from dcmtune import metrics as registry
+from dcmtune.analysis.breakdown import analysis_breakdown
 from dcmtune.analysis.checkpoints import (
     AnalysisError,
     LoadedCheckpoint,
@@ -427,7 +428,9 @@ def batch_analysis_summary(
                             and the history summary;
       predictions.csv       one row per evaluated conformer (ESP errors, monopole errors,
                             predicted and reference dipoles);
-      training_history.csv  the per-epoch history in numeric epoch order.
+      training_history.csv  the per-epoch history in numeric epoch order;
+      breakdown.csv         the ESP RMSE per grid shell, nearest element, molecule size and
+                            functional class (`dcmtune.analysis.breakdown`).
 
     Args:
       exp_dir: A run (or trial) directory, or a checkpoint directory.
@@ -436,7 +439,8 @@ def batch_analysis_summary(
       data_files: The run's data files, if they moved (checked by checksum).
 
     Returns:
-      {"analysis": CheckpointAnalysis, "history": TrainingHistory, "files": {name: path}}.
+      {"analysis": CheckpointAnalysis, "history": TrainingHistory, "breakdown": Breakdown,
+      "files": {name: path}}.
     """
     exp = Path(exp_dir)
     history = analyze_training_history(exp)
@@ -450,10 +454,13 @@ def batch_analysis_summary(
         "best_analysis.json": out / "best_analysis.json",
         "predictions.csv": out / "predictions.csv",
         "training_history.csv": out / "training_history.csv",
+        "breakdown.csv": out / "breakdown.csv",
     }
+    breakdown = analysis_breakdown(analysis, data_files)
     _io.write_json(
         files["best_analysis.json"], {**analysis.to_dict(), "history": history.to_dict()}
     )
     _io.write_csv(files["predictions.csv"], analysis.per_conformer)
     _io.write_csv(files["training_history.csv"], history.history_df)
-    return {"analysis": analysis, "history": history, "files": files}
+    _io.write_csv(files["breakdown.csv"], breakdown.to_frame())
+    return {"analysis": analysis, "history": history, "breakdown": breakdown, "files": files}
