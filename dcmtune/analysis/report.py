@@ -225,7 +225,6 @@ def _breakdown_section(r: Ranking) -> list[str]:
     if not b:
         return []
     lines = [
-        "",
         "## Where the error is",
         "",
         f"The winner's {split} ESP RMSE ({_ESP_UNIT}) pooled over the grid points of each group "
@@ -261,7 +260,7 @@ def _breakdown_section(r: Ranking) -> list[str]:
                 ],
             ),
         ]
-    return lines
+    return [*lines, ""]
 
 
 def _top_section(r: Ranking) -> list[str]:
@@ -385,9 +384,9 @@ def _plots_section(r: Ranking, plots: list[str]) -> list[str]:
 
 
 def markdown(r: Ranking, plots: list[str]) -> str:
-    """report.md of a ranking: how the winner was chosen, the data, the winner and where its
-    error is, the top trials, the classical baselines, excluded trials, the plots and how to
-    reproduce."""
+    """report.md of a ranking: how the winner was chosen, the data, the winner, the top
+    trials, the classical baselines, where the winner's error is, excluded trials, the plots
+    and how to reproduce."""
     info = r.info
     return "\n".join(
         [
@@ -399,10 +398,10 @@ def markdown(r: Ranking, plots: list[str]) -> str:
             *_how_chosen(info),
             *_data_section(info["data"]),
             *_winner_section(r),
-            *_breakdown_section(r),
             *(_front_section(r) if "pareto" in info else _top_section(r)),
             *_importances_section(r),
             *_baselines_section(r),
+            *_breakdown_section(r),
             *_warnings_section(info),
             *_plots_section(r, plots),
         ]
