@@ -98,8 +98,8 @@ def _card_breakdown(card: str) -> dict[str, dict[str, tuple[int, float]]]:
 
 
 def test_the_cards_test_errors_are_what_the_checkpoint_gives():
-    from dcmtune.analysis import analyze_checkpoint
-    from dcmtune.analysis.breakdown import KINDS, analysis_breakdown
+    from dcmtune.analysis.breakdown import KINDS
+    from dcmtune.analysis.evaluate import analysis_breakdown, analyze_checkpoint
 
     d = model_dir(NAME)
     card = (d / "MODEL_CARD.md").read_text()

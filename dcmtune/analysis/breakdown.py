@@ -41,7 +41,6 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -50,9 +49,6 @@ from dcmtune.data.dataset import ESPData, bundled_dataset_path, data_file_path
 from dcmtune.data.file_format import provenance_path
 from dcmtune.data.grids import SHELLS, VDW_RADII
 from dcmtune.units import HARTREE_TO_KCAL
-
-if TYPE_CHECKING:  # only for annotations
-    from dcmtune.analysis.evaluate import CheckpointAnalysis
 
 __all__ = [
     "KINDS",
@@ -69,7 +65,6 @@ __all__ = [
     "molecule_classes",
     "grouped_errors",
     "esp_breakdown",
-    "analysis_breakdown",
     "smiles_from_provenance",
     "format_breakdown",
 ]
@@ -342,61 +337,27 @@ def esp_breakdown(
         if a is not None and np.shape(a) != (M, G):
             raise ValueError(f"{name}: expected shape (M, G) = {(M, G)}, got {np.shape(a)}")
     valid = np.arange(G)[None, :] < data.n_grid[:, None]  # (M, G)
-    # 1. Error at every valid point, kcal/mol/e. Shape (P,).
-    err = (esp_pred[valid].astype(np.float64) - data.esp[valid].astype(np.float64)) * (
-        HARTREE_TO_KCAL
-    )
+    # 1. Error at every valid point (kcal/mol/e), its conformer and molecule. Shape (P,).
+    err = (esp_pred[valid].astype(np.float64) - data.esp[valid]) * HARTREE_TO_KCAL
     conf = np.broadcast_to(np.arange(M)[:, None], (M, G))[valid]
     mol_ids = np.asarray(data.mol_id).astype(str)
     mol = mol_ids[conf]
-    # 2. Shell per point.
-    labels = [_shell_label(f) for f in shells]
-    max_dev = float("nan")
-    if shell is None:
-        idx, dev = recover_shells(data.R, data.Z, data.grid, data.n_grid, shells)
-        assigned = dev[valid][idx[valid] >= 0]
-        max_dev = float(assigned.max()) if assigned.size else float("nan")
-        shell_group = np.where(idx[valid] >= 0, np.asarray(labels, object)[idx[valid]], OTHER)
-        source = "geometry"
-    else:
-        given = np.asarray(shell, np.float64)[valid]
-        near = np.abs(given[:, None] - np.asarray(shells)).argmin(axis=1)
-        close = np.abs(given - np.asarray(shells)[near]) <= SHELL_TOLERANCE
-        shell_group = np.where(
-            close,
-            np.asarray(labels, object)[near],
-            np.array([_shell_label(float(f)) for f in given], object),
-        )
-        source = "file"
-    # 3. Element of the nearest atom.
-    from ase.data import chemical_symbols
-
-    z_near = nearest_atom_numbers(data.R, data.Z, data.grid, data.n_grid)[valid]
-    elements = sorted(int(z) for z in np.unique(z_near))
-    element_group = np.asarray([chemical_symbols[z] for z in z_near], object)
+    # 2. Shell per point; 3. element of the nearest atom.
+    shell_group, max_dev = _shell_groups(data, valid, shell, shells)
+    element_group, elements = _element_groups(data, valid)
     # 4. Heavy atoms of each conformer's molecule.
-    heavy = (data.Z > 1).sum(axis=1)  # (M,)
-    size_group = np.asarray([size_label(int(h)) for h in heavy], object)[conf]
+    size_group = np.asarray([size_label(int(h)) for h in (data.Z > 1).sum(axis=1)], object)
     # 5. Functional classes per molecule; a point counts once in each class of its molecule.
-    classes = molecule_classes(mol_ids, smiles_of)
-    class_rows = [(i, c) for i, mid in enumerate(mol_ids) for c in classes[mid]]
-    class_conf = np.array([i for i, _ in class_rows], np.int64)
-    class_name = np.array([c for _, c in class_rows], object)
-    # Points of conformer i repeated for each of its classes. Shape (P_class,).
-    starts = np.concatenate([[0], np.cumsum(data.n_grid)])
-    pick = np.concatenate(
-        [np.arange(starts[i], starts[i + 1]) for i in class_conf] or [np.zeros(0, np.int64)]
-    )
-    class_group = np.repeat(class_name, data.n_grid[class_conf])
-    class_order = sorted({c for c in class_name if c not in (NO_CLASS, UNKNOWN)})
+    pick, class_group = _class_points(data, mol_ids, smiles_of)
+    classes = sorted({c for c in class_group if c not in (NO_CLASS, UNKNOWN)})
     tables = {
-        "shell": grouped_errors(err, shell_group, conf, mol, [*labels, OTHER]),
-        "element": grouped_errors(
-            err, element_group, conf, mol, [chemical_symbols[z] for z in elements]
+        "shell": grouped_errors(
+            err, shell_group, conf, mol, [*(_shell_label(f) for f in shells), OTHER]
         ),
-        "size": grouped_errors(err, size_group, conf, mol, _size_labels()),
+        "element": grouped_errors(err, element_group, conf, mol, elements),
+        "size": grouped_errors(err, size_group[conf], conf, mol, _size_labels()),
         "class": grouped_errors(
-            err[pick], class_group, conf[pick], mol[pick], [*class_order, NO_CLASS, UNKNOWN]
+            err[pick], class_group, conf[pick], mol[pick], [*classes, NO_CLASS, UNKNOWN]
         ),
     }
     return Breakdown(
@@ -405,19 +366,52 @@ def esp_breakdown(
         esp_rmse=float(np.sqrt(np.mean(err**2))) if err.size else float("nan"),
         esp_mae=float(np.mean(np.abs(err))) if err.size else float("nan"),
         shell_max_deviation=max_dev,
-        shell_source=source,
+        shell_source="geometry" if shell is None else "file",
     )
 
 
-def analysis_breakdown(
-    analysis: CheckpointAnalysis, data_files: Sequence[str | Path] | None = None
-) -> Breakdown:
-    """`esp_breakdown` of a checkpoint analysis, with SMILES from the provenance of
-    `data_files` (default: the run's own data files; none when data was passed in memory)."""
-    if data_files is None and analysis.split != "data":
-        data_files = list(analysis.config.data.data_files)
-    smiles = smiles_from_provenance(data_files) if data_files is not None else None
-    return esp_breakdown(analysis.data, analysis.esp_pred, smiles)
+def _element_groups(data: ESPData, valid: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(P,) element symbol of the atom nearest each valid point, and the symbols by Z."""
+    from ase.data import chemical_symbols
+
+    z_near = nearest_atom_numbers(data.R, data.Z, data.grid, data.n_grid)[valid]
+    symbols = np.asarray(chemical_symbols, object)
+    return symbols[z_near], [chemical_symbols[int(z)] for z in np.unique(z_near)]
+
+
+def _shell_groups(
+    data: ESPData, valid: np.ndarray, shell: np.ndarray | None, shells: Sequence[float]
+) -> tuple[np.ndarray, float]:
+    """(P,) shell label of every valid point and the largest deviation of the recovered ones
+    (NaN when `shell` (M, G) factors are given, or nothing was recovered)."""
+    labels = np.asarray([_shell_label(f) for f in shells], object)
+    if shell is None:
+        idx, dev = recover_shells(data.R, data.Z, data.grid, data.n_grid, shells)
+        assigned = dev[valid][idx[valid] >= 0]
+        max_dev = float(assigned.max()) if assigned.size else float("nan")
+        return np.where(idx[valid] >= 0, labels[idx[valid]], OTHER), max_dev
+    given = np.asarray(shell, np.float64)[valid]
+    near = np.abs(given[:, None] - np.asarray(shells)).argmin(axis=1)
+    close = np.abs(given - np.asarray(shells)[near]) <= SHELL_TOLERANCE
+    own = np.array([_shell_label(float(f)) for f in given], object)
+    return np.where(close, labels[near], own), float("nan")
+
+
+def _class_points(
+    data: ESPData, mol_ids: np.ndarray, smiles_of: Mapping[str, str] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Valid points repeated once per functional class of their molecule: (P_class,) indices
+    into the (P,) valid points and (P_class,) class labels."""
+    classes = molecule_classes(mol_ids, smiles_of)
+    rows = [(i, c) for i, mid in enumerate(mol_ids) for c in classes[mid]]
+    conf = np.array([i for i, _ in rows], np.int64)
+    name = np.array([c for _, c in rows], object)
+    # Points of conformer i (valid points are stored conformer by conformer).
+    starts = np.concatenate([[0], np.cumsum(data.n_grid)])
+    pick = np.concatenate(
+        [np.arange(starts[i], starts[i + 1]) for i in conf] or [np.zeros(0, np.int64)]
+    )
+    return pick, np.repeat(name, data.n_grid[conf])
 
 
 # --------------------------------------------------------------------------- SMILES

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dcmtune._yaml import read_yaml_value
-from dcmtune.analysis.breakdown import analysis_breakdown, format_breakdown
+from dcmtune.analysis.breakdown import format_breakdown
 from dcmtune.analysis.checkpoints import EVAL_SPLITS, AnalysisError
 from dcmtune.analysis.evaluate import (
+    analysis_breakdown,
     analyze_checkpoint,
     batch_analysis_summary,
     print_analysis_summary,

@@ -19,7 +19,7 @@ import pandas as pd
 
 from dcmtune import _io
 from dcmtune import metrics as registry
-from dcmtune.analysis.breakdown import analysis_breakdown
+from dcmtune.analysis.breakdown import Breakdown, esp_breakdown, smiles_from_provenance
 from dcmtune.analysis.checkpoints import (
     AnalysisError,
     LoadedCheckpoint,
@@ -40,6 +40,7 @@ __all__ = [
     "print_analysis_summary",
     "compare_checkpoints",
     "batch_analysis_summary",
+    "analysis_breakdown",
     "metric_unit",
     "METRIC_UNITS",
     "PERCENTILES",
@@ -411,6 +412,17 @@ def compare_checkpoints(
 
 
 # --------------------------------------------------------------------------- summaries
+
+
+def analysis_breakdown(
+    analysis: CheckpointAnalysis, data_files: Sequence[str | Path] | None = None
+) -> Breakdown:
+    """`esp_breakdown` of a checkpoint analysis, with SMILES from the provenance of
+    `data_files` (default: the run's own data files; none when data was passed in memory)."""
+    if data_files is None and analysis.split != "data":
+        data_files = list(analysis.config.data.data_files)
+    smiles = smiles_from_provenance(data_files) if data_files is not None else None
+    return esp_breakdown(analysis.data, analysis.esp_pred, smiles)
 
 
 def batch_analysis_summary(
