@@ -231,7 +231,8 @@ def _breakdown_section(r: Ranking) -> list[str]:
         f"(all {b['n_points']} points: {_fmt(b['esp_rmse'])}). Shells are the generator's "
         "Merz-Kollman factors × vdW radius"
         + (
-            f", recovered from the geometry (largest deviation {b['shell_max_deviation']:.2g} × vdW)"
+            ", recovered from the geometry (largest deviation "
+            f"{b['shell_max_deviation']:.2g} × vdW)"
             if b["shell_source"] == "geometry" and math.isfinite(b["shell_max_deviation"] or 0)
             else ""
         )
