@@ -221,7 +221,14 @@ def test_batch_analysis_summary_writes_its_files(run_dir, tmp_path, analysis_on_
     assert len(pred) == analysis_on_test.data.num_conformers
     hist = pd.read_csv(tmp_path / "out" / "training_history.csv")
     assert hist["epoch"].tolist() == list(range(1, EPOCHS + 1))
-    assert set(res["files"]) == {"best_analysis.json", "predictions.csv", "training_history.csv"}
+    assert set(res["files"]) == {
+        "best_analysis.json",
+        "predictions.csv",
+        "training_history.csv",
+        "breakdown.csv",
+    }
+    shells = pd.read_csv(tmp_path / "out" / "breakdown.csv").query("kind == 'shell'")
+    assert shells["n_points"].sum() == analysis_on_test.metrics["n_grid_points"]
 
 
 def test_summary_text(analysis_on_test):

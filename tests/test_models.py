@@ -76,13 +76,47 @@ def test_cli_predicts_with_the_model_name(tmp_path, monkeypatch, capsys):
         assert abs(f["charges"].sum()) < 1e-4
 
 
-def test_the_cards_test_error_is_what_the_checkpoint_gives():
-    from dcmtune.analysis import analyze_checkpoint
+def _card_breakdown(card: str) -> dict[str, dict[str, tuple[int, float]]]:
+    """{kind: {group: (points, model ESP RMSE)}} from the card's "Where the error is" tables."""
+    from dcmtune.analysis.breakdown import KIND_TITLES
+
+    kind_of = {title: kind for kind, title in KIND_TITLES.items()}
+    section = card.split("## Where the error is", 1)[1].split("\n## ", 1)[0]
+    out: dict[str, dict[str, tuple[int, float]]] = {}
+    kind = None
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or cells[0].startswith("---"):
+            continue
+        if cells[0] in kind_of:
+            kind = kind_of[cells[0]]
+            assert cells[1:4] == ["points", "molecules", "model"], line
+            out[kind] = {}
+            continue
+        out[kind][cells[0]] = (int(cells[1]), float(cells[3]))
+    return out
+
+
+def test_the_cards_test_errors_are_what_the_checkpoint_gives():
+    from dcmtune.analysis.breakdown import KINDS
+    from dcmtune.analysis.evaluate import analysis_breakdown, analyze_checkpoint
 
     d = model_dir(NAME)
     card = (d / "MODEL_CARD.md").read_text()
     stated = float(re.search(r"test ESP RMSE \*\*([0-9.]+)\*\*", card).group(1))
     split = json.loads((d / "split.json").read_text())
-    measured = analyze_checkpoint(d, "test").metrics["esp_rmse"]
+    analysis = analyze_checkpoint(d, "test")
+    measured = analysis.metrics["esp_rmse"]
     assert len(split["indices"]["test"]) > 0
     assert measured == pytest.approx(stated, abs=5e-4)
+    # The breakdown tables' model column and point counts, every row (the "all" rows included).
+    b = analysis_breakdown(analysis)
+    tables = _card_breakdown(card)
+    assert set(tables) == set(KINDS)
+    for kind, rows in tables.items():
+        got = {str(r.group): (int(r.n_points), r.esp_rmse) for r in b.tables[kind].itertuples()}
+        got["all"] = (b.n_points, b.esp_rmse)
+        assert set(rows) == set(got), kind
+        for group, (points, rmse) in rows.items():
+            assert points == got[group][0], (kind, group)
+            assert rmse == pytest.approx(got[group][1], abs=5e-4), (kind, group)

@@ -112,6 +112,24 @@ def test_report_lists_winner_baselines_and_plots(ranked):
 
 
 @ray
+def test_report_and_breakdown_csv_show_where_the_winners_error_is(ranked):
+    exp, df, _ = ranked
+    csv = pd.read_csv(exp / "breakdown.csv")
+    info = json.loads((exp / "ranking.json").read_text())["breakdown"]
+    text = (exp / "report.md").read_text()
+    assert "## Where the error is" in text
+    shells = csv[csv["kind"] == "shell"]
+    assert shells["group"].astype(str).tolist() == ["1.4", "1.6", "1.8", "2.0"]
+    for kind in ("shell", "element", "size"):  # partitions of the test grid points
+        t = csv[csv["kind"] == kind]
+        assert t["n_points"].sum() == info["n_points"]
+        pooled = np.sqrt((t["n_points"] * t["esp_rmse"] ** 2).sum() / info["n_points"])
+        assert pooled == pytest.approx(info["esp_rmse"], rel=1e-9)
+    for row in shells.itertuples():
+        assert f"| {row.group} | {row.esp_rmse:.4g} |" in text
+
+
+@ray
 def test_ranking_columns_and_report_units_come_from_the_metric_registry(ranked):
     exp, df, _ = ranked
     csv = pd.read_csv(exp / "ranking.csv", dtype={"trial_id": str})

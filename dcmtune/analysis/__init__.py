@@ -4,6 +4,7 @@ of a sweep's best checkpoints on held-out data, and its report.
 The face hands on the wing's public names; the commands are `python -m dcmtune.analysis` and
 `python -m dcmtune.rank` (`dcmtune.analysis.commands`)."""
 
+from dcmtune.analysis.breakdown import Breakdown, esp_breakdown, format_breakdown
 from dcmtune.analysis.checkpoints import (
     EVAL_SPLITS,
     AnalysisError,
@@ -18,6 +19,7 @@ from dcmtune.analysis.evaluate import (
     METRIC_UNITS,
     PERCENTILES,
     CheckpointAnalysis,
+    analysis_breakdown,
     analyze_checkpoint,
     batch_analysis_summary,
     compare_checkpoints,
@@ -45,6 +47,7 @@ from dcmtune.analysis.report import format_ranking, markdown
 __all__ = [
     "AnalysisError",
     "BEST_MODEL",
+    "Breakdown",
     "CheckpointAnalysis",
     "DataCache",
     "EVAL_COLUMNS",
@@ -62,6 +65,7 @@ __all__ = [
     "TrainingHistory",
     "TrialRecord",
     "VALID_COLUMNS",
+    "analysis_breakdown",
     "analyze_checkpoint",
     "analyze_training_history",
     "batch_analysis_summary",
@@ -69,6 +73,8 @@ __all__ = [
     "compare_checkpoints",
     "discover_trials",
     "distributions",
+    "esp_breakdown",
+    "format_breakdown",
     "format_ranking",
     "markdown",
     "metric_unit",

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dcmtune._yaml import read_yaml_value
+from dcmtune.analysis.breakdown import format_breakdown
 from dcmtune.analysis.checkpoints import EVAL_SPLITS, AnalysisError
 from dcmtune.analysis.evaluate import (
+    analysis_breakdown,
     analyze_checkpoint,
     batch_analysis_summary,
     print_analysis_summary,
@@ -31,7 +33,8 @@ __all__ = ["main", "rank_main"]
 def _parser() -> OneLineParser:
     p = OneLineParser(
         prog="python -m dcmtune.analysis",
-        description="Evaluate a DCMNet checkpoint (ESP, monopole and dipole errors).",
+        description="Evaluate a DCMNet checkpoint (ESP, monopole and dipole errors; the ESP "
+        "error per grid shell, nearest element, molecule size and functional class).",
     )
     p.add_argument("path", help="checkpoint directory, run directory, or a ranking's best_model/")
     p.add_argument(
@@ -49,7 +52,7 @@ def _parser() -> OneLineParser:
     p.add_argument(
         "--output-dir",
         type=Path,
-        help="also write best_analysis.json, predictions.csv, training_history.csv",
+        help="also write best_analysis.json, predictions.csv, training_history.csv, breakdown.csv",
     )
     p.add_argument("--batch-size", type=int, default=16)
     return p
@@ -60,19 +63,22 @@ def _main(args) -> int:
         res = batch_analysis_summary(
             args.path, args.split, args.output_dir, batch_size=args.batch_size, data_files=args.data
         )
-        analysis = res["analysis"]
+        analysis, breakdown = res["analysis"], res["breakdown"]
     else:
         analysis = analyze_checkpoint(
             args.path, args.split, batch_size=args.batch_size, data_files=args.data
         )
+        breakdown = analysis_breakdown(analysis, args.data)
     print(print_analysis_summary(analysis))
+    print(format_breakdown(breakdown))
     if args.output_dir is not None:
         print(f"wrote {', '.join(str(f) for f in res['files'].values())}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dcmtune.analysis PATH`: evaluate a checkpoint and print the summary.
+    """`python -m dcmtune.analysis PATH`: evaluate a checkpoint and print the summary and the
+    error per grid shell, element, molecule size and functional class.
 
     Exit 0 on success, 2 on bad input (one line on stderr).
     """

@@ -19,6 +19,7 @@ import pandas as pd
 
 from dcmtune import _io
 from dcmtune import metrics as registry
+from dcmtune.analysis.breakdown import Breakdown, esp_breakdown, smiles_from_provenance
 from dcmtune.analysis.checkpoints import (
     AnalysisError,
     LoadedCheckpoint,
@@ -39,6 +40,7 @@ __all__ = [
     "print_analysis_summary",
     "compare_checkpoints",
     "batch_analysis_summary",
+    "analysis_breakdown",
     "metric_unit",
     "METRIC_UNITS",
     "PERCENTILES",
@@ -412,6 +414,17 @@ def compare_checkpoints(
 # --------------------------------------------------------------------------- summaries
 
 
+def analysis_breakdown(
+    analysis: CheckpointAnalysis, data_files: Sequence[str | Path] | None = None
+) -> Breakdown:
+    """`esp_breakdown` of a checkpoint analysis, with SMILES from the provenance of
+    `data_files` (default: the run's own data files; none when data was passed in memory)."""
+    if data_files is None and analysis.split != "data":
+        data_files = list(analysis.config.data.data_files)
+    smiles = smiles_from_provenance(data_files) if data_files is not None else None
+    return esp_breakdown(analysis.data, analysis.esp_pred, smiles)
+
+
 def batch_analysis_summary(
     exp_dir: str | Path,
     data: ESPData | str | None = None,
@@ -427,7 +440,9 @@ def batch_analysis_summary(
                             and the history summary;
       predictions.csv       one row per evaluated conformer (ESP errors, monopole errors,
                             predicted and reference dipoles);
-      training_history.csv  the per-epoch history in numeric epoch order.
+      training_history.csv  the per-epoch history in numeric epoch order;
+      breakdown.csv         the ESP RMSE per grid shell, nearest element, molecule size and
+                            functional class (`dcmtune.analysis.breakdown`).
 
     Args:
       exp_dir: A run (or trial) directory, or a checkpoint directory.
@@ -436,7 +451,8 @@ def batch_analysis_summary(
       data_files: The run's data files, if they moved (checked by checksum).
 
     Returns:
-      {"analysis": CheckpointAnalysis, "history": TrainingHistory, "files": {name: path}}.
+      {"analysis": CheckpointAnalysis, "history": TrainingHistory, "breakdown": Breakdown,
+      "files": {name: path}}.
     """
     exp = Path(exp_dir)
     history = analyze_training_history(exp)
@@ -450,10 +466,13 @@ def batch_analysis_summary(
         "best_analysis.json": out / "best_analysis.json",
         "predictions.csv": out / "predictions.csv",
         "training_history.csv": out / "training_history.csv",
+        "breakdown.csv": out / "breakdown.csv",
     }
+    breakdown = analysis_breakdown(analysis, data_files)
     _io.write_json(
         files["best_analysis.json"], {**analysis.to_dict(), "history": history.to_dict()}
     )
     _io.write_csv(files["predictions.csv"], analysis.per_conformer)
     _io.write_csv(files["training_history.csv"], history.history_df)
-    return {"analysis": analysis, "history": history, "files": files}
+    _io.write_csv(files["breakdown.csv"], breakdown.to_frame())
+    return {"analysis": analysis, "history": history, "breakdown": breakdown, "files": files}

@@ -32,7 +32,9 @@ copied under pareto/.
    and Mulliken charges. The two fits to the test ESP itself are not predictions: they bound
    what fixed atom-centred charges can do on these molecules.
 
-Written into the experiment directory: ranking.csv, ranking.json, best_model/ (the winner's
+Written into the experiment directory: ranking.csv, ranking.json, breakdown.csv (the winner's
+ESP error per grid shell, nearest element, molecule size and functional class on the ranking
+split, `dcmtune.analysis.breakdown`), best_model/ (the winner's
 checkpoint, config.json, split.json, history.csv, evaluation.json; `python -m dcmtune.analysis
 <experiment>/best_model` re-evaluates it), and, drawn by `dcmtune.analysis.report`, report.md
 and the PNG plots (learning_curves.png, esp_parity.png, per_molecule_rmse.png, hyperparameters.png,
@@ -59,6 +61,7 @@ import pandas as pd
 
 from dcmtune import _io, metrics, storage
 from dcmtune.analysis import pareto, plots, report
+from dcmtune.analysis.breakdown import esp_breakdown, smiles_from_provenance
 from dcmtune.analysis.checkpoints import (
     AnalysisError,
     DataCache,
@@ -93,7 +96,7 @@ __all__ = ["rank_experiment", "OUTPUT_FILES"]
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("ranking.csv", "ranking.json", "report.md") + plots.PLOT_FILES
+OUTPUT_FILES = ("ranking.csv", "ranking.json", "report.md", "breakdown.csv") + plots.PLOT_FILES
 
 
 def _competitors(
@@ -322,6 +325,7 @@ def _rank(
             **split_summary(winner, full),
         },
         "baselines": baselines,
+        "breakdown": _breakdown(evaluated[0], files),
         "checks": checks,
         "splits_differ": _splits_differ(s, evaluated),
         **({"pareto": front} if front is not None else {}),
@@ -340,6 +344,14 @@ def _rank(
         df=df,
         best_model=s.experiment.resolve() / BEST_MODEL,
     )
+
+
+def _breakdown(e: Evaluated, files: list[str] | None) -> dict:
+    """The winner's ESP error per shell, element, size and class on the ranking split
+    (`dcmtune.analysis.breakdown`; SMILES from the data files' provenance)."""
+    a = e.analysis
+    smiles = smiles_from_provenance(files) if files is not None else None
+    return esp_breakdown(a.data, a.esp_pred, smiles).to_dict()
 
 
 def _info(s: RankSettings, trials: list[TrialRecord], keys: list[str], rows: list[dict]) -> dict:
@@ -523,7 +535,15 @@ def _write(r: Ranking) -> list[str]:
         {**r.info, "plots": written, "ranking": r.rows, "versions": ckpt.package_versions()},
     )
     _io.write_text(exp / "report.md", report.markdown(r, written))
-    return [str(exp / f) for f in ("ranking.csv", "ranking.json", "report.md", *written, *models)]
+    tables = r.info["breakdown"]["tables"]
+    _io.write_csv(
+        exp / "breakdown.csv",
+        [{"kind": kind, **row} for kind, rows in tables.items() for row in rows],
+    )
+    return [
+        str(exp / f)
+        for f in ("ranking.csv", "ranking.json", "report.md", "breakdown.csv", *written, *models)
+    ]
 
 
 def _write_best_model(target: Path, e: Evaluated, info: dict) -> Path:

@@ -216,6 +216,54 @@ def _winner_section(r: Ranking) -> list[str]:
     return lines
 
 
+def _breakdown_section(r: Ranking) -> list[str]:
+    """The winner's ESP error per grid shell, nearest element, molecule size and functional
+    class on the ranking split (`dcmtune.analysis.breakdown`)."""
+    from dcmtune.analysis.breakdown import KIND_TITLES, KINDS
+
+    b, split = r.info.get("breakdown"), r.settings.split
+    if not b:
+        return []
+    lines = [
+        "## Where the error is",
+        "",
+        f"The winner's {split} ESP RMSE ({_ESP_UNIT}) pooled over the grid points of each group "
+        f"(all {b['n_points']} points: {_fmt(b['esp_rmse'])}). Shells are the generator's "
+        "Merz-Kollman factors × vdW radius"
+        + (
+            ", recovered from the geometry (largest deviation "
+            f"{b['shell_max_deviation']:.2g} × vdW)"
+            if b["shell_source"] == "geometry" and math.isfinite(b["shell_max_deviation"] or 0)
+            else ""
+        )
+        + "; the element is that of the nearest atom; molecules are sized by heavy atoms; a "
+        "molecule may be in several functional classes (RDKit SMARTS on its SMILES; "
+        "`unknown`: no SMILES in the data's provenance). Also in `breakdown.csv`.",
+    ]
+    for kind in KINDS:
+        rows = b["tables"].get(kind) or []
+        if not rows:
+            continue
+        lines += [
+            "",
+            _md_table(
+                [KIND_TITLES[kind], "ESP RMSE", "ESP MAE", "points", "conformers", "molecules"],
+                [
+                    [
+                        row["group"],
+                        row["esp_rmse"],
+                        row["esp_mae"],
+                        row["n_points"],
+                        row["n_conformers"],
+                        row["n_molecules"],
+                    ]
+                    for row in rows
+                ],
+            ),
+        ]
+    return [*lines, ""]
+
+
 def _top_section(r: Ranking) -> list[str]:
     metric, split, df = r.settings.metric, r.settings.split, r.df
     cols = (
@@ -338,7 +386,8 @@ def _plots_section(r: Ranking, plots: list[str]) -> list[str]:
 
 def markdown(r: Ranking, plots: list[str]) -> str:
     """report.md of a ranking: how the winner was chosen, the data, the winner, the top
-    trials, the classical baselines, excluded trials, the plots and how to reproduce."""
+    trials, the classical baselines, where the winner's error is, excluded trials, the plots
+    and how to reproduce."""
     info = r.info
     return "\n".join(
         [
@@ -353,6 +402,7 @@ def markdown(r: Ranking, plots: list[str]) -> str:
             *(_front_section(r) if "pareto" in info else _top_section(r)),
             *_importances_section(r),
             *_baselines_section(r),
+            *_breakdown_section(r),
             *_warnings_section(info),
             *_plots_section(r, plots),
         ]

@@ -1,0 +1,93 @@
+"""Where a trained model's ESP error is, beside classical charges on the same grid points.
+
+Evaluates a checkpoint on a split of its run (as `python -m dcmtune.analysis PATH --split S`)
+and prints, per grid shell, nearest element, molecule size and functional class
+(`dcmtune.analysis.breakdown`), the ESP RMSE pooled over each group's grid points (kcal/mol/e)
+of:
+  model    the checkpoint's distributed charges;
+  mmff94   RDKit's MMFF94 charges from each molecule's SMILES (the data's provenance), over the
+           molecules MMFF94 has parameters for (a prediction);
+  lsq      one least-squares charge set per molecule fitted to its own conformers' ESP on this
+           split (a bound for atom-centred charges, not a prediction).
+
+Usage:
+  python bench/breakdown.py dcmtune/models/organic-v1 --split test      # markdown tables
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pandas as pd
+
+from dcmtune.analysis import analyze_checkpoint
+from dcmtune.analysis.breakdown import KIND_TITLES, KINDS, esp_breakdown, smiles_from_provenance
+from dcmtune.data.baselines import (
+    esp_design_matrix,
+    rdkit_charge_array,
+    shared_charges_per_molecule,
+)
+from dcmtune.data.dataset import ESPData
+
+
+def atom_charge_esp(data: ESPData, charges: np.ndarray) -> np.ndarray:
+    """(M, G) ESP (Hartree/e) of atom-centred `charges` (M, A) at each conformer's valid grid
+    points (0 beyond n_grid)."""
+    out = np.zeros(data.esp.shape)
+    for i in range(data.num_conformers):
+        n, g = int(data.N[i]), int(data.n_grid[i])
+        T = esp_design_matrix(data.R[i, :n].astype(np.float64), data.grid[i, :g].astype(np.float64))
+        out[i, :g] = T @ charges[i, :n].astype(np.float64)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("path", help="checkpoint or run directory (or a shipped model's directory)")
+    p.add_argument("--split", default="test")
+    args = p.parse_args(argv)
+
+    a = analyze_checkpoint(args.path, args.split)
+    data = a.data
+    smiles = smiles_from_provenance(list(a.config.data.data_files))
+    results = {"model": esp_breakdown(data, a.esp_pred, smiles)}
+    q, ok = rdkit_charge_array(data, smiles, "mmff94")
+    if ok.any():
+        sub = data.subset(np.flatnonzero(ok))
+        results["MMFF94"] = esp_breakdown(sub, atom_charge_esp(sub, q[ok]), smiles)
+    lsq = shared_charges_per_molecule(data)
+    results["LSQ per molecule (bound)"] = esp_breakdown(data, atom_charge_esp(data, lsq), smiles)
+
+    m = results["model"]
+    print(
+        f"{args.path} on {args.split}: {m.n_points} grid points of "
+        f"{data.num_conformers} conformers, {len(np.unique(data.mol_id))} molecules; "
+        f"MMFF94 on {len(np.unique(data.mol_id[ok]))} molecules; shells recovered from the "
+        f"geometry, largest deviation {m.shell_max_deviation:.2g} x vdW\n"
+    )
+    names = list(results)
+    for kind in KINDS:
+        base = m.tables[kind][["group", "n_points", "n_molecules"]]
+        for name, b in results.items():
+            t = b.tables[kind][["group", "esp_rmse"]].rename(columns={"esp_rmse": name})
+            base = base.merge(t, on="group", how="left")
+        rows = [
+            [str(r["group"]), str(int(r["n_points"])), str(int(r["n_molecules"]))]
+            + [("–" if pd.isna(r[n]) else f"{r[n]:.3f}") for n in names]
+            for _, r in base.iterrows()
+        ]
+        rows.append(
+            ["all", str(m.n_points), str(len(np.unique(data.mol_id)))]
+            + [f"{results[n].esp_rmse:.3f}" for n in names]
+        )
+        header = [KIND_TITLES[kind], "points", "molecules", *names]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
