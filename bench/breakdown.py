@@ -42,7 +42,7 @@ def atom_charge_esp(data: ESPData, charges: np.ndarray) -> np.ndarray:
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path", help="checkpoint or run directory (or a shipped model's directory)")
     p.add_argument("--split", default="test")
@@ -87,7 +87,8 @@ def main(argv=None) -> None:
         for row in rows:
             print("| " + " | ".join(row) + " |")
         print()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

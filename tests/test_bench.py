@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from dcmtune.models import model_dir
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -44,6 +46,11 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
             ["generalise", "--smoke", "--data-files", str(demo)]
             + ["--output-dir", str(tmp / "accuracy")],
             ("test ESP RMSE", "median"),
+        ),
+        (
+            "breakdown",
+            [str(model_dir("organic-v1")), "--split", "test"],
+            ("LSQ per molecule (bound)", "| all | 63000 | 18 |"),
         ),
         (
             "finetune",
