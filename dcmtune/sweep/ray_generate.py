@@ -107,9 +107,12 @@ class RayRunner:
                 finished, pending = ray.wait(pending, num_returns=1)
                 for ref in finished:
                     done(refs[ref], ray.get(ref))
-        except BaseException:
+        except BaseException as e:
             for ref in pending:
                 ray.cancel(ref, force=True)
+            cause = getattr(e, "cause", None)
+            if isinstance(e, ray.exceptions.RayTaskError) and isinstance(cause, Exception):
+                raise cause from None  # the task's own error (e.g. SCFError), without Ray's dump
             raise
         return {
             "workers": None,
