@@ -154,7 +154,7 @@ def test_interrupted_generation_resumes_and_equals_one_shot(tmp_path):
     _assert_matches(out, ref)
 
 
-def test_existing_output_needs_force_and_force_discards_stale_parts(tmp_path):
+def test_existing_output_needs_force_and_force_discards_stale_parts(tmp_path, capsys):
     specs = qm.load_molecules(NAMES[:2])
     settings = qm.GenerationSettings(**SMALL)
     out = tmp_path / "y.npz"
@@ -166,12 +166,21 @@ def test_existing_output_needs_force_and_force_discards_stale_parts(tmp_path):
     assert prov["resumed"]["kept_molecules"] == [] and not parts_dir(out).exists()
     with pytest.raises(qm.QMError, match="already exists; pass --force"):
         qm.generate_dataset(out, specs, settings, workers=0)
-    before = out.read_bytes()
+    before, before_arrays = out.read_bytes(), _arrays(out)
     args = ["generate", "--molecules", *NAMES[:2], "--conformers", "2", "--basis", "sto-3g"]
     args += ["--max-grid", "60", "--workers", "0", "--out", str(out)]
     assert main(args) == 2 and out.read_bytes() == before
-    assert main([*args, "--force"]) == 0
-    _assert_matches(out, _arrays(out))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists; pass --force" in err
+    assert main([*args, "--force"]) == 0  # replaced by the same numbers
+    _assert_matches(out, before_arrays)
+    # A work directory of other settings that keeps no molecule is simply replaced.
+    fresh = tmp_path / "fresh.npz"
+    parts_dir(fresh).mkdir()
+    (parts_dir(fresh) / "settings.json").write_text(json.dumps({"settings_key": "other"}))
+    qm.generate_dataset(fresh, specs, settings, workers=0)
+    assert not parts_dir(fresh).exists()
+    _assert_matches(fresh, before_arrays)
 
 
 def _raise() -> None:

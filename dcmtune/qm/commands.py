@@ -172,11 +172,11 @@ def _report(args, prov: dict) -> None:
         f"molecules) and {provenance_path(args.out)}"
         + (f"; {len(kept)} molecules kept from an interrupted run" if kept else "")
     )
-    where = (
-        f"on Ray at {t['ray']['address']} ({t['ray']['cpus_per_task']} CPUs per task)"
-        if "ray" in t
-        else f"with {t['workers']} workers"
-    )
+    if "ray" in t:
+        n = t["ray"]["cpus_per_task"]
+        where = f"on Ray at {t['ray']['address']} ({n} CPU{'s' if n != 1 else ''} per task)"
+    else:
+        where = f"with {t['workers']} workers"
     rate = t["conformers_per_hour"]
     print(
         f"{t['wall_seconds']:.0f} s {where}"

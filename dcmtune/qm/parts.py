@@ -11,9 +11,10 @@ Keys, so that nothing stale is reused:
     `GenerationSettings`) and of the molecule (name, atomic numbers, positions and masses, the
     bytes of the float64 arrays): what the numbers depend on. Its source (a path as given) and
     the worker count are not in it; the results do not depend on them.
-  * a work directory of other settings is refused (`QMError`, one line): rerun with the
-    arguments that made it, or pass force (`--force`) to discard it. Parts of molecules that are
-    no longer asked for are ignored (adding or dropping molecules keeps the others' parts).
+  * a work directory of other settings that keeps molecules is refused (`QMError`, one line):
+    rerun with the arguments that made it, or pass force (`--force`) to discard it (one that
+    keeps none is replaced). Parts of molecules that are no longer asked for are ignored
+    (adding or dropping molecules keeps the others' parts).
 
 The directory is removed once the final file and its provenance are written.
 """
@@ -105,9 +106,9 @@ class PartStore:
         if manifest.is_file():
             theirs = json.loads(manifest.read_text())
             if theirs.get("settings_key") != settings_key(settings):
-                if not force:
+                if any(self.directory.glob("*.npz")) and not force:
                     raise QMError(_stale_message(self.directory, theirs, settings))
-                log.warning("discarding %s (kept by other settings; --force)", self.directory)
+                log.warning("discarding %s (other settings)", self.directory)
                 shutil.rmtree(self.directory)
         if not manifest.is_file():
             _io.write_json(
