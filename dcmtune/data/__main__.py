@@ -8,7 +8,8 @@ convert and verify ESP files.
   verify    regenerate a sample of a generated file's molecules and compare within tolerances
 
 The command crosses the wing order here and only here: the data commands come from
-`dcmtune.data.commands`, the generator's from `dcmtune.qm.commands`. Bad inputs exit with
+`dcmtune.data.commands`, the generator's from `dcmtune.qm.commands`, and `generate --address`
+joins a Ray cluster through `dcmtune.sweep.ray_generate`. Bad inputs exit with
 status 2 and one line on stderr; nothing is written.
 """
 
@@ -35,7 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _connect_ray(address: str, cpus_per_task: int):
+    """Joins the Ray cluster at `address` for `generate --address` (Ray is the sweep's)."""
+    from dcmtune.sweep.ray_generate import connect
+
+    return connect(address, cpus_per_task)
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return qm_commands.generate(args, connect=_connect_ray)
     return {**data_commands.COMMANDS, **qm_commands.COMMANDS}[args.command](args)
 
 

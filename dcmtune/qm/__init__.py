@@ -24,15 +24,18 @@ from dcmtune.qm.conformers import (
     smiles_spec,
 )
 from dcmtune.qm.generator import (
+    Runner,
     check_inputs,
     check_output,
     generate,
     generate_dataset,
     generated_arrays,
     molecule_records,
+    process_runner,
     rebuild_command,
 )
 from dcmtune.qm.inputs import load_molecules
+from dcmtune.qm.parts import parts_dir
 from dcmtune.qm.pyscf_esp import (
     build_mol,
     check_method,
@@ -68,6 +71,7 @@ __all__ = [
     "MoleculeSpec",
     "QMError",
     "RESERVED_FILE",
+    "Runner",
     "SCFError",
     "SMILES_SOURCE",
     "TOLERANCES",
@@ -94,6 +98,8 @@ __all__ = [
     "molecule_records",
     "molecule_seed",
     "parse_smiles",
+    "parts_dir",
+    "process_runner",
     "read_reserved",
     "read_smiles_file",
     "rebuild_command",

@@ -4,12 +4,15 @@
   verify    regenerate a sample of a generated file's molecules and compare within tolerances
 
 `add_commands` registers them on the command's sub-parsers (`dcmtune.data.__main__`). Bad
-inputs raise `QMError` (one line, exit 2) before any SCF runs; nothing is written.
+inputs raise `QMError` (one line, exit 2) before any SCF runs; nothing is written. `generate
+--address` runs on an existing Ray cluster: the data command hands `generate` a `connect`
+(`dcmtune.sweep.ray_generate.connect`; no Ray below the sweep).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from dcmtune.data.file_format import provenance_path
@@ -18,7 +21,7 @@ from dcmtune.qm.inputs import load_molecules
 from dcmtune.qm.specs import GenerationSettings, QMError
 from dcmtune.qm.verify import TOLERANCES, verify_sample
 
-__all__ = ["add_commands", "COMMANDS"]
+__all__ = ["add_commands", "generate", "COMMANDS"]
 
 
 def add_commands(sub) -> None:
@@ -60,8 +63,25 @@ def _add_generate(sub) -> None:
     for flag, (metavar, text) in _INPUTS.items():
         g.add_argument(flag, nargs="+", default=[], metavar=metavar, help=text)
     g.add_argument("--out", required=True, type=Path, help="output .npz file")
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output and discard molecules kept by a run with other settings",
+    )
     for flag, (kind, default, text) in _SETTINGS.items():
         g.add_argument(flag, type=kind, default=default, help=text)
+    g.add_argument(
+        "--address",
+        default=None,
+        help="run one task per molecule on this existing Ray cluster (auto or HOST:PORT); "
+        "--workers is then unused",
+    )
+    g.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=None,
+        help="CPUs (and PySCF/BLAS threads) per molecule's task with --address (1)",
+    )
 
 
 def _add_verify(sub) -> None:
@@ -79,10 +99,8 @@ def _add_verify(sub) -> None:
     v.add_argument("--workers", type=int, default=2, help="worker processes (2)")
 
 
-def _generate(args) -> int:
-    from tqdm import tqdm  # optuna's dependency, so always present.
-
-    settings = GenerationSettings(
+def _settings(args) -> GenerationSettings:
+    return GenerationSettings(
         conformers=args.conformers,
         method=args.method,
         basis=args.basis,
@@ -93,35 +111,77 @@ def _generate(args) -> int:
         charge=args.charge,
         spin=args.spin,
     )
+
+
+Connect = Callable[[str, int], gen.Runner]
+"""connect(address, cpus_per_task) joins a Ray cluster and returns a runner with close()."""
+
+
+def generate(args, connect: Connect | None = None) -> int:
+    """`generate`: checks every input, joins the Ray cluster with `--address` (through
+    `connect`), then generates with a progress bar (kept molecules count as done)."""
+    from tqdm import tqdm  # optuna's dependency, so always present.
+
+    settings = _settings(args)
     # Every input check first: a bad input leaves one line on stderr and no progress bar.
-    gen.check_output(args.out)
+    gen.check_output(args.out, args.force)
+    if args.cpus_per_task is not None and not args.address:
+        raise QMError("--cpus-per-task: only with --address (a Ray cluster)")
     specs = load_molecules(args.molecules, args.xyz, args.smiles, args.smiles_file, seed=args.seed)
     gen.check_inputs(specs, settings, args.workers)
-    with tqdm(
-        total=len(specs) * args.conformers,
-        unit="conf",
-        file=sys.stderr,
-        desc="generate",
-        dynamic_ncols=True,
-    ) as bar:
+    runner = None
+    if args.address:
+        if connect is None:
+            raise QMError("--address: this command cannot reach Ray")
+        runner = connect(args.address, args.cpus_per_task or 1)
+    try:
+        with tqdm(
+            total=len(specs) * args.conformers,
+            unit="conf",
+            file=sys.stderr,
+            desc="generate",
+            dynamic_ncols=True,
+        ) as bar:
 
-        def progress(name: str, n: int) -> None:
-            bar.set_postfix_str(name, refresh=False)
-            bar.update(n)
+            def progress(name: str, n: int) -> None:
+                bar.set_postfix_str(name, refresh=False)
+                bar.update(n)
 
-        prov = gen.generate_dataset(
-            args.out, specs, settings, workers=args.workers, progress=progress
-        )
+            prov = gen.generate_dataset(
+                args.out,
+                specs,
+                settings,
+                workers=args.workers,
+                progress=progress,
+                force=args.force,
+                runner=runner,
+            )
+    finally:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()  # disconnects from the Ray cluster
+    _report(args, prov)
+    return 0
+
+
+def _report(args, prov: dict) -> None:
     t = prov["timing"]
+    kept = prov["resumed"]["kept_molecules"]
     print(
         f"wrote {args.out} ({t['conformers']} conformers of {len(prov['molecules'])} "
         f"molecules) and {provenance_path(args.out)}"
+        + (f"; {len(kept)} molecules kept from an interrupted run" if kept else "")
     )
+    if "ray" in t:
+        n = t["ray"]["cpus_per_task"]
+        where = f"on Ray at {t['ray']['address']} ({n} CPU{'s' if n != 1 else ''} per task)"
+    else:
+        where = f"with {t['workers']} workers"
+    rate = t["conformers_per_hour"]
     print(
-        f"{t['wall_seconds']:.0f} s with {t['workers']} workers: "
-        f"{t['conformers_per_hour']:.0f} conformers/hour"
+        f"{t['wall_seconds']:.0f} s {where}"
+        + (f": {rate:.0f} conformers/hour" if rate is not None else "")
     )
-    return 0
 
 
 def _verify(args) -> int:
@@ -147,4 +207,4 @@ def _verify(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": _generate, "verify": _verify}
+COMMANDS = {"generate": generate, "verify": _verify}

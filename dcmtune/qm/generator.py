@@ -2,9 +2,11 @@
 
 `generate_dataset` checks every input first (method, basis, electrons, the reserved set), then
 computes every molecule in single-threaded worker processes (`generate`; two processes with one
-thread each run about twice as fast as one with two threads, DESIGN.md 3b), and writes the
-`.npz` layout of DESIGN.md section 2 plus a provenance JSON (settings, versions, timings, a
-command that rebuilds it).
+thread each run about twice as fast as one with two threads, DESIGN.md 3b) or with another
+`Runner` (the Ray tasks of `dcmtune.sweep.ray_generate`), keeps each finished molecule in a work
+directory beside the output (`dcmtune.qm.parts`: a killed run resumes), and writes the `.npz`
+layout of DESIGN.md section 2 plus a provenance JSON (settings, versions, timings, a command
+that rebuilds it).
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ from dcmtune.data.grids import VDW_RADII
 from dcmtune.data.load import load_npz
 from dcmtune.provenance import versions
 from dcmtune.qm.conformers import check_not_reserved
+from dcmtune.qm.parts import PartStore, parts_dir
 from dcmtune.qm.pyscf_esp import build_mol, check_method, compute_molecule
 from dcmtune.qm.specs import G2_SOURCE, GenerationSettings, MoleculeSpec, QMError, check_electrons
 from dcmtune.units import HARTREE_TO_KCAL
 
 __all__ = [
+    "Runner",
+    "process_runner",
     "generate",
     "generated_arrays",
     "molecule_records",
@@ -89,6 +94,53 @@ def _environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
+Runner = Callable[
+    [Sequence[MoleculeSpec], Sequence[int], GenerationSettings, Callable[[int, dict], None]], dict
+]
+"""Computes molecules: runner(specs, indices, settings, done) calls done(i, compute_molecule
+result of specs[i]) for every i in `indices`, as each finishes (in any order), and returns what
+the provenance records about how they ran (e.g. {"workers": 2})."""
+
+
+def process_runner(workers: int = 2) -> Runner:
+    """The local runner: `workers` single-threaded processes (0: in this process)."""
+
+    def run(specs, indices, settings, done) -> dict:
+        _run_processes(specs, indices, settings, done, workers)
+        return {"workers": workers}
+
+    return run
+
+
+def _run_processes(specs, indices, settings, done, workers: int) -> None:
+    if workers == 0:
+        for i in indices:
+            done(i, compute_molecule(specs[i], settings))
+        return
+    # Largest molecules first keeps both workers busy until the end.
+    order = sorted(indices, key=lambda i: -int(specs[i].numbers.sum()))
+    if not order:
+        return
+    # Spawned workers inherit the single-thread environment before NumPy/PySCF load their
+    # BLAS/OpenMP runtimes (setting it inside a worker would come too late for BLAS).
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(order)), mp_context=ctx, initializer=_init_worker
+    ) as pool:
+        with _environment(_SINGLE_THREAD_ENV):
+            futures = {pool.submit(compute_molecule, specs[i], settings): i for i in order}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    done(futures[fut], fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
 def generate(
     specs: Sequence[MoleculeSpec],
     settings: GenerationSettings,
@@ -96,6 +148,8 @@ def generate(
     progress: Callable[[str, int], None] | None = None,
 ) -> list[dict]:
     """Computes every molecule; returns `compute_molecule` results in the order of `specs`.
+
+    Nothing is kept on disk (`generate_dataset` keeps finished molecules).
 
     Args:
       workers: processes, each single-threaded (OpenMP and BLAS); molecules are dealt out
@@ -108,36 +162,14 @@ def generate(
     """
     check_inputs(specs, settings, workers)  # fail fast, before any compute.
     results: list[dict | None] = [None] * len(specs)
-    if workers == 0:
-        for i, spec in enumerate(specs):
-            results[i] = compute_molecule(spec, settings)
-            if progress:
-                progress(spec.name, settings.conformers)
-        return results
-    # Largest molecules first keeps both workers busy until the end.
-    order = sorted(range(len(specs)), key=lambda i: -int(specs[i].numbers.sum()))
-    # Spawned workers inherit the single-thread environment before NumPy/PySCF load their
-    # BLAS/OpenMP runtimes (setting it inside a worker would come too late for BLAS).
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(specs)), mp_context=ctx, initializer=_init_worker
-    ) as pool:
-        with _environment(_SINGLE_THREAD_ENV):
-            futures = {pool.submit(compute_molecule, specs[i], settings): i for i in order}
-        pending = set(futures)
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    i = futures[fut]
-                    results[i] = fut.result()
-                    if progress:
-                        progress(specs[i].name, settings.conformers)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
-    return results
+
+    def done(i: int, result: dict) -> None:
+        results[i] = result
+        if progress:
+            progress(specs[i].name, settings.conformers)
+
+    process_runner(workers)(specs, range(len(specs)), settings, done)
+    return results  # type: ignore[return-value]  # every slot filled by done()
 
 
 # --------------------------------------------------------------------------- output
@@ -268,13 +300,18 @@ def rebuild_command(
     return shlex.join(args)
 
 
-def check_output(out: str | Path) -> Path:
-    """Raises QMError unless `out` is a writable-looking .npz path."""
+def check_output(out: str | Path, force: bool = True) -> Path:
+    """Raises QMError unless `out` is a writable-looking .npz path, and (unless `force`) neither
+    it nor its provenance exists."""
     out = Path(out)
     if out.suffix != ".npz":
         raise QMError(f"{out}: the output file name must end in .npz")
     if not out.parent.is_dir():
         raise QMError(f"{out}: directory {out.parent} does not exist")
+    if not force:
+        for p in (out, provenance_path(out)):
+            if p.exists():
+                raise QMError(f"{p}: already exists; pass --force to replace it")
     return out
 
 
@@ -308,33 +345,59 @@ def generate_dataset(
     settings: GenerationSettings | None = None,
     workers: int = 2,
     progress: Callable[[str, int], None] | None = None,
+    *,
+    force: bool = False,
+    runner: Runner | None = None,
 ) -> dict:
     """Generates a dataset file `out` (.npz) and its provenance JSON; returns the provenance.
 
-    All inputs are checked before any SCF runs; nothing is written unless everything succeeds
-    (both files are written to temporary names, then renamed).
+    All inputs are checked before any SCF runs. Each molecule is kept in `parts_dir(out)` as it
+    finishes; a rerun with the same settings computes only the molecules not kept yet
+    (`dcmtune.qm.parts`). The final file is assembled from all of them in the order of `specs`
+    (the same arrays as a run without interruption), written to a temporary name and renamed;
+    then the provenance, then the work directory is removed.
 
     Args:
       out: the .npz path; the provenance goes to `provenance_path(out)`.
       specs: from `load_molecules`.
-      workers: see `generate`.
-      progress: see `generate`.
+      workers: see `generate` (used when no `runner` is given; recorded in the provenance).
+      progress: progress(name, num_conformers) for each kept molecule, then as each finishes.
+      force: replace an existing `out` (and its provenance), discard kept molecules of other
+        settings; without it both are refused.
+      runner: computes the molecules (default `process_runner(workers)`).
 
     Raises:
-      QMError: bad inputs (charge/spin, basis, method, output path).
-      SCFError: an SCF did not converge.
+      QMError: bad inputs (charge/spin, basis, method, output path), an existing output, kept
+        molecules of other settings.
+      SCFError: an SCF did not converge (the finished molecules stay kept).
     """
     settings = GenerationSettings() if settings is None else settings
-    out = check_output(out)
+    out = check_output(out, force)
     check_inputs(specs, settings, workers)
+    store = PartStore(out, settings, force)
+    results: dict[int, dict] = store.kept(specs)
+    kept = sorted(results)
+    for i in kept:
+        if progress:
+            progress(specs[i].name, settings.conformers)
+
+    def done(i: int, result: dict) -> None:
+        store.keep(specs[i], result)
+        results[i] = result
+        if progress:
+            progress(specs[i].name, settings.conformers)
+
+    todo = [i for i in range(len(specs)) if i not in results]
     t0 = time.perf_counter()
-    results = generate(specs, settings, workers=workers, progress=progress)
-    wall = time.perf_counter() - t0
-    arrays = generated_arrays(specs, results, settings)
+    ran = (runner or process_runner(workers))(specs, todo, settings, done)
+    run = {"wall": time.perf_counter() - t0, "ran": ran, "kept": kept, "computed": todo}
+    ordered = [results[i] for i in range(len(specs))]
+    arrays = generated_arrays(specs, ordered, settings)
     _io.atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
     checksum = load_npz([out]).checksum()  # also proves the file loads.
-    provenance = _provenance(out, specs, results, settings, workers, wall, checksum)
+    provenance = _provenance(out, specs, ordered, settings, workers, run, checksum)
     _io.write_text(provenance_path(out), json.dumps(provenance, indent=1) + "\n")
+    store.remove()
     return provenance
 
 
@@ -369,14 +432,10 @@ def _method_records(settings: GenerationSettings) -> dict:
 
 
 def _provenance(
-    out: Path,
-    specs,
-    results,
-    settings: GenerationSettings,
-    workers: int,
-    wall: float,
-    checksum: str,
+    out: Path, specs, results, settings: GenerationSettings, workers: int, run: dict, checksum: str
 ) -> dict:
+    """The provenance record; `run` holds this run's wall time, what the runner reported and
+    the indices of the kept and of the computed molecules."""
     names = [s.name for s in specs if s.source == G2_SOURCE]
     xyz_files = [s.source for s in specs if s.source != G2_SOURCE and s.smiles is None]
     smiles = [s.smiles for s in specs if s.smiles is not None and s.source == "smiles"]
@@ -384,6 +443,8 @@ def _provenance(
         dict.fromkeys(s.source for s in specs if s.smiles is not None and s.source != "smiles")
     )
     M = sum(len(r["R"]) for r in results)
+    computed = sum(len(results[i]["R"]) for i in run["computed"])
+    wall = run["wall"]
     return {
         "file": out.name,
         "format": "dcmtune ESP .npz, DESIGN.md section 2 (mmml DCMNet compatible)",
@@ -397,10 +458,19 @@ def _provenance(
         "timing": {
             "wall_seconds": round(wall, 1),
             "workers": workers,
+            **run["ran"],
             "cpus": os.cpu_count(),
             "conformers": M,
-            "conformers_per_hour": round(M / wall * 3600.0, 1),
-            "note": "wall time of the SCF/ESP stage (all processes)",
+            "conformers_computed": computed,
+            "conformers_per_hour": round(computed / wall * 3600.0, 1) if computed else None,
+            "note": "wall time of this run's SCF/ESP stage (all processes or tasks); kept "
+            "molecules (resumed) are not in it",
+        },
+        "resumed": {
+            "kept_molecules": [specs[i].name for i in run["kept"]],
+            "work_directory": parts_dir(out).name,
+            "note": "molecules kept by an earlier, interrupted run with the same settings, "
+            "reused bit for bit (removed once this file was written)",
         },
         "molecules": molecule_records(specs, results),
     }

@@ -2,7 +2,8 @@
 Optuna + ASHA, resume, debug), the trainable (`trainable`), trial resources (`resources`), the
 experiment on its storage (`experiment_store`), the Optuna study (`study`), local Ray
 (`local_ray`), the Tuner (`tuner`) and Tune extensions (`tune_ext`, `tune_loggers`);
-`python -m dcmtune.sweep` (`commands`). docs/architecture.md.
+`python -m dcmtune.sweep` (`commands`). Also the Ray tasks of `python -m dcmtune.data generate
+--address` (`ray_generate`): the only wing that imports Ray. docs/architecture.md.
 
 Import from the modules: this face stays empty so that no import of a light module (the spec)
 loads Ray before `local_ray.prefer_loopback` has run.
