@@ -22,7 +22,7 @@ from dcmtune.cli import OneLineParser, run_cli
 from dcmtune.data import commands as data_commands
 from dcmtune.data.file_format import DataError
 from dcmtune.qm import commands as qm_commands
-from dcmtune.qm.specs import QMError, SCFError
+from dcmtune.qm.specs import QMError, SCFError, TaskLost
 
 __all__ = ["main", "build_parser"]
 
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser(),
         argv,
         bad_input=(DataError, QMError),
-        failures=(SCFError, OSError),
+        failures=(SCFError, TaskLost, OSError),
         verbose=lambda args: args.verbose,
     )
 

@@ -40,6 +40,11 @@ class SCFError(RuntimeError):
     """An SCF calculation failed to converge."""
 
 
+class TaskLost(RuntimeError):
+    """A molecule's compute task was lost more often than its retries allow (its worker or
+    node died); the molecules already finished are kept, so the same command continues."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
     """Settings of one generation run; all of them are recorded in the provenance.

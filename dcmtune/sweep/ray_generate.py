@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from dcmtune.cli import one_line
 from dcmtune.qm.pyscf_esp import compute_molecule
-from dcmtune.qm.specs import GenerationSettings, MoleculeSpec, QMError
+from dcmtune.qm.specs import GenerationSettings, MoleculeSpec, QMError, TaskLost
 
 __all__ = ["MAX_RETRIES", "TASK_PREFIX", "RayRunner", "connect", "compute_on_ray"]
 
@@ -113,6 +113,11 @@ class RayRunner:
             cause = getattr(e, "cause", None)
             if isinstance(e, ray.exceptions.RayTaskError) and isinstance(cause, Exception):
                 raise cause from None  # the task's own error (e.g. SCFError), without Ray's dump
+            if isinstance(e, ray.exceptions.RayError):  # lost beyond its retries: one line
+                raise TaskLost(
+                    f"a molecule's task was lost after {self.max_retries} retries "
+                    f"({type(e).__name__}); finished molecules are kept: run the same command again"
+                ) from None
             raise
         return {
             "workers": None,
