@@ -66,6 +66,7 @@ def study_spec(split_seed: int, smoke: bool) -> SweepSpec:
         model=SMOKE_MODEL,
         training={**raw.get("training", {}), "num_epochs": 2, "warmup_epochs": 0},
         search={"training.learning_rate": {"loguniform": [3e-3, 3e-2]}},
+        scheduler={"name": "fifo"},
         searcher={
             **raw.get("searcher", {}),
             "points_to_evaluate": [{"training.learning_rate": 1e-2}],
@@ -102,26 +103,27 @@ def check_run(run: Path, expected) -> None:
 
 
 def members(split_seed: int, args) -> list[Path]:
-    """The run directories of the split's members, trained first where missing (storage only)."""
+    """The run directories of the split's members: `defaults_seed<k>` in the split's --runs
+    directory (only read), else in <storage>/split<S>_defaults, trained there first if missing
+    (one at a time)."""
     from dcmtune.train.loop import fit
 
     spec = study_spec(split_seed, args.smoke)
     given = dict(args.runs)
-    root = (
-        Path(given[split_seed])
-        if split_seed in given
-        else Path(args.storage) / f"split{split_seed}_defaults"
-    )
+    own = (Path(args.storage) / f"split{split_seed}_defaults").resolve()
     runs = []
     for seed in args.seeds:
-        cfg = defaults_config(spec, seed, root.resolve())
-        run = root / f"defaults_seed{seed}"
-        if not (run / "checkpoints" / "best").is_dir():
-            if split_seed in given:
-                raise SystemExit(f"{run}: no trained run (--runs directories are only read)")
+        cfg = defaults_config(spec, seed, own)
+        found = [
+            root / cfg.name
+            for root in ([Path(given[split_seed])] if split_seed in given else []) + [own]
+            if (root / cfg.name / "checkpoints" / "best").is_dir()
+        ]
+        if not found:
             t0 = time.perf_counter()
             fit(cfg)
-            print(f"trained {run} in {time.perf_counter() - t0:.0f} s")
+            print(f"trained {own / cfg.name} in {time.perf_counter() - t0:.0f} s")
+        run = found[0] if found else own / cfg.name
         check_run(run, cfg)
         runs.append(run)
     return runs
@@ -219,11 +221,11 @@ def correlations(rows: list[dict], resamples: int, seed: int = 0) -> dict[str, A
     for k in cols:
         lo, hi = np.nanpercentile(boot[k], [2.5, 97.5])
         out[k] = {"rho": point[k], "ci95": [float(lo), float(hi)]}
-    for k in PROXIES:
-        diff = boot["spread"] - boot[k]
+    for k in PROXIES:  # a proxy may be read either way round: the margin is over its |rho|
+        diff = boot["spread"] - np.abs(boot[k])
         lo, hi = np.nanpercentile(diff, [2.5, 97.5])
         out[f"spread_minus_{k}"] = {
-            "diff": point["spread"] - point[k],
+            "diff": point["spread"] - abs(point[k]),
             "ci95": [float(lo), float(hi)],
         }
     return out
@@ -270,9 +272,9 @@ def report(summaries: list[dict], per_split: dict, pooled: dict) -> None:
     for name, c in [*named, (f"pooled ({pooled['molecules']})", pooled)]:
         print(f"{name:<16}" + "".join(f"{_fmt_rho(c[k]):>26}" for k in ("spread", *PROXIES)))
     print(
-        "pooled margins: spread - RMS ESP "
+        "pooled margins: spread - |RMS ESP| "
         + _fmt_rho(pooled["spread_minus_rms_esp"])
-        + "; spread - atom count "
+        + "; spread - |atom count| "
         + _fmt_rho(pooled["spread_minus_atoms"])
     )
     print("pooled: " + verdict(pooled))
