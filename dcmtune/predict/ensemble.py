@@ -170,8 +170,8 @@ def combine(
     spread = spread_of(esp)
     distrust = None if threshold is None else bool(spread > threshold)
     notes = tuple(dict.fromkeys(first.warnings + extra))
-    if distrust:
-        notes += (distrust_warning(float(threshold)),)  # type: ignore[arg-type]
+    if distrust and threshold is not None:
+        notes += (distrust_warning(threshold),)
     return EnsemblePrediction(
         source=first.source,
         numbers=first.numbers,
@@ -363,7 +363,7 @@ def _validation_conformers(
         if len(loaded) != len(members) or any(c.split_record is None for c in loaded):
             log.warning("ensemble: a member records no split; no distrust threshold")
             return None
-        sums = {c.split_record["checksum"] for c in loaded}  # type: ignore[index]
+        sums = {(c.split_record or {}).get("checksum") for c in loaded}
         if len(sums) > 1:
             log.warning("ensemble: the members were trained on different data; no threshold")
             return None
@@ -374,9 +374,8 @@ def _validation_conformers(
     if data.checksum() not in sums:
         log.warning("ensemble: the members' data has changed (checksum); no distrust threshold")
         return None
-    common = set(loaded[0].split_record["indices"].get("valid", []))  # type: ignore[index]
-    for c in loaded[1:]:
-        common &= set(c.split_record["indices"].get("valid", []))  # type: ignore[index]
+    valid = [set((c.split_record or {}).get("indices", {}).get("valid", [])) for c in loaded]
+    common = set.intersection(*valid)
     if not common:
         log.warning("ensemble: no validation conformer common to all members; no threshold")
         return None
