@@ -247,15 +247,14 @@ def _fmt_rho(d: dict) -> str:
 
 
 def report(summaries: list[dict], per_split: dict, pooled: dict) -> None:
-    print("\nensemble vs members, test ESP RMSE (kcal/mol/e)")
-    head = f"{'split':>5}  {'members (valid -> test)':<40}{'best':>7}{'ensemble':>10}{'ratio':>8}"
-    print(head)
+    print("\nensemble vs members, test ESP RMSE (kcal/mol/e); best = best member on validation")
+    print(f"{'split':>5}{'best':>8}{'ensemble':>10}{'ratio':>8}  members (valid -> test)")
     for s in summaries:
         pairs = zip(s["member_valid_esp_rmse"], s["member_test_esp_rmse"], strict=True)
         ms = ", ".join(f"{v:.3f}->{t:.3f}" for v, t in pairs)
         print(
-            f"{s['split_seed']:>5}  {ms:<40}{s['best_member_test_esp_rmse']:>7.3f}"
-            f"{s['ensemble_test_esp_rmse']:>10.3f}{s['ratio_ensemble_best']:>8.3f}"
+            f"{s['split_seed']:>5}{s['best_member_test_esp_rmse']:>8.3f}"
+            f"{s['ensemble_test_esp_rmse']:>10.3f}{s['ratio_ensemble_best']:>8.3f}  {ms}"
         )
     print("\ndistrust flags on the test conformers (threshold: 0.9 quantile of the valid spread)")
     print(f"{'split':>5}{'threshold':>11}{'flagged':>12}{'RMSE flagged':>14}{'unflagged':>11}")
