@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="molecules per compiled call (default 8 on CPU, 256 on GPU)",
     )
+    p.add_argument("-v", "--verbose", action="store_true", help="INFO logging")
+    return _with_ensemble_arguments(p)
+
+
+def _with_ensemble_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser with --ensemble, --top-k and the distrust threshold."""
     e = p.add_argument_group(
         "ensembles",
         "several models predict together: their mean ESP (on the input's grid, else the vdW "
@@ -157,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KCAL",
         help="distrust a molecule whose spread exceeds this, kcal/mol/e (instead of the quantile)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="INFO logging")
     return p
 
 

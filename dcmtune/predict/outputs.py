@@ -327,6 +327,12 @@ def write_ensemble_predictions(
     }
     if path.suffix == ".json":
         return _io.write_json(path, {**meta, "molecules": [_ensemble_json(p) for p in preds]})
+    arrays = _ensemble_arrays(preds, meta)
+    return _io.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _ensemble_arrays(preds: Sequence[EnsemblePrediction], meta: dict) -> dict[str, np.ndarray]:
+    """The arrays of `write_ensemble_predictions`' .npz (see there)."""
     n = len(preds[0].members)
     ref = any(p.esp_reference is not None for p in preds)
     arrays = {
@@ -354,8 +360,10 @@ def write_ensemble_predictions(
         "warnings": np.array(["; ".join(p.warnings) for p in preds]),
         "format": np.array(ENSEMBLE_FORMAT),
         "members": np.array(meta["members"]),
-        "distrust_threshold": np.array(np.nan if threshold is None else threshold, np.float64),
-        "calibration": np.array(json.dumps(calibration, sort_keys=True)),
+        "distrust_threshold": np.array(
+            np.nan if meta["distrust_threshold"] is None else meta["distrust_threshold"]
+        ),
+        "calibration": np.array(json.dumps(meta["calibration"], sort_keys=True)),
         "units": np.array(json.dumps(ENSEMBLE_UNITS, sort_keys=True)),
     }
     arrays["esp_kcal"] = arrays["esp"] * HARTREE_TO_KCAL
@@ -366,7 +374,7 @@ def write_ensemble_predictions(
         arrays["member_esp_rmse"] = np.array(
             [[np.nan if m.esp_rmse is None else m.esp_rmse for m in p.members] for p in preds]
         )
-    return _io.atomic_write(path, lambda f: np.savez(f, **arrays))
+    return arrays
 
 
 def _ensemble_json(p: EnsemblePrediction) -> dict:
