@@ -343,6 +343,7 @@ def format_ensemble_table(preds: Sequence[EnsemblePrediction], max_rows: int = M
         f"{'#':>4}  {'molecule':<23}{'formula':<12}{'Q (e)':>6}{'|mu| (D)':>10}{'+/- (D)':>9}"
         f"{'spread':>9}  {'distrust':<9}" + (f"{'ESP RMSE':>9}" if rmse else "")
     ]
+    lines[0] = lines[0].rstrip()
     for i, p in enumerate(preds[:max_rows]):
         src = p.source if len(p.source) <= 22 else "..." + p.source[-19:]
         flag = "-" if p.distrust is None else ("DISTRUST" if p.distrust else "ok")
@@ -353,7 +354,7 @@ def format_ensemble_table(preds: Sequence[EnsemblePrediction], max_rows: int = M
         )
         if rmse:
             row += f"{p.esp_rmse:>9.3f}" if p.esp_rmse is not None else f"{'-':>9}"
-        lines.append(row)
+        lines.append(row.rstrip())
     if len(preds) > max_rows:
         lines.append(f"... {len(preds) - max_rows} more molecules (all in the output file)")
     flagged = sum(bool(p.distrust) for p in preds)
