@@ -13,7 +13,7 @@ The package is a small kit and seven wings in the order the data flows (docs/arc
                                          python -m dcmtune.analysis, python -m dcmtune.rank
   sweep/     spec (space, sections), driver (Tuner: Optuna + ASHA), trainable, resources,
              experiment store, Optuna study, local Ray, Tune extensions   python -m dcmtune.sweep
-  predict/   the predictor, its outputs and plot                        python -m dcmtune.predict
+  predict/   the predictor, ensembles, outputs, plot                      python -m dcmtune.predict
 
 The public API is small; names load lazily, so `import dcmtune` is cheap and the sweep driver
 can use the numpy-only parts (configs, data) without importing JAX.
@@ -50,6 +50,7 @@ _API = {
     "run_sweep": "dcmtune.sweep.driver",
     "rank_experiment": "dcmtune.analysis.rank",
     "load_model": "dcmtune.predict.predictor",
+    "load_ensemble": "dcmtune.predict.ensemble",
     "list_models": "dcmtune.models",
     "Predictor": "dcmtune.predict.predictor",
     "PredictError": "dcmtune.predict.predictor",

@@ -101,6 +101,11 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
             ["--smoke", "--storage", str(tmp / "value")],
             ("winner / median of the defaults",),
         ),
+        (
+            "ensemble_uncertainty",
+            ["--smoke", "--storage", str(tmp / "ensemble")],
+            ("Spearman with the ensemble's per-molecule ESP RMSE", "pooled: "),
+        ),
     ]
 
 

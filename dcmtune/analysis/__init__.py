@@ -29,7 +29,7 @@ from dcmtune.analysis.evaluate import (
 from dcmtune.analysis.history import TrainingHistory, analyze_training_history
 from dcmtune.analysis.importances import distributions, param_importances
 from dcmtune.analysis.plots import PLOT_FILES, write_plots
-from dcmtune.analysis.rank import OUTPUT_FILES, rank_experiment
+from dcmtune.analysis.rank import OUTPUT_FILES, rank_experiment, top_checkpoints
 from dcmtune.analysis.ranking import (
     BEST_MODEL,
     EVAL_COLUMNS,
@@ -84,5 +84,6 @@ __all__ = [
     "rank_experiment",
     "resolve_checkpoint",
     "split_summary",
+    "top_checkpoints",
     "write_plots",
 ]

@@ -92,7 +92,7 @@ from dcmtune.data.dataset import ESPData
 from dcmtune.data.file_format import DataError
 from dcmtune.train import checkpoints as ckpt
 
-__all__ = ["rank_experiment", "OUTPUT_FILES"]
+__all__ = ["rank_experiment", "top_checkpoints", "OUTPUT_FILES"]
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +463,35 @@ def rank_experiment(
         raise
     except (storage.StorageError, AnalysisError, ckpt.CheckpointError, DataError, ConfigError) as e:
         raise RankError(str(e)) from None
+
+
+def top_checkpoints(
+    experiment_dir: str | Path, top_k: int | None = None, metric: str | None = None
+) -> list[Path]:
+    """The checkpoints of an experiment's top_k trials by rule 1 of the module docstring (each
+    trial's best epoch by the validation metric; diverged and failed trials excluded; ties by
+    trial id), best first; nothing is re-evaluated or written. Fewer when fewer trials are
+    eligible (logged). A local directory of a sweep or of plain training runs.
+
+    Args:
+      experiment_dir: <storage_path>/<name> of a sweep, or a directory of training runs.
+      top_k: How many (default: the spec's rank.top_k, else 5).
+      metric: Selection metric (default: the spec's run.metric, else valid_esp_rmse).
+
+    Raises:
+      RankError: one line naming the path (missing or foreign directory, no eligible trial).
+    """
+    try:
+        s = _settings(Path(experiment_dir), top_k, None, None, metric, None, 16)
+        eligible = _eligible(s, discover_trials(s.experiment, s.metric))
+    except RankError:
+        raise
+    except (AnalysisError, ckpt.CheckpointError, ConfigError) as e:
+        raise RankError(str(e)) from None
+    top = sorted(eligible, key=lambda t: (t.value, t.trial_id))[: s.top_k]
+    if len(top) < s.top_k:
+        log.warning("%s: only %d rankable trials for top_k = %d", s.experiment, len(top), s.top_k)
+    return [t.checkpoint for t in top if t.checkpoint is not None]
 
 
 # --------------------------------------------------------------------------- object storage

@@ -5,11 +5,14 @@ The face hands on the wing's public names; `python -m dcmtune.predict` is
 """
 
 from dcmtune.predict.domain import PredictWarning, TrainingDomain
+from dcmtune.predict.ensemble import Ensemble, EnsemblePrediction, load_ensemble
 from dcmtune.predict.frames import to_global, to_local
 from dcmtune.predict.inputs import Molecule, smiles_molecules
 from dcmtune.predict.outputs import (
+    ENSEMBLE_FORMAT,
     FORMAT,
     UNITS,
+    write_ensemble_predictions,
     write_extxyz,
     write_pqr,
     write_predictions,
@@ -26,6 +29,9 @@ from dcmtune.predict.predictor import (
 )
 
 __all__ = [
+    "ENSEMBLE_FORMAT",
+    "Ensemble",
+    "EnsemblePrediction",
     "FORMAT",
     "Molecule",
     "MoleculePrediction",
@@ -36,11 +42,13 @@ __all__ = [
     "TrainingDomain",
     "UNITS",
     "default_batch_size",
+    "load_ensemble",
     "load_model",
     "plot_prediction",
     "smiles_molecules",
     "to_global",
     "to_local",
+    "write_ensemble_predictions",
     "write_extxyz",
     "write_pqr",
     "write_predictions",

@@ -12,6 +12,13 @@ picture `<OUT stem>.png` (of the first molecule); prints one row per molecule, t
 `warning:` line per distinct warning (out of the training domain, doubtful input) on stderr.
 A dcmtune `.npz` data file as INPUT is evaluated on its own grid against its reference ESP
 (the table adds the ESP RMSE).
+
+Ensembles (`dcmtune.predict.ensemble`): several models, or an experiment's top-k trials,
+predict together; OUT then holds their mean ESP, monopoles and dipole, each molecule's spread and
+distrust flag (no charge-site files: members' charges have no site-by-site mean):
+
+    python -m dcmtune.predict run_seed0 mols.sdf --ensemble run_seed1 run_seed2
+    python -m dcmtune.predict experiments/my_sweep mols.sdf --top-k 5
 """
 
 from __future__ import annotations
@@ -21,17 +28,25 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dcmtune.cli import OneLineParser, run_cli
 from dcmtune.predict.domain import PredictWarning
+from dcmtune.predict.ensemble import DEFAULT_QUANTILE, EnsemblePrediction, load_ensemble
 from dcmtune.predict.inputs import smiles_molecules
-from dcmtune.predict.outputs import write_extxyz, write_pqr, write_predictions, write_sites
+from dcmtune.predict.outputs import (
+    write_ensemble_predictions,
+    write_extxyz,
+    write_pqr,
+    write_predictions,
+    write_sites,
+)
 from dcmtune.predict.plot import plot_prediction
 from dcmtune.predict.predictor import SHELL, MoleculePrediction, PredictError, load_model
 
-__all__ = ["main", "build_parser", "format_table"]
+__all__ = ["main", "build_parser", "format_table", "format_ensemble_table"]
 
 MAX_ROWS = 20
 EPILOG = (
@@ -40,7 +55,9 @@ EPILOG = (
     "(each charge site in a local frame of its atom and two others, for virtual sites; spread "
     "over conformers). Molecules outside the model's training domain (an element or total "
     "charge never seen, more atoms than the largest training molecule) are predicted with a "
-    "warning on stderr and in the files. See docs/predict.md."
+    "warning on stderr and in the files. With --ensemble or --top-k only OUT is written: the "
+    "members' mean ESP, monopoles and dipole, each molecule's spread and distrust flag. See "
+    "docs/predict.md."
 )
 MAX_ATOMS_SHOWN = 6
 
@@ -104,6 +121,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="molecules per compiled call (default 8 on CPU, 256 on GPU)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="INFO logging")
+    return _with_ensemble_arguments(p)
+
+
+def _with_ensemble_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser with --ensemble, --top-k and the distrust threshold."""
+    e = p.add_argument_group(
+        "ensembles",
+        "several models predict together: their mean ESP (on the input's grid, else the vdW "
+        "shells), monopoles and dipole, and per molecule their spread (RMS over the grid of the "
+        "members' ESP standard deviation, kcal/mol/e) and a distrust flag; writes OUT only",
+    )
+    e.add_argument(
+        "--ensemble",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="MODEL",
+        help="more models (as MODEL) predicting with MODEL; give them after INPUT",
+    )
+    e.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="MODEL is an experiment (a sweep, or a directory of training runs): the ensemble "
+        "of its K best trials by the validation metric, as ranking orders them",
+    )
+    e.add_argument(
+        "--distrust-quantile",
+        type=float,
+        default=DEFAULT_QUANTILE,
+        metavar="Q",
+        help="distrust a molecule whose spread exceeds this quantile of the spread on the "
+        f"members' validation conformers (default {DEFAULT_QUANTILE})",
+    )
+    e.add_argument(
+        "--distrust-above",
+        type=float,
+        default=None,
+        metavar="KCAL",
+        help="distrust a molecule whose spread exceeds this, kcal/mol/e (instead of the quantile)",
+    )
     return p
 
 
@@ -175,17 +234,18 @@ def format_table(preds: Sequence[MoleculePrediction], max_rows: int = MAX_ROWS) 
     return "\n".join(lines)
 
 
-def _outputs(args: argparse.Namespace) -> dict[str, Path]:
+def _outputs(args: argparse.Namespace, ensemble: bool = False) -> dict[str, Path]:
     stem = args.input.stem if args.input is not None else "smiles"
     out = args.out if args.out is not None else Path(f"{stem}.dcm.npz")
     if out.suffix not in (".npz", ".json"):
         raise PredictError(f"--out {out}: expected a name ending in .npz or .json")
-    files = {
-        "results": out,
-        "extxyz": out.with_suffix(".xyz"),
-        "pqr": out.with_suffix(".pqr"),
-        "sites": out.with_suffix(".sites.json"),
-    }
+    files = {"results": out}
+    if not ensemble:
+        files.update(
+            extxyz=out.with_suffix(".xyz"),
+            pqr=out.with_suffix(".pqr"),
+            sites=out.with_suffix(".sites.json"),
+        )
     if args.plot:
         files["plot"] = out.with_suffix(".png")
     for f in files.values():
@@ -197,7 +257,7 @@ def _outputs(args: argparse.Namespace) -> dict[str, Path]:
     return files
 
 
-def _predict_warned(predict, *args, **kwargs) -> tuple[list[MoleculePrediction], list[str]]:
+def _predict_warned(predict, *args, **kwargs) -> tuple[list[Any], list[str]]:
     """`predict(...)` and the PredictWarnings it issued (other warnings are shown as usual)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -217,11 +277,18 @@ def _predict(args: argparse.Namespace) -> int:
         raise PredictError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.input is None and not args.smiles:
         raise PredictError("expected molecules: an INPUT file, --smiles SMILES ..., or both")
-    files = _outputs(args)
+    ensemble = bool(args.ensemble) or args.top_k is not None
+    if ensemble and args.plot:
+        raise PredictError("--plot: draws one model's charges; not with --ensemble or --top-k")
+    if args.ensemble and args.top_k is not None:
+        raise PredictError("--top-k takes its members from MODEL's experiment; not with --ensemble")
+    files = _outputs(args) if not ensemble else _outputs(args, ensemble=True)
     points = _esp_points(args.esp_grid)
     if args.input is not None and not args.input.is_file():
         raise PredictError(f"{args.input}: input file not found")
     molecules = ([args.input] if args.input is not None else []) + smiles_molecules(args.smiles)
+    if ensemble:
+        return _predict_ensemble(args, files, molecules, points)
 
     # 2. Model, predictions (with their warnings), files.
     predictor = load_model(args.model)
@@ -265,6 +332,87 @@ def _write(args: argparse.Namespace, files: dict[str, Path], predictor, preds) -
                 esp_points=SHELL,
             )
         plot_prediction(first, files["plot"], title=f"{first.source} - {predictor.path}")
+
+
+def format_ensemble_table(preds: Sequence[EnsemblePrediction], max_rows: int = MAX_ROWS) -> str:
+    """One row per molecule: source, formula, total charge (e), the mean dipole and its spread
+    (D), the ESP spread (kcal/mol/e), the distrust flag, and the mean's ESP RMSE (kcal/mol/e)
+    when a data file gives a reference."""
+    rmse = any(p.esp_rmse is not None for p in preds)
+    lines = [
+        f"{'#':>4}  {'molecule':<23}{'formula':<12}{'Q (e)':>6}{'|mu| (D)':>10}{'+/- (D)':>9}"
+        f"{'spread':>9}  {'distrust':<9}" + (f"{'ESP RMSE':>9}" if rmse else "")
+    ]
+    lines[0] = lines[0].rstrip()
+    for i, p in enumerate(preds[:max_rows]):
+        src = p.source if len(p.source) <= 22 else "..." + p.source[-19:]
+        flag = "-" if p.distrust is None else ("DISTRUST" if p.distrust else "ok")
+        row = (
+            f"{i:>4}  {src:<23}{p.formula[:11]:<12}{p.total_charge:>6.2g}"
+            f"{p.dipole_magnitude:>10.3f}{np.linalg.norm(p.dipole_std):>9.3f}"
+            f"{p.spread:>9.3f}  {flag:<9}"
+        )
+        if rmse:
+            row += f"{p.esp_rmse:>9.3f}" if p.esp_rmse is not None else f"{'-':>9}"
+        lines.append(row.rstrip())
+    if len(preds) > max_rows:
+        lines.append(f"... {len(preds) - max_rows} more molecules (all in the output file)")
+    flagged = sum(bool(p.distrust) for p in preds)
+    lines.append(
+        f"ESP spread (kcal/mol/e) over {len(preds)} molecules: median "
+        f"{np.median([p.spread for p in preds]):.3f}, max {max(p.spread for p in preds):.3f}; "
+        f"{flagged} to distrust"
+    )
+    return "\n".join(lines)
+
+
+def _predict_ensemble(args: argparse.Namespace, files, molecules, points) -> int:
+    ensemble = load_ensemble(
+        [args.model, *args.ensemble],
+        top_k=args.top_k,
+        quantile=args.distrust_quantile,
+        threshold=args.distrust_above,
+    )
+    preds, warned = _predict_warned(
+        ensemble.predict,
+        molecules,
+        charge=args.charge,
+        esp_points=points,
+        batch_size=args.batch_size,
+    )
+    write_ensemble_predictions(
+        preds,
+        files["results"],
+        members=ensemble.paths,
+        threshold=ensemble.threshold,
+        calibration=ensemble.calibration,
+    )
+    where = " and ".join(
+        ([str(args.input)] if args.input is not None else [])
+        + ([f"{len(args.smiles)} SMILES"] if args.smiles else [])
+    )
+    print(
+        f"ensemble of {len(ensemble.members)} models; {len(preds)} "
+        f"molecule{'s' if len(preds) != 1 else ''} from {where}"
+    )
+    for k, m in enumerate(ensemble.members):
+        print(f"  member {k}: {m.path} (epoch {m.epoch}, n_dcm {m.n_dcm})")
+    c = ensemble.calibration
+    if c is None:
+        print("distrust threshold: none (the members' validation data was not found)")
+    elif c.get("quantile") is not None:
+        print(
+            f"distrust threshold {c['threshold']:.3f} kcal/mol/e: the {c['quantile']:g} quantile "
+            f"of the spread on {c['conformers']} validation conformers ({c['molecules']} "
+            "molecules) of the members"
+        )
+    else:
+        print(f"distrust threshold {c['threshold']:.3f} kcal/mol/e (given)")
+    print(format_ensemble_table(preds))
+    for line in warned:
+        print(f"warning: {line}", file=sys.stderr)
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

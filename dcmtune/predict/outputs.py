@@ -14,16 +14,19 @@ import numpy as np
 
 from dcmtune import _io
 from dcmtune.predict.domain import TrainingDomain
+from dcmtune.predict.ensemble import EnsemblePrediction
 from dcmtune.predict.frames import CONVENTION, local_sites
 from dcmtune.predict.predictor import MoleculePrediction, PredictError
 from dcmtune.units import HARTREE_TO_KCAL
 
 __all__ = [
     "write_predictions",
+    "write_ensemble_predictions",
     "write_extxyz",
     "write_pqr",
     "write_sites",
     "FORMAT",
+    "ENSEMBLE_FORMAT",
     "SITES_FORMAT",
     "UNITS",
 ]
@@ -271,3 +274,135 @@ def write_sites(
         "molecules": local_sites(list(predictions)),
     }
     return _io.write_json(path, doc)
+
+
+ENSEMBLE_FORMAT = "dcmtune-ensemble-predictions-1"
+ENSEMBLE_UNITS = {
+    **{k: UNITS[k] for k in ("R", "Q", "com", "vdw_surface", "esp", "esp_kcal", "esp_reference")},
+    **{k: UNITS[k] for k in ("esp_rmse", "Dxyz", "mono")},
+    "mono_std": "e",
+    "Dxyz_std": "Debye",
+    "esp_std": "Hartree/e",
+    "member_esp": "Hartree/e",
+    "member_esp_rmse": "kcal/mol/e",
+    "spread": "kcal/mol/e",
+    "distrust_threshold": "kcal/mol/e",
+}
+
+
+def write_ensemble_predictions(
+    predictions: Sequence[EnsemblePrediction],
+    path: str | Path,
+    members: Sequence[str],
+    threshold: float | None = None,
+    calibration: dict | None = None,
+) -> Path:
+    """Writes an ensemble's predictions to a self-describing `.npz` or `.json`, atomically.
+
+    `.npz`: padded like a dcmtune data file - Z (M, A), R (M, A, 3), N, Q (M,), com (M, 3),
+    source (M,); the members' means mono (M, A) e, Dxyz (M, 3) Debye, esp and esp_kcal (M, G)
+    on vdw_surface (M, G, 3) with n_grid (M,), and their standard deviations over the members
+    mono_std, Dxyz_std, esp_std; each member's ESP member_esp (M, m, G); spread (M,)
+    kcal/mol/e (the uncertainty: RMS over the grid of esp_std) and distrust (M,) int8 (1
+    distrust, 0 trust, -1 no threshold); from a data file also esp_reference (M, G), esp_rmse
+    (M,) (the mean's) and member_esp_rmse (M, m); warnings (M,) joined by "; "; plus `format`,
+    `members` (M model paths, in order), `distrust_threshold` (NaN = none), `calibration`
+    (JSON: how the threshold was chosen; null = none) and `units` (JSON). No charges: members
+    with different n_dcm have no site-by-site mean.
+    `.json`: {"format", "members", "distrust_threshold", "calibration", "units", "molecules":
+    [one object per molecule]}.
+    """
+    path = Path(path)
+    if path.suffix not in (".npz", ".json"):
+        raise PredictError(f"{path}: expected an output name ending in .npz or .json")
+    preds = list(predictions)
+    if not preds:
+        raise PredictError(f"{path}: no predictions to write")
+    meta: dict = {
+        "format": ENSEMBLE_FORMAT,
+        "members": [str(m) for m in members],
+        "distrust_threshold": threshold,
+        "calibration": calibration,
+        "units": ENSEMBLE_UNITS,
+    }
+    if path.suffix == ".json":
+        return _io.write_json(path, {**meta, "molecules": [_ensemble_json(p) for p in preds]})
+    arrays = _ensemble_arrays(preds, meta)
+    return _io.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _ensemble_arrays(preds: Sequence[EnsemblePrediction], meta: dict) -> dict[str, np.ndarray]:
+    """The arrays of `write_ensemble_predictions`' .npz (see there)."""
+    n = len(preds[0].members)
+    ref = any(p.esp_reference is not None for p in preds)
+    arrays = {
+        "source": np.array([p.source for p in preds]),
+        "Z": _padded([p.numbers for p in preds], (), np.int32),
+        "R": _padded([p.positions for p in preds], (3,), np.float64),
+        "N": np.array([len(p.numbers) for p in preds], np.int32),
+        "Q": np.array([p.total_charge for p in preds], np.float64),
+        "com": np.array([p.dipole_origin for p in preds], np.float64),
+        "mono": _padded([p.monopoles for p in preds], (), np.float64),
+        "mono_std": _padded([p.monopoles_std for p in preds], (), np.float64),
+        "Dxyz": np.array([p.dipole for p in preds], np.float64),
+        "Dxyz_std": np.array([p.dipole_std for p in preds], np.float64),
+        "vdw_surface": _padded([p.esp_points for p in preds], (3,), np.float64),
+        "esp": _padded([p.esp for p in preds], (), np.float64),
+        "esp_std": _padded([p.esp_std for p in preds], (), np.float64),
+        "n_grid": np.array([len(p.esp) for p in preds], np.int32),
+        "member_esp": _padded(
+            [np.stack([np.asarray(m.esp) for m in p.members], axis=1) for p in preds],
+            (n,),
+            np.float32,
+        ).transpose(0, 2, 1),
+        "spread": np.array([p.spread for p in preds], np.float64),
+        "distrust": np.array([-1 if p.distrust is None else p.distrust for p in preds], np.int8),
+        "warnings": np.array(["; ".join(p.warnings) for p in preds]),
+        "format": np.array(ENSEMBLE_FORMAT),
+        "members": np.array(meta["members"]),
+        "distrust_threshold": np.array(
+            np.nan if meta["distrust_threshold"] is None else meta["distrust_threshold"]
+        ),
+        "calibration": np.array(json.dumps(meta["calibration"], sort_keys=True)),
+        "units": np.array(json.dumps(ENSEMBLE_UNITS, sort_keys=True)),
+    }
+    arrays["esp_kcal"] = arrays["esp"] * HARTREE_TO_KCAL
+    if ref:
+        refs = [np.zeros(len(p.esp)) if p.esp_reference is None else p.esp_reference for p in preds]
+        arrays["esp_reference"] = _padded(refs, (), np.float64)
+        arrays["esp_rmse"] = np.array([np.nan if p.esp_rmse is None else p.esp_rmse for p in preds])
+        arrays["member_esp_rmse"] = np.array(
+            [[np.nan if m.esp_rmse is None else m.esp_rmse for m in p.members] for p in preds]
+        )
+    return arrays
+
+
+def _ensemble_json(p: EnsemblePrediction) -> dict:
+    d = {
+        "source": p.source,
+        "formula": p.formula,
+        "numbers": p.numbers,
+        "positions": p.positions,
+        "total_charge": p.total_charge,
+        "monopoles": p.monopoles,
+        "monopoles_std": p.monopoles_std,
+        "dipole": p.dipole,
+        "dipole_std": p.dipole_std,
+        "dipole_magnitude": p.dipole_magnitude,
+        "dipole_origin": p.dipole_origin,
+        "esp_points": p.esp_points,
+        "esp": p.esp,
+        "esp_kcal": p.esp_kcal,
+        "esp_std": p.esp_std,
+        "member_esp": [m.esp for m in p.members],
+        "spread": p.spread,
+        "distrust": p.distrust,
+        "warnings": list(p.warnings),
+    }
+    if p.esp_rmse is not None:
+        d.update(
+            esp_reference=p.esp_reference,
+            esp_rmse=p.esp_rmse,
+            member_esp_rmse=[m.esp_rmse for m in p.members],
+        )
+    return d
