@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=Path("experiments/finetune"))
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("experiments/finetune"),
+        help="finished runs here are reused (same --epochs and --seed expected)",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in range(args.draws):
             drawn = list(np.random.default_rng([args.seed, n, d]).choice(pool, n, replace=False))
             splits = {"train": _conformers(data, drawn), "valid": valid_idx, "test": test_idx}
-            ft = config(f"ft_n{n}_d{d}", d, init_from=str(pre_dir), learning_rate=args.finetune_lr)
+            lr = args.finetune_lr
+            ft = config(f"ft_lr{lr:g}_n{n}_d{d}", d, init_from=str(pre_dir), learning_rate=lr)
             sc = config(f"scratch_n{n}_d{d}", d)
             row = {
                 "size": n,

@@ -98,8 +98,13 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
         ),
         (
             "sweep_value",
-            ["--smoke", "--storage", str(tmp / "value")],
+            ["--smoke", "--storage", str(tmp / "value"), "--json", str(tmp / "value.json")],
             ("winner / median of the defaults",),
+        ),
+        (
+            "sweep_ensemble",
+            [str(tmp / "value.json"), "--top-k", "1", "2", "--json", str(tmp / "ens.json")],
+            ("/ defaults median", "ensemble of 1:"),
         ),
         (
             "ensemble_uncertainty",
