@@ -23,13 +23,16 @@ Two studies, each one command:
                 element   one charge per element, fitted to the training split;
                 lsq       one least-squares set per test molecule fitted to its own test ESP
                           (a bound, not a prediction);
+                resp      two-stage RESP (Bayly et al. 1993), one set per test molecule fitted
+                          to its own test ESP (a bound, not a prediction), over the test
+                          molecules with a SMILES in the provenance;
                 mono      the stored per-conformer ESP-fitted charges (also a bound).
 
   curve       The learning curve: `generalise` once per `--train-molecules` N (a count, or
               `all`), where only the first N training molecules of one seeded, nested order
               are kept (`data.train_molecules`); validation and test are those of the full
               molecule split of that seed (checked), so each point's test ESP RMSE sits beside
-              the same size-independent baselines (lsq, mmff94, gasteiger, mulliken, mono) and
+              the same size-independent baselines (lsq, resp, mmff94, gasteiger, mulliken, mono) and
               the element baseline fitted on that point's training molecules.
 
 Usage:
@@ -72,6 +75,7 @@ from dcmtune.data.baselines import (
     rdkit_charge_array,
     shared_charges_per_molecule,
 )
+from dcmtune.data.resp import resp_charges_per_molecule
 from dcmtune.train.environment import use_compilation_cache
 
 SMOKE_OVERRIDES = {"num_epochs": 1, **SMOKE_MODEL}
@@ -215,6 +219,10 @@ def _test_baselines(args, data: ESPData, test: ESPData, test_idx) -> dict:
     if mull is not None:
         row["mulliken"] = esp_rmse_of_atom_charges(test, mull[test_idx])
     smiles = _smiles_of(list(args.data_files))
+    q, ok = resp_charges_per_molecule(test, smiles)  # a bound: fitted to the test ESP
+    if ok.any():
+        row["resp"] = esp_rmse_of_atom_charges(test.subset(np.flatnonzero(ok)), q[ok])
+        row["resp_molecules"] = int(len(set(test.mol_id[ok])))
     for method in RDKIT_METHODS:  # predictive: from the bond graph (needs RDKit)
         q, ok = rdkit_charge_array(test, smiles, method)
         if ok.any():  # over the test molecules the method has parameters for
@@ -229,8 +237,8 @@ def _element(train: ESPData, test: ESPData) -> float:
     return esp_rmse_of_atom_charges(test, element_charge_array(test, element_charges(train)))
 
 
-GENERALISE_COLS = ("model", "mmff94", "gasteiger", "mulliken", "element", "lsq", "mono")
-CURVE_COLS = ("model", "element", "lsq", "mmff94", "gasteiger", "mulliken", "mono")
+GENERALISE_COLS = ("model", "mmff94", "gasteiger", "mulliken", "element", "lsq", "resp", "mono")
+CURVE_COLS = ("model", "element", "lsq", "resp", "mmff94", "gasteiger", "mulliken", "mono")
 
 
 def run_generalise(args) -> list[dict]:
@@ -432,7 +440,10 @@ def main(argv=None) -> int:
         title = "valid ESP RMSE (kcal/mol/e), conformer split, same validation conformers"
     elif args.study == "generalise":
         rows, cols = run_generalise(args), GENERALISE_COLS
-        title = "test ESP RMSE (kcal/mol/e), molecule split (lsq and mono: fitted to the test ESP)"
+        title = (
+            "test ESP RMSE (kcal/mol/e), molecule split (lsq, resp and mono: fitted to the test "
+            "ESP)"
+        )
     else:
         rows, cols = run_curve(args), CURVE_COLS
         title = (

@@ -8,7 +8,9 @@ of:
   mmff94   RDKit's MMFF94 charges from each molecule's SMILES (the data's provenance), over the
            molecules MMFF94 has parameters for (a prediction);
   lsq      one least-squares charge set per molecule fitted to its own conformers' ESP on this
-           split (a bound for atom-centred charges, not a prediction).
+           split (a bound for atom-centred charges, not a prediction);
+  resp     two-stage RESP charges fitted the same way (`dcmtune.data.resp`; a bound), over the
+           molecules with a SMILES.
 
 Usage:
   python bench/breakdown.py dcmtune/models/organic-v1 --split test      # markdown tables
@@ -29,6 +31,7 @@ from dcmtune.data.baselines import (
     shared_charges_per_molecule,
 )
 from dcmtune.data.dataset import ESPData
+from dcmtune.data.resp import resp_charges_per_molecule
 
 
 def atom_charge_esp(data: ESPData, charges: np.ndarray) -> np.ndarray:
@@ -58,12 +61,19 @@ def main(argv=None) -> int:
         results["MMFF94"] = esp_breakdown(sub, atom_charge_esp(sub, q[ok]), smiles)
     lsq = shared_charges_per_molecule(data)
     results["LSQ per molecule (bound)"] = esp_breakdown(data, atom_charge_esp(data, lsq), smiles)
+    resp, ok_resp = resp_charges_per_molecule(data, smiles)
+    if ok_resp.any():
+        sub = data.subset(np.flatnonzero(ok_resp))
+        results["RESP per molecule (bound)"] = esp_breakdown(
+            sub, atom_charge_esp(sub, resp[ok_resp]), smiles
+        )
 
     m = results["model"]
     print(
         f"{args.path} on {args.split}: {m.n_points} grid points of "
         f"{data.num_conformers} conformers, {len(np.unique(data.mol_id))} molecules; "
-        f"MMFF94 on {len(np.unique(data.mol_id[ok]))} molecules; shells recovered from the "
+        f"MMFF94 on {len(np.unique(data.mol_id[ok]))} molecules, RESP on "
+        f"{len(np.unique(data.mol_id[ok_resp]))}; shells recovered from the "
         f"geometry, largest deviation {m.shell_max_deviation:.2g} x vdW\n"
     )
     names = list(results)

@@ -316,7 +316,13 @@ def _rank(
     baselines, baseline_mse = (
         ([], {})
         if winner.split_record is None
-        else split_baselines(full, winner.split_record["indices"], s.split, files)
+        else split_baselines(
+            full,
+            winner.split_record["indices"],
+            s.split,
+            files,
+            smiles_from_provenance(files) if files is not None else None,
+        )
     )
     info = {
         **_info(s, trials, keys, rows),

@@ -76,6 +76,7 @@ from dcmtune.data.neighbors import (
     pair_counts,
     pair_mask,
 )
+from dcmtune.data.resp import resp_charges, resp_charges_per_molecule
 from dcmtune.data.splits import limit_train_molecules, split_dataset, split_indices, split_record
 from dcmtune.data.synthetic import make_synthetic, synthetic_charges
 
@@ -141,6 +142,8 @@ __all__ = [
     "rdkit_charge_array",
     "rdkit_charges",
     "real_grid_points",
+    "resp_charges",
+    "resp_charges_per_molecule",
     "shared_charges_per_molecule",
     "shell_grid",
     "size_bucket",

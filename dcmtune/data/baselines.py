@@ -5,14 +5,15 @@
   constrained exactly. The data generator stores the first as `mono`.
 * `element_charges`: one charge per element, least-squares fitted to the ESP of a training set.
 * `mulliken_charges`: the Mulliken charges a data file may carry (extra key `mulliken`).
-* `split_baselines`: all of these evaluated on one split, the table a ranking reports.
+* `split_baselines`: all of these evaluated on one split, the table a ranking reports (with
+  two-stage RESP charges, `dcmtune.data.resp`, when the molecules' SMILES are known).
 * `esp_rmse_of_atom_charges`: the ESP RMSE (kcal/mol/e) of any atom-centred charges, computed
   the way the model's metric is (per molecule MSE over valid grid points, averaged, sqrt).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -275,24 +276,31 @@ def esp_rmse_of_atom_charges(data: ESPData, charges: np.ndarray) -> float:
 
 
 def split_baselines(
-    full: ESPData, indices: dict, split: str, files: Sequence[str | Path] | None = None
+    full: ESPData,
+    indices: dict,
+    split: str,
+    files: Sequence[str | Path] | None = None,
+    smiles_of: Mapping[str, str] | None = None,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """The classical charge models evaluated on the conformers of one split.
 
     Element charges are fitted on the training split (a prediction); the data's own `mono`
     charges and one charge set per molecule fitted to the evaluated ESP bound what fixed
-    atom-centred charges can do; Mulliken charges come from the files when they carry them.
+    atom-centred charges can do, and so do two-stage RESP charges fitted the same way (over the
+    molecules whose graph `smiles_of` gives); Mulliken charges come from the files when they
+    carry them.
 
     Args:
       full: The whole dataset.
       indices: Conformer indices of `full` per split name (a run's split record `indices`).
       split: The split to evaluate ("test" or "valid").
       files: The files `full` was loaded from, for Mulliken charges (None: not known).
+      smiles_of: {mol_id: SMILES} (the data's provenance), for RESP (None: no RESP row).
 
     Returns:
       (rows {method, fitted_on, kind, `{split}_esp_rmse` (kcal/mol/e), note}, {method:
-      per-conformer ESP MSE, (Hartree/e)^2}); esp_rmse is defined as the model's (square root
-      of the mean over conformers).
+      per-conformer ESP MSE, (Hartree/e)^2, NaN for conformers a method does not cover});
+      esp_rmse is defined as the model's (square root of the mean over the conformers covered).
     """
     idx = np.asarray(indices[split], np.int64)
     target = full.subset(idx)
@@ -301,6 +309,7 @@ def split_baselines(
         _element_baseline(full.subset(train_idx), target) if len(train_idx) else None,
         _mono_baseline(target, split),
         _shared_baseline(target, split),
+        _resp_baseline(target, split, smiles_of) if smiles_of else None,
         _mulliken_baseline(full, files, idx),
     ]
     rows, per_conf = [], {}
@@ -309,7 +318,7 @@ def split_baselines(
             continue
         method, fitted_on, kind, note, charges = candidate
         mse = per_conf[method] = per_molecule_esp_mse(target, charges)
-        rmse = float(np.sqrt(mse.mean()) * HARTREE_TO_KCAL)
+        rmse = float(np.sqrt(np.nanmean(mse)) * HARTREE_TO_KCAL)
         row = dict(method=method, fitted_on=fitted_on, kind=kind, note=note)
         rows.append({**row, f"{split}_esp_rmse": rmse})
     return rows, per_conf
@@ -321,6 +330,25 @@ def _shared_baseline(target: ESPData, split: str) -> tuple:
     where = f"all {split} conformers of the molecule"
     charges = shared_charges_per_molecule(target)
     return "one charge set per molecule (LSQ)", where, f"fit to the {split} ESP", note, charges
+
+
+def _resp_baseline(target: ESPData, split: str, smiles_of: Mapping[str, str]) -> tuple | None:
+    """Two-stage RESP per molecule fitted to the evaluated ESP (a bound, not a prediction),
+    over the molecules with a known graph; NaN charges (so NaN MSE) elsewhere."""
+    from dcmtune.data.resp import resp_charges_per_molecule  # resp imports this module
+
+    charges, ok = resp_charges_per_molecule(target, smiles_of)
+    if not ok.any():
+        return None
+    covered, total = len(np.unique(target.mol_id[ok])), len(np.unique(target.mol_id))
+    note = (
+        "two-stage RESP (Bayly et al. 1993; a = 0.0005 then 0.001 on CH3/CH2 groups), one "
+        f"charge set per molecule; {covered} of {total} molecules (those with a SMILES)"
+    )
+    where = f"all {split} conformers of the molecule"
+    charges[~ok] = np.nan
+    method = "RESP (two-stage, fitted per molecule; a bound)"
+    return method, where, f"fit to the {split} ESP", note, charges
 
 
 def _element_baseline(train: ESPData, target: ESPData) -> tuple:
