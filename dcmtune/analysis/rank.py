@@ -46,7 +46,6 @@ which trials compete and what a ranking holds is `dcmtune.analysis.ranking`.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -86,6 +85,7 @@ from dcmtune.analysis.ranking import (
     _settings,
     discover_trials,
 )
+from dcmtune.analysis.remote import RemoteExperiment
 from dcmtune.config import ConfigError
 from dcmtune.data.baselines import split_baselines
 from dcmtune.data.dataset import ESPData
@@ -456,7 +456,7 @@ def rank_experiment(
     """
     try:
         uri = str(experiment_dir)
-        remote = _RemoteExperiment.open(uri, local_copy) if storage.is_remote(uri) else None
+        remote = RemoteExperiment.open(uri, local_copy) if storage.is_remote(uri) else None
         exp = remote.local if remote else Path(experiment_dir)
         s = _settings(exp, top_k, split, data_files, metric, mode, batch_size, objectives, select)
         ranking = _rank(s, data, remote.fetch if remote else None)
@@ -498,54 +498,6 @@ def top_checkpoints(
     if len(top) < s.top_k:
         log.warning("%s: only %d rankable trials for top_k = %d", s.experiment, len(top), s.top_k)
     return [t.checkpoint for t in top if t.checkpoint is not None]
-
-
-# --------------------------------------------------------------------------- object storage
-
-
-@dataclasses.dataclass(frozen=True)
-class _RemoteExperiment:
-    """An experiment in an object store, read into a local copy: everything but the
-    checkpoints' state files (and Tune's pickles and event streams) at once, the state of a
-    checkpoint only when it is evaluated (`fetch`)."""
-
-    loc: storage.Location
-    local: Path
-
-    @classmethod
-    def open(cls, uri: str, local_copy: Path | None) -> _RemoteExperiment:
-        loc = storage.resolve(uri, "experiment")
-        storage.probe(loc, "experiment")
-        if not loc.exists():
-            raise RankError(f"{uri}: not found; expected a dcmtune sweep experiment")
-        local = (
-            Path(local_copy)
-            if local_copy
-            else storage.local_copy_dir(uri, Path("ray_results").resolve())
-        )
-
-        def skip(rel: str) -> bool:
-            name = rel.rsplit("/", 1)[-1]
-            return (
-                rel.startswith((".", BEST_MODEL + "/", PARETO_DIR + "/"))
-                or name == ckpt.STATE_FILE
-                or name.endswith(".pkl")
-                or name.startswith("events.out.tfevents")
-            )
-
-        n = len(loc.download("", local, skip=skip))
-        log.info("%s: %d files read into %s", uri, n, local)
-        return cls(loc, local)
-
-    def fetch(self, checkpoint: Path) -> None:
-        rel = Path(checkpoint).relative_to(self.local).as_posix()
-        self.loc.download(f"{rel}/{ckpt.STATE_FILE}", Path(checkpoint) / ckpt.STATE_FILE)
-
-    def upload(self, files: Sequence[str]) -> None:
-        for f in files:
-            p = Path(f)
-            if p.exists():
-                self.loc.upload(p, p.relative_to(self.local.resolve()).as_posix())
 
 
 # --------------------------------------------------------------------------- writing

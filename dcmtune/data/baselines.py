@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dcmtune.data.coulomb import esp_design_matrix
 from dcmtune.data.dataset import ESPData, bundled_dataset_path, data_file_path
+from dcmtune.data.resp import resp_charges_per_molecule
 from dcmtune.units import BOHR, HARTREE_TO_KCAL
 
 __all__ = [
@@ -39,16 +41,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- ESP fits
-
-
-def esp_design_matrix(positions: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """(G, A) matrix T with T @ q the ESP (Hartree/e) of charges q (e) at `positions`.
-
-    Args:
-      positions: (A, 3) Angstrom. grid: (G, 3) Angstrom.
-    """
-    r = np.linalg.norm(grid[:, None, :] - positions[None, :, :], axis=-1)  # Shape (G, A).
-    return BOHR / r
 
 
 def _constrained_lstsq(T: np.ndarray, v: np.ndarray, total: float) -> np.ndarray:
@@ -335,7 +327,6 @@ def _shared_baseline(target: ESPData, split: str) -> tuple:
 def _resp_baseline(target: ESPData, split: str, smiles_of: Mapping[str, str]) -> tuple | None:
     """Two-stage RESP per molecule fitted to the evaluated ESP (a bound, not a prediction),
     over the molecules with a known graph; NaN charges (so NaN MSE) elsewhere."""
-    from dcmtune.data.resp import resp_charges_per_molecule  # resp imports this module
 
     charges, ok = resp_charges_per_molecule(target, smiles_of)
     if not ok.any():

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dcmtune.data.baselines import esp_design_matrix
+from dcmtune.data.coulomb import esp_design_matrix
 from dcmtune.data.dataset import ESPData
 
 __all__ = [
