@@ -19,6 +19,10 @@ Two studies, each one command:
                 gasteiger file's provenance (molecules generated from SMILES), over the test
                           molecules the method has parameters for (RDKit's MMFF94 has none
                           that sum to 0 for CO2 and CS2);
+                am1bcc    AM1-BCC charges (antechamber + sqm, AmberTools) at each test molecule's
+                          first conformer's stored geometry (no re-optimisation), scored on all
+                          its conformers, over the test molecules with a SMILES (a prediction);
+                gfn2      GFN2-xTB charges (tblite) the same way (a prediction);
                 mulliken  the stored Mulliken charges (if the file has a `mulliken` key);
                 element   one charge per element, fitted to the training split;
                 lsq       one least-squares set per test molecule fitted to its own test ESP
@@ -32,7 +36,8 @@ Two studies, each one command:
               `all`), where only the first N training molecules of one seeded, nested order
               are kept (`data.train_molecules`); validation and test are those of the full
               molecule split of that seed (checked), so each point's test ESP RMSE sits beside
-              the same size-independent baselines (lsq, resp, mmff94, gasteiger, mulliken, mono) and
+              the same size-independent baselines (lsq, resp, mmff94, gasteiger, am1bcc, gfn2,
+              mulliken, mono) and
               the element baseline fitted on that point's training molecules.
 
 Usage:
@@ -76,6 +81,7 @@ from dcmtune.data.baselines import (
     shared_charges_per_molecule,
 )
 from dcmtune.data.resp import resp_charges_per_molecule
+from dcmtune.data.semiempirical import am1bcc_charge_array, gfn2_charge_array
 from dcmtune.train.environment import use_compilation_cache
 
 SMOKE_OVERRIDES = {"num_epochs": 1, **SMOKE_MODEL}
@@ -228,6 +234,17 @@ def _test_baselines(args, data: ESPData, test: ESPData, test_idx) -> dict:
         if ok.any():  # over the test molecules the method has parameters for
             row[method] = esp_rmse_of_atom_charges(test.subset(np.flatnonzero(ok)), q[ok])
             row[f"{method}_molecules"] = int(len(set(test.mol_id[ok])))
+    semiempirical = {
+        "am1bcc": lambda: am1bcc_charge_array(test, smiles),
+        "gfn2": lambda: gfn2_charge_array(test, smiles.keys()),
+    }
+    for method, charges_of in semiempirical.items():  # predictive: at conformer 0's geometry
+        t0 = time.perf_counter()
+        q, ok = charges_of()
+        if ok.any():
+            row[method] = esp_rmse_of_atom_charges(test.subset(np.flatnonzero(ok)), q[ok])
+            row[f"{method}_molecules"] = int(len(set(test.mol_id[ok])))
+            row[f"{method}_s"] = time.perf_counter() - t0
     if test.mono is not None:
         row["mono"] = esp_rmse_of_atom_charges(test, test.mono)
     return row
@@ -237,8 +254,30 @@ def _element(train: ESPData, test: ESPData) -> float:
     return esp_rmse_of_atom_charges(test, element_charge_array(test, element_charges(train)))
 
 
-GENERALISE_COLS = ("model", "mmff94", "gasteiger", "mulliken", "element", "lsq", "resp", "mono")
-CURVE_COLS = ("model", "element", "lsq", "resp", "mmff94", "gasteiger", "mulliken", "mono")
+GENERALISE_COLS = (
+    "model",
+    "mmff94",
+    "gasteiger",
+    "am1bcc",
+    "gfn2",
+    "mulliken",
+    "element",
+    "lsq",
+    "resp",
+    "mono",
+)
+CURVE_COLS = (
+    "model",
+    "element",
+    "lsq",
+    "resp",
+    "mmff94",
+    "gasteiger",
+    "am1bcc",
+    "gfn2",
+    "mulliken",
+    "mono",
+)
 
 
 def run_generalise(args) -> list[dict]:

@@ -7,6 +7,9 @@ of:
   model    the checkpoint's distributed charges;
   mmff94   RDKit's MMFF94 charges from each molecule's SMILES (the data's provenance), over the
            molecules MMFF94 has parameters for (a prediction);
+  am1bcc   AM1-BCC charges (antechamber + sqm) at each molecule's first conformer in the split,
+           over the molecules with a SMILES (a prediction; `dcmtune.data.semiempirical`);
+  gfn2     GFN2-xTB charges (tblite) the same way (a prediction);
   lsq      one least-squares charge set per molecule fitted to its own conformers' ESP on this
            split (a bound for atom-centred charges, not a prediction);
   resp     two-stage RESP charges fitted the same way (`dcmtune.data.resp`; a bound), over the
@@ -32,6 +35,7 @@ from dcmtune.data.baselines import (
 )
 from dcmtune.data.dataset import ESPData
 from dcmtune.data.resp import resp_charges_per_molecule
+from dcmtune.data.semiempirical import am1bcc_charge_array, gfn2_charge_array
 
 
 def atom_charge_esp(data: ESPData, charges: np.ndarray) -> np.ndarray:
@@ -59,6 +63,13 @@ def main(argv=None) -> int:
     if ok.any():
         sub = data.subset(np.flatnonzero(ok))
         results["MMFF94"] = esp_breakdown(sub, atom_charge_esp(sub, q[ok]), smiles)
+    for name, (q_se, ok_se) in (
+        ("AM1-BCC", am1bcc_charge_array(data, smiles)),
+        ("GFN2-xTB", gfn2_charge_array(data, smiles.keys())),
+    ):
+        if ok_se.any():
+            sub = data.subset(np.flatnonzero(ok_se))
+            results[name] = esp_breakdown(sub, atom_charge_esp(sub, q_se[ok_se]), smiles)
     lsq = shared_charges_per_molecule(data)
     results["LSQ per molecule (bound)"] = esp_breakdown(data, atom_charge_esp(data, lsq), smiles)
     resp, ok_resp = resp_charges_per_molecule(data, smiles)

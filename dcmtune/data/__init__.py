@@ -77,6 +77,12 @@ from dcmtune.data.neighbors import (
     pair_mask,
 )
 from dcmtune.data.resp import resp_charges, resp_charges_per_molecule
+from dcmtune.data.semiempirical import (
+    am1bcc_charge_array,
+    am1bcc_charges,
+    gfn2_charge_array,
+    gfn2_charges,
+)
 from dcmtune.data.splits import limit_train_molecules, split_dataset, split_indices, split_record
 from dcmtune.data.synthetic import make_synthetic, synthetic_charges
 
@@ -95,6 +101,8 @@ __all__ = [
     "RDKIT_METHODS",
     "SHELLS",
     "VDW_RADII",
+    "am1bcc_charge_array",
+    "am1bcc_charges",
     "assign_buckets",
     "batch_bytes",
     "bond_matrix",
@@ -114,6 +122,8 @@ __all__ = [
     "fibonacci_sphere",
     "fit_esp_charges",
     "fit_esp_charges_shared",
+    "gfn2_charge_array",
+    "gfn2_charges",
     "graph_hashes",
     "graph_keys",
     "group_by_bucket",

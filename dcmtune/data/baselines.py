@@ -6,13 +6,16 @@
 * `element_charges`: one charge per element, least-squares fitted to the ESP of a training set.
 * `mulliken_charges`: the Mulliken charges a data file may carry (extra key `mulliken`).
 * `split_baselines`: all of these evaluated on one split, the table a ranking reports (with
-  two-stage RESP charges, `dcmtune.data.resp`, when the molecules' SMILES are known).
+  two-stage RESP charges, `dcmtune.data.resp`, and AM1-BCC and GFN2-xTB charges,
+  `dcmtune.data.semiempirical`, when the molecules' SMILES are known).
 * `esp_rmse_of_atom_charges`: the ESP RMSE (kcal/mol/e) of any atom-centred charges, computed
   the way the model's metric is (per molecule MSE over valid grid points, averaged, sqrt).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +24,12 @@ import numpy as np
 from dcmtune.data.coulomb import esp_design_matrix
 from dcmtune.data.dataset import ESPData, bundled_dataset_path, data_file_path
 from dcmtune.data.resp import resp_charges_per_molecule
+from dcmtune.data.semiempirical import (
+    am1bcc_charge_array,
+    antechamber_path,
+    gfn2_charge_array,
+    tblite_available,
+)
 from dcmtune.units import BOHR, HARTREE_TO_KCAL
 
 __all__ = [
@@ -38,6 +47,8 @@ __all__ = [
     "esp_rmse_of_atom_charges",
     "per_molecule_esp_mse",
 ]
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- ESP fits
@@ -279,15 +290,17 @@ def split_baselines(
     Element charges are fitted on the training split (a prediction); the data's own `mono`
     charges and one charge set per molecule fitted to the evaluated ESP bound what fixed
     atom-centred charges can do, and so do two-stage RESP charges fitted the same way (over the
-    molecules whose graph `smiles_of` gives); Mulliken charges come from the files when they
-    carry them.
+    molecules whose graph `smiles_of` gives); over those molecules AM1-BCC and GFN2-xTB charges
+    at each molecule's first conformer are predictions (left out, with a log line, when
+    AmberTools or tblite is missing); Mulliken charges come from the files when they carry them.
 
     Args:
       full: The whole dataset.
       indices: Conformer indices of `full` per split name (a run's split record `indices`).
       split: The split to evaluate ("test" or "valid").
       files: The files `full` was loaded from, for Mulliken charges (None: not known).
-      smiles_of: {mol_id: SMILES} (the data's provenance), for RESP (None: no RESP row).
+      smiles_of: {mol_id: SMILES} (the data's provenance), for RESP, AM1-BCC and GFN2-xTB
+        (None: none of these rows).
 
     Returns:
       (rows {method, fitted_on, kind, `{split}_esp_rmse` (kcal/mol/e), note}, {method:
@@ -302,6 +315,8 @@ def split_baselines(
         _mono_baseline(target, split),
         _shared_baseline(target, split),
         _resp_baseline(target, split, smiles_of) if smiles_of else None,
+        _am1bcc_baseline(target, smiles_of) if smiles_of else None,
+        _gfn2_baseline(target, smiles_of) if smiles_of else None,
         _mulliken_baseline(full, files, idx),
     ]
     rows, per_conf = [], {}
@@ -340,6 +355,48 @@ def _resp_baseline(target: ESPData, split: str, smiles_of: Mapping[str, str]) ->
     charges[~ok] = np.nan
     method = "RESP (two-stage, fitted per molecule; a bound)"
     return method, where, f"fit to the {split} ESP", note, charges
+
+
+def _covered(target: ESPData, ok: np.ndarray) -> str:
+    """'k of n molecules' covered by the (M,) mask `ok`."""
+    return f"{len(np.unique(target.mol_id[ok]))} of {len(np.unique(target.mol_id))} molecules"
+
+
+def _am1bcc_baseline(target: ESPData, smiles_of: Mapping[str, str]) -> tuple | None:
+    """AM1-BCC charges (antechamber + sqm) at each molecule's first conformer (a prediction),
+    over the molecules with a SMILES; None, logged, without AmberTools or RDKit."""
+    program = antechamber_path()
+    if program is None or importlib.util.find_spec("rdkit") is None:
+        log.info("baselines: no AM1-BCC row (needs antechamber from ambertools and RDKit)")
+        return None
+    charges, ok = am1bcc_charge_array(target, smiles_of, program)
+    if not ok.any():
+        return None
+    note = (
+        "AM1-BCC (Jakalian et al. 2002): sqm AM1 single point at the molecule's first "
+        f"conformer's stored geometry (no re-optimisation) + bond charge corrections, scored on "
+        f"all its conformers; {_covered(target, ok)} (those with a SMILES)"
+    )
+    charges[~ok] = np.nan
+    method = "AM1-BCC (sqm, conformer 0)"
+    return method, "conformer 0 geometry + SMILES graph", "prediction", note, charges
+
+
+def _gfn2_baseline(target: ESPData, smiles_of: Mapping[str, str]) -> tuple | None:
+    """GFN2-xTB charges (tblite) at each molecule's first conformer (a prediction), over the
+    molecules with a SMILES; None, logged, without tblite."""
+    if not tblite_available():
+        log.info("baselines: no GFN2-xTB row (needs tblite)")
+        return None
+    charges, ok = gfn2_charge_array(target, smiles_of.keys())
+    if not ok.any():
+        return None
+    note = (
+        "GFN2-xTB charges (tblite) at the molecule's first conformer's stored geometry, scored "
+        f"on all its conformers; {_covered(target, ok)} (those with a SMILES)"
+    )
+    charges[~ok] = np.nan
+    return "GFN2-xTB (conformer 0)", "conformer 0 geometry", "prediction", note, charges
 
 
 def _element_baseline(train: ESPData, target: ESPData) -> tuple:
