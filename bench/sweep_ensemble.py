@@ -22,6 +22,7 @@ ensemble's the sum of its runs' epochs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -33,9 +34,10 @@ from dcmtune.analysis.rank import top_checkpoints
 from dcmtune.units import HARTREE_TO_KCAL
 
 
+@functools.cache
 def _test_esp(checkpoint: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(predicted ESP (M, G), reference ESP (M, G), grid mask (M, G)) on the run's test split,
-    Hartree/e."""
+    Hartree/e; each checkpoint evaluated once (it sits in several ensembles)."""
     a = analyze_checkpoint(checkpoint, "test")
     mask = np.arange(a.data.esp.shape[1])[None, :] < a.data.n_grid[:, None]
     return np.asarray(a.esp_pred, np.float64), np.asarray(a.data.esp, np.float64), mask

@@ -87,6 +87,39 @@ def batch_of(data, idx=None, batch_size=None):
     return to_device(make_batch(data, idx, batch_size))
 
 
+def espdata_of(mol_id: str, Z, R, grids, esps):
+    """ESPData of one molecule's conformers: atomic numbers Z (A,), positions R (M of (A, 3)),
+    each conformer's grid (G_i, 3) and ESP (G_i,), Hartree/e; neutral, no reference charges."""
+    from dcmtune.data import ESPData
+
+    M, A, G = len(R), len(Z), max(len(g) for g in grids)
+    return ESPData(
+        R=np.stack(R).astype(np.float32),
+        Z=np.tile(Z, (M, 1)),
+        N=np.full(M, A),
+        esp=np.stack([np.pad(e, (0, G - len(e))) for e in esps]).astype(np.float32),
+        grid=np.stack([np.pad(g, [(0, G - len(g)), (0, 0)]) for g in grids]).astype(np.float32),
+        n_grid=np.array([len(g) for g in grids]),
+        mono=None,
+        dipole=None,
+        com=np.zeros((M, 3), np.float32),
+        Q=np.zeros(M, np.float32),
+        mol_id=np.array([mol_id] * M),
+    )
+
+
+@pytest.fixture(scope="module")
+def one_pyscf_thread():
+    """Tiny SCFs run several times faster on one OpenMP thread (no spin-waiting); restored
+    after the module. Use with `pytestmark = pytest.mark.usefixtures("one_pyscf_thread")`."""
+    from pyscf import lib
+
+    before = lib.num_threads()
+    lib.num_threads(1)
+    yield
+    lib.num_threads(before)
+
+
 # --------------------------------------------------------------------------- Ray and sweeps
 # One local Ray for every test that needs it (2 CPUs, no dashboard, a short RAY_TMPDIR: Ray's
 # AF_UNIX socket paths must stay under 107 bytes), one JAX compilation cache shared by all

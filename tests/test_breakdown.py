@@ -154,7 +154,6 @@ def test_partitions_add_up_to_the_pooled_rmse(synthetic_breakdown):
 
 
 def test_functional_classes_by_smarts_and_unknown_without_smiles():
-    pytest.importorskip("rdkit")
     smiles = {"ethanol": "CCO", "methane": "C", "ester": "CC(=O)OC", "glycine": "NCC(=O)O"}
     got = bd.molecule_classes(["ethanol", "methane", "ester", "glycine", "mystery"], smiles)
     assert got == {
@@ -167,7 +166,6 @@ def test_functional_classes_by_smarts_and_unknown_without_smiles():
 
 
 def test_class_groups_count_a_molecule_in_each_of_its_classes():
-    pytest.importorskip("rdkit")
     R = np.zeros((2, 1, 3))
     Z = np.array([[6], [6]])
     grid = np.array([[[2.38, 0, 0], [0, 2.72, 0]], [[3.06, 0, 0], [0, 0, 3.4]]])

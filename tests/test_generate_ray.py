@@ -39,7 +39,6 @@ from cluster_kit import (
     stop,
     wait_for,
 )
-from pyscf import lib
 
 from dcmtune import qm
 from dcmtune.data.__main__ import main
@@ -56,13 +55,7 @@ RAY_ARGS = ["--molecules", *NAMES, "--smiles", BIG, "--conformers", "3", "--basi
 RAY_ARGS += ["--max-grid", "60"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_pyscf_thread():
-    """Tiny SCFs run faster on one OpenMP thread (as in tests/test_qm.py)."""
-    before = lib.num_threads()
-    lib.num_threads(1)
-    yield
-    lib.num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_pyscf_thread")  # conftest.py
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:

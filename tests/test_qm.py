@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 from ase.build import molecule
-from pyscf import lib
 from pyscf.data import nist
 
 from dcmtune import qm
@@ -19,13 +18,7 @@ from dcmtune.units import BOHR
 SMALL = dict(conformers=2, basis="sto-3g", max_grid=60, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_pyscf_thread():
-    """Tiny SCFs here run several times faster on one OpenMP thread (no spin-waiting)."""
-    before = lib.num_threads()
-    lib.num_threads(1)
-    yield
-    lib.num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_pyscf_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,11 @@ recovery of the charges that made a synthetic ESP (RDKit geometries, shell grids
 
 import numpy as np
 import pytest
+from conftest import espdata_of
+from rdkit import Chem
+from rdkit.Chem import AllChem
 
-from dcmtune.data import ESPData, split_baselines
+from dcmtune.data import split_baselines
 from dcmtune.data.baselines import (
     esp_design_matrix,
     esp_rmse_of_atom_charges,
@@ -17,9 +20,6 @@ from dcmtune.data.resp import (
     restrained_esp_fit,
     stage2_equivalences,
 )
-
-Chem = pytest.importorskip("rdkit.Chem")
-from rdkit.Chem import AllChem  # noqa: E402
 
 # Ethanol CCO with hydrogens last: C0 C1 O2, H3-H5 on C0 (methyl), H6-H7 on C1, H8 on O2.
 ETHANOL = "CCO"
@@ -128,20 +128,8 @@ def test_resp_recovers_the_charges_that_made_the_esp():
 
 def test_split_baselines_add_a_resp_row_when_smiles_are_known(ethanol):
     Z, R, grids, esps = ethanol
-    M, A, G = len(R), len(Z), max(len(g) for g in grids)
-    data = ESPData(
-        R=np.stack(R).astype(np.float32),
-        Z=np.tile(Z, (M, 1)),
-        N=np.full(M, A),
-        esp=np.stack([np.pad(e, (0, G - len(e))) for e in esps]).astype(np.float32),
-        grid=np.stack([np.pad(g, [(0, G - len(g)), (0, 0)]) for g in grids]).astype(np.float32),
-        n_grid=np.array([len(g) for g in grids]),
-        mono=None,
-        dipole=None,
-        com=np.zeros((M, 3), np.float32),
-        Q=np.zeros(M, np.float32),
-        mol_id=np.array(["ethanol"] * M),
-    )
+    data = espdata_of("ethanol", Z, R, grids, esps)
+    M = data.num_conformers
     indices = {"train": [], "test": list(range(M))}
     rows, _ = split_baselines(data, indices, "test")
     assert not any(r["method"].startswith("RESP") for r in rows)

@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import espdata_of
 from rdkit import Chem
 from rdkit.Chem import AllChem
 
@@ -93,20 +94,7 @@ def _esp_data(smiles: str, mol_id: str, n_conf: int = 3) -> ESPData:
     q -= q.mean()
     grids = [shell_grid(r, Z, rng, max_grid=300) for r in R]
     esps = [esp_design_matrix(r, g) @ q for r, g in zip(R, grids, strict=True)]
-    M, G = len(R), max(len(g) for g in grids)
-    return ESPData(
-        R=np.stack(R).astype(np.float32),
-        Z=np.tile(Z, (M, 1)),
-        N=np.full(M, len(Z)),
-        esp=np.stack([np.pad(e, (0, G - len(e))) for e in esps]).astype(np.float32),
-        grid=np.stack([np.pad(g, [(0, G - len(g)), (0, 0)]) for g in grids]).astype(np.float32),
-        n_grid=np.array([len(g) for g in grids]),
-        mono=None,
-        dipole=None,
-        com=np.zeros((M, 3), np.float32),
-        Q=np.zeros(M, np.float32),
-        mol_id=np.array([mol_id] * M),
-    )
+    return espdata_of(mol_id, Z, R, grids, esps)
 
 
 @pytest.fixture(scope="module")

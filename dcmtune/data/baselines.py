@@ -23,6 +23,7 @@ import numpy as np
 
 from dcmtune.data.coulomb import esp_design_matrix
 from dcmtune.data.dataset import ESPData, bundled_dataset_path, data_file_path
+from dcmtune.data.molgraph import mol_from_smiles
 from dcmtune.data.resp import resp_charges_per_molecule
 from dcmtune.data.semiempirical import (
     am1bcc_charge_array,
@@ -223,13 +224,7 @@ def rdkit_charges(smiles: str, numbers: Sequence[int] | np.ndarray, method: str)
 
     if method not in RDKIT_METHODS:
         raise ValueError(f"method: expected one of {', '.join(RDKIT_METHODS)}, got {method!r}")
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        raise ValueError(f"{smiles!r}: RDKit cannot read this SMILES")
-    mol = Chem.AddHs(mol)
-    z = [a.GetAtomicNum() for a in mol.GetAtoms()]
-    if z != [int(n) for n in numbers]:
-        raise ValueError(f"{smiles!r}: atoms {z} are not the data's {list(map(int, numbers))}")
+    mol = mol_from_smiles(smiles, numbers)
     if method == "gasteiger":
         rdPartialCharges.ComputeGasteigerCharges(mol)
         q = np.array([a.GetDoubleProp("_GasteigerCharge") for a in mol.GetAtoms()])

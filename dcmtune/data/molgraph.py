@@ -39,6 +39,7 @@ __all__ = [
     "hill_formula",
     "graph_hashes",
     "graph_keys",
+    "mol_from_smiles",
 ]
 
 log = logging.getLogger(__name__)
@@ -245,3 +246,22 @@ def graph_keys(
     rows, inverse = np.unique(np.sort(Z, axis=1), axis=0, return_inverse=True)
     formulas = np.array([hill_formula(row) for row in rows])[np.ravel(inverse)]
     return np.array([f"{f}-{h:016x}" for f, h in zip(formulas, hashes.tolist(), strict=True)])
+
+
+def mol_from_smiles(smiles: str, numbers):
+    """The RDKit molecule of `smiles` with explicit hydrogens, its atoms (SMILES order, then
+    hydrogens: how the generator stores them) checked to be `numbers` in this order.
+
+    Raises:
+      ValueError: a SMILES RDKit cannot read, or atoms that are not `numbers` in this order.
+    """
+    from rdkit import Chem
+
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ValueError(f"{smiles!r}: RDKit cannot read this SMILES")
+    mol = Chem.AddHs(mol)
+    z = [atom.GetAtomicNum() for atom in mol.GetAtoms()]
+    if z != [int(k) for k in numbers]:
+        raise ValueError(f"{smiles!r}: atoms {z} are not the data's {list(map(int, numbers))}")
+    return mol

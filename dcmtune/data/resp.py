@@ -38,6 +38,7 @@ import numpy as np
 
 from dcmtune.data.coulomb import esp_design_matrix
 from dcmtune.data.dataset import ESPData
+from dcmtune.data.molgraph import mol_from_smiles
 
 __all__ = [
     "RESP_A1",
@@ -141,16 +142,11 @@ def stage2_equivalences(smiles: str, numbers: Sequence[int] | np.ndarray) -> np.
     """
     from rdkit import Chem
 
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        raise ValueError(f"{smiles!r}: RDKit cannot read this SMILES")
-    mol = Chem.AddHs(mol)
-    z = [atom.GetAtomicNum() for atom in mol.GetAtoms()]
-    if z != [int(k) for k in numbers]:
-        raise ValueError(f"{smiles!r}: atoms {z} are not the data's {list(map(int, numbers))}")
+    mol = mol_from_smiles(smiles, numbers)
+    n = mol.GetNumAtoms()
     rank = list(Chem.CanonicalRankAtoms(mol, breakTies=False))
     # 1. The refitted groups: an sp3 carbon with >= 2 hydrogens, and those hydrogens.
-    parent = list(range(len(z)))
+    parent = list(range(n))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -170,7 +166,7 @@ def stage2_equivalences(smiles: str, numbers: Sequence[int] | np.ndarray) -> np.
     for i in refit:
         j = first_of_rank.setdefault(rank[i], i)
         parent[find(i)] = find(j)
-    labels = np.full(len(z), -1)
+    labels = np.full(n, -1)
     for i in refit:
         labels[i] = find(i)
     return labels

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dcmtune.data.dataset import ESPData
+from dcmtune.data.molgraph import mol_from_smiles
 from dcmtune.units import BOHR
 
 __all__ = [
@@ -72,13 +73,7 @@ def _sdf_block(smiles: str, numbers: Sequence[int] | np.ndarray, positions: np.n
     from rdkit import Chem
     from rdkit.Geometry import Point3D
 
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        raise ValueError(f"{smiles!r}: RDKit cannot read this SMILES")
-    mol = Chem.AddHs(mol)
-    z = [atom.GetAtomicNum() for atom in mol.GetAtoms()]
-    if z != [int(k) for k in numbers]:
-        raise ValueError(f"{smiles!r}: atoms {z} are not the data's {list(map(int, numbers))}")
+    mol = mol_from_smiles(smiles, numbers)
     conf = Chem.Conformer(mol.GetNumAtoms())
     for i, (x, y, zz) in enumerate(np.asarray(positions, np.float64)):
         conf.SetAtomPosition(i, Point3D(float(x), float(y), float(zz)))

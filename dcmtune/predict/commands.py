@@ -282,7 +282,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise PredictError("--plot: draws one model's charges; not with --ensemble or --top-k")
     if args.ensemble and args.top_k is not None:
         raise PredictError("--top-k takes its members from MODEL's experiment; not with --ensemble")
-    files = _outputs(args) if not ensemble else _outputs(args, ensemble=True)
+    files = _outputs(args, ensemble=ensemble)
     points = _esp_points(args.esp_grid)
     if args.input is not None and not args.input.is_file():
         raise PredictError(f"{args.input}: input file not found")
@@ -302,10 +302,7 @@ def _predict(args: argparse.Namespace) -> int:
     _write(args, files, predictor, preds)
 
     # 3. The table, the warnings.
-    where = " and ".join(
-        ([str(args.input)] if args.input is not None else [])
-        + ([f"{len(args.smiles)} SMILES"] if args.smiles else [])
-    )
+    where = _where(args)
     print(
         f"model {predictor.path} (epoch {predictor.epoch}, n_dcm {predictor.n_dcm}); "
         f"{len(preds)} molecule{'s' if len(preds) != 1 else ''} from {where}"
@@ -315,6 +312,14 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"warning: {line}", file=sys.stderr)
     print("wrote " + ", ".join(str(f) for f in files.values()))
     return 0
+
+
+def _where(args: argparse.Namespace) -> str:
+    """Where the molecules came from, for the table's heading: the input file, the SMILES."""
+    return " and ".join(
+        ([str(args.input)] if args.input is not None else [])
+        + ([f"{len(args.smiles)} SMILES"] if args.smiles else [])
+    )
 
 
 def _write(args: argparse.Namespace, files: dict[str, Path], predictor, preds) -> None:
@@ -387,10 +392,7 @@ def _predict_ensemble(args: argparse.Namespace, files, molecules, points) -> int
         threshold=ensemble.threshold,
         calibration=ensemble.calibration,
     )
-    where = " and ".join(
-        ([str(args.input)] if args.input is not None else [])
-        + ([f"{len(args.smiles)} SMILES"] if args.smiles else [])
-    )
+    where = _where(args)
     print(
         f"ensemble of {len(ensemble.members)} models; {len(preds)} "
         f"molecule{'s' if len(preds) != 1 else ''} from {where}"

@@ -169,13 +169,20 @@ def _esp_arrays(preds: Sequence[MoleculePrediction]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _as_json(p: MoleculePrediction) -> dict:
-    d = {
+def _molecule_json(p: MoleculePrediction | EnsemblePrediction) -> dict:
+    """The keys every JSON record of a molecule starts with: what it is and where from."""
+    return {
         "source": p.source,
         "formula": p.formula,
         "numbers": p.numbers,
         "positions": p.positions,
         "total_charge": p.total_charge,
+    }
+
+
+def _as_json(p: MoleculePrediction) -> dict:
+    d = {
+        **_molecule_json(p),
         "charges": p.charges,
         "charge_positions": p.charge_positions,
         "monopoles": p.monopoles,
@@ -379,11 +386,7 @@ def _ensemble_arrays(preds: Sequence[EnsemblePrediction], meta: dict) -> dict[st
 
 def _ensemble_json(p: EnsemblePrediction) -> dict:
     d = {
-        "source": p.source,
-        "formula": p.formula,
-        "numbers": p.numbers,
-        "positions": p.positions,
-        "total_charge": p.total_charge,
+        **_molecule_json(p),
         "monopoles": p.monopoles,
         "monopoles_std": p.monopoles_std,
         "dipole": p.dipole,
