@@ -2,6 +2,7 @@
 size bins, functional classes by SMARTS, per-group RMSE against hand computations, groups that
 add up to the pooled RMSE, the bundled grids on the generator's shells, and the CLI's tables."""
 
+import dataclasses
 import types
 
 import numpy as np
@@ -234,3 +235,16 @@ def test_cli_prints_the_tables_and_writes_breakdown_csv(run_and_file, tmp_path, 
         assert title in out
     for row in csv.itertuples():
         assert f"{str(row.group):<18}{row.esp_rmse:>10.4g}" in out
+
+
+def test_the_datas_own_shells_are_used_and_zeros_are_recovered():
+    """ESPData.shell (from the file) wins; points it leaves at 0 (unknown, e.g. a file without
+    the key in a concatenation) are recovered from the geometry ("mixed")."""
+    R, Z = np.zeros((1, 1, 3)), np.array([[6]])
+    grid = np.array([[[2.38, 0, 0], [0, 3.4, 0], [0, 0, 5.0]]])  # 1.4, 2.0, 2.94 x 1.7
+    data = dataclasses.replace(_data(R, Z, grid), shell=np.array([[1.8, 0.0, 1.6]], np.float32))
+    b = bd.esp_breakdown(data, np.ones((1, 3)) / KCAL)
+    assert b.shell_source == "mixed"
+    assert b.tables["shell"]["group"].tolist() == ["1.6", "1.8", "2.0"]  # 2.0 recovered
+    full = dataclasses.replace(data, shell=np.array([[1.8, 1.8, 1.6]], np.float32))
+    assert bd.esp_breakdown(full, np.ones((1, 3)) / KCAL).shell_source == "file"

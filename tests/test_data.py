@@ -364,3 +364,31 @@ def test_every_element_stays_in_training():
         s = split_indices(mol_id, "molecule", 0.2, 0.2, seed=seed, Z=Z)
         assert 9 in Z[s["train"]]
         assert len(s["test"]) >= 4 and len(s["valid"]) >= 4
+
+
+def test_each_file_is_split_on_its_own_and_keeps_its_split():
+    """Adding a file of new molecules leaves the first file's split exactly as it was alone;
+    the second file's molecules are dealt on their own, whole molecules together."""
+    from dcmtune.data import load_dataset
+
+    cfg = DataConfig(split_by="molecule", split_seed=1)
+    organic, demo = load_dataset(["organic"]), load_dataset(["demo"])
+    both = load_dataset(["organic", "demo"])
+    assert both.part is not None and np.bincount(both.part).tolist() == [870, 240]
+    assert both.checksum() != organic.checksum() and organic.part is None
+    alone, joint = split_dataset(organic, cfg), split_dataset(both, cfg)
+    second = split_dataset(demo, cfg)
+    for k in ("train", "valid", "test"):
+        np.testing.assert_array_equal(joint[k][joint[k] < 870], alone[k])
+        np.testing.assert_array_equal(joint[k][joint[k] >= 870] - 870, second[k])
+        ids = set(both.mol_id[joint[k]])
+        assert all(
+            ids.isdisjoint(both.mol_id[joint[o]]) for o in ("train", "valid", "test") if o != k
+        )
+    # A subset keeps each conformer's file; shells and files are not part of the checksum.
+    sub = both.subset(np.array([0, 900]))
+    assert sub.part.tolist() == [0, 1]
+    assert (
+        dataclasses.replace(organic, shell=np.ones_like(organic.esp)).checksum()
+        == organic.checksum()
+    )

@@ -12,7 +12,7 @@ from pyscf.data import nist
 from dcmtune import qm
 from dcmtune.data import bundled_dataset_path, load_npz
 from dcmtune.data.__main__ import main
-from dcmtune.data.grids import VDW_RADII, shell_grid
+from dcmtune.data.grids import VDW_RADII, shell_grid, shell_grid_with_shells
 from dcmtune.units import BOHR
 
 SMALL = dict(conformers=2, basis="sto-3g", max_grid=60, seed=0)
@@ -210,6 +210,7 @@ def test_xyz_input(tmp_path):
         (["--molecules", "H2O", "--spin", "1"], "cannot have spin"),
         (["--molecules", "H2O", "--basis", "no-such-basis"], "basis 'no-such-basis'"),
         (["--molecules", "H2O", "--method", "NOT-A-XC"], "method"),
+        (["--molecules", "H2O", "--density-fit", "no-such-fit"], "auxiliary basis 'no-such-fit'"),
         (["--molecules", "H2O", "--conformers", "0"], "conformers"),
         (["--molecules", "H2O", "--out", "{tmp}/no/such/dir.npz"], "does not exist"),
         (["--molecules", "H2O", "--out", "{tmp}/x.npy"], "must end in .npz"),
@@ -273,3 +274,50 @@ def test_inspect_and_validate_bundled_set(capsys):
     assert "24 molecules, 240 conformers" in out
     assert "elements: H C N O F S Cl\n" in out
     assert "Angstrom as expected" in out
+
+
+def test_each_point_stores_the_shell_it_was_drawn_on(generated):
+    """The generator's `shell` key: every real point is exactly its shell factor x vdW radius
+    from some atom (the closed form of a sphere), the loader keeps it, padding is 0."""
+    out, a = generated
+    radii = np.array([VDW_RADII[z] for z in a["Z"][0]])
+    for c in range(2):
+        n = int(a["n_grid"][c])
+        g, s = a["vdw_surface"][c, :n].astype(np.float64), a["shell"][c, :n]
+        assert (np.abs(s[:, None] - np.array([1.4, 1.6, 1.8, 2.0])).min(axis=1) < 1e-6).all()
+        scaled = np.linalg.norm(g[:, None] - a["R"][c][None], axis=-1) / radii  # (n, A)
+        assert np.abs(scaled - s[:, None]).min(axis=1).max() < 1e-4
+        assert not a["shell"][c, n:].any()
+    d = load_npz([out])
+    assert d.shell is not None and np.array_equal(d.shell, a["shell"][:, : d.num_grid])
+
+
+def test_shell_grid_with_shells_matches_shell_grid():
+    R = molecule("CH3CH2OH").positions
+    Z = molecule("CH3CH2OH").numbers
+    pts, shell = shell_grid_with_shells(R, Z, np.random.default_rng(3), max_grid=150)
+    assert np.array_equal(pts, shell_grid(R, Z, np.random.default_rng(3), max_grid=150))
+    assert pts.shape == (150, 3) and shell.shape == (150,)
+    assert np.isin(np.round(shell, 5), [1.4, 1.6, 1.8, 2.0]).all()
+    assert len(np.unique(shell)) == 4  # the subsample keeps points of every shell
+
+
+def test_density_fitting_matches_exact_integrals_and_is_recorded(tmp_path):
+    """RI-JK changes the ESP of water (6-31G*) by far less than any model error; the setting
+    is in the provenance and the rebuild command; an unknown auxiliary basis is one line."""
+    h2o = molecule("H2O")
+    mol = qm.build_mol(h2o.numbers, h2o.positions, "6-31G*")
+    grid = shell_grid(h2o.positions, h2o.numbers, np.random.default_rng(0), max_grid=100)
+    _, dm = qm.run_scf(mol)
+    _, dm_df = qm.run_scf(mol, density_fit="cc-pVDZ-JKFIT")
+    exact, fitted = qm.esp_on_grid(mol, dm, grid), qm.esp_on_grid(mol, dm_df, grid)
+    diff = np.abs(fitted - exact).max() * 627.509  # kcal/mol/e
+    assert 0 < diff < 0.05, diff  # measured 0.003 rms on a 38-atom dipeptide
+    out = tmp_path / "h2o.npz"
+    args = ["generate", "--molecules", "H2O", "--conformers", "1", "--basis", "sto-3g"]
+    fit = ["--density-fit", "def2-universal-jkfit"]
+    assert main([*args, "--max-grid", "30", "--workers", "0", *fit, "--out", str(out)]) == 0
+    prov = json.loads(qm.provenance_path(out).read_text())
+    assert "--density-fit def2-universal-jkfit" in prov["command"]
+    assert "def2-universal-jkfit" in prov["qm"]["integrals"]
+    assert prov["settings"]["density_fit"] == "def2-universal-jkfit"

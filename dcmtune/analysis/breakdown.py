@@ -11,9 +11,10 @@ have different numbers of grid points (organic set: at most 700 per conformer, m
 The four groupings:
 
 * **shell**: the Merz-Kollman shell factor f (`dcmtune.data.grids.SHELLS`, 1.4/1.6/1.8/2.0) the
-  point was generated on. Files do not store it (a future optional key `shell`, (M, G) factor
-  per point, would be preferred: `esp_breakdown(..., shell=...)`). It is recovered from the
-  geometry: the generator put the point at exactly f x vdW_a from some atom a (radii
+  point was generated on: the file's own `shell` key (M, G) where it has one (files written by
+  `python -m dcmtune.data generate` since the larger-molecule set; `ESPData.shell`, 0 where
+  unknown). Elsewhere (the organic and demo sets) it is recovered from the geometry: the
+  generator put the point at exactly f x vdW_a from some atom a (radii
   `dcmtune.data.grids.VDW_RADII`, the generator's table), so the recovered shell is the factor
   f and atom a minimising | |r - R_a| / vdW_a - f |. (The nearest scaled surface,
   min_a |r - R_a| / vdW_a, is not the shell: the generator only removes points inside another
@@ -275,7 +276,8 @@ class Breakdown:
       esp_mae: Likewise, kcal/mol/e.
       shell_max_deviation: Largest | |r - R_a| / vdW_a - f | of the points given a shell from
         the geometry (NaN when shells were given or none matched).
-      shell_source: "geometry" (recovered) or "file" (given per point).
+      shell_source: "geometry" (recovered), "file" (given per point) or "mixed" (given for
+        some points, recovered for the others).
     """
 
     tables: dict[str, pd.DataFrame]
@@ -343,6 +345,7 @@ def esp_breakdown(
     mol_ids = np.asarray(data.mol_id).astype(str)
     mol = mol_ids[conf]
     # 2. Shell per point; 3. element of the nearest atom.
+    shell = data.shell if shell is None else shell
     shell_group, max_dev = _shell_groups(data, valid, shell, shells)
     element_group, elements = _element_groups(data, valid)
     # 4. Heavy atoms of each conformer's molecule.
@@ -366,8 +369,16 @@ def esp_breakdown(
         esp_rmse=float(np.sqrt(np.mean(err**2))) if err.size else float("nan"),
         esp_mae=float(np.mean(np.abs(err))) if err.size else float("nan"),
         shell_max_deviation=max_dev,
-        shell_source="geometry" if shell is None else "file",
+        shell_source=_shell_source(shell, valid),
     )
+
+
+def _shell_source(shell: np.ndarray | None, valid: np.ndarray) -> str:
+    """ "file" when every valid point's shell is given, "geometry" when none is, else "mixed"."""
+    if shell is None:
+        return "geometry"
+    known = np.asarray(shell)[valid] > 0
+    return "file" if known.all() else ("geometry" if not known.any() else "mixed")
 
 
 def _element_groups(data: ESPData, valid: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -385,16 +396,23 @@ def _shell_groups(
     """(P,) shell label of every valid point and the largest deviation of the recovered ones
     (NaN when `shell` (M, G) factors are given, or nothing was recovered)."""
     labels = np.asarray([_shell_label(f) for f in shells], object)
-    if shell is None:
+    given = None if shell is None else np.asarray(shell, np.float64)[valid]
+    out = np.full(int(valid.sum()), OTHER, object)
+    known = np.zeros(out.shape, bool) if given is None else given > 0
+    max_dev = float("nan")
+    if not known.all():  # 1. Recovered from the geometry where the file gives no shell.
         idx, dev = recover_shells(data.R, data.Z, data.grid, data.n_grid, shells)
-        assigned = dev[valid][idx[valid] >= 0]
-        max_dev = float(assigned.max()) if assigned.size else float("nan")
-        return np.where(idx[valid] >= 0, labels[idx[valid]], OTHER), max_dev
-    given = np.asarray(shell, np.float64)[valid]
-    near = np.abs(given[:, None] - np.asarray(shells)).argmin(axis=1)
-    close = np.abs(given - np.asarray(shells)[near]) <= SHELL_TOLERANCE
-    own = np.array([_shell_label(float(f)) for f in given], object)
-    return np.where(close, labels[near], own), float("nan")
+        idx, dev = idx[valid], dev[valid]
+        hit = ~known & (idx >= 0)
+        out[hit] = labels[idx[hit]]
+        max_dev = float(dev[hit].max()) if hit.any() else float("nan")
+    if given is not None and known.any():  # 2. The file's own factors.
+        g = given[known]
+        near = np.abs(g[:, None] - np.asarray(shells)).argmin(axis=1)
+        close = np.abs(g - np.asarray(shells)[near]) <= SHELL_TOLERANCE
+        own = np.array([_shell_label(float(f)) for f in g], object)
+        out[known] = np.where(close, labels[near], own)
+    return out, max_dev
 
 
 def _class_points(
@@ -461,9 +479,10 @@ def format_breakdown(b: Breakdown, digits: int = 4) -> str:
                 f"  {str(r.group):<18}{r.esp_rmse:>10.{digits}g}{r.esp_mae:>10.{digits}g}"
                 f"{r.n_points:>9d}{r.n_conformers:>7d}{r.n_molecules:>6d}"
             )
-    if b.shell_source == "geometry":
+    if b.shell_source in ("geometry", "mixed"):
         lines.append(
-            f"  shells recovered from the geometry (max deviation {b.shell_max_deviation:.2g} x "
+            f"  shells recovered from the geometry where the file gives none (max deviation "
+            f"{b.shell_max_deviation:.2g} x "
             "vdW); classes overlap (a molecule may be in several)"
         )
     return "\n".join(lines)

@@ -59,7 +59,13 @@ from dcmtune.data.file_format import (
     real_grid_points,
     stored_layout,
 )
-from dcmtune.data.grids import SHELLS, VDW_RADII, fibonacci_sphere, shell_grid
+from dcmtune.data.grids import (
+    SHELLS,
+    VDW_RADII,
+    fibonacci_sphere,
+    shell_grid,
+    shell_grid_with_shells,
+)
 from dcmtune.data.load import KNOWN_KEYS, load_dataset, load_npz, validate_arrays
 from dcmtune.data.molgraph import (
     COVALENT_RADII,
@@ -156,6 +162,7 @@ __all__ = [
     "resp_charges_per_molecule",
     "shared_charges_per_molecule",
     "shell_grid",
+    "shell_grid_with_shells",
     "size_bucket",
     "slot_cost",
     "split_baselines",

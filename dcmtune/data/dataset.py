@@ -62,6 +62,11 @@ class ESPData:
       mol_id_source: Where the ids come from: "file" (the files' mol_id), "graph" (grouped by
         bond graph, dcmtune.molgraph) or "mixed" (several files, both kinds). Not an array:
         not part of the checksum, kept by `subset`.
+      shell: (M, G) float32 vdW-radius factor of the shell each grid point was generated on
+        (the generator's optional key `shell`), 0 where unknown and on padding; or None.
+      part: (M,) int32 index of the data file each conformer came from when several were
+        loaded together (molecule splits deal each file's molecules on their own), or None.
+      `shell` and `part` describe the data without changing it: not part of the checksum.
     """
 
     R: np.ndarray
@@ -76,6 +81,8 @@ class ESPData:
     Q: np.ndarray
     mol_id: np.ndarray
     mol_id_source: str = "file"
+    shell: np.ndarray | None = None
+    part: np.ndarray | None = None
 
     @property
     def num_conformers(self) -> int:
@@ -110,7 +117,7 @@ class ESPData:
     def checksum(self) -> str:
         """SHA-256 of the arrays, to recognise the same data later (e.g. when ranking)."""
         h = hashlib.sha256()
-        for name in _ARRAY_FIELDS:
+        for name in _CHECKSUM_FIELDS:
             a = getattr(self, name)
             h.update(name.encode())
             if a is not None:
@@ -123,6 +130,7 @@ class ESPData:
 
 
 _ARRAY_FIELDS = tuple(f.name for f in dataclasses.fields(ESPData) if f.name != "mol_id_source")
+_CHECKSUM_FIELDS = tuple(f for f in _ARRAY_FIELDS if f not in ("shell", "part"))
 
 
 def mol_id_source(parts: Sequence[ESPData]) -> str:
@@ -179,7 +187,18 @@ def concatenate(parts: Sequence[ESPData]) -> ESPData:
     G = max(p.num_grid for p in parts)
     parts = [pad_to(p, A, G) for p in parts]
     out: dict[str, Any] = {}
-    for name in _ARRAY_FIELDS:
+    # Descriptions, not references: unknown shells are 0; each part keeps its own index.
+    if any(p.shell is not None for p in parts):
+        out["shell"] = np.concatenate(
+            [
+                np.zeros((p.num_conformers, G), np.float32) if p.shell is None else p.shell
+                for p in parts
+            ]
+        )
+    out["part"] = np.concatenate(
+        [np.full(p.num_conformers, i, np.int32) for i, p in enumerate(parts)]
+    )
+    for name in _CHECKSUM_FIELDS:
         vals = [getattr(p, name) for p in parts]
         if any(v is None for v in vals):
             if any(v is not None for v in vals):
@@ -198,7 +217,7 @@ def concatenate(parts: Sequence[ESPData]) -> ESPData:
 
 def to_arrays(data: ESPData, dipole_units: str = "debye") -> dict[str, np.ndarray]:
     """The arrays of a dcmtune file (DESIGN.md section 2) holding `data`: N as (M,), n_grid,
-    Dxyz in `dipole_units` (Debye by default), mol_id as str; mono and Dxyz only where
+    Dxyz in `dipole_units` (Debye by default), mol_id as str; mono, Dxyz and shell only where
     present. (`pad_to` first gives another padding, e.g. mmml's 60 atoms x 3,200 points.)"""
     out = {
         "R": data.R,
@@ -215,6 +234,8 @@ def to_arrays(data: ESPData, dipole_units: str = "debye") -> dict[str, np.ndarra
         out["mono"] = data.mono
     if data.dipole is not None:
         out["Dxyz"] = (data.dipole / DIPOLE_SCALE[dipole_units]).astype(np.float32)
+    if data.shell is not None:
+        out["shell"] = data.shell
     return out
 
 
@@ -242,4 +263,5 @@ def pad_to(data: ESPData, num_atoms: int, num_grid: int) -> ESPData:
         mono=pad(data.mono, [(1, da)]),
         esp=pad(data.esp, [(1, dg)]),
         grid=pad(data.grid, [(1, dg)]),
+        shell=pad(data.shell, [(1, dg)]),
     )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["VDW_RADII", "SHELLS", "fibonacci_sphere", "shell_grid"]
+__all__ = ["VDW_RADII", "SHELLS", "fibonacci_sphere", "shell_grid", "shell_grid_with_shells"]
 
 # Van der Waals radii in Angstrom (Bondi 1964; H 1.2 as in Merz-Kollman ESP fits).
 VDW_RADII = {
@@ -49,7 +49,20 @@ def shell_grid(
     density: float = 1.0,
     max_grid: int = 1200,
 ) -> np.ndarray:
-    """Grid points on vdW shells around one geometry.
+    """Grid points on vdW shells around one geometry: `shell_grid_with_shells` without the
+    shell of each point. Returns (g, 3) Angstrom, g <= max_grid."""
+    return shell_grid_with_shells(positions, numbers, rng, shells, density, max_grid)[0]
+
+
+def shell_grid_with_shells(
+    positions: np.ndarray,
+    numbers: np.ndarray,
+    rng: np.random.Generator,
+    shells: Sequence[float] = SHELLS,
+    density: float = 1.0,
+    max_grid: int = 1200,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grid points on vdW shells around one geometry, and the shell each point was drawn on.
 
     Args:
       positions: (A, 3) Angstrom, real atoms only.
@@ -60,7 +73,9 @@ def shell_grid(
       max_grid: Most points returned.
 
     Returns:
-      (g, 3) Angstrom, g <= max_grid; no point lies inside any atom's min(shells) x vdW sphere.
+      points: (g, 3) Angstrom, g <= max_grid; no point lies inside any atom's min(shells) x vdW
+        sphere.
+      shell: (g,) the factor of the sphere each point was placed on (one of `shells`).
 
     Raises:
       ValueError: an element without a vdW radius.
@@ -70,18 +85,21 @@ def shell_grid(
         raise ValueError(f"no van der Waals radius for Z = {missing} (known: {sorted(VDW_RADII)})")
     positions = np.asarray(positions, np.float64)
     radii = np.array([VDW_RADII[int(z)] for z in numbers])
-    # 1. Points on every atom's spheres. Shape (P, 3).
-    pts = []
+    # 1. Points on every atom's spheres, with their sphere's factor. Shapes (P, 3), (P,).
+    pts, factors = [], []
     for f in shells:
         for a in range(len(radii)):
             r = f * radii[a]
             n = max(1, int(round(density * 4.0 * np.pi * r * r)))
             pts.append(positions[a] + r * fibonacci_sphere(n))
-    points = np.concatenate(pts)
+            factors.append(np.full(n, float(f)))
+    points, shell = np.concatenate(pts), np.concatenate(factors)
     # 2. Drop points inside any atom's innermost shell. Shape (P, A) distances.
     d = np.linalg.norm(points[:, None, :] - positions[None, :, :], axis=-1)
-    points = points[np.all(d >= min(shells) * radii[None, :] * (1.0 - 1e-9), axis=1)]
+    keep = np.all(d >= min(shells) * radii[None, :] * (1.0 - 1e-9), axis=1)
+    points, shell = points[keep], shell[keep]
     # 3. Subsample, keeping the points' order.
     if len(points) > max_grid:
-        points = points[np.sort(rng.choice(len(points), max_grid, replace=False))]
-    return points
+        pick = np.sort(rng.choice(len(points), max_grid, replace=False))
+        points, shell = points[pick], shell[pick]
+    return points, shell

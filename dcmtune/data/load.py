@@ -60,6 +60,7 @@ KNOWN_KEYS = {
     "com",
     "Q",
     "mol_id",
+    "shell",
 }
 
 
@@ -148,7 +149,12 @@ def validate_arrays(
     # 4. Grid points: which are real, then those first (n_grid = their count).
     keep, mask_redundant = real_grid_points(raw, esp, grid, fail, source)
     _log_ignored(raw, mask_redundant, source)
-    esp, grid, n_grid = kept_first(keep, esp, grid)  # now (M, g), g = max n_grid
+    shell = _shell(raw, M, G, fail)
+    if shell is not None:  # the same points first: carried as a fourth grid coordinate
+        esp, grid4, n_grid = kept_first(keep, esp, np.concatenate([grid, shell[..., None]], -1))
+        grid, shell = grid4[..., :3], grid4[..., 3]
+    else:
+        esp, grid, n_grid = kept_first(keep, esp, grid)  # now (M, g), g = max n_grid
     grid_mask = np.arange(esp.shape[1])[None, :] < n_grid[:, None]
     # 5. Finite values where they count (padding may hold anything; it is zeroed below).
     for key, values in (("R", R[real]), ("esp", esp[grid_mask]), ("vdw_surface", grid[grid_mask])):
@@ -178,6 +184,7 @@ def validate_arrays(
         Q=Q.astype(f32),
         mol_id=mol_id,
         mol_id_source=source_of_ids,
+        shell=None if shell is None else np.where(grid_mask, shell, 0.0).astype(f32),
     )
 
 
@@ -287,6 +294,19 @@ def _mono(raw: dict, real: np.ndarray, fail: Fail) -> np.ndarray | None:
         raise fail("mono", f"expected shape (M, A) = {real.shape}, got {mono.shape}")
     _finite(mono[real], "mono", fail)
     return np.where(real, mono, 0.0)
+
+
+def _shell(raw: dict, M: int, G: int, fail: Fail) -> np.ndarray | None:
+    """The optional per-point shell factors (M, G), or None."""
+    if "shell" not in raw:
+        return None
+    s = np.asarray(raw["shell"])
+    if s.shape != (M, G) or s.dtype.kind not in "fiu":
+        raise fail(
+            "shell",
+            f"expected ({M}, {G}) numbers (vdW factor per grid point), got {s.dtype}{s.shape}",
+        )
+    return s.astype(np.float64)
 
 
 def _com(raw: dict, M: int, fail: Fail) -> np.ndarray:

@@ -9,13 +9,19 @@ training seed keeps one test set. Every element of the data stays in training. T
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from dcmtune.data.dataset import ESPData
 
-__all__ = ["split_indices", "limit_train_molecules", "split_dataset", "split_record"]
+__all__ = [
+    "split_indices",
+    "split_by_part",
+    "limit_train_molecules",
+    "split_dataset",
+    "split_record",
+]
 
 
 def split_indices(
@@ -158,20 +164,51 @@ def limit_train_molecules(
     return np.sort(train[keep])
 
 
+def split_by_part(
+    part: np.ndarray, split: Callable[[np.ndarray], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """`split(indices)` for each data file's conformers on its own, joined.
+
+    With several files loaded together (`ESPData.part`), each file's molecules are dealt with
+    the same seed and fractions as if it were loaded alone: adding a file of new molecules
+    leaves the others' split exactly as it was, and every file keeps its share in test and
+    valid. `split` maps an index array to {"train", "valid", "test"} positions into it.
+    """
+    out: dict[str, list[np.ndarray]] = {"train": [], "valid": [], "test": []}
+    for p in np.unique(part):
+        idx = np.flatnonzero(part == p)
+        for k, v in split(idx).items():
+            out[k].append(idx[v])
+    return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in out.items()}
+
+
 def split_dataset(data: ESPData, cfg) -> dict[str, np.ndarray]:
     """`split_indices` with the settings of a `DataConfig` (every element kept in train), then,
-    with `cfg.train_molecules`, only that many training molecules (`limit_train_molecules`)."""
-    splits = split_indices(
-        data.mol_id,
-        cfg.split_by,
-        cfg.valid_fraction,
-        cfg.test_fraction,
-        cfg.num_train,
-        cfg.num_valid,
-        cfg.num_test,
-        seed=cfg.split_seed,
-        Z=data.Z,
-    )
+    with `cfg.train_molecules`, only that many training molecules (`limit_train_molecules`).
+
+    Fraction splits of several files loaded together deal each file on its own
+    (`split_by_part`); count splits (num_train/num_valid/num_test) deal all conformers at once.
+    """
+    by_counts = any(n is not None for n in (cfg.num_train, cfg.num_valid, cfg.num_test))
+
+    def split(idx: np.ndarray | None) -> dict[str, np.ndarray]:
+        sel = slice(None) if idx is None else idx
+        return split_indices(
+            data.mol_id[sel],
+            cfg.split_by,
+            cfg.valid_fraction,
+            cfg.test_fraction,
+            cfg.num_train,
+            cfg.num_valid,
+            cfg.num_test,
+            seed=cfg.split_seed,
+            Z=data.Z[sel],
+        )
+
+    if data.part is None or by_counts:
+        splits = split(None)
+    else:
+        splits = split_by_part(data.part, split)
     if cfg.train_molecules is not None:
         splits["train"] = limit_train_molecules(
             data.mol_id, splits["train"], cfg.train_molecules, cfg.split_seed, data.Z

@@ -32,7 +32,7 @@ from dcmtune.data.load import load_npz
 from dcmtune.provenance import versions
 from dcmtune.qm.conformers import check_not_reserved
 from dcmtune.qm.parts import PartStore, parts_dir
-from dcmtune.qm.pyscf_esp import build_mol, check_method, compute_molecule
+from dcmtune.qm.pyscf_esp import build_mol, check_auxbasis, check_method, compute_molecule
 from dcmtune.qm.specs import G2_SOURCE, GenerationSettings, MoleculeSpec, QMError, check_electrons
 from dcmtune.units import HARTREE_TO_KCAL
 
@@ -179,7 +179,8 @@ def generated_arrays(
     specs: Sequence[MoleculeSpec], results: Sequence[dict], settings: GenerationSettings
 ) -> dict[str, np.ndarray]:
     """The DESIGN.md section 2 arrays (padded, real atoms first, float32) plus the extra keys
-    `mulliken` (M, A) e and `scf_energy` (M,) Hartree."""
+    `shell` (M, G) vdW-radius factor of each grid point's sphere (0 on padding), `mulliken`
+    (M, A) e and `scf_energy` (M,) Hartree."""
     M = sum(len(r["R"]) for r in results)
     A = max(len(s.numbers) for s in specs)
     G = max(len(g) for r in results for g in r["grid"])
@@ -190,6 +191,7 @@ def generated_arrays(
         "N": np.zeros(M, np.int32),
         "esp": np.zeros((M, G), f32),
         "vdw_surface": np.zeros((M, G, 3), f32),
+        "shell": np.zeros((M, G), f32),
         "n_grid": np.zeros(M, np.int32),
         "mono": np.zeros((M, A), f32),
         "Dxyz": np.zeros((M, 3), f32),
@@ -209,6 +211,7 @@ def generated_arrays(
             out["N"][m] = n
             out["esp"][m, :g] = res["esp"][c]
             out["vdw_surface"][m, :g] = res["grid"][c]
+            out["shell"][m, :g] = res["shell"][c]
             out["n_grid"][m] = g
             out["mono"][m, :n] = res["mono"][c]
             out["mulliken"][m, :n] = res["mulliken"][c]
@@ -296,6 +299,8 @@ def rebuild_command(
     ]
     if settings.spin is not None:
         args += ["--spin", str(settings.spin)]
+    if settings.density_fit:
+        args += ["--density-fit", settings.density_fit]
     args += ["--workers", str(workers), "--out", str(out)]
     return shlex.join(args)
 
@@ -336,7 +341,11 @@ def check_inputs(
                 "drop --charge/--spin"
             )
         check_electrons(spec, settings.charge, settings.spin)
-        build_mol(spec.numbers, spec.positions, settings.basis, settings.charge, settings.spin)
+        mol = build_mol(
+            spec.numbers, spec.positions, settings.basis, settings.charge, settings.spin
+        )
+        if settings.density_fit:
+            check_auxbasis(settings.density_fit, mol)
 
 
 def generate_dataset(
@@ -411,6 +420,11 @@ def _method_records(settings: GenerationSettings) -> dict:
             "basis": settings.basis,
             "scf": f"{scf}, conv_tol {settings.conv_tol} Hartree; initial guess: PySCF's "
             "default for conformer 0, then the previous conformer's density",
+            "integrals": (
+                f"density fitting (RI-JK) with auxiliary basis {settings.density_fit}"
+                if settings.density_fit
+                else "exact four-centre"
+            ),
         },
         "conformers": {
             "first": "the input (equilibrium) geometry; for SMILES inputs see molecules[].geometry",

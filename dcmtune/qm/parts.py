@@ -75,6 +75,7 @@ def _to_arrays(result: dict, key: str) -> dict[str, np.ndarray]:
     out["grid_sizes"] = np.array([len(g) for g in result["grid"]], np.int64)
     out["grid"] = np.concatenate([np.asarray(g, np.float64) for g in result["grid"]])
     out["esp"] = np.concatenate([np.asarray(e, np.float64) for e in result["esp"]])
+    out["shell"] = np.concatenate([np.asarray(s, np.float64) for s in result["shell"]])
     out["seconds"] = np.float64(result["seconds"])
     out["key"] = np.array(key)
     return out
@@ -86,6 +87,7 @@ def _from_arrays(a: dict[str, np.ndarray]) -> dict:
     out: dict = {k: list(a[k]) for k in ("R", "mono", "mulliken", "Dxyz", "com")}
     out["grid"] = np.split(a["grid"], cuts)
     out["esp"] = np.split(a["esp"], cuts)
+    out["shell"] = np.split(a["shell"], cuts)
     out["energy"] = [float(e) for e in a["energy"]]
     out["scf_cycles"] = [int(c) for c in a["scf_cycles"]]
     out["seconds"] = float(a["seconds"])

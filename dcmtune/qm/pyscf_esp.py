@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 
 from dcmtune.data.baselines import fit_esp_charges
-from dcmtune.data.grids import shell_grid
+from dcmtune.data.grids import shell_grid_with_shells
 from dcmtune.qm.specs import (
     _EXTRA_HINT,
     GenerationSettings,
@@ -36,7 +36,15 @@ from dcmtune.qm.specs import (
 )
 from dcmtune.units import BOHR, EBOHR_TO_DEBYE
 
-__all__ = ["build_mol", "check_method", "run_scf", "esp_on_grid", "scf_dipole", "compute_molecule"]
+__all__ = [
+    "build_mol",
+    "check_method",
+    "check_auxbasis",
+    "run_scf",
+    "esp_on_grid",
+    "scf_dipole",
+    "compute_molecule",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +87,33 @@ def build_mol(
     return mol
 
 
-def _make_mf(mol, method: str):
+def _make_mf(mol, method: str, density_fit: str = ""):
     from pyscf import dft, scf
 
     if method.upper() == "HF":
-        return scf.HF(mol)  # RHF when spin == 0, else UHF.
-    mf = dft.KS(mol)
-    mf.xc = method
+        mf = scf.HF(mol)  # RHF when spin == 0, else UHF.
+    else:
+        mf = dft.KS(mol)
+        mf.xc = method
+    if density_fit:
+        mf = mf.density_fit(auxbasis=density_fit)
     return mf
+
+
+def check_auxbasis(auxbasis: str, mol) -> None:
+    """Raises QMError unless PySCF has the auxiliary basis `auxbasis` for every element of mol."""
+    _import_pyscf()
+    from pyscf import gto
+
+    for symbol in sorted({mol.atom_pure_symbol(i) for i in range(mol.natm)}):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gto.basis.load(auxbasis, symbol)
+        except (KeyError, RuntimeError, ValueError, TypeError):
+            raise QMError(
+                f"density_fit: PySCF has no auxiliary basis {auxbasis!r} for {symbol}"
+            ) from None
 
 
 def check_method(method: str) -> None:
@@ -102,16 +129,17 @@ def check_method(method: str) -> None:
         raise QMError(f"method: {method!r} is neither HF nor a known functional ({e})") from None
 
 
-def run_scf(mol, method: str = "HF", conv_tol: float = 1e-10, dm0=None):
+def run_scf(mol, method: str = "HF", conv_tol: float = 1e-10, dm0=None, density_fit: str = ""):
     """Runs the SCF; returns (mf, total density matrix (nao, nao) in the AO basis).
 
     Args:
       dm0: initial guess (e.g. the previous conformer's density); None = PySCF's default.
+      density_fit: auxiliary basis for RI-JK ("" = exact four-centre integrals).
 
     Raises:
       SCFError: if neither DIIS nor the second-order solver converges.
     """
-    mf = _make_mf(mol, method)
+    mf = _make_mf(mol, method, density_fit)
     mf.conv_tol = conv_tol
     mf.verbose = 0
     mf.kernel(dm0=dm0)
@@ -179,7 +207,8 @@ def compute_molecule(spec: MoleculeSpec, settings: GenerationSettings) -> dict:
     """All conformers of one molecule (runs inside a worker process).
 
     Returns:
-      dict of per-conformer arrays (R, grid, esp, mono, mulliken, Dxyz, com, energy) as lists,
+      dict of per-conformer arrays (R, grid, shell, esp, mono, mulliken, Dxyz, com, energy) as
+      lists,
       plus `seconds` (wall time) and `scf_cycles`.
     """
     t0 = time.perf_counter()
@@ -189,17 +218,30 @@ def compute_molecule(spec: MoleculeSpec, settings: GenerationSettings) -> dict:
     )
     out = {
         k: []
-        for k in ("R", "grid", "esp", "mono", "mulliken", "Dxyz", "com", "energy", "scf_cycles")
+        for k in (
+            "R",
+            "grid",
+            "shell",
+            "esp",
+            "mono",
+            "mulliken",
+            "Dxyz",
+            "com",
+            "energy",
+            "scf_cycles",
+        )
     }
     dm = None
     for i, R in enumerate(conformers):
         mol = build_mol(spec.numbers, R, settings.basis, settings.charge, settings.spin)
         try:
             # The previous conformer's density is the guess (same atoms, nearby geometry).
-            mf, dm = run_scf(mol, settings.method, settings.conv_tol, dm0=dm)
+            mf, dm = run_scf(
+                mol, settings.method, settings.conv_tol, dm0=dm, density_fit=settings.density_fit
+            )
         except SCFError as e:
             raise SCFError(f"{spec.name} conformer {i}: {e}") from None
-        grid = shell_grid(
+        grid, shell = shell_grid_with_shells(
             R, spec.numbers, rng, settings.shells, settings.density, settings.max_grid
         )
         esp = esp_on_grid(mol, dm, grid)
@@ -207,6 +249,7 @@ def compute_molecule(spec: MoleculeSpec, settings: GenerationSettings) -> dict:
         _, mulliken = mf.mulliken_pop(verbose=0)
         out["R"].append(R)
         out["grid"].append(grid)
+        out["shell"].append(shell)
         out["esp"].append(esp)
         out["mono"].append(fit_esp_charges(R, grid, esp, settings.charge))
         out["mulliken"].append(np.asarray(mulliken, np.float64))
