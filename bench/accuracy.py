@@ -22,7 +22,9 @@ Two studies, each one command:
                 am1bcc    AM1-BCC charges (antechamber + sqm, AmberTools) at each test molecule's
                           first conformer's stored geometry (no re-optimisation), scored on all
                           its conformers, over the test molecules with a SMILES (a prediction);
-                gfn2      GFN2-xTB charges (tblite) the same way (a prediction);
+                espaloma  EspalomaCharge charges (expaloma: a graph network trained on AM1-BCC)
+                          from each test molecule's SMILES, no geometry (a prediction);
+                gfn2      GFN2-xTB charges (tblite) the same way as am1bcc (a prediction);
                 mulliken  the stored Mulliken charges (if the file has a `mulliken` key);
                 element   one charge per element, fitted to the training split;
                 lsq       one least-squares set per test molecule fitted to its own test ESP
@@ -36,8 +38,8 @@ Two studies, each one command:
               `all`), where only the first N training molecules of one seeded, nested order
               are kept (`data.train_molecules`); validation and test are those of the full
               molecule split of that seed (checked), so each point's test ESP RMSE sits beside
-              the same size-independent baselines (lsq, resp, mmff94, gasteiger, am1bcc, gfn2,
-              mulliken, mono) and
+              the same size-independent baselines (lsq, resp, mmff94, gasteiger, am1bcc,
+              espaloma, gfn2, mulliken, mono) and
               the element baseline fitted on that point's training molecules.
 
 Usage:
@@ -80,6 +82,7 @@ from dcmtune.data.baselines import (
     rdkit_charge_array,
     shared_charges_per_molecule,
 )
+from dcmtune.data.espaloma import espaloma_charge_array
 from dcmtune.data.resp import resp_charges_per_molecule
 from dcmtune.data.semiempirical import am1bcc_charge_array, gfn2_charge_array
 from dcmtune.train.environment import use_compilation_cache
@@ -234,11 +237,12 @@ def _test_baselines(args, data: ESPData, test: ESPData, test_idx) -> dict:
         if ok.any():  # over the test molecules the method has parameters for
             row[method] = esp_rmse_of_atom_charges(test.subset(np.flatnonzero(ok)), q[ok])
             row[f"{method}_molecules"] = int(len(set(test.mol_id[ok])))
-    semiempirical = {
+    one_set_per_molecule = {
         "am1bcc": lambda: am1bcc_charge_array(test, smiles),
+        "espaloma": lambda: espaloma_charge_array(test, smiles),
         "gfn2": lambda: gfn2_charge_array(test, smiles.keys()),
     }
-    for method, charges_of in semiempirical.items():  # predictive: at conformer 0's geometry
+    for method, charges_of in one_set_per_molecule.items():  # predictive: conformer 0 or graph
         t0 = time.perf_counter()
         q, ok = charges_of()
         if ok.any():
@@ -259,6 +263,7 @@ GENERALISE_COLS = (
     "mmff94",
     "gasteiger",
     "am1bcc",
+    "espaloma",
     "gfn2",
     "mulliken",
     "element",
@@ -274,6 +279,7 @@ CURVE_COLS = (
     "mmff94",
     "gasteiger",
     "am1bcc",
+    "espaloma",
     "gfn2",
     "mulliken",
     "mono",

@@ -9,7 +9,9 @@ of:
            molecules MMFF94 has parameters for (a prediction);
   am1bcc   AM1-BCC charges (antechamber + sqm) at each molecule's first conformer in the split,
            over the molecules with a SMILES (a prediction; `dcmtune.data.semiempirical`);
-  gfn2     GFN2-xTB charges (tblite) the same way (a prediction);
+  espaloma EspalomaCharge charges (expaloma, a graph network trained on AM1-BCC) from each
+           molecule's SMILES, no geometry (a prediction; `dcmtune.data.espaloma`);
+  gfn2     GFN2-xTB charges (tblite) the same way as am1bcc (a prediction);
   lsq      one least-squares charge set per molecule fitted to its own conformers' ESP on this
            split (a bound for atom-centred charges, not a prediction);
   resp     two-stage RESP charges fitted the same way (`dcmtune.data.resp`; a bound), over the
@@ -34,6 +36,7 @@ from dcmtune.data.baselines import (
     shared_charges_per_molecule,
 )
 from dcmtune.data.dataset import ESPData
+from dcmtune.data.espaloma import espaloma_charge_array
 from dcmtune.data.resp import resp_charges_per_molecule
 from dcmtune.data.semiempirical import am1bcc_charge_array, gfn2_charge_array
 
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
         results["MMFF94"] = esp_breakdown(sub, atom_charge_esp(sub, q[ok]), smiles)
     for name, (q_se, ok_se) in (
         ("AM1-BCC", am1bcc_charge_array(data, smiles)),
+        ("EspalomaCharge", espaloma_charge_array(data, smiles)),
         ("GFN2-xTB", gfn2_charge_array(data, smiles.keys())),
     ):
         if ok_se.any():

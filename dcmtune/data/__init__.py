@@ -48,6 +48,7 @@ from dcmtune.data.dataset import (
     pad_to,
     to_arrays,
 )
+from dcmtune.data.espaloma import espaloma_available, espaloma_charge_array, espaloma_charges
 from dcmtune.data.file_format import (
     DIPOLE_SCALE,
     DataError,
@@ -125,6 +126,9 @@ __all__ = [
     "epoch_updates",
     "esp_design_matrix",
     "esp_rmse_of_atom_charges",
+    "espaloma_available",
+    "espaloma_charge_array",
+    "espaloma_charges",
     "fibonacci_sphere",
     "fit_esp_charges",
     "fit_esp_charges_shared",

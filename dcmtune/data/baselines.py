@@ -6,8 +6,9 @@
 * `element_charges`: one charge per element, least-squares fitted to the ESP of a training set.
 * `mulliken_charges`: the Mulliken charges a data file may carry (extra key `mulliken`).
 * `split_baselines`: all of these evaluated on one split, the table a ranking reports (with
-  two-stage RESP charges, `dcmtune.data.resp`, and AM1-BCC and GFN2-xTB charges,
-  `dcmtune.data.semiempirical`, when the molecules' SMILES are known).
+  two-stage RESP charges, `dcmtune.data.resp`, AM1-BCC and GFN2-xTB charges,
+  `dcmtune.data.semiempirical`, and EspalomaCharge charges, `dcmtune.data.espaloma`, when the
+  molecules' SMILES are known).
 * `esp_rmse_of_atom_charges`: the ESP RMSE (kcal/mol/e) of any atom-centred charges, computed
   the way the model's metric is (per molecule MSE over valid grid points, averaged, sqrt).
 """
@@ -23,6 +24,7 @@ import numpy as np
 
 from dcmtune.data.coulomb import esp_design_matrix
 from dcmtune.data.dataset import ESPData, bundled_dataset_path, data_file_path
+from dcmtune.data.espaloma import espaloma_available, espaloma_charge_array
 from dcmtune.data.molgraph import mol_from_smiles
 from dcmtune.data.resp import resp_charges_per_molecule
 from dcmtune.data.semiempirical import (
@@ -286,16 +288,17 @@ def split_baselines(
     charges and one charge set per molecule fitted to the evaluated ESP bound what fixed
     atom-centred charges can do, and so do two-stage RESP charges fitted the same way (over the
     molecules whose graph `smiles_of` gives); over those molecules AM1-BCC and GFN2-xTB charges
-    at each molecule's first conformer are predictions (left out, with a log line, when
-    AmberTools or tblite is missing); Mulliken charges come from the files when they carry them.
+    at each molecule's first conformer and EspalomaCharge charges from the graph are predictions
+    (left out, with a log line, when AmberTools, tblite or expaloma is missing); Mulliken
+    charges come from the files when they carry them.
 
     Args:
       full: The whole dataset.
       indices: Conformer indices of `full` per split name (a run's split record `indices`).
       split: The split to evaluate ("test" or "valid").
       files: The files `full` was loaded from, for Mulliken charges (None: not known).
-      smiles_of: {mol_id: SMILES} (the data's provenance), for RESP, AM1-BCC and GFN2-xTB
-        (None: none of these rows).
+      smiles_of: {mol_id: SMILES} (the data's provenance), for RESP, AM1-BCC, EspalomaCharge
+        and GFN2-xTB (None: none of these rows).
 
     Returns:
       (rows {method, fitted_on, kind, `{split}_esp_rmse` (kcal/mol/e), note}, {method:
@@ -311,6 +314,7 @@ def split_baselines(
         _shared_baseline(target, split),
         _resp_baseline(target, split, smiles_of) if smiles_of else None,
         _am1bcc_baseline(target, smiles_of) if smiles_of else None,
+        _espaloma_baseline(target, smiles_of) if smiles_of else None,
         _gfn2_baseline(target, smiles_of) if smiles_of else None,
         _mulliken_baseline(full, files, idx),
     ]
@@ -375,6 +379,24 @@ def _am1bcc_baseline(target: ESPData, smiles_of: Mapping[str, str]) -> tuple | N
     charges[~ok] = np.nan
     method = "AM1-BCC (sqm, conformer 0)"
     return method, "conformer 0 geometry + SMILES graph", "prediction", note, charges
+
+
+def _espaloma_baseline(target: ESPData, smiles_of: Mapping[str, str]) -> tuple | None:
+    """EspalomaCharge charges from each molecule's graph (a prediction), over the molecules
+    with a SMILES; None, logged, without expaloma or RDKit."""
+    if not espaloma_available():
+        log.info("baselines: no EspalomaCharge row (needs expaloma and RDKit)")
+        return None
+    charges, ok = espaloma_charge_array(target, smiles_of)
+    if not ok.any():
+        return None
+    note = (
+        "EspalomaCharge (Wang et al. 2023, arXiv:2302.06758; expaloma, v0.0.8 weights): a "
+        "graph network trained on AM1-BCC ELF10 charges, from the SMILES graph only (no "
+        f"geometry); {_covered(target, ok)} (those with a SMILES)"
+    )
+    charges[~ok] = np.nan
+    return "EspalomaCharge", "SMILES graph", "prediction", note, charges
 
 
 def _gfn2_baseline(target: ESPData, smiles_of: Mapping[str, str]) -> tuple | None:
