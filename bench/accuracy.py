@@ -45,6 +45,7 @@ Two studies, each one command:
 Usage:
   python bench/accuracy.py defaults --split-seeds 0 1 2
   python bench/accuracy.py generalise --data-files organic_esp.npz --split-seeds 0 1 2
+  python bench/accuracy.py generalise --data-files organic large --by-size --split-seeds 0 1 2
   python bench/accuracy.py curve --data-files organic_esp.npz --train-molecules 25 50 100 all \
       --split-seeds 0
   ... [--num-epochs N] [--output-dir DIR] [--set features=32 --set n_dcm=3] [--json]
@@ -286,24 +287,45 @@ CURVE_COLS = (
 )
 
 
+SMALL_HEAVY = 9  # `--by-size`: molecules of at most this many heavy atoms are "small"
+
+
+def size_groups(test: ESPData, test_idx) -> list[tuple[str, ESPData, np.ndarray]]:
+    """`--by-size`: the whole test split, then its molecules of <= SMALL_HEAVY heavy atoms and
+    of more, as (label, subset, indices into the loaded data); empty groups are left out."""
+    idx = np.asarray(test_idx, dtype=int)
+    heavy = (test.Z > 1).sum(axis=1)
+    out = [("all", test, idx)]
+    for label, pick in (
+        (f"heavy<={SMALL_HEAVY}", heavy <= SMALL_HEAVY),
+        (f"heavy>={SMALL_HEAVY + 1}", heavy > SMALL_HEAVY),
+    ):
+        if pick.any() and not pick.all():
+            out.append((label, test.subset(np.flatnonzero(pick)), idx[pick]))
+    return out
+
+
 def run_generalise(args) -> list[dict]:
     rows = []
     for seed in args.split_seeds:
         cfg, result, wall, s = _run_seed(args, seed, "molecule", "generalise")
-        train, test = s["train"], s["test"]
-        row = {
-            "split_seed": seed,
-            "epochs": len(result.history),
-            "wall_s": wall,
-            "test_molecules": int(len(set(test.mol_id))),
-            "test_conformers": int(test.num_conformers),
-            **_test_model(cfg, result, test),
-            "element": _element(train, test),
-            **_test_baselines(args, s["all"], test, s["indices"]["test"]),
-            "run_dir": str(result.run_dir),
-        }
-        rows.append(row)
-        _print_row(row, GENERALISE_COLS, args.json)
+        train = s["train"]
+        groups = size_groups(s["test"], s["indices"]["test"])
+        for label, test, test_idx in groups if args.by_size else groups[:1]:
+            row = {
+                "split_seed": seed,
+                **({"group": label} if args.by_size else {}),
+                "epochs": len(result.history),
+                "wall_s": wall,
+                "test_molecules": int(len(set(test.mol_id))),
+                "test_conformers": int(test.num_conformers),
+                **_test_model(cfg, result, test),
+                "element": _element(train, test),
+                **_test_baselines(args, s["all"], test, test_idx),
+                "run_dir": str(result.run_dir),
+            }
+            rows.append(row)
+            _print_row(row, GENERALISE_COLS, args.json, label=row.get("group", ""))
     return rows
 
 
@@ -395,23 +417,32 @@ def _print_row(row: dict, cols, as_json: bool, label: str = "") -> None:
 
 
 def _summary(rows: list[dict], cols) -> None:
-    print(f"\n{'split_seed':>10}" + "".join(f"{c:>10}" for c in cols) + f"{'wall s':>9}")
-    for r in rows:
+    """Per group (`--by-size`) or once: one line per seed, then the median and the mean."""
+    for group in dict.fromkeys(r.get("group") for r in rows):
+        rs = [r for r in rows if r.get("group") == group]
         print(
-            f"{r['split_seed']:>10}"
-            + "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
-            + f"{r['wall_s']:>9.0f}"
+            ("" if group is None else f"\ntest molecules: {group}")
+            + f"\n{'split_seed':>10}"
+            + "".join(f"{c:>10}" for c in cols)
+            + f"{'wall s':>9}"
         )
-    print(
-        f"{'median':>10}"
-        + "".join(
-            f"{np.median([r[c] for r in rows if c in r]):>10.3f}"
-            if any(c in r for r in rows)
-            else f"{'-':>10}"
-            for c in cols
-        )
-        + f"{np.median([r['wall_s'] for r in rows]):>9.0f}"
-    )
+        for r in rs:
+            print(
+                f"{r['split_seed']:>10}"
+                + "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
+                + f"{r['wall_s']:>9.0f}"
+            )
+        for name, stat in (("median", np.median), ("mean", np.mean)):
+            print(
+                f"{name:>10}"
+                + "".join(
+                    f"{stat([r[c] for r in rs if c in r]):>10.3f}"
+                    if any(c in r for r in rs)
+                    else f"{'-':>10}"
+                    for c in cols
+                )
+                + f"{stat([r['wall_s'] for r in rs]):>9.0f}"
+            )
 
 
 def _curve_summary(rows: list[dict], cols) -> None:
@@ -465,6 +496,13 @@ def main(argv=None) -> int:
             help="any flat config field, e.g. features=32",
         )
         q.add_argument("--json", action="store_true", help="print one JSON document at the end")
+        if name == "generalise":
+            q.add_argument(
+                "--by-size",
+                action="store_true",
+                help=f"also report the test molecules of <= {SMALL_HEAVY} heavy atoms and of "
+                "more on their own",
+            )
         q.add_argument(
             "--smoke", action="store_true", help="first split seed, 1 epoch of a tiny model"
         )

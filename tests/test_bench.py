@@ -53,6 +53,7 @@ def _runs(tmp: Path, cache: Path, demo: Path) -> list[tuple[str, list[str], tupl
             ("LSQ per molecule (bound)", "| all | 63000 | 18 |"),
         ),
         ("espaloma_check", ["--smoke"], ("| mean of 2 |", "| 0 | 18 |")),
+        ("density_fit", ["--smoke"], ("ratio", "ESP difference on")),
         (
             "finetune",
             ["--smoke", "--output-dir", str(tmp / "finetune")],

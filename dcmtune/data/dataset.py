@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 DEMO_FILE = "demo_esp.npz"
 # The data sets shipped with the package (dcmtune/datasets/): a name in data_files, a spec's
 # data.data_files or --data stands for its file.
-BUNDLED = {"demo": DEMO_FILE, "organic": "organic_esp.npz"}
+BUNDLED = {"demo": DEMO_FILE, "organic": "organic_esp.npz", "large": "large_esp.npz"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,8 @@ def mol_id_source(parts: Sequence[ESPData]) -> str:
 
 def bundled_dataset_path(name: str = "demo") -> Path:
     """Path of a data set shipped with the package (package data), from any working
-    directory: "demo" (24 molecules x 10 conformers) or "organic" (174 x 5; docs/data.md).
+    directory: "demo" (24 molecules x 10 conformers), "organic" (174 x 5, <= 9 heavy atoms) or
+    "large" (10-18 heavy atoms x 3; docs/data.md).
 
     Raises:
       DataError: an unknown name.
