@@ -2,12 +2,16 @@
 
     python bench/finetune.py [--class heterocycles] [--sizes 5 10 20] [--draws 3] [--valid 5]
                              [--test 15] [--epochs 200] [--finetune-lr 1e-2] [--seed 0]
-                             [--output-dir experiments/finetune] [--json FILE] [--smoke]
+                             [--data-files organic ...] [--output-dir experiments/finetune]
+                             [--json FILE] [--smoke]
+    python bench/finetune.py --class peptides --data-files organic large   (the dipeptide study)
 
-1. The molecules of the bundled organic set in one functional class (`--class`, by SMARTS:
-   dcmtune.qm.conformers.functional_classes of each molecule's SMILES) are shuffled with
+1. The molecules of the data (`--data-files`, bundled names or generated files; the bundled
+   organic set by default) in one functional class (`--class`, by SMARTS:
+   dcmtune.qm.conformers.functional_classes of each molecule's SMILES in the files'
+   provenance; "peptides" = capped amino acids and dipeptides) are shuffled with
    --seed into test (--test molecules), validation (--valid) and a draw pool (the rest, at
-   least max(--sizes)). Every other molecule of the set is the pretraining data.
+   least max(--sizes)). Every other molecule of the data is the pretraining data.
 2. Pretrain: the default model on the other molecules (90% train, 10% validation by molecule,
    --seed), --epochs epochs; its best-validation checkpoint is the source.
 3. For every size n in --sizes and draw d < --draws: n molecules drawn from the pool (seeded by
@@ -33,22 +37,34 @@ from pathlib import Path
 import numpy as np
 from _smoke import SMOKE_MODEL
 
+from dcmtune import qm
 from dcmtune.analysis.checkpoints import open_checkpoint
 from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
-from dcmtune.data import ESPData, bundled_dataset_path, load_dataset
-from dcmtune.qm.conformers import functional_classes, read_smiles_file
+from dcmtune.data import ESPData, load_dataset
+from dcmtune.data.dataset import data_file_path
+from dcmtune.qm.conformers import functional_classes
 from dcmtune.train.environment import use_compilation_cache
 
-SMILES = bundled_dataset_path("organic").with_name("organic_smiles.csv")
+
+def _smiles_of(files: list[str]) -> dict[str, str]:
+    """{mol_id: SMILES} from the files' provenance (molecules generated from SMILES)."""
+    out = {}
+    for f in files:
+        prov = qm.provenance_path(data_file_path(f))
+        if prov.is_file():
+            for m in json.loads(prov.read_text()).get("molecules", []):
+                if m.get("smiles"):
+                    out[m["mol_id"]] = m["smiles"]
+    return out
 
 
-def _class_molecules(data: ESPData, name: str) -> tuple[list[str], list[str]]:
+def _class_molecules(data: ESPData, name: str, files: list[str]) -> tuple[list[str], list[str]]:
     """(molecules of class `name`, every other molecule), sorted, among the data's mol_ids."""
-    smiles = {r["name"]: r["smiles"] for r in read_smiles_file(SMILES)}
+    smiles = _smiles_of(files)
     ids = sorted(set(data.mol_id.tolist()))
-    inside = [m for m in ids if name in functional_classes(smiles[m])]
+    inside = [m for m in ids if m in smiles and name in functional_classes(smiles[m])]
     if not inside:
-        raise SystemExit(f"--class {name}: no molecule of the organic set is in that class")
+        raise SystemExit(f"--class {name}: no molecule of {' '.join(files)} is in that class")
     return inside, [m for m in ids if m not in inside]
 
 
@@ -93,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--finetune-lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-files", nargs="+", default=["organic"], help="bundled names or .npz")
     p.add_argument(
         "--output-dir",
         type=Path,
@@ -107,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes, args.draws, args.valid, args.test, args.epochs = [2], 1, 1, 2, 1
     out = args.output_dir.resolve()
     use_compilation_cache(out / ".jax_cache")
-    data = load_dataset(["organic"])
+    data = load_dataset(args.data_files)
 
     # 1. The class's molecules: test, validation, pool; the others pretrain.
-    inside, others = _class_molecules(data, args.cls)
+    inside, others = _class_molecules(data, args.cls, args.data_files)
     order = list(np.random.default_rng(args.seed).permutation(inside))
     test, valid, pool = (
         order[: args.test],
@@ -191,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {
             "command": "python bench/finetune.py " + " ".join(argv or []),
             "class": args.cls,
+            "data_files": list(args.data_files),
             "test_molecules": sorted(test),
             "valid_molecules": sorted(valid),
             "pretrain_molecules": len(others),

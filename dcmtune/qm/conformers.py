@@ -74,6 +74,8 @@ FUNCTIONAL_CLASSES: dict[str, tuple[str, ...]] = {
     "halides": ("[#6][F,Cl,Br,I]",),
     "aromatics": ("c1ccccc1",),  # a benzene ring (carbocyclic aromatic)
     "heterocycles": ("[!#6;!#1;R]",),  # a ring holding N, O or S (aromatic or not)
+    # Capped amino acids and peptides: an acetyl-capped residue, CH3-C(=O)-N-Calpha-C(=O)-N.
+    "peptides": ("[CH3]C(=O)[NX3][CX4][CX3](=O)[NX3]",),
 }
 
 
