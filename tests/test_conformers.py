@@ -148,6 +148,10 @@ def test_functional_classes_by_smarts():
         "C": set(),
         "O": set(),
         "CC(N)=S": set(),
+        "CC(=O)NC(C)C(=O)NC": {"amides", "peptides"},  # Ace-Ala-NMe
+        "CC(=O)N1CCCC1C(=O)NC": {"amides", "heterocycles", "peptides"},  # Ace-Pro-NMe
+        "CC(=O)NCC(=O)O": {"amides", "acids"},  # an acetyl amino acid, not capped
+        "CCC(C(N)=O)N1CCCC1=O": {"amides", "heterocycles"},  # levetiracetam
     }
     for smiles, classes in expect.items():
         assert cf.functional_classes(smiles) == classes, smiles
@@ -163,6 +167,7 @@ def test_functional_classes_by_smarts():
         "halides",
         "aromatics",
         "heterocycles",
+        "peptides",
     }
 
 
