@@ -420,18 +420,9 @@ def _summary(rows: list[dict], cols) -> None:
     """Per group (`--by-size`) or once: one line per seed, then the median and the mean."""
     for group in dict.fromkeys(r.get("group") for r in rows):
         rs = [r for r in rows if r.get("group") == group]
-        print(
-            ("" if group is None else f"\ntest molecules: {group}")
-            + f"\n{'split_seed':>10}"
-            + "".join(f"{c:>10}" for c in cols)
-            + f"{'wall s':>9}"
-        )
+        print(("" if group is None else f"\ntest molecules: {group}") + _header("", cols))
         for r in rs:
-            print(
-                f"{r['split_seed']:>10}"
-                + "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
-                + f"{r['wall_s']:>9.0f}"
-            )
+            print(_line(f"{r['split_seed']:>10}", r, cols))
         for name, stat in (("median", np.median), ("mean", np.mean)):
             print(
                 f"{name:>10}"
@@ -445,18 +436,21 @@ def _summary(rows: list[dict], cols) -> None:
             )
 
 
+def _header(lead: str, cols) -> str:
+    return f"\n{'split_seed':>10}{lead}" + "".join(f"{c:>10}" for c in cols) + f"{'wall s':>9}"
+
+
+def _line(lead: str, r: dict, cols) -> str:
+    """One row: `lead`, each column's value (or -), the wall time."""
+    cells = "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
+    return f"{lead}{cells}{r['wall_s']:>9.0f}"
+
+
 def _curve_summary(rows: list[dict], cols) -> None:
-    print(
-        f"{'split_seed':>10}{'train mol':>10}{'conf':>6}"
-        + "".join(f"{c:>10}" for c in cols)
-        + f"{'wall s':>9}"
-    )
+    print(_header(f"{'train mol':>10}{'conf':>6}", cols))
     for r in rows:
-        print(
-            f"{r['split_seed']:>10}{r['train_molecules']:>10}{r['train_conformers']:>6}"
-            + "".join(f"{r[c]:>10.3f}" if c in r else f"{'-':>10}" for c in cols)
-            + f"{r['wall_s']:>9.0f}"
-        )
+        lead = f"{r['split_seed']:>10}{r['train_molecules']:>10}{r['train_conformers']:>6}"
+        print(_line(lead, r, cols))
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """Shared fixtures: one small model and one synthetic dataset for the whole session."""
 
 import typing
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,19 @@ def espdata_of(mol_id: str, Z, R, grids, esps):
         Q=np.zeros(M, np.float32),
         mol_id=np.array([mol_id] * M),
     )
+
+
+def shipped_set(name: str):
+    """A bundled set read as its files say: (molecule-list rows, {name: RDKit molecule},
+    {key: array}) from dcmtune/datasets/<name>_smiles.csv and <name>_esp.npz."""
+    from dcmtune.qm import conformers as cf
+
+    datasets = Path(__file__).resolve().parents[1] / "dcmtune" / "datasets"
+    rows = cf.read_smiles_file(datasets / f"{name}_smiles.csv")
+    mols = {r["name"]: cf.parse_smiles(r["smiles"], r["name"]) for r in rows}
+    with np.load(datasets / f"{name}_esp.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    return rows, mols, arrays
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shipped_set
 
 from dcmtune import qm
 from dcmtune.data import load_dataset
@@ -324,11 +325,7 @@ def test_smiles_generate_and_verify_water(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def shipped():
-    rows = cf.read_smiles_file(SMILES_CSV)
-    mols = {r["name"]: cf.parse_smiles(r["smiles"], r["name"]) for r in rows}
-    with np.load(SHIPPED, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    return rows, mols, arrays
+    return shipped_set("organic")
 
 
 def test_shipped_molecule_list(shipped):

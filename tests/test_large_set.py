@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shipped_set
 
 from dcmtune import qm
 from dcmtune.config import DataConfig
@@ -22,11 +23,7 @@ ELEMENTS = {1, 6, 7, 8, 9, 16, 17}  # H C N O F S Cl
 
 @pytest.fixture(scope="module")
 def large():
-    rows = cf.read_smiles_file(SMILES_CSV)
-    mols = {r["name"]: cf.parse_smiles(r["smiles"], r["name"]) for r in rows}
-    with np.load(SHIPPED, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    return rows, mols, arrays
+    return shipped_set("large")
 
 
 def test_the_issue_s_composition(large):
