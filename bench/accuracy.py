@@ -83,6 +83,7 @@ from dcmtune.data.baselines import (
     rdkit_charge_array,
     shared_charges_per_molecule,
 )
+from dcmtune.data.dataset import data_file_path
 from dcmtune.data.espaloma import espaloma_charge_array
 from dcmtune.data.resp import resp_charges_per_molecule
 from dcmtune.data.semiempirical import am1bcc_charge_array, gfn2_charge_array
@@ -129,8 +130,8 @@ def shared_charges(fit_on: ESPData, apply_to: ESPData) -> np.ndarray:
 def _smiles_of(files: list[str]) -> dict[str, str]:
     """{mol_id: SMILES} from the files' provenance records (molecules generated from SMILES)."""
     out = {}
-    for f in files:
-        prov = qm.provenance_path(f)
+    for f in files:  # a bundled set's name stands for its file
+        prov = qm.provenance_path(data_file_path(f))
         if prov.is_file():
             for m in json.loads(prov.read_text()).get("molecules", []):
                 if m.get("smiles"):
