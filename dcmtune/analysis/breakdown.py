@@ -345,8 +345,7 @@ def esp_breakdown(
     mol_ids = np.asarray(data.mol_id).astype(str)
     mol = mol_ids[conf]
     # 2. Shell per point; 3. element of the nearest atom.
-    shell = data.shell if shell is None else shell
-    shell_group, max_dev = _shell_groups(data, valid, shell, shells)
+    shell_group, max_dev, shell_source = _shell_groups(data, valid, shell, shells)
     element_group, elements = _element_groups(data, valid)
     # 4. Heavy atoms of each conformer's molecule.
     size_group = np.asarray([size_label(int(h)) for h in (data.Z > 1).sum(axis=1)], object)
@@ -369,7 +368,7 @@ def esp_breakdown(
         esp_rmse=float(np.sqrt(np.mean(err**2))) if err.size else float("nan"),
         esp_mae=float(np.mean(np.abs(err))) if err.size else float("nan"),
         shell_max_deviation=max_dev,
-        shell_source=_shell_source(shell, valid),
+        shell_source=shell_source,
     )
 
 
@@ -392,10 +391,11 @@ def _element_groups(data: ESPData, valid: np.ndarray) -> tuple[np.ndarray, list[
 
 def _shell_groups(
     data: ESPData, valid: np.ndarray, shell: np.ndarray | None, shells: Sequence[float]
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, float, str]:
     """(P,) shell label of every valid point and the largest deviation of the recovered ones
     (NaN when `shell` (M, G) factors are given, or nothing was recovered)."""
     labels = np.asarray([_shell_label(f) for f in shells], object)
+    shell = data.shell if shell is None else shell  # given here, else the file's own
     given = None if shell is None else np.asarray(shell, np.float64)[valid]
     out = np.full(int(valid.sum()), OTHER, object)
     known = np.zeros(out.shape, bool) if given is None else given > 0
@@ -412,7 +412,7 @@ def _shell_groups(
         close = np.abs(g - np.asarray(shells)[near]) <= SHELL_TOLERANCE
         own = np.array([_shell_label(float(f)) for f in g], object)
         out[known] = np.where(close, labels[near], own)
-    return out, max_dev
+    return out, max_dev, _shell_source(shell, valid)
 
 
 def _class_points(

@@ -146,15 +146,9 @@ def validate_arrays(
     esp, grid = _esp(raw, M, fail), _grid_points(raw, M, fail)
     G = esp.shape[1]
     real = _real_atoms(Z, N, fail)  # 3. atoms
-    # 4. Grid points: which are real, then those first (n_grid = their count).
-    keep, mask_redundant = real_grid_points(raw, esp, grid, fail, source)
+    keep, mask_redundant = real_grid_points(raw, esp, grid, fail, source)  # 4. real points
     _log_ignored(raw, mask_redundant, source)
-    shell = _shell(raw, M, G, fail)
-    if shell is not None:  # the same points first: carried as a fourth grid coordinate
-        esp, grid4, n_grid = kept_first(keep, esp, np.concatenate([grid, shell[..., None]], -1))
-        grid, shell = grid4[..., :3], grid4[..., 3]
-    else:
-        esp, grid, n_grid = kept_first(keep, esp, grid)  # now (M, g), g = max n_grid
+    esp, grid, n_grid, shell = _kept_points(keep, esp, grid, _shell(raw, M, G, fail))
     grid_mask = np.arange(esp.shape[1])[None, :] < n_grid[:, None]
     # 5. Finite values where they count (padding may hold anything; it is zeroed below).
     for key, values in (("R", R[real]), ("esp", esp[grid_mask]), ("vdw_surface", grid[grid_mask])):
@@ -294,6 +288,16 @@ def _mono(raw: dict, real: np.ndarray, fail: Fail) -> np.ndarray | None:
         raise fail("mono", f"expected shape (M, A) = {real.shape}, got {mono.shape}")
     _finite(mono[real], "mono", fail)
     return np.where(real, mono, 0.0)
+
+
+def _kept_points(keep, esp, grid, shell):
+    """The real grid points first (`kept_first`: now (M, g), g = max n_grid = their count),
+    the shells reordered with the points."""
+    if shell is None:
+        return (*kept_first(keep, esp, grid), None)
+    # The same points first: the shell carried as a fourth grid coordinate.
+    esp, grid4, n_grid = kept_first(keep, esp, np.concatenate([grid, shell[..., None]], -1))
+    return esp, grid4[..., :3], n_grid, grid4[..., 3]
 
 
 def _shell(raw: dict, M: int, G: int, fail: Fail) -> np.ndarray | None:
