@@ -36,26 +36,13 @@ from pathlib import Path
 
 import numpy as np
 from _smoke import SMOKE_MODEL
+from accuracy import _smiles_of  # {mol_id: SMILES} from the files' provenance
 
-from dcmtune import qm
 from dcmtune.analysis.checkpoints import open_checkpoint
 from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
 from dcmtune.data import ESPData, load_dataset
-from dcmtune.data.dataset import data_file_path
 from dcmtune.qm.conformers import functional_classes
 from dcmtune.train.environment import use_compilation_cache
-
-
-def _smiles_of(files: list[str]) -> dict[str, str]:
-    """{mol_id: SMILES} from the files' provenance (molecules generated from SMILES)."""
-    out = {}
-    for f in files:
-        prov = qm.provenance_path(data_file_path(f))
-        if prov.is_file():
-            for m in json.loads(prov.read_text()).get("molecules", []):
-                if m.get("smiles"):
-                    out[m["mol_id"]] = m["smiles"]
-    return out
 
 
 def _class_molecules(data: ESPData, name: str, files: list[str]) -> tuple[list[str], list[str]]:
