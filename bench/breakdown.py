@@ -18,7 +18,7 @@ of:
            molecules with a SMILES.
 
 Usage:
-  python bench/breakdown.py dcmtune/models/organic-v1 --split test      # markdown tables
+  python bench/breakdown.py dcmtune/models/organic-v2 --split test      # markdown tables
 """
 
 from __future__ import annotations

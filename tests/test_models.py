@@ -1,5 +1,5 @@
 """Shipped models: listed, opened by name in a fresh install (package data, no network), a path of
-the same name preferred, an unknown name refused in one line, and the model card's test error
+the same name preferred, an unknown name refused in one line, and each model card's test errors
 re-measured from the shipped checkpoint on the split it records."""
 
 import json
@@ -16,13 +16,15 @@ from dcmtune.models import list_models, model_dir
 from dcmtune.predict import PredictError, load_model
 from dcmtune.predict.commands import main as cli_main
 
-NAME = "organic-v1"
+NAME = "organic-v2"  # the recommended model: organic + large sets
+SHIPPED = ["organic-v1", "organic-v2"]
 MAX_BYTES = 5 * 2**20
 
 
-def test_the_shipped_model_is_listed_small_and_carded():
-    assert NAME in list_models() == dcmtune.list_models()
-    d = model_dir(NAME)
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_shipped_model_is_listed_small_and_carded(name):
+    assert list_models() == dcmtune.list_models() == SHIPPED
+    d = model_dir(name)
     files = {p.name for p in d.iterdir()}
     assert {"meta.json", "state.msgpack", "config.json", "split.json", "MODEL_CARD.md"} <= files
     assert sum(p.stat().st_size for p in d.iterdir()) < MAX_BYTES
@@ -56,7 +58,7 @@ def test_a_path_of_the_same_name_wins(tiny_predict_run, tmp_path, monkeypatch):
 
 def test_an_unknown_name_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(PredictError, match=rf"no-such-model: .*shipped: {NAME}"):
+    with pytest.raises(PredictError, match=rf"no-such-model: .*shipped: {', '.join(SHIPPED)}\)"):
         load_model("no-such-model")
     xyz = tmp_path / "water.xyz"
     ase.io.write(xyz, ase.Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
@@ -97,11 +99,12 @@ def _card_breakdown(card: str) -> dict[str, dict[str, tuple[int, float]]]:
     return out
 
 
-def test_the_cards_test_errors_are_what_the_checkpoint_gives():
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_cards_test_errors_are_what_the_checkpoint_gives(name):
     from dcmtune.analysis.breakdown import KINDS
     from dcmtune.analysis.evaluate import analysis_breakdown, analyze_checkpoint
 
-    d = model_dir(NAME)
+    d = model_dir(name)
     card = (d / "MODEL_CARD.md").read_text()
     stated = float(re.search(r"test ESP RMSE \*\*([0-9.]+)\*\*", card).group(1))
     split = json.loads((d / "split.json").read_text())
@@ -120,3 +123,20 @@ def test_the_cards_test_errors_are_what_the_checkpoint_gives():
         for group, (points, rmse) in rows.items():
             assert points == got[group][0], (kind, group)
             assert rmse == pytest.approx(got[group][1], abs=5e-4), (kind, group)
+
+
+def test_organic_v2_keeps_v1s_small_test_molecules_and_covers_larger_ones():
+    """organic-v2 (organic + large) holds out every molecule organic-v1 held out, so their cards
+    compare on the same small test molecules; and it was trained on molecules of 10-18 heavy
+    atoms: a 30-atom molecule is outside v1's domain and inside v2's."""
+    from dcmtune.predict.domain import domain_warnings
+
+    v1, v2 = (json.loads((model_dir(n) / "split.json").read_text()) for n in SHIPPED)
+    for part in ("valid", "test"):
+        assert set(v1["mol_ids"][part]) <= set(v2["mol_ids"][part]), part
+    assert not set(v2["mol_ids"]["train"]) & set(v1["mol_ids"]["test"])
+    d1, d2 = (load_model(n).domain for n in SHIPPED)
+    assert d1.elements == d2.elements and d1.max_atoms < 30 <= d2.max_atoms
+    numbers = np.array([6] * 14 + [7, 8] + [1] * 14)  # 30 atoms, 16 heavy
+    assert any("larger than" in w for w in domain_warnings(d1, numbers, 0.0))
+    assert domain_warnings(d2, numbers, 0.0) == ()

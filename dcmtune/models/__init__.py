@@ -1,9 +1,9 @@
-"""Models shipped with the package, opened by name: `dcmtune.load_model("organic-v1")`.
+"""Models shipped with the package, opened by name: `dcmtune.load_model("organic-v2")`.
 
 Each is a directory here holding a checkpoint as training writes it (`meta.json`,
 `state.msgpack`), its `config.json` and `split.json`, and a `MODEL_CARD.md` (data, training
 command, test errors beside the classical baselines, domain and limits). A name is looked up
-only when no file or directory of that name exists, so a user's `./organic-v1` run wins.
+only when no file or directory of that name exists, so a user's `./organic-v2` run wins.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         type=Path,
-        help="checkpoint, run or sweep dir, best_model/, or a shipped model (organic-v1)",
+        help="checkpoint, run or sweep dir, best_model/, or a shipped model (organic-v2)",
     )
     p.add_argument(
         "input",

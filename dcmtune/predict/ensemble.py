@@ -1,7 +1,7 @@
 """Ensembles of trained DCMNets: the members' mean prediction, and their spread as an uncertainty.
 
     ensemble = load_ensemble(["experiments/sweep"], top_k=3)      # its 3 best trials
-    ensemble = load_ensemble(["run_seed0", "run_seed1", "organic-v1"])
+    ensemble = load_ensemble(["run_seed0", "run_seed1", "organic-v2"])
     [p] = ensemble.predict(ase.io.read("mol.xyz"))
     p.esp_kcal, p.spread, p.distrust, p.monopoles, p.dipole
 
