@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 from _smoke import SMOKE_MODEL
 
-from dcmtune import qm
+from dcmtune.analysis.breakdown import smiles_from_provenance
 from dcmtune.config import config_from_flat
 from dcmtune.data import ESPData, load_dataset, split_dataset
 from dcmtune.data.baselines import (
@@ -83,7 +83,6 @@ from dcmtune.data.baselines import (
     rdkit_charge_array,
     shared_charges_per_molecule,
 )
-from dcmtune.data.dataset import data_file_path
 from dcmtune.data.espaloma import espaloma_charge_array
 from dcmtune.data.resp import resp_charges_per_molecule
 from dcmtune.data.semiempirical import am1bcc_charge_array, gfn2_charge_array
@@ -124,18 +123,6 @@ def shared_charges(fit_on: ESPData, apply_to: ESPData) -> np.ndarray:
         dst = np.flatnonzero(apply_to.mol_id == mid)
         out[dst] = 0.0
         out[dst, :n] = q
-    return out
-
-
-def _smiles_of(files: list[str]) -> dict[str, str]:
-    """{mol_id: SMILES} from the files' provenance records (molecules generated from SMILES)."""
-    out = {}
-    for f in files:  # a bundled set's name stands for its file
-        prov = qm.provenance_path(data_file_path(f))
-        if prov.is_file():
-            for m in json.loads(prov.read_text()).get("molecules", []):
-                if m.get("smiles"):
-                    out[m["mol_id"]] = m["smiles"]
     return out
 
 
@@ -229,7 +216,7 @@ def _test_baselines(args, data: ESPData, test: ESPData, test_idx) -> dict:
     mull = mulliken_charges(list(args.data_files), data)
     if mull is not None:
         row["mulliken"] = esp_rmse_of_atom_charges(test, mull[test_idx])
-    smiles = _smiles_of(list(args.data_files))
+    smiles = smiles_from_provenance(list(args.data_files))
     q, ok = resp_charges_per_molecule(test, smiles)  # a bound: fitted to the test ESP
     if ok.any():
         row["resp"] = esp_rmse_of_atom_charges(test.subset(np.flatnonzero(ok)), q[ok])

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 from _smoke import SMOKE_MODEL
-from accuracy import _smiles_of  # {mol_id: SMILES} from the files' provenance
 
+from dcmtune.analysis.breakdown import smiles_from_provenance
 from dcmtune.analysis.checkpoints import open_checkpoint
 from dcmtune.config import ExperimentConfig, ModelConfig, TrainingConfig
 from dcmtune.data import ESPData, load_dataset
@@ -47,7 +47,7 @@ from dcmtune.train.environment import use_compilation_cache
 
 def _class_molecules(data: ESPData, name: str, files: list[str]) -> tuple[list[str], list[str]]:
     """(molecules of class `name`, every other molecule), sorted, among the data's mol_ids."""
-    smiles = _smiles_of(files)
+    smiles = smiles_from_provenance(files)
     ids = sorted(set(data.mol_id.tolist()))
     inside = [m for m in ids if m in smiles and name in functional_classes(smiles[m])]
     if not inside:

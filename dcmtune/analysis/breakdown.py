@@ -372,14 +372,6 @@ def esp_breakdown(
     )
 
 
-def _shell_source(shell: np.ndarray | None, valid: np.ndarray) -> str:
-    """ "file" when every valid point's shell is given, "geometry" when none is, else "mixed"."""
-    if shell is None:
-        return "geometry"
-    known = np.asarray(shell)[valid] > 0
-    return "file" if known.all() else ("geometry" if not known.any() else "mixed")
-
-
 def _element_groups(data: ESPData, valid: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """(P,) element symbol of the atom nearest each valid point, and the symbols by Z."""
     from ase.data import chemical_symbols
@@ -412,7 +404,8 @@ def _shell_groups(
         close = np.abs(g - np.asarray(shells)[near]) <= SHELL_TOLERANCE
         own = np.array([_shell_label(float(f)) for f in g], object)
         out[known] = np.where(close, labels[near], own)
-    return out, max_dev, _shell_source(shell, valid)
+    source = "geometry" if not known.any() else ("file" if known.all() else "mixed")
+    return out, max_dev, source
 
 
 def _class_points(
